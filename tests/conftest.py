@@ -10,6 +10,19 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Tiny models gain nothing from threads, and several OpenMP pools on a 2-core machine spin
+# against each other (a 100x slow-down); real-model tests raise this with `torch_threads`.
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def torch_threads():
+    """Use every core for the duration of a real-model test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(before)
+
 _CORPUS = [
     "The Eiffel Tower is in Paris, the capital of France.",
     "Danielle Darrieux spoke French and English fluently.",

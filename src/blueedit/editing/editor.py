@@ -1,0 +1,269 @@
+"""One editing round, atomically: targets, keys, residuals, solves, writes (ALGORITHM.md 2-5).
+
+:class:`Editor` is plain PyTorch (no Lightning); :class:`blueedit.module.EditingModule` wraps it.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from blueedit.data.records import EditRecordError, EditRequest, validate_requests
+from blueedit.editing import solvers
+from blueedit.editing.targets import TargetHParams, TargetResult, fact_states, optimize_targets, optimize_targets_one_by_one
+from blueedit.editing.tokens import tokenize_target
+from blueedit.models.adapters import ModelAdapter
+
+METHODS = ("memit", "alphaedit", "prune", "rect")
+STRATEGIES = ("distribute", "boundary")
+
+
+@dataclass
+class EditHParams:
+    """What to edit and how.
+
+    Attributes:
+        method: ``memit``, ``alphaedit``, ``prune`` (MEMIT + PRUNE restraint) or ``rect``
+            (MEMIT + RECT sparsification).
+        strategy: ``distribute`` (the classic residual distribution over ℛ) or ``boundary``
+            (BLUE: update only ``l_1`` and ``l_m``, each with a target optimized at that layer).
+        layers: the critical layers ℛ = ``[l_1 .. l_m]``.
+        mom2_update_weight: λ, weight of ``C_0`` in the MEMIT solve.
+        nullspace_threshold: AlphaEdit's eigenvalue threshold for the null space of ``C_0``.
+        L2: AlphaEdit's ridge term α.
+        rect_keep: fraction of update entries RECT keeps.
+        target: the target (z) optimization.
+        batched_targets: optimize all requests of a round together (``False``: one by one, the
+            reference path).
+        key_batch_size: prompts per forward pass when reading keys and hidden states.
+    """
+
+    method: str = "memit"
+    strategy: str = "distribute"
+    layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    mom2_update_weight: float = 1500.0
+    nullspace_threshold: float = 2e-2
+    L2: float = 10.0
+    rect_keep: float = 0.4
+    target: TargetHParams = field(default_factory=TargetHParams)
+    batched_targets: bool = True
+    key_batch_size: int = 64
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"editing.method {self.method!r} is not one of {METHODS}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"editing.strategy {self.strategy!r} is not one of {STRATEGIES}")
+        if not self.layers:
+            raise ValueError("editing.layers is empty")
+        if list(self.layers) != list(range(self.layers[0], self.layers[0] + len(self.layers))):
+            raise ValueError(f"editing.layers {self.layers} must be consecutive and increasing")
+
+    @property
+    def edited_layers(self) -> list[int]:
+        """The layers whose ``W_out`` a round writes: all of ℛ, or its two boundaries under BLUE."""
+        if self.strategy == "boundary":
+            return sorted({self.layers[0], self.layers[-1]})
+        return list(self.layers)
+
+
+class EditRoundError(RuntimeError):
+    """A round failed; the model was restored to its state before the round."""
+
+
+@dataclass
+class RoundReport:
+    """What a round did: per written layer the update's Frobenius norm, the target steps."""
+
+    index: int
+    case_ids: list
+    update_norms: dict[int, float]
+    target_steps: dict[int, list[int]]
+    target_loss: dict[int, list[float]]
+    seconds: float
+    residual_norms: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class EditorState:
+    """Everything a resumed run needs besides the weights: edit history ``H^l`` (float32),
+    AlphaEdit projections ``P^l``, the original weights ``W_0^l`` (PRUNE), rounds done, and the
+    context templates."""
+
+    history: dict[int, torch.Tensor] = field(default_factory=dict)
+    projection: dict[int, torch.Tensor] = field(default_factory=dict)
+    original: dict[int, torch.Tensor] = field(default_factory=dict)
+    rounds_done: int = 0
+    context_templates: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "history": {str(k): v.cpu() for k, v in self.history.items()},
+            "projection": {str(k): v.cpu() for k, v in self.projection.items()},
+            "original": {str(k): v.cpu() for k, v in self.original.items()},
+            "rounds_done": self.rounds_done,
+            "context_templates": list(self.context_templates),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, device: torch.device | str = "cpu") -> "EditorState":
+        conv = lambda m: {int(k): v.to(device) for k, v in m.items()}  # noqa: E731
+        return cls(conv(d["history"]), conv(d["projection"]), conv(d["original"]), int(d["rounds_done"]),
+                   list(d["context_templates"]))
+
+
+class Editor:
+    """Sequential locate-then-edit on one model.
+
+    Args:
+        model, tokenizer: the Hugging Face causal LM being edited (in place) and its tokenizer.
+        adapter: where ``W_out`` lives.
+        hparams: :class:`EditHParams`.
+        mom2: ``C_0^l`` for every edited layer (``[d_k, d_k]``).
+        context_templates: ``C`` (section 1).
+    """
+
+    def __init__(self, model, tokenizer, adapter: ModelAdapter, hparams: EditHParams,
+                 mom2: dict[int, torch.Tensor], context_templates: list[str], state: EditorState | None = None):
+        hparams.validate()
+        adapter.check_layers(hparams.layers)
+        missing = [l for l in hparams.edited_layers if l not in mom2]
+        if missing:
+            raise ValueError(f"no key statistics C_0 for layers {missing}")
+        self.model, self.tokenizer, self.adapter, self.hp = model, tokenizer, adapter, hparams
+        self.device = next(model.parameters()).device
+        self.mom2 = {l: mom2[l].to(self.device) for l in hparams.edited_layers}
+        self.state = state or EditorState(context_templates=list(context_templates))
+        self._init_state()
+
+    def _init_state(self) -> None:
+        for l in self.hp.edited_layers:
+            dk = self.adapter.key_size(l)
+            self.state.history.setdefault(l, torch.zeros(dk, dk, device=self.device))
+            if self.hp.method == "alphaedit" and l not in self.state.projection:
+                self.state.projection[l] = solvers.nullspace_projection(self.mom2[l], self.hp.nullspace_threshold).float()
+            if self.hp.method == "prune" and l not in self.state.original:
+                self.state.original[l] = self.adapter.get_w_out(l).cpu()
+
+    # -- one round -------------------------------------------------------------------------
+    def check_requests(self, requests: list[EditRequest], index: int) -> None:
+        """Validate records and their tokenization before anything is edited."""
+        if not requests:
+            raise EditRoundError(f"round {index} has no edit requests")
+        validate_requests(requests)
+        for i, r in enumerate(requests):
+            try:
+                tokenize_target(self.tokenizer, r.target_new)
+            except ValueError as e:
+                raise EditRecordError(f"edit record {i} (case_id={r.case_id!r}): 'target_new' {e}") from None
+
+    def targets(self, requests: list[EditRequest], layer: int) -> TargetResult:
+        fn = optimize_targets if self.hp.batched_targets else optimize_targets_one_by_one
+        with torch.enable_grad():
+            res = fn(self.model, self.adapter, self.tokenizer, requests, layer, self.state.context_templates, self.hp.target)
+        if not torch.isfinite(res.z).all():
+            raise solvers.SolveError(f"target optimization at layer {layer} produced non-finite values")
+        return res
+
+    def solve(self, layer: int, residuals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The method's update ``ΔW^layer`` (``[d, d_k]``, float64) for ``R`` (``[d, B]``), ``K`` (``[d_k, B]``)."""
+        H = self.state.history[layer]
+        if self.hp.method == "alphaedit":
+            return solvers.alphaedit_update(residuals, keys, self.state.projection[layer], H, self.hp.L2)
+        delta = solvers.memit_update(residuals, keys, self.mom2[layer], H, self.hp.mom2_update_weight)
+        if self.hp.method == "rect":
+            delta = solvers.rect_sparsify(delta, self.adapter.get_w_out(layer).to(delta.device), self.hp.rect_keep)
+        return delta
+
+    def _states(self, requests, key_layers, hidden_layers):
+        return fact_states(self.model, self.adapter, self.tokenizer, requests, self.state.context_templates,
+                           key_layers, hidden_layers, batch_size=self.hp.key_batch_size)
+
+    def _write(self, layer: int, delta: torch.Tensor, report: RoundReport) -> None:
+        if not torch.isfinite(delta).all():
+            raise solvers.SolveError(f"update of layer {layer} has non-finite values")
+        self.adapter.add_to_w_out(layer, delta)
+        report.update_norms[layer] = float(torch.linalg.matrix_norm(delta))
+
+    def edit_round(self, requests: list[EditRequest], index: int | None = None) -> RoundReport:
+        """Apply one round of edits. Atomic: on any error (bad record, failed or non-finite
+        optimization or solve) every layer is restored and :class:`EditRoundError` (or
+        :class:`EditRecordError` for a bad record) names the round and its records."""
+        index = self.state.rounds_done if index is None else index
+        self.check_requests(requests, index)
+        t0 = time.perf_counter()
+        snapshot = {l: self.adapter.get_w_out(l) for l in self.hp.edited_layers}
+        report = RoundReport(index, [r.case_id for r in requests], {}, {}, {}, 0.0)
+        try:
+            if self.hp.strategy == "distribute":
+                self._distribute(requests, report)
+            else:
+                self._boundary(requests, report)
+            keys, _ = self._states(requests, self.hp.edited_layers, [])
+            new_history = {l: self.state.history[l] + (keys[l] @ keys[l].T) for l in self.hp.edited_layers}
+            for l, H in new_history.items():
+                if not torch.isfinite(H).all():
+                    raise solvers.SolveError(f"edit history of layer {l} has non-finite values")
+        except Exception as e:
+            for l, w in snapshot.items():
+                self.adapter.set_w_out(l, w)
+            ids = [r.case_id for r in requests]
+            raise EditRoundError(f"round {index} (case_ids {ids}) failed, model left unchanged: {e}") from e
+        self.state.history.update(new_history)
+        self.state.rounds_done = index + 1
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _record_target(self, layer: int, res: TargetResult, report: RoundReport) -> None:
+        report.target_steps[layer] = res.steps.tolist()
+        report.target_loss[layer] = res.loss.tolist()
+
+    def _distribute(self, requests: list[EditRequest], report: RoundReport) -> None:
+        layers = self.hp.layers
+        last = layers[-1]
+        res = self.targets(requests, last)
+        self._record_target(last, res, report)
+        z = res.z.T  # [d, B]
+        for i, l in enumerate(layers):
+            keys, hidden = self._states(requests, [l], [last])
+            residuals = (z - hidden[last]) / (len(layers) - i)
+            report.residual_norms[l] = float(residuals.norm())
+            self._write(l, self.solve(l, residuals, keys[l]), report)
+
+    def _boundary(self, requests: list[EditRequest], report: RoundReport) -> None:
+        for l in self.hp.edited_layers:
+            res = self.targets(requests, l)
+            self._record_target(l, res, report)
+            keys, hidden = self._states(requests, [l], [l])
+            residuals = res.z.T - hidden[l]
+            report.residual_norms[l] = float(residuals.norm())
+            self._write(l, self.solve(l, residuals, keys[l]), report)
+
+    # -- post-processing -------------------------------------------------------------------
+    def restrained_weights(self) -> dict[int, torch.Tensor]:
+        """The weights PRUNE would give now (``{}`` for other methods)."""
+        if self.hp.method != "prune":
+            return {}
+        return {l: solvers.prune_restrain(self.state.original[l], self.adapter.get_w_out(l).cpu())
+                for l in self.hp.edited_layers}
+
+    @contextmanager
+    def evaluation_weights(self):
+        """Temporarily apply post-processing (PRUNE) for an evaluation, then restore."""
+        restrained = self.restrained_weights()
+        saved = {l: self.adapter.get_w_out(l) for l in restrained}
+        try:
+            for l, w in restrained.items():
+                self.adapter.set_w_out(l, w)
+            yield
+        finally:
+            for l, w in saved.items():
+                self.adapter.set_w_out(l, w)
+
+    def finalize(self) -> None:
+        """Apply post-processing permanently (PRUNE after the last round)."""
+        for l, w in self.restrained_weights().items():
+            self.adapter.set_w_out(l, w)

