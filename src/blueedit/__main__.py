@@ -1,0 +1,3 @@
+from blueedit.cli import main
+
+main()

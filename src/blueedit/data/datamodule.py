@@ -1,0 +1,188 @@
+"""Lightning data module: edit requests split into sequential editing rounds.
+
+One "batch" of the training loop is one :class:`EditRound`: the ``edits_per_round`` requests that
+are edited together (MEMIT / AlphaEdit batch editing); successive rounds are sequential editing.
+Rounds must come in order and every rank must see every round (all ranks hold the same model and
+apply the same update), so the loader uses :class:`RoundSampler`, which Lightning never replaces.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from blueedit.data.formats import default_data_dir, load_requests
+from blueedit.data.records import EditRequest
+
+__all__ = ["EditDataModule", "EditRound", "RoundDataset", "RoundSampler"]
+
+
+@dataclass
+class EditRound:
+    """The requests edited together in one round (``index`` counts rounds from 0)."""
+
+    index: int
+    requests: list[EditRequest] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def to(self, *args: Any, **kwargs: Any) -> "EditRound":
+        """Device transfer is a no-op (a round holds only strings).
+
+        Having ``to`` makes Lightning's ``batch_to_device`` treat the round as one transferable
+        object instead of walking into its frozen :class:`EditRequest` dataclasses, which it refuses.
+        """
+        return self
+
+
+class RoundDataset(Dataset[EditRound]):
+    """Item ``i`` is round ``i``: requests ``[i * k, (i + 1) * k)`` for ``k = edits_per_round``."""
+
+    def __init__(self, requests: list[EditRequest], edits_per_round: int) -> None:
+        if edits_per_round < 1:
+            raise ValueError(f"edits_per_round must be >= 1, got {edits_per_round}")
+        self.requests = list(requests)
+        self.edits_per_round = edits_per_round
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.requests) / self.edits_per_round)
+
+    def __getitem__(self, index: int) -> EditRound:
+        if not 0 <= index < len(self):
+            raise IndexError(f"round {index} out of range (0..{len(self) - 1})")
+        k = self.edits_per_round
+        return EditRound(index, self.requests[index * k : (index + 1) * k])
+
+
+class RoundSampler(DistributedSampler):
+    """Yields ``0 .. n-1`` in order, on every rank.
+
+    It subclasses :class:`~torch.utils.data.DistributedSampler` only so that Lightning, which wraps
+    any other sampler in a ``DistributedSamplerWrapper`` under DDP (splitting the rounds between
+    ranks), leaves it as it is. It behaves as a single-replica sequential sampler.
+    """
+
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False, drop_last=False)
+        self._length = len(dataset)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self._length))
+
+    def __len__(self) -> int:
+        return self._length
+
+
+def _identity(item: EditRound) -> EditRound:
+    """Collate function that passes an :class:`EditRound` through unchanged (picklable)."""
+    return item
+
+
+class EditDataModule(L.LightningDataModule):
+    """Edit requests for a sequential / batch editing run.
+
+    Args:
+        dataset: where the requests come from (see :func:`blueedit.data.formats.load_requests`):
+            ``examples``, a benchmark name (``counterfact``, ``zsre``, ...), a file path or
+            ``hub:<id>[:<config>][@<split>]``.
+        format: ``auto`` or one of ``counterfact``, ``counterfact-easyedit``, ``zsre``, ``user``.
+        data_dir: benchmark data directory (default: ``$BLUEEDIT_DATA_DIR``).
+        num_edits: edit only the first ``num_edits`` requests (default: all).
+        edits_per_round: requests edited together in one round (one training step).
+        zsre_target: ``answers`` or ``alt``: the zsRE field used as the new target.
+        eval_dataset: records to evaluate after editing (default: the edited records).
+        num_workers: DataLoader workers (0 is right: a round is a handful of strings).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "examples",
+        format: str = "auto",
+        data_dir: str | None = None,
+        num_edits: int | None = None,
+        edits_per_round: int = 10,
+        zsre_target: str = "answers",
+        eval_dataset: str | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(edits_per_round, bool) or not isinstance(edits_per_round, int) or edits_per_round < 1:
+            raise ValueError(f"edits_per_round must be an integer >= 1, got {edits_per_round!r}")
+        if num_edits is not None and (
+            isinstance(num_edits, bool) or not isinstance(num_edits, int) or num_edits < 1
+        ):
+            raise ValueError(f"num_edits must be an integer >= 1 or None, got {num_edits!r}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.format = format
+        self.data_dir = data_dir
+        self.num_edits = num_edits
+        self.edits_per_round = edits_per_round
+        self.zsre_target = zsre_target
+        self.eval_dataset = eval_dataset
+        self.num_workers = num_workers
+        self._requests: list[EditRequest] | None = None
+        self._eval_requests: list[EditRequest] | None = None
+
+    @property
+    def resolved_data_dir(self) -> str | None:
+        """``data_dir`` or, when unset, ``$BLUEEDIT_DATA_DIR``."""
+        if self.data_dir is not None:
+            return self.data_dir
+        default = default_data_dir()
+        return None if default is None else str(default)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and validate the edit requests (on every rank; idempotent)."""
+        if self._requests is None:
+            self._requests = load_requests(
+                self.dataset,
+                format=self.format,
+                data_dir=self.resolved_data_dir,
+                num_edits=self.num_edits,
+                zsre_target=self.zsre_target,
+            )
+
+    @property
+    def requests(self) -> list[EditRequest]:
+        """All edit requests, in editing order (loaded on first use)."""
+        self.setup()
+        assert self._requests is not None
+        return self._requests
+
+    @property
+    def num_rounds(self) -> int:
+        """Number of editing rounds: ``ceil(len(requests) / edits_per_round)``."""
+        return math.ceil(len(self.requests) / self.edits_per_round)
+
+    def eval_requests(self) -> list[EditRequest]:
+        """The records to evaluate: ``eval_dataset`` when given, else the edited requests."""
+        if self.eval_dataset is None:
+            return self.requests
+        if self._eval_requests is None:
+            self._eval_requests = load_requests(
+                self.eval_dataset,
+                format="auto",
+                data_dir=self.resolved_data_dir,
+                zsre_target=self.zsre_target,
+            )
+        return self._eval_requests
+
+    def train_dataloader(self) -> DataLoader[EditRound]:
+        """One :class:`EditRound` per step, in order, unbatched, on every rank."""
+        dataset = RoundDataset(self.requests, self.edits_per_round)
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=RoundSampler(dataset),
+            collate_fn=_identity,
+            num_workers=self.num_workers,
+        )

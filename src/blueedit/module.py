@@ -1,0 +1,246 @@
+"""``EditingModule``: one editing round per Lightning training step (manual optimization)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from blueedit.data.corpus import CorpusUnavailable, corpus_fingerprint, load_corpus_texts, model_sampled_texts
+from blueedit.data.datamodule import EditRound
+from blueedit.data.records import EditRequest
+from blueedit.editing.editor import EditHParams, Editor, EditorState, RoundReport
+from blueedit.editing.statistics import StatisticsCache, StatsSpec
+from blueedit.editing.targets import generate_context_templates
+from blueedit.evaluation.editing_metrics import EvaluationResult, evaluate_requests
+from blueedit.models.adapters import ModelAdapter
+from blueedit.models.loading import ModelSpec, default_cache_dir, load_model_and_tokenizer, model_fingerprint
+
+log = logging.getLogger(__name__)
+
+MIN_CHARS = 200
+
+
+class EditingModule(L.LightningModule):
+    """Sequential locate-then-edit as a Lightning training loop.
+
+    Each training step receives one :class:`~blueedit.data.datamodule.EditRound` and applies it
+    with :class:`~blueedit.editing.editor.Editor` (targets at the boundary or last critical layer,
+    keys, residuals, closed-form solves, writes). There is no gradient step on the model: the
+    only optimizer is a placeholder whose ``step`` advances ``trainer.global_step`` by one per
+    round, so checkpoints and loggers count rounds.
+
+    Checkpoints hold only what editing changes: the edited ``W_out`` matrices (``state_dict``)
+    and the editor state (history ``H``, projections ``P``, original weights, rounds done,
+    context templates, pre-edit metrics), so a resumed run ends with the same weights.
+
+    Args:
+        model: which causal LM to edit (:class:`~blueedit.models.loading.ModelSpec`).
+        editing: method, strategy (BLUE = ``boundary``), layers and hyperparameters.
+        stats: the corpus and size of the key statistics ``C_0``.
+        evaluate: evaluate the edited records before and after editing (``metrics.json``).
+        eval_batch_size: prompts per forward pass in evaluation.
+        data_dir: benchmark data directory (linked from ``data.data_dir`` by the CLI).
+        cache_dir: cache root for converted models and statistics.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec | None = None,
+        editing: EditHParams | None = None,
+        stats: StatsSpec | None = None,
+        evaluate: bool = True,
+        eval_batch_size: int = 32,
+        data_dir: str | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.model_spec = model or ModelSpec()
+        self.hp = editing or EditHParams()
+        self.hp.validate()
+        self.stats_spec = stats or StatsSpec()
+        self.evaluate = evaluate
+        self.eval_batch_size = eval_batch_size
+        self.data_dir = data_dir
+        self.cache_dir = Path(cache_dir or self.stats_spec.cache_dir or default_cache_dir()).expanduser()
+        self.automatic_optimization = False
+        self.lm, self.tokenizer = load_model_and_tokenizer(self.model_spec, self.cache_dir)
+        self.adapter = ModelAdapter(self.lm, **self.model_spec.layout_overrides())
+        self.adapter.check_layers(self.hp.layers)
+        self._round_counter = torch.nn.Parameter(torch.zeros(()))  # placeholder for the optimizer
+        self.editor: Editor | None = None
+        self._pending_state: EditorState | None = None
+        self.reports: list[RoundReport] = []
+        self.pre_metrics: dict[str, Any] | None = None
+        self.post_metrics: dict[str, Any] | None = None
+
+    # -- Lightning plumbing ------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        """Keep the language model in eval mode (no dropout) whatever Lightning asks."""
+        super().train(mode)
+        self.lm.eval()
+        return self
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([self._round_counter], lr=0.0)
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Only the edited ``W_out`` matrices (``[d, d_k]``): the rest of the model is the
+        unchanged pretrained checkpoint."""
+        return {f"w_out.{l}": self.adapter.get_w_out(l).cpu() for l in self.hp.edited_layers}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        expected = {f"w_out.{l}" for l in self.hp.edited_layers}
+        if strict and set(state_dict) != expected:
+            raise KeyError(f"checkpoint holds {sorted(state_dict)}, expected {sorted(expected)}")
+        for key, w in state_dict.items():
+            self.adapter.set_w_out(int(key.split(".")[1]), w)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["blueedit"] = {
+            "editor": self.editor.state.to_dict() if self.editor else None,
+            "pre_metrics": self.pre_metrics,
+            "reports": [r.__dict__ for r in self.reports],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("blueedit", {})
+        if saved.get("editor"):
+            self._pending_state = EditorState.from_dict(saved["editor"])
+            if self.editor is not None:
+                self.editor.state = EditorState.from_dict(saved["editor"], self.editor.device)
+        self.pre_metrics = saved.get("pre_metrics")
+        self.reports = [RoundReport(**r) for r in saved.get("reports", [])]
+
+    # -- setup: statistics, templates, editor -------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or self.editor is not None:
+            return
+        if self.model_spec.device_map is None and self.trainer is not None:
+            self.lm.to(self.trainer.strategy.root_device)
+        mom2 = self.key_statistics(self.hp.edited_layers)
+        templates = generate_context_templates(self.lm, self.tokenizer)
+        self.editor = Editor(self.lm, self.tokenizer, self.adapter, self.hp, mom2, templates)
+        if self._pending_state is not None:
+            self.editor.state = EditorState.from_dict(self._pending_state.to_dict(), self.editor.device)
+
+    def corpus_source(self) -> str:
+        """The resolved statistics corpus; ``auto`` falls back to model samples, with a warning."""
+        source = self.stats_spec.corpus
+        if source == "auto":
+            d = Path(self.data_dir).expanduser() if self.data_dir else None
+            if d is not None and (d / "corpus" / "enwiki_wikiextractor_sample.jsonl.gz").is_file():
+                return "wikipedia-sample"
+            warnings.warn(
+                "stats.corpus 'auto': no Wikipedia sample in the data directory, so C_0 is estimated on "
+                "text sampled from the model itself (offline fallback); set data.data_dir or stats.corpus "
+                "for the published statistics",
+                stacklevel=2,
+            )
+            return "model-samples"
+        return source
+
+    def key_statistics(self, layers: list[int]) -> dict[int, torch.Tensor]:
+        """``C_0^l`` for ``layers``, from the on-disk cache or collected in one pass."""
+        spec = self.stats_spec
+        source = self.corpus_source()
+        if source == "model-samples":
+            corpus_id = corpus_fingerprint("model-samples", spec.num_samples, 0, seed=0)
+
+            def texts():
+                return model_sampled_texts(self.lm, self.tokenizer, num_samples=spec.num_samples, seed=0)
+        else:
+            corpus_id = corpus_fingerprint(source, spec.num_samples, MIN_CHARS)
+
+            def texts():
+                try:
+                    return load_corpus_texts(source, data_dir=self.data_dir, num_samples=spec.num_samples,
+                                             min_chars=MIN_CHARS)
+                except CorpusUnavailable as e:
+                    raise CorpusUnavailable(f"stats.corpus: {e}") from e
+        cache = StatisticsCache(self.cache_dir, model_fingerprint(self.model_spec))
+        stats = cache.get_or_collect(self.lm, self.adapter, self.tokenizer, layers, spec, corpus_id, texts,
+                                     single_pass=self.hp.batched_targets)
+        return {l: s.mom2 for l, s in stats.items()}
+
+    # -- the editing loop ---------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        if self.evaluate and self.pre_metrics is None:
+            self.pre_metrics = self.run_evaluation().to_dict()
+
+    def training_step(self, batch: EditRound, batch_idx: int) -> None:
+        assert self.editor is not None
+        if batch.index < self.editor.state.rounds_done:  # already applied before a resume
+            return None
+        report = self.editor.edit_round(batch.requests, batch.index)
+        self.reports.append(report)
+        self.optimizers().step()  # advances global_step: one step per round
+        logs = {"edit/seconds": report.seconds, "edit/edits_done": float(sum(len(r.case_ids) for r in self.reports))}
+        for l, n in report.update_norms.items():
+            logs[f"edit/update_norm/layer{l}"] = n
+        self.log_dict(logs, batch_size=len(batch.requests), on_step=True, on_epoch=False)
+        return None
+
+    def on_train_end(self) -> None:
+        assert self.editor is not None
+        self.editor.finalize()
+        if self.evaluate:
+            self.post_metrics = self.run_evaluation().to_dict()
+            self.write_metrics()
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def eval_requests(self) -> list[EditRequest]:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        return dm.eval_requests() if dm is not None else []
+
+    @torch.no_grad()
+    def run_evaluation(self, requests: list[EditRequest] | None = None) -> EvaluationResult:
+        requests = self.eval_requests() if requests is None else requests
+        return evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size)
+
+    def write_metrics(self) -> Path | None:
+        """``metrics.json`` (pre/post per metric, per-record results) in the run's log directory,
+        and a table on stdout."""
+        if self.trainer is None or not self.trainer.is_global_zero:
+            return None
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pre, post = self.pre_metrics or {}, self.post_metrics or {}
+        names = list((post.get("metrics") or pre.get("metrics") or {}).keys())
+        summary = {
+            "method": self.hp.method,
+            "strategy": self.hp.strategy,
+            "layers": self.hp.edited_layers,
+            "num_edits": sum(len(r.case_ids) for r in self.reports),
+            "rounds": len(self.reports),
+            "edit_seconds": sum(r.seconds for r in self.reports),
+            "kind": post.get("kind") or pre.get("kind"),
+            "metrics": {n: {"pre": (pre.get("metrics") or {}).get(n), "post": (post.get("metrics") or {}).get(n)}
+                        for n in names},
+            "records": {"pre": pre.get("records"), "post": post.get("records")},
+        }
+        path = out_dir / "metrics.json"
+        path.write_text(json.dumps(summary, indent=1, default=str))
+        print(metrics_table(summary))
+        print(f"metrics written to {path}")
+        return path
+
+
+def metrics_table(summary: dict) -> str:
+    """A Markdown table of pre/post metrics."""
+    lines = [
+        f"{summary['method']} ({summary['strategy']}), {summary['num_edits']} edits in {summary['rounds']} rounds, "
+        f"{summary['edit_seconds']:.1f} s editing",
+        "",
+        "| metric | pre | post |",
+        "|---|---:|---:|",
+    ]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for name, v in summary["metrics"].items():
+        lines.append(f"| {name} | {fmt(v['pre'])} | {fmt(v['post'])} |")
+    return "\n".join(lines)
