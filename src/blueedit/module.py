@@ -12,7 +12,7 @@ import lightning as L
 import torch
 
 from blueedit.data.corpus import CorpusUnavailable, corpus_fingerprint, load_corpus_texts, model_sampled_texts
-from blueedit.data.datamodule import EditRound
+from blueedit.data.datamodule import EditRound, RoundDataset
 from blueedit.data.records import EditRequest
 from blueedit.editing.editor import EditHParams, Editor, EditorState, RoundReport
 from blueedit.editing.statistics import StatisticsCache, StatsSpec
@@ -173,8 +173,24 @@ class EditingModule(L.LightningModule):
         if self.evaluate and self.pre_metrics is None:
             self.pre_metrics = self.run_evaluation().to_dict()
 
+    def _round_for_step(self, batch: EditRound, batch_idx: int) -> EditRound:
+        """The round this step must apply.
+
+        Resuming from a mid-epoch checkpoint, Lightning continues ``batch_idx`` after the rounds
+        already done (and runs only the remaining number of steps) but restarts a non-resumable
+        dataloader at its first round; the round it hands over is then not round ``batch_idx``,
+        so that round is taken from the loader's dataset instead.
+        """
+        if batch.index == batch_idx or self._trainer is None:
+            return batch
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if isinstance(dataset, RoundDataset) and 0 <= batch_idx < len(dataset):
+            return dataset[batch_idx]
+        return batch
+
     def training_step(self, batch: EditRound, batch_idx: int) -> None:
         assert self.editor is not None
+        batch = self._round_for_step(batch, batch_idx)
         if batch.index < self.editor.state.rounds_done:  # already applied before a resume
             return None
         report = self.editor.edit_round(batch.requests, batch.index)
@@ -228,7 +244,92 @@ class EditingModule(L.LightningModule):
         path.write_text(json.dumps(summary, indent=1, default=str))
         print(metrics_table(summary))
         print(f"metrics written to {path}")
+        from blueedit.evaluation.reports import write_report
+
+        try:
+            write_report(out_dir, summary, self.trainer.callbacks)
+        except Exception as e:  # the report is a convenience; metrics.json is already written
+            log.warning("writing the run report failed: %s", e)
         return path
+
+    # -- validate / test: evaluate the loaded (e.g. saved, edited) model ------------------------
+    def _eval_meters(self, stage: str) -> dict:
+        """Accumulators for ``stage`` (``val``/``test``), created fresh at each epoch start."""
+        from blueedit.evaluation.metrics import MeanValue, SuccessRate
+
+        kinds = ("efficacy", "generalization", "specificity")
+        meters = torch.nn.ModuleDict({k: SuccessRate() for k in kinds})
+        meters.update({f"{k}_margin": MeanValue() for k in kinds})
+        meters.update({f"{k}_acc": MeanValue() for k in kinds})  # zsRE: per-record accuracy in %
+        setattr(self, f"_{stage}_meters", meters)
+        self._eval_state = {"kind": None, "num_records": 0, "records": []}
+        return meters
+
+    def _eval_step(self, batch: EditRound, stage: str) -> None:
+        meters = getattr(self, f"_{stage}_meters", None) or self._eval_meters(stage)
+        requests = list(batch.requests)
+        if not requests:
+            return
+        res = evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size)
+        st = self._eval_state
+        st["kind"] = res.kind
+        st["num_records"] += res.num_records
+        st["records"].extend(res.records)
+        for rec in res.records:
+            for k in ("efficacy", "generalization", "specificity"):
+                v = rec.get(k)
+                if v is None or (isinstance(v, list) and not v):
+                    continue
+                if res.kind == "zsre":
+                    meters[f"{k}_acc"].update(torch.tensor([100.0 * float(v)], dtype=torch.float64))
+                    continue
+                vals = v if isinstance(v, list) else [v]
+                meters[k].update(torch.tensor(vals, dtype=torch.bool))
+                m = rec.get(f"{k}_margin")
+                ms = m if isinstance(m, list) else [m]
+                meters[f"{k}_margin"].update(torch.tensor([x for x in ms if x is not None], dtype=torch.float64))
+
+    def _eval_epoch_end(self, stage: str) -> dict[str, float]:
+        meters = getattr(self, f"_{stage}_meters", None)
+        st = getattr(self, "_eval_state", None) or {"kind": None, "num_records": 0, "records": []}
+        metrics: dict[str, float] = {}
+        if meters is not None:
+            kinds = ("efficacy", "generalization", "specificity")
+            names = [f"{k}_acc" for k in kinds] if st["kind"] == "zsre" else list(kinds) + [f"{k}_margin" for k in kinds]
+            for name in names:
+                m = meters[name]
+                value = float(m.compute()) if m.update_count > 0 else float("nan")
+                metrics[name.removesuffix("_acc")] = value
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, sync_dist=False)
+        if self.trainer is not None and self.trainer.is_global_zero:
+            out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            payload = {"stage": stage, "model": self.model_spec.name_or_path, "kind": st["kind"],
+                       "num_records": st["num_records"], "metrics": metrics, "records": st["records"]}
+            path = out_dir / "eval_metrics.json"
+            path.write_text(json.dumps(payload, indent=1, default=str))
+            print(f"{stage} metrics written to {path}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        setattr(self, f"_{stage}_meters", None)
+        return metrics
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_meters("val")
+
+    def validation_step(self, batch: EditRound, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_meters("test")
+
+    def test_step(self, batch: EditRound, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
 
 
 def metrics_table(summary: dict) -> str:

@@ -186,3 +186,34 @@ class EditDataModule(L.LightningDataModule):
             collate_fn=_identity,
             num_workers=self.num_workers,
         )
+
+    # -- validate / test: evaluate a (saved, edited) model on the evaluation records ------------
+    #: Records per evaluation batch of ``blueedit validate`` / ``blueedit test``.
+    eval_chunk_size: int = 32
+
+    def _eval_dataloader(self) -> DataLoader[EditRound] | list:
+        """The evaluation records in order, ``eval_chunk_size`` per batch (an :class:`EditRound`
+        whose ``index`` counts chunks); empty while fitting, so that ``fit`` runs no validation
+        loop (editing runs evaluate themselves before and after editing)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.state.fn == "fit":
+            import warnings
+
+            warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+            return []
+        dataset = RoundDataset(self.eval_requests(), self.eval_chunk_size)
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=RoundSampler(dataset),
+            collate_fn=_identity,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader[EditRound] | list:
+        """See :meth:`_eval_dataloader` (``blueedit validate``)."""
+        return self._eval_dataloader()
+
+    def test_dataloader(self) -> DataLoader[EditRound] | list:
+        """See :meth:`_eval_dataloader` (``blueedit test``)."""
+        return self._eval_dataloader()

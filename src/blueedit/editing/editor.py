@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +69,23 @@ class EditHParams:
         if self.strategy == "boundary":
             return sorted({self.layers[0], self.layers[-1]})
         return list(self.layers)
+
+
+@dataclass
+class LayerStep:
+    """What a round is about to write at one layer (passed to :attr:`Editor.on_layer`).
+
+    ``residuals`` ``R^l`` (``[d, B]``), ``keys`` ``K^l`` (``[d_k, B]``), ``delta`` ``ΔW^l``
+    (``[d, d_k]``); ``target_layer`` is the layer whose ``z`` produced ``R^l`` (``l_m`` under
+    ``distribute``, ``l`` under ``boundary``)."""
+
+    round_index: int
+    layer: int
+    target_layer: int
+    requests: list[EditRequest]
+    residuals: torch.Tensor
+    keys: torch.Tensor
+    delta: torch.Tensor
 
 
 class EditRoundError(RuntimeError):
@@ -137,6 +155,9 @@ class Editor:
         self.device = next(model.parameters()).device
         self.mom2 = {l: mom2[l].to(self.device) for l in hparams.edited_layers}
         self.state = state or EditorState(context_templates=list(context_templates))
+        #: Optional diagnostic called with a :class:`LayerStep` before each layer's write
+        #: (on the model as it is at that moment); used by the weight-shift-error callback.
+        self.on_layer: Callable[[LayerStep], None] | None = None
         self._init_state()
 
     def _init_state(self) -> None:
@@ -182,7 +203,10 @@ class Editor:
         return fact_states(self.model, self.adapter, self.tokenizer, requests, self.state.context_templates,
                            key_layers, hidden_layers, batch_size=self.hp.key_batch_size)
 
-    def _write(self, layer: int, delta: torch.Tensor, report: RoundReport) -> None:
+    def _write(self, step: LayerStep, report: RoundReport) -> None:
+        layer, delta = step.layer, step.delta
+        if self.on_layer is not None:
+            self.on_layer(step)
         if not torch.isfinite(delta).all():
             raise solvers.SolveError(f"update of layer {layer} has non-finite values")
         self.adapter.add_to_w_out(layer, delta)
@@ -231,7 +255,8 @@ class Editor:
             keys, hidden = self._states(requests, [l], [last])
             residuals = (z - hidden[last]) / (len(layers) - i)
             report.residual_norms[l] = float(residuals.norm())
-            self._write(l, self.solve(l, residuals, keys[l]), report)
+            delta = self.solve(l, residuals, keys[l])
+            self._write(LayerStep(report.index, l, last, requests, residuals, keys[l], delta), report)
 
     def _boundary(self, requests: list[EditRequest], report: RoundReport) -> None:
         for l in self.hp.edited_layers:
@@ -240,7 +265,8 @@ class Editor:
             keys, hidden = self._states(requests, [l], [l])
             residuals = res.z.T - hidden[l]
             report.residual_norms[l] = float(residuals.norm())
-            self._write(l, self.solve(l, residuals, keys[l]), report)
+            delta = self.solve(l, residuals, keys[l])
+            self._write(LayerStep(report.index, l, l, requests, residuals, keys[l], delta), report)
 
     # -- post-processing -------------------------------------------------------------------
     def restrained_weights(self) -> dict[int, torch.Tensor]:

@@ -17,23 +17,29 @@ CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
 @torch.no_grad()
 def generate_context_templates(
-    model, tokenizer, seeds: tuple[str, ...] = CONTEXT_SEEDS, length: int = 10
+    model, tokenizer, seeds: tuple[str, ...] = CONTEXT_SEEDS, length: int = 10, top_k: int = 5, seed: int = 0
 ) -> list[str]:
-    """``C = ["{}"] + ["<prefix>. {}" ...]``: one greedy ``length``-token continuation per seed.
+    """``C = ["{}"] + ["<prefix>. {}" ...]``: one ``length``-token continuation per seed word,
+    top-``k`` sampled (greedy when ``top_k`` is 0) under a fixed RNG seed, so the templates are
+    reproducible and the global RNG state is left untouched.
 
-    Braces in generated text are removed so the templates keep exactly one ``{}``.
+    Braces and newlines in generated text are removed so each template keeps exactly one ``{}``.
     """
     device = next(model.parameters()).device
     templates = ["{}"]
-    for seed in seeds:
-        ids = tokenizer(seed, return_tensors="pt")["input_ids"].to(device)
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length, do_sample=False,
-            pad_token_id=pad_token_id(tokenizer),
-        )
-        text = tokenizer.decode(out[0], skip_special_tokens=True)
-        text = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip()
-        templates.append(f"{text}. {{}}")
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for word in seeds:
+            ids = tokenizer(word, return_tensors="pt")["input_ids"].to(device)
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length,
+                do_sample=top_k > 0, top_k=top_k if top_k > 0 else None, top_p=None, temperature=None,
+                pad_token_id=pad_token_id(tokenizer),
+            )
+            text = tokenizer.decode(out[0], skip_special_tokens=True)
+            text = " ".join(text.replace("{", " ").replace("}", " ").split())
+            templates.append(f"{text}. {{}}")
     return templates
 
 

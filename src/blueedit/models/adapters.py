@@ -97,8 +97,15 @@ def detect_layout(model: nn.Module, **overrides: str | bool | None) -> ModelLayo
         w_out = _get(blocks[0], found["w_out"])
         found.setdefault("transposed", type(w_out).__name__ == "Conv1D")
         layout = ModelLayout(**found)
-    elif overrides:
-        layout = replace(layout, **overrides)
+    else:
+        # names move between transformers versions (GPT-NeoX's head: embed_out -> lm_head)
+        fixes = {}
+        for name, candidates in (("blocks", _BLOCK_PATHS), ("final_norm", _NORM_PATHS), ("lm_head", _HEAD_PATHS)):
+            if name not in overrides and _get(model, getattr(layout, name)) is None:
+                found = next((p for p in candidates if _get(model, p) is not None), None)
+                if found:
+                    fixes[name] = found
+        layout = replace(layout, **fixes, **overrides)
     for name, path in (("blocks", layout.blocks), ("final_norm", layout.final_norm), ("lm_head", layout.lm_head)):
         if _get(model, path) is None:
             raise UnknownArchitectureError(f"model has no module {path!r} for {name}: {_OVERRIDE_HINT}")

