@@ -44,7 +44,10 @@ class EditTrainer(Trainer):
         dm.dataset, dm.format, dm.num_edits, dm._requests = edits, "auto", None, None
         dm.setup("fit")  # validates every record before anything is loaded onto the model
         self.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-        return save_edited_model(model, dm, output)
+        if self.is_global_zero:  # every rank holds the same weights; one writes them
+            save_edited_model(model, dm, output)
+        self.strategy.barrier("blueedit-edit-saved")
+        return Path(output)
 
 
 def save_edited_model(module: EditingModule, datamodule: EditDataModule, output: str | Path) -> Path:

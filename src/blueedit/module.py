@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
+from blueedit import distributed
 from blueedit.data.corpus import CorpusUnavailable, corpus_fingerprint, load_corpus_texts, model_sampled_texts
 from blueedit.data.datamodule import EditRound, RoundDataset
 from blueedit.data.records import EditRequest
@@ -47,6 +49,8 @@ class EditingModule(L.LightningModule):
         eval_batch_size: prompts per forward pass in evaluation.
         data_dir: benchmark data directory (linked from ``data.data_dir`` by the CLI).
         cache_dir: cache root for converted models and statistics.
+        debug: after every round, check that the edited weights are bit-identical on every rank
+            (a checksum all-gather; useful under DDP).
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class EditingModule(L.LightningModule):
         eval_batch_size: int = 32,
         data_dir: str | None = None,
         cache_dir: str | None = None,
+        debug: bool = False,
     ) -> None:
         super().__init__()
         self.model_spec = model or ModelSpec()
@@ -68,8 +73,13 @@ class EditingModule(L.LightningModule):
         self.eval_batch_size = eval_batch_size
         self.data_dir = data_dir
         self.cache_dir = Path(cache_dir or self.stats_spec.cache_dir or default_cache_dir()).expanduser()
+        self.debug = debug
         self.automatic_optimization = False
-        self.lm, self.tokenizer = load_model_and_tokenizer(self.model_spec, self.cache_dir)
+        lm, self.tokenizer = load_model_and_tokenizer(self.model_spec, self.cache_dir)
+        if self.model_spec.device_map is None:
+            self.lm = lm  # a submodule: Lightning moves it to the strategy's device
+        else:  # dispatched over several devices by accelerate: keep Lightning from moving it
+            object.__setattr__(self, "lm", lm)
         self.adapter = ModelAdapter(self.lm, **self.model_spec.layout_overrides())
         self.adapter.check_layers(self.hp.layers)
         self._round_counter = torch.nn.Parameter(torch.zeros(()))  # placeholder for the optimizer
@@ -163,9 +173,9 @@ class EditingModule(L.LightningModule):
                                              min_chars=MIN_CHARS)
                 except CorpusUnavailable as e:
                     raise CorpusUnavailable(f"stats.corpus: {e}") from e
-        cache = StatisticsCache(self.cache_dir, model_fingerprint(self.model_spec))
+        cache = StatisticsCache(self.cache_dir, model_fingerprint(self.model_spec), progress=True)
         stats = cache.get_or_collect(self.lm, self.adapter, self.tokenizer, layers, spec, corpus_id, texts,
-                                     single_pass=self.hp.batched_targets)
+                                     single_pass=self.hp.optimize)
         return {l: s.mom2 for l, s in stats.items()}
 
     # -- the editing loop ---------------------------------------------------------------------
@@ -195,6 +205,11 @@ class EditingModule(L.LightningModule):
             return None
         report = self.editor.edit_round(batch.requests, batch.index)
         self.reports.append(report)
+        if self.debug:  # every rank must hold bit-identical weights after every round
+            digest = distributed.assert_same_on_all_ranks(
+                [self.adapter.get_w_out(l) for l in self.hp.edited_layers], f"weights after round {batch.index}"
+            )
+            log.info("round %d: edited weights checksum %s on every rank", batch.index, digest)
         self.optimizers().step()  # advances global_step: one step per round
         logs = {"edit/seconds": report.seconds, "edit/edits_done": float(sum(len(r.case_ids) for r in self.reports))}
         for l, n in report.update_norms.items():
@@ -216,15 +231,28 @@ class EditingModule(L.LightningModule):
 
     @torch.no_grad()
     def run_evaluation(self, requests: list[EditRequest] | None = None) -> EvaluationResult:
+        """Evaluate ``requests`` (default: the data module's evaluation records) on the model as
+        it is now. Under DDP each rank scores its shard; the metrics are synchronized through
+        torchmetrics and the per-record results gathered, so every rank returns the same result."""
         requests = self.eval_requests() if requests is None else requests
-        return evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size)
+        _, world = distributed.rank_and_world()
+        with self.editor.evaluation_weights() if self.editor is not None else nullcontext():
+            if world == 1 or len(requests) < world:
+                return evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size)
+            local = distributed.shard(requests)
+            res = evaluate_requests(self.lm, self.tokenizer, local, batch_size=self.eval_batch_size, sync=True)
+        res.records = distributed.gather_objects(res.records, len(requests))
+        res.num_records = len(requests)
+        return res
 
     def write_metrics(self) -> Path | None:
         """``metrics.json`` (pre/post per metric, per-record results) in the run's log directory,
         and a table on stdout."""
-        if self.trainer is None or not self.trainer.is_global_zero:
+        if self.trainer is None:
             return None
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP
+        if not self.trainer.is_global_zero:
+            return None
         out_dir.mkdir(parents=True, exist_ok=True)
         pre, post = self.pre_metrics or {}, self.post_metrics or {}
         names = list((post.get("metrics") or pre.get("metrics") or {}).keys())
@@ -302,8 +330,8 @@ class EditingModule(L.LightningModule):
                 metrics[name.removesuffix("_acc")] = value
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, sync_dist=False)
-        if self.trainer is not None and self.trainer.is_global_zero:
-            out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) if self.trainer is not None else None
+        if out_dir is not None and self.trainer.is_global_zero:
             out_dir.mkdir(parents=True, exist_ok=True)
             payload = {"stage": stage, "model": self.model_spec.name_or_path, "kind": st["kind"],
                        "num_records": st["num_records"], "metrics": metrics, "records": st["records"]}

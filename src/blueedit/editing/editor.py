@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from blueedit import distributed
 from blueedit.data.records import EditRecordError, EditRequest, validate_requests
 from blueedit.editing import solvers
 from blueedit.editing.targets import TargetHParams, TargetResult, fact_states, optimize_targets, optimize_targets_one_by_one
@@ -37,9 +38,14 @@ class EditHParams:
         L2: AlphaEdit's ridge term α.
         rect_keep: fraction of update entries RECT keeps.
         target: the target (z) optimization.
-        batched_targets: optimize all requests of a round together (``False``: one by one, the
-            reference path).
+        optimize: the fast path (all requests of a round optimized together over a cached prefix,
+            one statistics pass for all layers). ``False`` runs the reference path: one request at
+            a time on whole prompts with full logits, one statistics pass per layer. Both give the
+            same edit up to floating-point round-off; the reference is kept for measurement and as
+            a correctness oracle.
         key_batch_size: prompts per forward pass when reading keys and hidden states.
+        autocast: ``bfloat16`` or ``float16`` to run the model's forward passes under
+            :func:`torch.autocast` (δ, losses and solves stay float32/float64); ``None``: off.
     """
 
     method: str = "memit"
@@ -50,8 +56,9 @@ class EditHParams:
     L2: float = 10.0
     rect_keep: float = 0.4
     target: TargetHParams = field(default_factory=TargetHParams)
-    batched_targets: bool = True
+    optimize: bool = True
     key_batch_size: int = 64
+    autocast: str | None = None
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -60,6 +67,8 @@ class EditHParams:
             raise ValueError(f"editing.strategy {self.strategy!r} is not one of {STRATEGIES}")
         if not self.layers:
             raise ValueError("editing.layers is empty")
+        if self.autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(f"editing.autocast {self.autocast!r} must be null, 'bfloat16' or 'float16'")
         if list(self.layers) != list(range(self.layers[0], self.layers[0] + len(self.layers))):
             raise ValueError(f"editing.layers {self.layers} must be consecutive and increasing")
 
@@ -181,10 +190,33 @@ class Editor:
             except ValueError as e:
                 raise EditRecordError(f"edit record {i} (case_id={r.case_id!r}): 'target_new' {e}") from None
 
+    def autocast(self):
+        """The forward-pass autocast context (a no-op unless ``editing.autocast`` is set)."""
+        if self.hp.autocast is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.hp.autocast))
+
     def targets(self, requests: list[EditRequest], layer: int) -> TargetResult:
-        fn = optimize_targets if self.hp.batched_targets else optimize_targets_one_by_one
-        with torch.enable_grad():
-            res = fn(self.model, self.adapter, self.tokenizer, requests, layer, self.state.context_templates, self.hp.target)
+        """Targets ``z`` at ``layer`` for every request. Under DDP each rank optimizes its shard
+        of the requests and the results are gathered, so every rank holds all targets."""
+        idx = distributed.shard_indices(len(requests))
+        local = [requests[i] for i in idx]
+        d = self.adapter.hidden_size()
+        args = (self.model, self.adapter, self.tokenizer, local, layer, self.state.context_templates, self.hp.target)
+        if not local:
+            empty = torch.zeros(0, d, device=self.device)
+            res = TargetResult(empty, empty, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0))
+        else:
+            with torch.enable_grad(), self.autocast():
+                if self.hp.optimize:
+                    res = optimize_targets(*args, fast=True)
+                else:
+                    res = optimize_targets_one_by_one(*args, fast=False)
+        if distributed.is_distributed():
+            n = len(requests)
+            gather = lambda t: distributed.gather_rows(t.to(self.device), n)  # noqa: E731
+            res = TargetResult(gather(res.z), gather(res.h_init), gather(res.delta),
+                               gather(res.steps).cpu(), gather(res.loss.float()).cpu())
         if not torch.isfinite(res.z).all():
             raise solvers.SolveError(f"target optimization at layer {layer} produced non-finite values")
         return res
@@ -200,8 +232,17 @@ class Editor:
         return delta
 
     def _states(self, requests, key_layers, hidden_layers):
-        return fact_states(self.model, self.adapter, self.tokenizer, requests, self.state.context_templates,
-                           key_layers, hidden_layers, batch_size=self.hp.key_batch_size)
+        """Keys ``K^l`` (``[d_k, B]``) and values ``h^l`` (``[d, B]``) at the fact tokens; under DDP
+        each rank reads its shard and the columns are gathered back in request order."""
+        local = distributed.shard(requests)
+        with self.autocast():
+            keys, hidden = fact_states(self.model, self.adapter, self.tokenizer, local, self.state.context_templates,
+                                       key_layers, hidden_layers, batch_size=self.hp.key_batch_size)
+        if distributed.is_distributed():
+            n = len(requests)
+            keys = {l: distributed.gather_rows(k.T.contiguous(), n).T for l, k in keys.items()}
+            hidden = {l: distributed.gather_rows(h.T.contiguous(), n).T for l, h in hidden.items()}
+        return keys, hidden
 
     def _write(self, step: LayerStep, report: RoundReport) -> None:
         layer, delta = step.layer, step.delta

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from blueedit import distributed
 from blueedit.editing.forward import forward, traced
 from blueedit.editing.tokens import pad_batch, pad_token_id
 from blueedit.models.adapters import ModelAdapter
@@ -37,6 +38,7 @@ class StatsSpec:
         num_samples: number of texts.
         max_length: tokens per text (longer texts are truncated).
         batch_size: texts per forward pass.
+        max_tokens: stop once this many tokens were counted (``None``: use every text).
         dtype: dtype ``C_0`` is stored in (accumulation is float64).
         cache_dir: root of the on-disk cache (default ``$BLUEEDIT_CACHE`` or ``~/.cache/blueedit``).
     """
@@ -45,6 +47,7 @@ class StatsSpec:
     num_samples: int = 1000
     max_length: int = 256
     batch_size: int = 8
+    max_tokens: int | None = None
     dtype: str = "float32"
     cache_dir: str | None = None
 
@@ -57,9 +60,11 @@ class LayerStats:
     count: int
 
 
-def stats_key(model_id: str, layer: int, module: str, corpus_id: str, num_samples: int, max_length: int, dtype: str) -> str:
+def stats_key(model_id: str, layer: int, module: str, corpus_id: str, num_samples: int, max_length: int, dtype: str,
+              max_tokens: int | None = None) -> str:
     """The cache key of one layer's statistics: every input that changes the result."""
-    payload = json.dumps([model_id, layer, module, corpus_id, num_samples, max_length, dtype])
+    payload = json.dumps([model_id, layer, module, corpus_id, num_samples, max_length, dtype]
+                         + ([max_tokens] if max_tokens else []))
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -85,12 +90,15 @@ def accumulate_key_moments(
     state: dict | None = None,
     on_batch: Callable[[dict], None] | None = None,
     stop_early: bool = True,
+    max_tokens: int | None = None,
+    progress: bool = False,
 ) -> dict:
     """Sum ``k kᵀ`` (float64) over every non-padding token of ``texts`` at each layer's ``W_out``.
 
     One forward per batch serves all ``layers`` and, with ``stop_early``, ends after the deepest.
     ``state`` (``{"sums": {l: [d_k, d_k]}, "count": int, "done": int}``) resumes a partial pass;
-    ``on_batch(state)`` is called after each batch (for checkpoints and progress).
+    ``on_batch(state)`` is called after each batch (for checkpoints and progress). The pass ends
+    once ``max_tokens`` tokens were counted; ``progress`` shows a progress bar.
     """
     device = next(model.parameters()).device
     token_lists = _tokenize_texts(tokenizer, texts, max_length)
@@ -99,7 +107,14 @@ def accumulate_key_moments(
                  "count": 0, "done": 0}
     pad = pad_token_id(tokenizer)
     stop = max(layers) if stop_early else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(token_lists), initial=state["done"], desc=f"key statistics {layers}", unit="text")
     for start in range(state["done"], len(token_lists), batch_size):
+        if max_tokens is not None and state["count"] >= max_tokens:
+            break
         chunk = token_lists[start : start + batch_size]
         batch = pad_batch(chunk, [-1] * len(chunk), pad_id=pad, padding_side="right").to(device)
         with traced(adapter, key_layers=layers, stop_after=stop) as tr:
@@ -110,8 +125,13 @@ def accumulate_key_moments(
             state["sums"][l] += (k.T @ k).cpu()
         state["count"] += int(mask.sum())
         state["done"] = start + len(chunk)
+        if bar is not None:
+            bar.update(len(chunk))
+            bar.set_postfix(tokens=state["count"])
         if on_batch is not None:
             on_batch(state)
+    if bar is not None:
+        bar.close()
     return state
 
 
@@ -122,10 +142,11 @@ class StatisticsCache:
     ``checkpoint_every`` batches and resumed by the next call with the same inputs.
     """
 
-    def __init__(self, root: str | Path, model_id: str, checkpoint_every: int = 20):
+    def __init__(self, root: str | Path, model_id: str, checkpoint_every: int = 20, progress: bool = False):
         self.dir = Path(root).expanduser() / "stats" / model_id
         self.model_id = model_id
         self.checkpoint_every = checkpoint_every
+        self.progress = progress
 
     def _path(self, key: str) -> Path:
         return self.dir / f"{key}.pt"
@@ -158,7 +179,8 @@ class StatisticsCache:
     ) -> dict[int, LayerStats]:
         """Statistics for ``layers``: cached ones are loaded; the missing ones are collected in one
         pass (``single_pass``) or one pass per layer (the reference mode), then cached."""
-        keys = {l: stats_key(self.model_id, l, adapter.layout.w_out, corpus_id, spec.num_samples, spec.max_length, spec.dtype)
+        keys = {l: stats_key(self.model_id, l, adapter.layout.w_out, corpus_id, spec.num_samples, spec.max_length,
+                             spec.dtype, spec.max_tokens)
                 for l in layers}
         out = {l: s for l in layers if (s := self.load(keys[l])) is not None}
         missing = [l for l in layers if l not in out]
@@ -171,8 +193,12 @@ class StatisticsCache:
         return out
 
     def _collect(self, model, adapter, tokenizer, layers, spec, corpus_id, texts, keys, stop_early) -> dict[int, LayerStats]:
+        # under DDP each rank sums over its strided shard of the texts; the sums are all-reduced
+        rank, world = distributed.rank_and_world()
+        texts = distributed.shard(texts)
         partial_key = hashlib.sha256("|".join(keys[l] for l in layers).encode()).hexdigest()[:16]
-        partial = self.dir / f"partial-{partial_key}.pt"
+        suffix = f"-rank{rank}of{world}" if world > 1 else ""
+        partial = self.dir / f"partial-{partial_key}{suffix}.pt"
         state = None
         if partial.is_file():
             blob = torch.load(partial, map_location="cpu", weights_only=True)
@@ -195,7 +221,15 @@ class StatisticsCache:
         state = accumulate_key_moments(
             model, adapter, tokenizer, texts, layers, max_length=spec.max_length, batch_size=spec.batch_size,
             state=state, on_batch=checkpoint, stop_early=stop_early,
+            max_tokens=None if spec.max_tokens is None else -(-spec.max_tokens // world),
+            progress=self.progress and rank == 0,
         )
+        if world > 1:
+            device = next(model.parameters()).device
+            for l in layers:
+                state["sums"][l] = distributed.all_reduce_sum(state["sums"][l].to(device)).cpu()
+            count = distributed.all_reduce_sum(torch.tensor([float(state["count"])], dtype=torch.float64, device=device))
+            state["count"] = int(count.item())
         if state["count"] == 0:
             raise RuntimeError(f"stats.corpus {corpus_id!r} produced no tokens")
         from blueedit.models.loading import parse_dtype
@@ -204,8 +238,10 @@ class StatisticsCache:
         for l in layers:
             stats = LayerStats((state["sums"][l] / state["count"]).to(parse_dtype(spec.dtype)), state["count"])
             meta = {"model": self.model_id, "layer": l, "module": adapter.layout.w_out, **asdict(spec),
-                    "corpus_id": corpus_id, "tokens": state["count"]}
-            self.save(keys[l], stats, meta)
+                    "corpus_id": corpus_id, "tokens": state["count"], "processes": world}
+            if rank == 0:  # every rank holds the same sums; one writes the cache
+                self.save(keys[l], stats, meta)
             out[l] = stats
         partial.unlink(missing_ok=True)
+        distributed.barrier()
         return out

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from blueedit.data.records import EditRequest
-from blueedit.editing.forward import forward, traced
-from blueedit.editing.tokens import encode_prompt, gather_positions, pad_batch, pad_token_id, tokenize_target
+from blueedit.editing.forward import _StopForward, forward, traced
+from blueedit.editing.tokens import PromptBatch, encode_prompt, gather_positions, pad_batch, pad_token_id, tokenize_target
 from blueedit.models.adapters import ModelAdapter
 
 CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
@@ -93,6 +93,47 @@ def _rows(tokenizer, requests: list[EditRequest], templates: list[str], kl_promp
     return rows
 
 
+class _PrefixCache:
+    """Key/value states of every row's tokens *before* its fact token, computed once per round.
+
+    δ is injected at the fact token, so nothing before it depends on δ: each optimization step
+    only runs the suffix (fact token, rest of the prompt, target tokens) on top of this cache.
+    Prefixes are left-padded to a common length ``P``; layers above ``loss_layer`` are not run.
+    """
+
+    def __init__(self, model, adapter: ModelAdapter, prefixes: list[list[int]], pad: int, loss_layer: int):
+        from transformers import DynamicCache
+
+        device = next(model.parameters()).device
+        self.P = max(len(p) for p in prefixes)
+        self.lengths = torch.tensor([len(p) for p in prefixes], device=device)
+        if self.P == 0:
+            self.mask = torch.zeros(len(prefixes), 0, dtype=torch.long, device=device)
+            self.layers = None
+            return
+        batch = pad_batch(prefixes, [-1] * len(prefixes), pad_id=pad, padding_side="left").to(device)
+        self.mask = batch.attention_mask
+        cache = DynamicCache()
+        with torch.no_grad(), traced(adapter, stop_after=loss_layer):
+            try:
+                model(**batch.model_inputs(), past_key_values=cache, use_cache=True)
+            except _StopForward:
+                pass
+        self.layers = [(layer.keys, layer.values) for layer in cache.layers[: loss_layer + 1]]
+
+    def inputs(self, rows: torch.Tensor, suffix: PromptBatch) -> dict:
+        """Model inputs for the suffixes of ``rows`` (right-padded ``suffix`` batch)."""
+        from transformers import DynamicCache
+
+        mask = torch.cat([self.mask[rows], suffix.attention_mask], dim=1)
+        pos = (self.lengths[rows].unsqueeze(1) + suffix.position_ids)
+        inputs = {"input_ids": suffix.input_ids, "attention_mask": mask, "position_ids": pos}
+        if self.layers is not None:
+            inputs["past_key_values"] = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in self.layers])
+            inputs["use_cache"] = True
+        return inputs
+
+
 def optimize_targets(
     model,
     adapter: ModelAdapter,
@@ -101,6 +142,8 @@ def optimize_targets(
     layer: int,
     templates: list[str],
     hp: TargetHParams,
+    *,
+    fast: bool = True,
 ) -> TargetResult:
     """Optimize one δ per request at the output of block ``layer``, all requests jointly.
 
@@ -114,8 +157,12 @@ def optimize_targets(
     ``L_i < early_stop_loss``, and projecting δ_i into ``‖δ_i‖ ≤ clamp_norm_factor · ‖h_init,i‖``
     after each step. The losses are independent, so the batched result equals the one-by-one loop
     (up to floating-point round-off): finished requests are dropped from the batch and their δ
-    frozen. Target log-probs are read at ``loss_layer`` through the final norm and ``lm_head``,
-    computed only at the positions that predict target tokens.
+    frozen. Target log-probs are read at ``loss_layer`` through the final norm and ``lm_head``.
+
+    ``fast`` (the default) runs each step on the suffixes only, from the fact token on, over a
+    key/value cache of the prefixes computed once (:class:`_PrefixCache`), stops after
+    ``loss_layer``, and applies ``lm_head`` only where target tokens are read. ``fast=False`` is
+    the straightforward path: whole prompts every step and logits at every position.
     """
     loss_layer = adapter.num_layers - 1 if hp.loss_layer is None else hp.loss_layer
     if not layer <= loss_layer < adapter.num_layers:
@@ -124,107 +171,113 @@ def optimize_targets(
     side = getattr(tokenizer, "padding_side", "right") or "right"
     pad = pad_token_id(tokenizer)
     rows = _rows(tokenizer, requests, templates, hp.kl_prompt)
-    n_req = len(requests)
-    d = adapter.hidden_size()
-    n_ctx = len(templates)
+    n_req, d, n_ctx = len(requests), adapter.hidden_size(), len(templates)
+    row_req_all = torch.tensor([r.request for r in rows], device=device)
+    is_kl_all = torch.tensor([r.is_kl for r in rows], device=device)
+    bare_row = torch.tensor([next(k for k, r in enumerate(rows) if r.request == i and not r.is_kl)
+                             for i in range(n_req)], device=device)
+    prefix = _PrefixCache(model, adapter, [r.ids[: r.fact] for r in rows], pad, loss_layer) if fast else None
 
     delta = torch.nn.Parameter(torch.zeros(n_req, d, device=device, dtype=torch.float32))
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    active = torch.ones(n_req, dtype=torch.bool)
-    steps = torch.zeros(n_req, dtype=torch.long)
-    last_loss = torch.full((n_req,), float("nan"))
+    active = torch.ones(n_req, dtype=torch.bool, device=device)
+    steps = torch.zeros(n_req, dtype=torch.long, device=device)
+    last_loss = torch.full((n_req,), float("nan"), device=device)
     h_init = torch.zeros(n_req, d, device=device)
     kl_init = None
 
     for it in range(hp.v_num_grad_steps + 1):
-        act_idx = active.nonzero().flatten().tolist()
-        if not act_idx:
+        sel = active[row_req_all].nonzero().flatten()  # active rows, in row order
+        if sel.numel() == 0:
             break
-        sel = [r for r in rows if active[r.request]]
-        local = {g: j for j, g in enumerate(act_idx)}
-        batch = pad_batch(
-            [r.ids for r in sel], [r.fact for r in sel], [r.target[:-1] for r in sel],
-            pad_id=pad, padding_side=side,
-        ).to(device)
-        row_req = torch.tensor([r.request for r in sel], device=device)
-        is_kl = torch.tensor([r.is_kl for r in sel], device=device)
+        sel_rows = [rows[k] for k in sel.tolist()]
+        row_req = row_req_all[sel]
+        is_kl = is_kl_all[sel]
+        if prefix is not None:  # suffix from the fact token on; the fact token is suffix position 0
+            batch = pad_batch([r.ids[r.fact :] for r in sel_rows], [0] * len(sel_rows),
+                              [r.target[:-1] for r in sel_rows], pad_id=pad, padding_side="right").to(device)
+            inputs = prefix.inputs(sel, batch)
+        else:
+            batch = pad_batch([r.ids for r in sel_rows], [r.fact for r in sel_rows],
+                              [r.target[:-1] for r in sel_rows], pad_id=pad, padding_side=side).to(device)
+            inputs = {**batch.model_inputs(), "use_cache": False}
         fact = batch.fact_index
+        arange = torch.arange(len(sel_rows), device=device)
 
         def inject(h: torch.Tensor) -> torch.Tensor:
-            add = torch.zeros_like(h)
-            add = add.index_put((torch.arange(h.shape[0], device=device), fact), delta[row_req].to(h.dtype))
-            return h + add
+            return h + torch.zeros_like(h).index_put((arange, fact), delta[row_req].to(h.dtype))
 
-        with traced(adapter, edit_layer=layer, edit_fn=inject, hidden_layers=[loss_layer], stop_after=loss_layer) as tr:
-            forward(model, batch)
+        with traced(adapter, edit_layer=layer, edit_fn=inject, hidden_layers=[loss_layer],
+                    stop_after=loss_layer if fast else None) as tr:
+            try:
+                logits = model(**inputs).logits
+            except _StopForward:
+                logits = None
         if it == 0:
-            bare = [k for k, r in enumerate(sel) if not r.is_kl and (k == 0 or sel[k - 1].request != r.request)]
-            h_init = gather_positions(tr.hidden[layer], fact)[bare].detach().float()
-        h_out = tr.hidden[loss_layer]
+            first = (sel.unsqueeze(0) == bare_row.unsqueeze(1)).float().argmax(1)  # bare row of each request
+            h_init = gather_positions(tr.hidden[layer], fact)[first].detach().float()
 
-        # target log-probs: positions last_prompt_index + j predict target token j
-        J = max(len(r.target) for r in sel)
-        pos = batch.last_prompt_index.unsqueeze(1) + torch.arange(J, device=device)
-        tmask = torch.zeros(len(sel), J, device=device)
-        tids = torch.zeros(len(sel), J, dtype=torch.long, device=device)
-        for k, r in enumerate(sel):
+        # positions last_prompt_index + j predict target token j
+        J = max(len(r.target) for r in sel_rows)
+        tmask = torch.zeros(len(sel_rows), J, device=device)
+        tids = torch.zeros(len(sel_rows), J, dtype=torch.long, device=device)
+        for k, r in enumerate(sel_rows):
             tmask[k, : len(r.target)] = 1
             tids[k, : len(r.target)] = torch.tensor(r.target, device=device)
-        pos = torch.where(tmask.bool(), pos, batch.last_prompt_index.unsqueeze(1)).clamp(max=h_out.shape[1] - 1)
-        rw = (~is_kl).nonzero().flatten()
-        kl_rows = is_kl.nonzero().flatten()
-        h_t = gather_positions(h_out[rw], pos[rw])  # [R, J, d]
-        logp = torch.log_softmax(adapter.lm_head(adapter.final_norm(h_t)).float(), dim=-1)
-        tok_logp = logp.gather(-1, tids[rw].unsqueeze(-1)).squeeze(-1) * tmask[rw]
-        nll_row = -tok_logp.sum(1) / tmask[rw].sum(1)
-        req_rw = torch.tensor([local[int(g)] for g in row_req[rw].tolist()], device=device)
-        nll = torch.zeros(len(act_idx), device=device).index_add(0, req_rw, nll_row) / n_ctx
+        pos = batch.last_prompt_index.unsqueeze(1) + torch.arange(J, device=device)
+        pos = torch.where(tmask.bool(), pos, batch.last_prompt_index.unsqueeze(1))
+        read = torch.where(is_kl.unsqueeze(1), fact.unsqueeze(1).expand_as(pos), pos)  # KL rows: fact token
+        if logits is None:
+            h = gather_positions(tr.hidden[loss_layer], read)
+            logp = torch.log_softmax(adapter.lm_head(adapter.final_norm(h)).float(), dim=-1)  # [n, J, V]
+        else:
+            logp = torch.log_softmax(gather_positions(logits, read).float(), dim=-1)
+        rw = ~is_kl
+        tok_logp = logp.gather(-1, tids.unsqueeze(-1)).squeeze(-1) * tmask
+        nll_row = -tok_logp.sum(1) / tmask.sum(1).clamp(min=1)
+        act_idx = active.nonzero().flatten()
+        local = torch.full((n_req,), -1, dtype=torch.long, device=device)
+        local[act_idx] = torch.arange(act_idx.numel(), device=device)
+        nll = torch.zeros(act_idx.numel(), device=device).index_add(0, local[row_req[rw]], nll_row[rw]) / n_ctx
 
-        h_kl = gather_positions(h_out[kl_rows], fact[kl_rows])
-        kl_logp = torch.log_softmax(adapter.lm_head(adapter.final_norm(h_kl)).float(), dim=-1)
+        kl_logp = logp[is_kl, 0]  # [A, V], KL rows come one per request, in request order
         if kl_init is None:
             kl_init = kl_logp.detach()
         kl_ref = kl_init[act_idx]
         kl = (kl_ref.exp() * (kl_ref - kl_logp)).sum(-1)
 
-        d_act = delta[act_idx]
-        h_act = h_init[act_idx]
-        wd = hp.v_weight_decay * d_act.norm(dim=1) / h_act.norm(dim=1).pow(2)
+        wd = hp.v_weight_decay * delta[act_idx].norm(dim=1) / h_init[act_idx].norm(dim=1).pow(2)
         loss = nll + hp.kl_factor * kl + wd
-        last_loss[act_idx] = loss.detach().cpu()
+        last_loss[act_idx] = loss.detach()
 
-        done = (loss.detach() < hp.early_stop_loss).cpu()
+        done = loss.detach() < hp.early_stop_loss
         if it == hp.v_num_grad_steps:
             break
-        keep = ~done
-        if not keep.any():
-            active[act_idx] = False
+        active[act_idx[done]] = False
+        if done.all():
             break
+        still = act_idx[~done]
         frozen = delta.detach().clone()
         opt.zero_grad()
-        loss[keep.to(device)].sum().backward()
+        loss[~done].sum().backward()
         opt.step()
-        still = torch.tensor(act_idx)[keep]
         with torch.no_grad():
-            new = delta.detach()
-            mask = torch.zeros(n_req, dtype=torch.bool)
+            mask = torch.zeros(n_req, dtype=torch.bool, device=device)
             mask[still] = True
-            mask = mask.to(device)
-            new.copy_(torch.where(mask.unsqueeze(1), new, frozen))
+            new = torch.where(mask.unsqueeze(1), delta, frozen)  # finished requests keep their δ
             max_norm = hp.clamp_norm_factor * h_init.norm(dim=1)
             norms = new.norm(dim=1)
-            scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
-            new.mul_(torch.where(mask, scale, torch.ones_like(scale)).unsqueeze(1))
+            scale = torch.where(mask & (norms > max_norm), max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+            delta.copy_(new * scale.unsqueeze(1))
         steps[still] += 1
-        active[torch.tensor(act_idx)[done]] = False
 
     z = (h_init + delta.detach()).float()
-    return TargetResult(z=z, h_init=h_init, delta=delta.detach().clone(), steps=steps, loss=last_loss)
+    return TargetResult(z=z, h_init=h_init, delta=delta.detach().clone(), steps=steps.cpu(), loss=last_loss.cpu())
 
 
-def optimize_targets_one_by_one(model, adapter, tokenizer, requests, layer, templates, hp) -> TargetResult:
+def optimize_targets_one_by_one(model, adapter, tokenizer, requests, layer, templates, hp, *, fast: bool = True) -> TargetResult:
     """The reference loop: :func:`optimize_targets` on each request alone, results stacked."""
-    parts = [optimize_targets(model, adapter, tokenizer, [r], layer, templates, hp) for r in requests]
+    parts = [optimize_targets(model, adapter, tokenizer, [r], layer, templates, hp, fast=fast) for r in requests]
     return TargetResult(*(torch.cat([getattr(p, f) for p in parts]) for f in ("z", "h_init", "delta", "steps", "loss")))
 
 

@@ -82,15 +82,25 @@ class _PairList:
 
 
 def _value(metric: SuccessRate | MeanValue) -> float:
-    """The metric's value as a float; ``nan`` when it was never updated (no such prompts)."""
-    if metric.update_count == 0:
+    """The metric's value as a float; ``nan`` when it was never updated (no such prompts).
+
+    A metric made with ``sync_on_compute`` is always computed, so every process joins the sync.
+    """
+    if metric.update_count == 0 and not metric.sync_on_compute:
         return float("nan")
     return float(metric.compute().item())
 
 
+def _meters(cls, kinds, sync: bool, model: nn.Module) -> dict:
+    """One metric per kind; with ``sync`` their states live on the model's device and are summed
+    over all processes at ``compute`` (torchmetrics synchronization, for sharded evaluation)."""
+    device = next(model.parameters()).device if sync else torch.device("cpu")
+    return {k: cls(sync_on_compute=sync).to(device) for k in kinds}
+
+
 @torch.no_grad()
 def evaluate_counterfact(
-    model: nn.Module, tokenizer, requests: list[EditRequest], *, batch_size: int = 32
+    model: nn.Module, tokenizer, requests: list[EditRequest], *, batch_size: int = 32, sync: bool = False
 ) -> EvaluationResult:
     """CounterFact efficacy, generalization, specificity (and probability margins), in percent.
 
@@ -132,8 +142,8 @@ def evaluate_counterfact(
     prob = torch.exp(-nll)
 
     kinds = ("efficacy", "generalization", "specificity")
-    rate = {k: SuccessRate() for k in kinds}
-    margin = {k: MeanValue() for k in kinds}
+    rate = _meters(SuccessRate, kinds, sync, model)
+    margin = _meters(MeanValue, kinds, sync, model)
     records: list[dict[str, Any]] = []
     for req, plan in zip(requests, plans):
         rec: dict[str, Any] = {"case_id": req.case_id}
@@ -167,7 +177,7 @@ def evaluate_counterfact(
 
 @torch.no_grad()
 def evaluate_zsre(
-    model: nn.Module, tokenizer, requests: list[EditRequest], *, batch_size: int = 32
+    model: nn.Module, tokenizer, requests: list[EditRequest], *, batch_size: int = 32, sync: bool = False
 ) -> EvaluationResult:
     """zsRE teacher-forced token accuracy (percent, mean over records of the per-record accuracy).
 
@@ -191,7 +201,7 @@ def evaluate_zsre(
 
     scores = score_continuations(model, tokenizer, pairs.prompts, pairs.continuations, batch_size=batch_size)
     kinds = ("efficacy", "generalization", "specificity")
-    acc = {k: MeanValue() for k in kinds}
+    acc = _meters(MeanValue, kinds, sync, model)
     records: list[dict[str, Any]] = []
     for req, plan in zip(requests, plans):
         rec: dict[str, Any] = {"case_id": req.case_id}
@@ -216,15 +226,18 @@ def evaluate_requests(
     requests: list[EditRequest],
     kind: str = "auto",
     batch_size: int = 32,
+    sync: bool = False,
 ) -> EvaluationResult:
     """Dispatch to :func:`evaluate_zsre` or :func:`evaluate_counterfact`.
 
     ``kind="auto"`` picks ``"zsre"`` when ``requests[0].source == "zsre"``, else ``"counterfact"``.
+    With ``sync`` (sharded evaluation) the metrics are summed over all processes; every process
+    must call this the same way.
     """
     if kind == "auto":
         kind = "zsre" if requests and requests[0].source == "zsre" else "counterfact"
     if kind == "zsre":
-        return evaluate_zsre(model, tokenizer, requests, batch_size=batch_size)
+        return evaluate_zsre(model, tokenizer, requests, batch_size=batch_size, sync=sync)
     if kind in ("counterfact", "counterfact-easyedit"):
-        return evaluate_counterfact(model, tokenizer, requests, batch_size=batch_size)
+        return evaluate_counterfact(model, tokenizer, requests, batch_size=batch_size, sync=sync)
     raise ValueError(f"unknown evaluation kind {kind!r}; expected 'auto', 'counterfact' or 'zsre'")

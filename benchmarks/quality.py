@@ -1,0 +1,345 @@
+"""The paper's comparison on one model: {memit, alphaedit, prune, rect} × {distribute, boundary}
+(BLUE), sequential editing rounds, efficacy / generalization / specificity (and fluency).
+
+The model is loaded once; the edited layers' original ``W_out`` are kept on the CPU and restored
+before each run, and one cached ``C_0`` (``--cache-dir``, shared with ``blueedit fit``) serves every
+run. ``--dev`` searches λ / v_lr on ``counterfact_dev`` and prints the best setting per method.
+
+    python benchmarks/quality.py                       # 100 edits, rounds of 10, 8 runs
+    python benchmarks/quality.py --dev --edits 20 --lams 1500,5000 --v-lrs 0.1,0.5 --methods memit
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+METRICS = ("efficacy", "generalization", "specificity")
+MIN_CHARS = 200  # as blueedit.module.MIN_CHARS, so the statistics cache is shared with `blueedit fit`
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dataset", default=None, help="edit records (default counterfact_eval; counterfact_dev with --dev)")
+    p.add_argument("--edits", type=int, default=100)
+    p.add_argument("--edits-per-round", type=int, default=10)
+    p.add_argument("--methods", default="memit,alphaedit,prune,rect")
+    p.add_argument("--strategies", default="distribute,boundary")
+    p.add_argument("--layers", default="4,5,6,7,8")
+    p.add_argument("--lam", type=float, default=1500.0, help="λ (mom2_update_weight) for every method")
+    p.add_argument("--v-lr", type=float, default=0.5)
+    p.add_argument("--steps", type=int, default=25, help="v_num_grad_steps")
+    p.add_argument("--L2", type=float, default=10.0, help="AlphaEdit's ridge α")
+    p.add_argument("--nullspace-threshold", type=float, default=2e-2)
+    p.add_argument("--config-overrides", nargs="*", default=[], metavar="SCOPE.KEY=VALUE",
+                   help="per-run hyperparameters: SCOPE is a method, method:strategy, or '*'; KEY an EditHParams "
+                        "or TargetHParams field (e.g. alphaedit:boundary.L2=1 memit.v_lr=0.3 '*.kl_factor=0.1'); "
+                        "or one JSON object {scope: {key: value}}")
+    p.add_argument("--stats-samples", type=int, default=300)
+    p.add_argument("--stats-max-length", type=int, default=256)
+    p.add_argument("--stats-corpus", default="wikipedia-sample")
+    p.add_argument("--fluency", action="store_true", help="also fluency of greedy 100-token generations (slow)")
+    p.add_argument("--fluency-records", type=int, default=20, help="records whose generation prompts are used")
+    p.add_argument("--dev", action="store_true", help="grid over --lams × --v-lrs on the dev set; print the best")
+    p.add_argument("--lams", default="1500", help="λ values for --dev")
+    p.add_argument("--v-lrs", default="0.5", help="v_lr values for --dev")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--cache-dir", default=None, help="statistics and converted-model cache (default ~/.cache/blueedit)")
+    p.add_argument("--out", default="benchmarks/results/quality", help="writes <out>.json and <out>.md ('' to skip)")
+    return p
+
+
+# -- hyperparameters -----------------------------------------------------------------------------
+def _coerce(value):
+    if isinstance(value, str):
+        low = value.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        if low in ("none", "null"):
+            return None
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    """``["alphaedit:boundary.L2=1", ...]`` or one JSON object -> ``{scope: {key: value}}``."""
+    out: dict[str, dict] = {}
+    for item in items:
+        item = item.strip()
+        if item.startswith("{"):
+            for scope, kv in json.loads(item).items():
+                out.setdefault(scope, {}).update({k: _coerce(v) for k, v in kv.items()})
+            continue
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise SystemExit(f"--config-overrides {item!r}: expected SCOPE.KEY=VALUE")
+        lhs, value = item.split("=", 1)
+        scope, key = lhs.split(".", 1)
+        out.setdefault(scope, {})[key] = _coerce(value)
+    return out
+
+
+def make_hparams(args, method: str, strategy: str, overrides: dict[str, dict], grid: dict | None = None):
+    """Base values from the command line, then overrides for ``*``, the method, and
+    ``method:strategy`` (in that order), then the ``--dev`` grid point."""
+    from blueedit.editing.editor import EditHParams
+    from blueedit.editing.targets import TargetHParams
+
+    edit_keys = {f.name for f in fields(EditHParams)} - {"target"}
+    target_keys = {f.name for f in fields(TargetHParams)}
+    values = {"mom2_update_weight": args.lam, "L2": args.L2, "nullspace_threshold": args.nullspace_threshold,
+              "v_lr": args.v_lr, "v_num_grad_steps": args.steps}
+    for scope in ("*", method, f"{method}:{strategy}"):
+        values.update(overrides.get(scope, {}))
+    values.update(grid or {})
+    edit_kw, target_kw = {}, {}
+    for k, v in values.items():
+        if k in target_keys:
+            target_kw[k] = v
+        elif k in edit_keys:
+            edit_kw[k] = v
+        else:
+            raise SystemExit(f"unknown hyperparameter {k!r}; EditHParams: {sorted(edit_keys)}, "
+                             f"TargetHParams: {sorted(target_keys)}")
+    edit_kw.setdefault("layers", C.parse_int_list(args.layers))
+    hp = EditHParams(method=method, strategy=strategy, target=TargetHParams(**target_kw), **edit_kw)
+    hp.validate()
+    return hp
+
+
+def hparams_summary(hp) -> dict:
+    return {"lam": hp.mom2_update_weight, "v_lr": hp.target.v_lr, "steps": hp.target.v_num_grad_steps,
+            "L2": hp.L2 if hp.method == "alphaedit" else None,
+            "nullspace_threshold": hp.nullspace_threshold if hp.method == "alphaedit" else None,
+            "rect_keep": hp.rect_keep if hp.method == "rect" else None, "layers": hp.edited_layers}
+
+
+# -- statistics ----------------------------------------------------------------------------------
+def key_statistics(args, model, adapter, tok, layers, *, data_dir, texts, model_id) -> dict[int, torch.Tensor]:
+    """``C_0`` from the shared on-disk cache (collected in one pass when missing)."""
+    from blueedit.data.corpus import corpus_fingerprint, load_corpus_texts
+    from blueedit.editing.statistics import StatisticsCache, StatsSpec
+    from blueedit.models.loading import default_cache_dir
+
+    spec = StatsSpec(corpus=args.stats_corpus, num_samples=args.stats_samples, max_length=args.stats_max_length)
+    if texts is not None:
+        corpus_id = corpus_fingerprint("given-texts", len(texts), 0)
+        texts_fn = lambda: list(texts)  # noqa: E731
+    else:
+        corpus_id = corpus_fingerprint(args.stats_corpus, args.stats_samples, MIN_CHARS)
+
+        def texts_fn():
+            return load_corpus_texts(args.stats_corpus, data_dir=data_dir, num_samples=args.stats_samples,
+                                     min_chars=MIN_CHARS)
+    cache = StatisticsCache(Path(args.cache_dir or default_cache_dir()).expanduser(), model_id, progress=texts is None)
+    stats = cache.get_or_collect(model, adapter, tok, layers, spec, corpus_id, texts_fn, single_pass=True)
+    return {l: s.mom2 for l, s in stats.items()}
+
+
+def nullspace_fractions(mom2: dict[int, torch.Tensor], threshold: float) -> dict[int, dict]:
+    """Per layer: the fraction of ``C_0``'s eigenvalues below AlphaEdit's threshold (the null-space
+    projection's rank / d_k) and the eigenvalue range, so an empty or full projection shows."""
+    out = {}
+    for l, m in mom2.items():
+        c = m.double()
+        ev = torch.linalg.eigvalsh((c + c.T) / 2)
+        out[l] = {"fraction_below": float((ev < threshold).double().mean()), "rank": int((ev < threshold).sum()),
+                  "d_k": int(ev.numel()), "min_eig": float(ev.min()), "median_eig": float(ev.median()),
+                  "max_eig": float(ev.max())}
+    return out
+
+
+# -- runs ----------------------------------------------------------------------------------------
+def evaluate(model, tok, requests, args, generation_prompts: list[str]) -> dict:
+    from blueedit.evaluation.editing_metrics import evaluate_requests
+    from blueedit.evaluation.fluency import fluency_score, generate_greedy
+
+    with C.timed(args.device) as t:
+        res = evaluate_requests(model, tok, requests)
+        out = {k: res.metrics.get(k, float("nan")) for k in METRICS}
+        if args.fluency:
+            texts = generate_greedy(model, tok, generation_prompts, max_new_tokens=100) if generation_prompts else []
+            out["fluency"] = fluency_score(texts)
+    out["eval_seconds"] = t["seconds"]
+    return out
+
+
+def run_one(args, hp, model, tok, adapter, mom2, templates, requests, generation_prompts) -> dict:
+    from blueedit.editing.editor import Editor
+
+    editor = Editor(model, tok, adapter, hp, {l: mom2[l] for l in hp.edited_layers}, templates)
+    rounds = [requests[i : i + args.edits_per_round] for i in range(0, len(requests), args.edits_per_round)]
+    steps = []
+    with C.timed(args.device) as t:
+        for i, chunk in enumerate(rounds):
+            report = editor.edit_round(chunk, i)
+            for v in report.target_steps.values():
+                steps += list(v)
+        editor.finalize()
+    out = {"method": hp.method, "strategy": hp.strategy, "hparams": hparams_summary(hp), "seconds": t["seconds"],
+           "rounds": len(rounds), "mean_target_steps": sum(steps) / max(len(steps), 1)}
+    out.update(evaluate(model, tok, requests, args, generation_prompts))
+    out["score"] = sum(out[k] for k in METRICS) / len(METRICS)
+    return out
+
+
+def markdown_table(rows: list[dict], fluency: bool, dev: bool) -> str:
+    head = ["method", "strategy"] + (["λ", "v_lr"] if dev else []) + list(METRICS) + (["fluency"] if fluency else []) \
+        + (["mean"] if dev else []) + ["seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    f2 = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
+    for r in rows:
+        cells = [r["method"], r["strategy"]]
+        if dev:
+            hp = r.get("hparams") or {}
+            cells += [f"{hp['lam']:g}" if hp else "-", f"{hp['v_lr']:g}" if hp else "-"]
+        cells += [f2(r.get(k)) for k in METRICS]
+        if fluency:
+            cells.append(f2(r.get("fluency")))
+        if dev:
+            cells.append(f2(r.get("score")))
+        cells.append(f"{r['seconds']:.1f}" if r.get("seconds") is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=None, texts=None) -> dict:
+    """Run the comparison and return the results dict.
+
+    ``model``/``tokenizer`` (edited in place, restored afterwards), ``requests`` and ``texts`` (the
+    statistics corpus) replace the loaded ones (for tests).
+    """
+    from blueedit.editing.targets import generate_context_templates
+    from blueedit.models.adapters import ModelAdapter
+    from blueedit.models.loading import ModelSpec, load_model_and_tokenizer, model_fingerprint
+
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dataset = args.dataset or ("counterfact_dev" if args.dev else "counterfact_eval")
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else C.default_data_dir()
+    methods, strategies = C.parse_str_list(args.methods), C.parse_str_list(args.strategies)
+    overrides = parse_overrides(args.config_overrides)
+    grid = ([{"mom2_update_weight": lam, "v_lr": lr}
+             for lam, lr in itertools.product(C.parse_float_list(args.lams), C.parse_float_list(args.v_lrs))]
+            if args.dev else [None])
+    if requests is None:
+        from blueedit.data.formats import load_requests
+
+        requests = load_requests(dataset, data_dir=data_dir, num_edits=args.edits)
+    requests = list(requests)[: args.edits]
+    generation_prompts = [p for r in requests[: args.fluency_records] for p in r.generation_prompts]
+    if args.fluency and not generation_prompts:
+        print("warning: --fluency but the records have no generation prompts", flush=True)
+
+    given_model = model is not None
+    if not given_model:
+        spec = ModelSpec(name_or_path=args.model, dtype=args.dtype)
+        model, tokenizer = load_model_and_tokenizer(spec, args.cache_dir)
+        model.to(args.device)
+        model_id = model_fingerprint(spec)
+    else:
+        model_id = f"given-{type(model).__name__}"
+    adapter = ModelAdapter(model)
+    all_hps = {(m, s, i): make_hparams(args, m, s, overrides, g)
+               for m in methods for s in strategies for i, g in enumerate(grid)}
+    layers = sorted({l for hp in all_hps.values() for l in hp.edited_layers})
+    adapter.check_layers(layers)
+    original = {l: adapter.get_w_out(l).cpu() for l in layers}
+
+    with C.timed(args.device) as t_stats:
+        mom2 = key_statistics(args, model, adapter, tokenizer, layers, data_dir=data_dir, texts=texts,
+                              model_id=model_id)
+    thresholds = sorted({hp.nullspace_threshold for hp in all_hps.values() if hp.method == "alphaedit"})
+    null = {th: nullspace_fractions({l: mom2[l] for l in layers}, th) for th in thresholds}
+    templates = generate_context_templates(model, tokenizer)
+
+    results: dict = {
+        "command": C.command_line("quality.py", argv), "config": vars(args), "versions": C.versions(),
+        "device": C.device_description(args.device), "model": model_id if given_model else args.model,
+        "dataset": dataset, "num_edits": len(requests), "stats_seconds": t_stats["seconds"],
+        "nullspace": {str(th): {str(l): v for l, v in per.items()} for th, per in null.items()},
+        "runs": [],
+    }
+    for th, per in null.items():
+        desc = ", ".join(f"layer {l}: {v['rank']}/{v['d_k']} ({100 * v['fraction_below']:.1f}%)" for l, v in per.items())
+        print(f"AlphaEdit null space, eigenvalues of C_0 below {th:g}: {desc}", flush=True)
+        for l, v in per.items():
+            if v["rank"] == 0 or v["rank"] == v["d_k"]:
+                print(f"  warning: layer {l}: the projection is {'empty' if v['rank'] == 0 else 'the identity'} "
+                      f"(eigenvalues {v['min_eig']:.2e} .. {v['max_eig']:.2e})", flush=True)
+
+    pre = {"method": "pre-edit", "strategy": "-", "hparams": None, "seconds": None}
+    pre.update(evaluate(model, tokenizer, requests, args, generation_prompts))
+    pre["score"] = sum(pre[k] for k in METRICS) / len(METRICS)
+    results["pre_edit"] = pre
+    print("pre-edit: " + ", ".join(f"{k} {pre[k]:.2f}" for k in METRICS), flush=True)
+
+    try:
+        for (m, s, _), hp in all_hps.items():
+            for l, w in original.items():
+                adapter.set_w_out(l, w)
+            try:
+                run = run_one(args, hp, model, tokenizer, adapter, mom2, templates, requests, generation_prompts)
+            except Exception as e:  # one failed run (e.g. a solve) should not lose the others
+                run = {"method": m, "strategy": s, "hparams": hparams_summary(hp), "seconds": None,
+                       "error": f"{type(e).__name__}: {e}", **{k: float("nan") for k in METRICS},
+                       "score": float("nan")}
+            results["runs"].append(run)
+            print(f"{m} ({s}) " + (f"λ {hp.mom2_update_weight:g} v_lr {hp.target.v_lr:g}: " if args.dev else ": ")
+                  + (run["error"] if "error" in run else ", ".join(f"{k} {run[k]:.2f}" for k in METRICS)
+                     + f", {run['seconds']:.1f} s"), flush=True)
+    finally:
+        for l, w in original.items():
+            adapter.set_w_out(l, w)
+
+    rows = [pre] + results["runs"]
+    table = markdown_table(rows, args.fluency, args.dev)
+    lines = [f"{results['model']}, {dataset}, {len(requests)} edits in rounds of {args.edits_per_round}, "
+             f"C_0 from {args.stats_samples} {args.stats_corpus} texts", "", table]
+    if args.dev:
+        best = {}
+        for r in results["runs"]:
+            key = (r["method"], r["strategy"])
+            if not math.isnan(r["score"]) and (key not in best or r["score"] > best[key]["score"]):
+                best[key] = r
+        results["best"] = [{"method": k[0], "strategy": k[1], **v["hparams"], "score": v["score"]}
+                           for k, v in best.items()]
+        lines += ["", "Best by mean(efficacy, generalization, specificity):"]
+        lines += [f"- {b['method']} ({b['strategy']}): λ {b['lam']:g}, v_lr {b['v_lr']:g} -> {b['score']:.2f}"
+                  for b in results["best"]]
+    for th, per in null.items():
+        lines += ["", f"AlphaEdit null space (eigenvalues of C_0 below {th:g}): "
+                  + ", ".join(f"layer {l} {100 * v['fraction_below']:.1f}%" for l, v in per.items())]
+    results["table"] = "\n".join(lines)
+    print()
+    print(results["table"])
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+        out.with_suffix(".md").write_text(results["table"] + "\n")
+        print(f"results written to {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

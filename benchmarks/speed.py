@@ -1,0 +1,245 @@
+"""Speed of the optimized path (``editing.optimize: true``) against the reference path.
+
+For each mode, in one process and on a freshly loaded model: (a) the key statistics ``C_0`` for
+every edited layer, collected into a fresh temporary cache (one pass for all layers when
+optimized, one pass per layer for the reference), (b) sequential editing rounds with
+:class:`~blueedit.editing.editor.Editor`, (c) peak memory of each phase, (d) the final efficacy /
+generalization / specificity on the edited records, which should agree between the modes.
+
+    python benchmarks/speed.py                        # SmolLM2-135M on CPU, 20 edits
+    python benchmarks/speed.py --random-init-config llama3-8b --dtype bfloat16 --device cuda \\
+        --edits 100 --edits-per-round 100
+
+Prints a Markdown table (reference / optimized ratio per row) and writes JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+MODES = ("optimized", "reference")
+MIN_CHARS = 200  # as blueedit.module.MIN_CHARS
+
+#: (key, label, unit formatter) of the table rows.
+ROWS = [
+    ("stats_seconds", "statistics: seconds (all edited layers)", "{:.2f}"),
+    ("stats_tokens_per_s", "statistics: corpus tokens / s", "{:.0f}"),
+    ("stats_peak_mb", "statistics: peak memory (MB)", "{:.0f}"),
+    ("stats_delta_mb", "statistics: memory increase (MB)", "{:.0f}"),
+    ("edit_seconds", "editing: seconds (all rounds)", "{:.2f}"),
+    ("seconds_per_edit", "editing: seconds / edit", "{:.3f}"),
+    ("seconds_per_round", "editing: seconds / round", "{:.2f}"),
+    ("mean_target_steps", "editing: mean target steps", "{:.1f}"),
+    ("edit_peak_mb", "editing: peak memory (MB)", "{:.0f}"),
+    ("edit_delta_mb", "editing: memory increase (MB)", "{:.0f}"),
+    ("efficacy", "efficacy (%)", "{:.2f}"),
+    ("generalization", "generalization (%)", "{:.2f}"),
+    ("specificity", "specificity (%)", "{:.2f}"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="model to load (ignored with --random-init-config)")
+    p.add_argument("--random-init-config", default=None, choices=sorted(C.RANDOM_CONFIGS),
+                   help="build a randomly initialized Llama of this shape instead of loading weights")
+    p.add_argument("--method", default="memit", choices=["memit", "alphaedit", "prune", "rect"])
+    p.add_argument("--strategy", default="distribute", choices=["distribute", "boundary"])
+    p.add_argument("--layers", default="4,5,6,7,8", help="critical layers, comma-separated")
+    p.add_argument("--dataset", default="counterfact_eval", help="edit records (a load_requests source)")
+    p.add_argument("--edits", type=int, default=20, help="number of edit records")
+    p.add_argument("--edits-per-round", type=int, default=10)
+    p.add_argument("--stats-samples", type=int, default=100, help="Wikipedia-sample texts for C_0")
+    p.add_argument("--stats-max-length", type=int, default=256, help="tokens per statistics text")
+    p.add_argument("--stats-batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=25, help="target optimization steps (v_num_grad_steps)")
+    p.add_argument("--v-lr", type=float, default=0.5)
+    p.add_argument("--lam", type=float, default=1500.0, help="mom2_update_weight λ")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--autocast", default="none", choices=["none", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--modes", default="optimized,reference", help="comma-separated subset of optimized,reference")
+    p.add_argument("--data-dir", default=None, help="benchmark data (default $BLUEEDIT_DATA_DIR or ../shared/data)")
+    p.add_argument("--cache-dir", default=None, help="cache root for converted models (default ~/.cache/blueedit)")
+    p.add_argument("--out", default="benchmarks/results/speed.json", help="JSON output ('' to skip writing)")
+    return p
+
+
+def _mb(n: int) -> float:
+    return n / 2**20
+
+
+def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tuple[dict, dict[int, torch.Tensor]]:
+    """One mode on a fresh model: statistics, editing, memory, metrics."""
+    from blueedit.editing.editor import EditHParams, Editor
+    from blueedit.editing.statistics import StatisticsCache, StatsSpec
+    from blueedit.editing.targets import TargetHParams, generate_context_templates
+    from blueedit.evaluation.editing_metrics import evaluate_requests
+    from blueedit.models.adapters import ModelAdapter
+
+    optimize = mode == "optimized"
+    model, tok = make_model()
+    adapter = ModelAdapter(model)
+    hp = EditHParams(
+        method=args.method, strategy=args.strategy, layers=C.parse_int_list(args.layers),
+        mom2_update_weight=args.lam, optimize=optimize,
+        autocast=None if args.autocast == "none" else args.autocast,
+        target=TargetHParams(v_num_grad_steps=args.steps, v_lr=args.v_lr),
+    )
+    hp.validate()
+    adapter.check_layers(hp.layers)
+    layers = hp.edited_layers
+    out: dict = {"mode": mode, "edited_layers": layers}
+
+    # (a) statistics, into a fresh temporary cache so nothing is loaded from disk
+    spec = StatsSpec(corpus="wikipedia-sample", num_samples=args.stats_samples, max_length=args.stats_max_length,
+                     batch_size=args.stats_batch_size, dtype="float32")
+    corpus_id = f"speed-benchmark-n{args.stats_samples}"
+    with tempfile.TemporaryDirectory(prefix="blueedit-speed-") as tmp:
+        cache = StatisticsCache(tmp, model_id, checkpoint_every=10**9)
+        with C.PeakMemory(args.device) as mem, C.timed(args.device) as t:
+            stats = cache.get_or_collect(model, adapter, tok, layers, spec, corpus_id, lambda: texts,
+                                         single_pass=optimize)
+    tokens = next(iter(stats.values())).count
+    out.update(stats_seconds=t["seconds"], stats_tokens=tokens, stats_passes=1 if optimize else len(layers),
+               stats_tokens_per_s=tokens / max(t["seconds"], 1e-9),
+               stats_peak_mb=_mb(mem.peak_bytes), stats_delta_mb=_mb(mem.delta_bytes), memory_method=mem.method)
+    mom2 = {l: s.mom2 for l, s in stats.items()}
+
+    # (b) editing rounds
+    with C.timed(args.device) as t_templates:
+        templates = generate_context_templates(model, tok)
+    editor = Editor(model, tok, adapter, hp, mom2, templates)
+    rounds = [requests[i : i + args.edits_per_round] for i in range(0, len(requests), args.edits_per_round)]
+    round_seconds, steps = [], []
+    with C.PeakMemory(args.device) as mem, C.timed(args.device) as t:
+        for i, chunk in enumerate(rounds):
+            with C.timed(args.device) as t_round:
+                report = editor.edit_round(chunk, i)
+            round_seconds.append(t_round["seconds"])
+            for per_layer in report.target_steps.values():
+                steps += list(per_layer)
+            print(f"[{mode}] round {i + 1}/{len(rounds)}: {t_round['seconds']:.2f} s, "
+                  f"target steps {[sum(v) / len(v) for v in report.target_steps.values()]}", flush=True)
+        editor.finalize()
+    out.update(templates_seconds=t_templates["seconds"], edit_seconds=t["seconds"], rounds=len(rounds),
+               round_seconds=round_seconds, seconds_per_round=sum(round_seconds) / len(rounds),
+               seconds_per_edit=t["seconds"] / len(requests), mean_target_steps=sum(steps) / max(len(steps), 1),
+               edit_peak_mb=_mb(mem.peak_bytes), edit_delta_mb=_mb(mem.delta_bytes))
+
+    # (d) metrics on the edited records
+    with C.timed(args.device) as t_eval:
+        res = evaluate_requests(model, tok, requests)
+    out.update({k: res.metrics.get(k, float("nan")) for k in ("efficacy", "generalization", "specificity")})
+    out["eval_seconds"] = t_eval["seconds"]
+    mom2_cpu = {l: m.detach().float().cpu() for l, m in mom2.items()}
+    del editor, model, adapter, mom2
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.empty_cache()
+    return out, mom2_cpu
+
+
+def max_relative_difference(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> float:
+    """``max_l ‖a_l − b_l‖_F / ‖a_l‖_F`` over the layers both hold."""
+    diffs = [float((a[l].double() - b[l].double()).norm() / a[l].double().norm().clamp_min(1e-300))
+             for l in a if l in b]
+    return max(diffs) if diffs else float("nan")
+
+
+def markdown_table(results: dict) -> str:
+    modes = list(results["modes"])
+    both = all(m in modes for m in MODES)
+    head = ["quantity", *modes] + (["reference / optimized"] if both else [])
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for key, label, fmt in ROWS:
+        cells = [label] + [fmt.format(results["modes"][m][key]) for m in modes]
+        if both:
+            r = results["ratios"].get(key)
+            cells.append("-" if r is None else f"{r:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, *, make_model=None, requests=None, texts=None) -> dict:
+    """Run the benchmark and return the results dict.
+
+    ``make_model`` (a function returning a fresh ``(model, tokenizer)``), ``requests`` and
+    ``texts`` replace the model, the edit records and the statistics corpus (for tests).
+    """
+    args = build_parser().parse_args(argv)
+    modes = C.parse_str_list(args.modes)
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise SystemExit(f"--modes must be a subset of {MODES}, got {args.modes!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else C.default_data_dir()
+    if requests is None:
+        from blueedit.data.formats import load_requests
+
+        requests = load_requests(args.dataset, data_dir=data_dir, num_edits=args.edits)
+    requests = list(requests)[: args.edits]
+    if texts is None:
+        from blueedit.data.corpus import load_corpus_texts
+
+        texts = load_corpus_texts("wikipedia-sample", data_dir=data_dir, num_samples=args.stats_samples,
+                                  min_chars=MIN_CHARS)
+    if make_model is None:
+        make_model = C.model_factory(args.model, random_init=args.random_init_config, device=args.device,
+                                     dtype=args.dtype, cache_dir=args.cache_dir,
+                                     tokenizer_texts=C.request_texts(requests) + list(texts[:50]))
+    model_id = C.model_id(args.model, args.random_init_config)
+
+    results: dict = {
+        "command": C.command_line("speed.py", argv),
+        "config": vars(args),
+        "versions": C.versions(),
+        "device": C.device_description(args.device),
+        "model": f"random {args.random_init_config}" if args.random_init_config else args.model,
+        "num_edits": len(requests),
+        "modes": {},
+    }
+    mom2s = {}
+    for mode in modes:
+        print(f"== {mode} ==", flush=True)
+        results["modes"][mode], mom2s[mode] = run_mode(mode, args, make_model, requests, texts, model_id)
+    if all(m in modes for m in MODES):
+        opt, ref = results["modes"]["optimized"], results["modes"]["reference"]
+        results["ratios"] = {k: (ref[k] / opt[k] if opt[k] else None) for k, _, _ in ROWS}
+        results["checks"] = {
+            "c0_max_relative_difference": max_relative_difference(mom2s["optimized"], mom2s["reference"]),
+            "metrics_max_abs_difference": max(abs(ref[k] - opt[k])
+                                              for k in ("efficacy", "generalization", "specificity")),
+        }
+    results["table"] = markdown_table(results)
+    print()
+    print(f"{results['model']} on {results['device']}: {args.method} ({args.strategy}), {len(requests)} edits "
+          f"in rounds of {args.edits_per_round}, layers {args.layers}, {args.stats_samples} statistics texts")
+    print(results["table"])
+    if "checks" in results:
+        ch = results["checks"]
+        print(f"\nC_0 max relative difference (reference vs optimized): {ch['c0_max_relative_difference']:.2e}; "
+              f"metrics max |difference|: {ch['metrics_max_abs_difference']:.2f} points")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1, default=str))
+        out.with_suffix(".md").write_text(results["table"] + "\n")
+        print(f"results written to {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

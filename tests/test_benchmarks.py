@@ -1,0 +1,88 @@
+"""Smoke tests of benchmarks/speed.py and benchmarks/quality.py on a tiny random Llama."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from blueedit.data.records import EditRequest
+from conftest import REPO, _CORPUS, make_model, make_tokenizer
+
+REQUESTS = [
+    EditRequest(1, "{} plays the", "Toko Yasuda", "violin", "guitar",
+                paraphrases=("Toko Yasuda is a musician. Toko Yasuda plays the",),
+                neighborhood=("Danielle Darrieux plays the",), generation_prompts=("Toko Yasuda is",)),
+    EditRequest(2, "The mother tongue of {} is", "Thomas Joannes Stieltjes", "French", "Dutch",
+                paraphrases=("Thomas Joannes Stieltjes spoke",), neighborhood=("The mother tongue of Danielle Darrieux is",)),
+    EditRequest(3, "{} is in", "The Eiffel Tower", "Rome", "Paris",
+                paraphrases=("Where is The Eiffel Tower? It is in",), neighborhood=("Berlin is in",)),
+]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fresh():
+    return make_model("llama"), make_tokenizer()
+
+
+def test_speed_benchmark_both_modes(tmp_path):
+    speed = _load("speed")
+    out = tmp_path / "speed.json"
+    res = speed.main(["--layers", "1,2,3", "--edits", "3", "--edits-per-round", "2", "--steps", "2",
+                      "--stats-samples", "4", "--stats-max-length", "32", "--out", str(out)],
+                     make_model=_fresh, requests=REQUESTS, texts=_CORPUS[:4])
+    assert set(res["modes"]) == {"optimized", "reference"}
+    for mode in res["modes"].values():
+        assert mode["stats_seconds"] > 0 and mode["edit_seconds"] > 0 and mode["seconds_per_edit"] > 0
+        assert mode["rounds"] == 2 and 0 < mode["mean_target_steps"] <= 2
+        assert mode["stats_tokens"] > 0
+    assert res["ratios"]["edit_seconds"] > 0 and res["ratios"]["stats_seconds"] > 0
+    assert res["checks"]["c0_max_relative_difference"] < 1e-5
+    assert res["checks"]["metrics_max_abs_difference"] <= 1.0 + 1e-9
+    assert res["modes"]["reference"]["stats_passes"] == 3 and res["modes"]["optimized"]["stats_passes"] == 1
+    assert out.is_file() and out.with_suffix(".md").is_file()
+    assert "reference / optimized" in res["table"] and res["versions"]["torch"] == torch.__version__
+
+
+def test_quality_benchmark_grid_and_restore(tmp_path):
+    quality = _load("quality")
+    model, tok = _fresh()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = quality.main(["--layers", "1,2,3", "--edits", "3", "--edits-per-round", "2", "--steps", "2",
+                        "--methods", "memit,alphaedit", "--strategies", "distribute,boundary",
+                        "--config-overrides", "alphaedit:boundary.L2=1", "*.kl_factor=0.1",
+                        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "quality"), "--fluency"],
+                       model=model, tokenizer=tok, requests=REQUESTS, texts=_CORPUS[:4])
+    assert [(r["method"], r["strategy"]) for r in res["runs"]] == [
+        ("memit", "distribute"), ("memit", "boundary"), ("alphaedit", "distribute"), ("alphaedit", "boundary")]
+    for r in res["runs"]:
+        assert "error" not in r, r.get("error")
+        assert r["seconds"] > 0 and all(0 <= r[k] <= 100 for k in ("efficacy", "generalization", "specificity"))
+        assert not math.isnan(r["fluency"])
+    assert res["runs"][3]["hparams"]["L2"] == 1 and res["runs"][2]["hparams"]["L2"] == 10
+    assert "pre_edit" in res and "0.02" in res["nullspace"]
+    assert all(0 <= v["fraction_below"] <= 1 for v in res["nullspace"]["0.02"].values())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # original weights restored
+    assert (tmp_path / "quality.md").is_file() and (tmp_path / "quality.json").is_file()
+    assert any((tmp_path / "cache" / "stats").rglob("*.pt"))  # C_0 cached once
+
+
+def test_quality_dev_grid_picks_best(tmp_path):
+    quality = _load("quality")
+    model, tok = _fresh()
+    res = quality.main(["--dev", "--layers", "1,2,3", "--edits", "2", "--edits-per-round", "2", "--steps", "1",
+                        "--methods", "memit", "--strategies", "boundary", "--lams", "10,1500", "--v-lrs", "0.5",
+                        "--cache-dir", str(tmp_path / "cache"), "--out", ""],
+                       model=model, tokenizer=tok, requests=REQUESTS, texts=_CORPUS[:4])
+    assert [r["hparams"]["lam"] for r in res["runs"]] == [10, 1500]
+    assert len(res["best"]) == 1
+    assert res["best"][0]["score"] == pytest.approx(max(r["score"] for r in res["runs"]))
