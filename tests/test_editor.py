@@ -362,3 +362,26 @@ def test_interrupted_statistics_resume(tmp_path):
     for l in (1, 3):
         assert res[l].count == ref[l].count
         assert torch.allclose(res[l].mom2, ref[l].mom2, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("bos", [False, True])
+def test_fast_path_equals_reference_path(arch, bos):
+    """The prefix-cached, block-replayed batched optimization equals the straightforward
+    one-request-at-a-time path on whole prompts with full logits."""
+    from blueedit.editing.targets import TargetHParams, optimize_targets, optimize_targets_one_by_one
+
+    tok, model = make_tokenizer(bos=bos), make_model(arch)
+    adapter = ModelAdapter(model)
+    requests = [
+        EditRequest(0, "{} plays the", "Toko Yasuda", "guitar", "piano"),
+        EditRequest(1, "The mother tongue of {} is", "Danielle Darrieux", "English", "French"),
+        EditRequest(2, "{} is located in", "Autonomous University of Madrid", "Tokyo", "Spain"),
+    ]
+    templates = ["{}", "The a. {}", "Berlin. {}"]
+    hp = TargetHParams(v_num_grad_steps=6, v_lr=0.5)
+    fast = optimize_targets(model, adapter, tok, requests, 2, templates, hp, fast=True)
+    ref = optimize_targets_one_by_one(model, adapter, tok, requests, 2, templates, hp, fast=False)
+    assert torch.equal(fast.steps, ref.steps)
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert ((fast.z - ref.z).abs().max() / ref.z.abs().max()).item() < 5e-4

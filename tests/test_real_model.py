@@ -26,13 +26,13 @@ def _user_record(r):
 def test_edit_command_blue_on_counterfact(tmp_path, data_dir, torch_threads):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from blueedit.cli import main
+    from blueedit.cli import run_cli
 
     requests = load_requests("counterfact_eval", data_dir=data_dir, num_edits=4)
     edits = tmp_path / "edits.jsonl"
     edits.write_text("\n".join(json.dumps(_user_record(r)) for r in requests))
     out = tmp_path / "edited"
-    cli = main([
+    cli = run_cli([
         "edit", "--config", "configs/smollm2-135m/memit_blue.yaml",
         "--edits", str(edits), "--output", str(out),
         f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.accelerator=cpu",

@@ -93,7 +93,9 @@ TRAINER_DEFAULTS = {
 }
 
 
-def main(args: list[str] | None = None) -> BlueEditCLI:
+def run_cli(args: list[str] | None = None) -> BlueEditCLI:
+    """Parse ``args`` (default: the command line), run the subcommand, return the CLI object
+    (its ``model``, ``datamodule`` and ``trainer``)."""
     return BlueEditCLI(
         EditingModule,
         EditDataModule,
@@ -103,6 +105,11 @@ def main(args: list[str] | None = None) -> BlueEditCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """The ``blueedit`` console script (exit status 0 on success)."""
+    run_cli(args)
 
 
 if __name__ == "__main__":

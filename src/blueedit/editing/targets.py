@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,89 @@ class _PrefixCache:
         return inputs
 
 
+class _BlockReplay:
+    """Run only blocks ``first..last`` of later steps, from inputs captured on the first step.
+
+    Nothing below the edit layer depends on δ, so the input of block ``first`` and the arguments
+    every block receives (masks, position embeddings, ...) are recorded once (forward pre-hooks)
+    and replayed for the rows still being optimized, with a fresh prefix cache each step.
+    """
+
+    def __init__(self, adapter: ModelAdapter, first: int, last: int):
+        self.adapter, self.first, self.last = adapter, first, last
+        self.calls: dict[int, tuple[tuple, dict]] = {}
+
+    @contextmanager
+    def capturing(self):
+        """Record the arguments of blocks ``first..last`` during one forward pass."""
+        def hook(b):
+            def record(module, args, kwargs):
+                self.calls[b] = (tuple(args), dict(kwargs))
+            return record
+
+        handles = [self.adapter.block(b).register_forward_pre_hook(hook(b), with_kwargs=True)
+                   for b in range(self.first, self.last + 1)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @staticmethod
+    def _select(x, rows: torch.Tensor, n: int, cache):
+        from transformers import Cache
+
+        if isinstance(x, Cache):
+            return cache
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == n:
+            return x[rows].detach()  # masks, position embeddings: independent of δ
+        if isinstance(x, (tuple, list)):
+            return type(x)(_BlockReplay._select(v, rows, n, cache) for v in x)
+        return x
+
+    def run(self, rows: torch.Tensor, n: int, cache) -> None:
+        """Blocks ``first..last`` on ``rows`` (of the ``n`` captured); hooks see every block."""
+        args0, kw0 = self.calls[self.first]
+        h = (args0[0] if args0 else kw0["hidden_states"]).detach()[rows]  # below the edit layer: no δ
+        for b in range(self.first, self.last + 1):
+            args, kw = self.calls[b]
+            args = tuple(self._select(a, rows, n, cache) for a in args[1:])
+            kw = {k: self._select(v, rows, n, cache) for k, v in kw.items() if k != "hidden_states"}
+            out = self.adapter.block(b)(h, *args, **kw)
+            h = out[0] if isinstance(out, tuple) else out
+
+
+class _RowGroup:
+    """Rows of similar suffix length, padded once to a common layout (fast path)."""
+
+    def __init__(self, idx: list[int], rows: list[_Row], pad: int, device, replay: _BlockReplay | None):
+        self.rows = torch.tensor(sorted(idx), dtype=torch.long, device=device)
+        self.size = len(idx)
+        self.local = torch.full((len(rows),), -1, dtype=torch.long, device=device)
+        self.local[self.rows] = torch.arange(self.size, device=device)
+        self.replay = replay
+        members = [rows[k] for k in self.rows.tolist()]
+        self.suffixes = pad_batch([r.ids[r.fact :] for r in members], [0] * len(members),
+                                  [r.target[:-1] for r in members], pad_id=pad, padding_side="right").to(device)
+
+
+def _length_groups(lengths: list[int], min_saving: float = 0.15) -> list[list[int]]:
+    """Split row indices into at most two groups by length when that saves at least
+    ``min_saving`` of the padded positions (``max length × rows`` per group)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sl = [lengths[i] for i in order]
+    n = len(sl)
+    whole = sl[-1] * n
+    best_k, best = n, whole
+    for k in range(1, n):
+        cost = sl[k - 1] * k + sl[-1] * (n - k)
+        if cost < best:
+            best_k, best = k, cost
+    if whole == 0 or (whole - best) / whole < min_saving:
+        return [list(range(n))]
+    return [order[:best_k], order[best_k:]]
+
+
 def optimize_targets(
     model,
     adapter: ModelAdapter,
@@ -160,8 +244,9 @@ def optimize_targets(
     frozen. Target log-probs are read at ``loss_layer`` through the final norm and ``lm_head``.
 
     ``fast`` (the default) runs each step on the suffixes only, from the fact token on, over a
-    key/value cache of the prefixes computed once (:class:`_PrefixCache`), stops after
-    ``loss_layer``, and applies ``lm_head`` only where target tokens are read. ``fast=False`` is
+    key/value cache of the prefixes computed once (:class:`_PrefixCache`); after the first step
+    it runs only blocks ``layer..loss_layer`` (:class:`_BlockReplay`); it applies ``lm_head``
+    only where target tokens are read. ``fast=False`` is
     the straightforward path: whole prompts every step and logits at every position.
     """
     loss_layer = adapter.num_layers - 1 if hp.loss_layer is None else hp.loss_layer
@@ -176,7 +261,21 @@ def optimize_targets(
     is_kl_all = torch.tensor([r.is_kl for r in rows], device=device)
     bare_row = torch.tensor([next(k for k, r in enumerate(rows) if r.request == i and not r.is_kl)
                              for i in range(n_req)], device=device)
-    prefix = _PrefixCache(model, adapter, [r.ids[: r.fact] for r in rows], pad, loss_layer) if fast else None
+    J = max(len(r.target) for r in rows)
+    tids_all = torch.zeros(len(rows), J, dtype=torch.long, device=device)
+    tmask_all = torch.zeros(len(rows), J, device=device)
+    for k, r in enumerate(rows):
+        if r.target:
+            tids_all[k, : len(r.target)] = torch.tensor(r.target, device=device)
+            tmask_all[k, : len(r.target)] = 1
+    prefix = None
+    if fast:  # suffixes from the fact token on (fact token = suffix position 0), in length groups
+        prefix = _PrefixCache(model, adapter, [r.ids[: r.fact] for r in rows], pad, loss_layer)
+        lengths = [len(r.ids) - r.fact + max(len(r.target) - 1, 0) for r in rows]
+        groups = [_RowGroup(idx, rows, pad, device, _BlockReplay(adapter, layer, loss_layer))
+                  for idx in _length_groups(lengths)]
+    else:
+        groups = [_RowGroup(list(range(len(rows))), rows, pad, device, None)]
 
     delta = torch.nn.Parameter(torch.zeros(n_req, d, device=device, dtype=torch.float32))
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -186,61 +285,81 @@ def optimize_targets(
     h_init = torch.zeros(n_req, d, device=device)
     kl_init = None
 
-    for it in range(hp.v_num_grad_steps + 1):
-        sel = active[row_req_all].nonzero().flatten()  # active rows, in row order
-        if sel.numel() == 0:
-            break
-        sel_rows = [rows[k] for k in sel.tolist()]
+    def run_group(g: _RowGroup, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs at the read positions (``[n, J, V]``) and ``h^layer`` at the fact token of
+        the global rows ``sel`` (all in group ``g``)."""
         row_req = row_req_all[sel]
-        is_kl = is_kl_all[sel]
-        if prefix is not None:  # suffix from the fact token on; the fact token is suffix position 0
-            batch = pad_batch([r.ids[r.fact :] for r in sel_rows], [0] * len(sel_rows),
-                              [r.target[:-1] for r in sel_rows], pad_id=pad, padding_side="right").to(device)
+        if fast:
+            lsel = g.local[sel]
+            batch = g.suffixes.select(lsel)
             inputs = prefix.inputs(sel, batch)
         else:
+            sel_rows = [rows[k] for k in sel.tolist()]
             batch = pad_batch([r.ids for r in sel_rows], [r.fact for r in sel_rows],
                               [r.target[:-1] for r in sel_rows], pad_id=pad, padding_side=side).to(device)
             inputs = {**batch.model_inputs(), "use_cache": False}
         fact = batch.fact_index
-        arange = torch.arange(len(sel_rows), device=device)
+        ar = torch.arange(sel.numel(), device=device)
 
         def inject(h: torch.Tensor) -> torch.Tensor:
-            return h + torch.zeros_like(h).index_put((arange, fact), delta[row_req].to(h.dtype))
+            return h + torch.zeros_like(h).index_put((ar, fact), delta[row_req].to(h.dtype))
 
+        replay = g.replay
         with traced(adapter, edit_layer=layer, edit_fn=inject, hidden_layers=[loss_layer],
                     stop_after=loss_layer if fast else None) as tr:
             try:
-                logits = model(**inputs).logits
+                if replay is not None and replay.calls:
+                    replay.run(lsel, g.size, inputs.get("past_key_values"))
+                    logits = None
+                else:
+                    with replay.capturing() if replay is not None else nullcontext():
+                        logits = model(**inputs).logits
             except _StopForward:
                 logits = None
-        if it == 0:
-            first = (sel.unsqueeze(0) == bare_row.unsqueeze(1)).float().argmax(1)  # bare row of each request
-            h_init = gather_positions(tr.hidden[layer], fact)[first].detach().float()
-
-        # positions last_prompt_index + j predict target token j
-        J = max(len(r.target) for r in sel_rows)
-        tmask = torch.zeros(len(sel_rows), J, device=device)
-        tids = torch.zeros(len(sel_rows), J, dtype=torch.long, device=device)
-        for k, r in enumerate(sel_rows):
-            tmask[k, : len(r.target)] = 1
-            tids[k, : len(r.target)] = torch.tensor(r.target, device=device)
+        # positions last_prompt_index + j predict target token j; KL rows are read at the fact token
+        tmask = tmask_all[sel].bool()
         pos = batch.last_prompt_index.unsqueeze(1) + torch.arange(J, device=device)
-        pos = torch.where(tmask.bool(), pos, batch.last_prompt_index.unsqueeze(1))
-        read = torch.where(is_kl.unsqueeze(1), fact.unsqueeze(1).expand_as(pos), pos)  # KL rows: fact token
+        pos = torch.where(tmask, pos, batch.last_prompt_index.unsqueeze(1))
+        read = torch.where(is_kl_all[sel].unsqueeze(1), fact.unsqueeze(1).expand_as(pos), pos)
         if logits is None:
             h = gather_positions(tr.hidden[loss_layer], read)
-            logp = torch.log_softmax(adapter.lm_head(adapter.final_norm(h)).float(), dim=-1)  # [n, J, V]
+            logp = torch.log_softmax(adapter.lm_head(adapter.final_norm(h)).float(), dim=-1)
         else:
             logp = torch.log_softmax(gather_positions(logits, read).float(), dim=-1)
-        rw = ~is_kl
-        tok_logp = logp.gather(-1, tids.unsqueeze(-1)).squeeze(-1) * tmask
+        return logp, gather_positions(tr.hidden[layer], fact)
+
+    for it in range(hp.v_num_grad_steps + 1):
+        row_active = active[row_req_all]
+        if not row_active.any():
+            break
+        sels, logps, hfacts = [], [], []
+        for g in groups:
+            sel = g.rows[row_active[g.rows]]
+            if sel.numel():
+                logp_g, hfact_g = run_group(g, sel)
+                sels.append(sel)
+                logps.append(logp_g)
+                hfacts.append(hfact_g)
+        sel = torch.cat(sels)
+        logp = torch.cat(logps)
+        row_req, is_kl = row_req_all[sel], is_kl_all[sel]
+        if it == 0:
+            where = torch.full((len(rows),), -1, dtype=torch.long, device=device)
+            where[sel] = torch.arange(sel.numel(), device=device)
+            h_init = torch.cat(hfacts)[where[bare_row]].detach().float()
+
+        tmask = tmask_all[sel]
+        tok_logp = logp.gather(-1, tids_all[sel].unsqueeze(-1)).squeeze(-1) * tmask
         nll_row = -tok_logp.sum(1) / tmask.sum(1).clamp(min=1)
         act_idx = active.nonzero().flatten()
         local = torch.full((n_req,), -1, dtype=torch.long, device=device)
         local[act_idx] = torch.arange(act_idx.numel(), device=device)
+        rw = ~is_kl
         nll = torch.zeros(act_idx.numel(), device=device).index_add(0, local[row_req[rw]], nll_row[rw]) / n_ctx
 
-        kl_logp = logp[is_kl, 0]  # [A, V], KL rows come one per request, in request order
+        kl_rows = is_kl.nonzero().flatten()
+        kl_rows = kl_rows[torch.argsort(row_req[kl_rows])]  # one KL row per active request, in request order
+        kl_logp = logp[kl_rows, 0]
         if kl_init is None:
             kl_init = kl_logp.detach()
         kl_ref = kl_init[act_idx]

@@ -38,6 +38,10 @@ class PromptBatch:
     def to(self, device: torch.device | str) -> "PromptBatch":
         return PromptBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
 
+    def select(self, rows: torch.Tensor) -> "PromptBatch":
+        """The sub-batch of ``rows`` (same padded length)."""
+        return PromptBatch(**{k: v[rows] for k, v in self.__dict__.items()})
+
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {
             "input_ids": self.input_ids,
