@@ -176,9 +176,9 @@ class EditDataModule(L.LightningDataModule):
             )
         return self._eval_requests
 
-    def train_dataloader(self) -> DataLoader[EditRound]:
-        """One :class:`EditRound` per step, in order, unbatched, on every rank."""
-        dataset = RoundDataset(self.requests, self.edits_per_round)
+    def _rounds_loader(self, requests: list[EditRequest], per_batch: int) -> DataLoader[EditRound]:
+        """``requests`` as :class:`EditRound` batches of ``per_batch``, in order, on every rank."""
+        dataset = RoundDataset(requests, per_batch)
         return DataLoader(
             dataset,
             batch_size=None,
@@ -186,6 +186,10 @@ class EditDataModule(L.LightningDataModule):
             collate_fn=_identity,
             num_workers=self.num_workers,
         )
+
+    def train_dataloader(self) -> DataLoader[EditRound]:
+        """One :class:`EditRound` per step, in order, unbatched, on every rank."""
+        return self._rounds_loader(self.requests, self.edits_per_round)
 
     # -- validate / test: evaluate a (saved, edited) model on the evaluation records ------------
     #: Records per evaluation batch of ``blueedit validate`` / ``blueedit test``.
@@ -201,14 +205,7 @@ class EditDataModule(L.LightningDataModule):
 
             warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
             return []
-        dataset = RoundDataset(self.eval_requests(), self.eval_chunk_size)
-        return DataLoader(
-            dataset,
-            batch_size=None,
-            sampler=RoundSampler(dataset),
-            collate_fn=_identity,
-            num_workers=self.num_workers,
-        )
+        return self._rounds_loader(self.eval_requests(), self.eval_chunk_size)
 
     def val_dataloader(self) -> DataLoader[EditRound] | list:
         """See :meth:`_eval_dataloader` (``blueedit validate``)."""
