@@ -160,10 +160,12 @@ class EditingModule(L.LightningModule):
         spec = self.stats_spec
         source = self.corpus_source()
         if source == "model-samples":
-            corpus_id = corpus_fingerprint("model-samples", spec.num_samples, 0, seed=0)
+            corpus_id = corpus_fingerprint(f"model-samples-{spec.max_length}", spec.num_samples, 0, seed=0)
 
             def texts():
-                return model_sampled_texts(self.lm, self.tokenizer, num_samples=spec.num_samples, seed=0)
+                # one large batch: generation is latency-bound (one decode step per token)
+                return model_sampled_texts(self.lm, self.tokenizer, num_samples=spec.num_samples,
+                                           max_new_tokens=spec.max_length, seed=0, batch_size=64)
         else:
             corpus_id = corpus_fingerprint(source, spec.num_samples, MIN_CHARS)
 
