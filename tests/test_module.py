@@ -131,7 +131,7 @@ def test_checkpoint_resume_gives_identical_weights(workdir, tmp_path, strategy, 
     assert ckpt.is_file()
     assert b1.editor.state.rounds_done == 2
     assert tb1.global_step == 2
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert set(saved["state_dict"]) == {f"w_out.{l}" for l in a.hp.edited_layers}
     assert saved["blueedit"]["editor"]["rounds_done"] == 2
 
