@@ -13,7 +13,13 @@ import lightning as L
 import torch
 
 from blueedit import distributed
-from blueedit.data.corpus import CorpusUnavailable, corpus_fingerprint, load_corpus_texts, model_sampled_texts
+from blueedit.data.corpus import (
+    CorpusUnavailable,
+    corpus_fingerprint,
+    load_corpus_texts,
+    model_sampled_texts,
+    resolve_corpus_source,
+)
 from blueedit.data.datamodule import EditRound, RoundDataset
 from blueedit.data.records import EditRequest
 from blueedit.editing.editor import EditHParams, Editor, EditorState, RoundReport
@@ -140,20 +146,19 @@ class EditingModule(L.LightningModule):
             self.editor.state = EditorState.from_dict(self._pending_state.to_dict(), self.editor.device)
 
     def corpus_source(self) -> str:
-        """The resolved statistics corpus; ``auto`` falls back to model samples, with a warning."""
-        source = self.stats_spec.corpus
-        if source == "auto":
-            d = Path(self.data_dir).expanduser() if self.data_dir else None
-            if d is not None and (d / "corpus" / "enwiki_wikiextractor_sample.jsonl.gz").is_file():
-                return "wikipedia-sample"
+        """The resolved statistics corpus; ``auto`` without a Wikipedia sample in the data
+        directory falls back to text sampled from the model itself, with a warning."""
+        if self.stats_spec.corpus == "model-samples":
+            return "model-samples"
+        try:
+            return resolve_corpus_source(self.stats_spec.corpus, self.data_dir)
+        except CorpusUnavailable as e:
             warnings.warn(
-                "stats.corpus 'auto': no Wikipedia sample in the data directory, so C_0 is estimated on "
-                "text sampled from the model itself (offline fallback); set data.data_dir or stats.corpus "
-                "for the published statistics",
+                f"{e}. C_0 is estimated on text sampled from the model itself (offline fallback); set "
+                "data.data_dir or stats.corpus for the published statistics",
                 stacklevel=2,
             )
             return "model-samples"
-        return source
 
     def key_statistics(self, layers: list[int]) -> dict[int, torch.Tensor]:
         """``C_0^l`` for ``layers``, from the on-disk cache or collected in one pass."""

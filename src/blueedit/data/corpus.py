@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from blueedit.data.formats import DATA_DIR_ENV, default_data_dir
+from blueedit.data.formats import DATA_DIR_ENV, data_file, resolve_data_dir
 
 __all__ = [
     "CORPUS_SOURCES",
@@ -61,23 +61,11 @@ class CorpusUnavailable(RuntimeError):
     """A corpus source cannot be read (missing file, no data directory, no network)."""
 
 
-def _data_root(data_dir: str | Path | None) -> Path | None:
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    return default_data_dir()
-
-
 def _data_file(data_dir: str | Path | None, rel: str, source: str) -> Path:
-    root = _data_root(data_dir)
-    if root is None:
-        raise CorpusUnavailable(
-            f"corpus {source!r} is read from <data_dir>/{rel}, but no data directory is set: pass "
-            f"data_dir=... (or set {DATA_DIR_ENV}), or use hub:wikipedia / model-sampled texts"
-        )
-    path = root / rel
-    if not path.is_file():
-        raise CorpusUnavailable(f"corpus {source!r}: file {path} not found")
-    return path
+    try:
+        return data_file(data_dir, rel, f"corpus {source!r}")
+    except FileNotFoundError as err:
+        raise CorpusUnavailable(f"{err}; or use hub:wikipedia / model-sampled texts") from err
 
 
 def resolve_corpus_source(source: str, data_dir: str | Path | None = None) -> str:
@@ -86,7 +74,7 @@ def resolve_corpus_source(source: str, data_dir: str | Path | None = None) -> st
         raise ValueError(f"unknown corpus source {source!r}; expected one of {CORPUS_SOURCES}")
     if source != "auto":
         return source
-    root = _data_root(data_dir)
+    root = resolve_data_dir(data_dir)
     if root is not None and (root / WIKIPEDIA_SAMPLE).is_file():
         return "wikipedia-sample"
     where = "no data directory is set" if root is None else f"{root / WIKIPEDIA_SAMPLE} does not exist"

@@ -398,17 +398,25 @@ def _read_hub(spec: str, num_edits: int | None) -> list[Any]:
     return [dict(row) for row in ds]
 
 
-def _resolve_known(name: str, data_dir: str | Path | None) -> Path:
-    rel = KNOWN_DATASETS[name]
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
+    """``data_dir`` if given, else ``$BLUEEDIT_DATA_DIR``, else ``None``."""
+    return Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+
+
+def data_file(data_dir: str | Path | None, rel: str, what: str) -> Path:
+    """The file ``<data_dir>/<rel>`` for ``what`` (e.g. ``dataset 'zsre'``).
+
+    Raises ``FileNotFoundError`` saying which path was expected and how to set the directory.
+    """
+    root = resolve_data_dir(data_dir)
     if root is None:
         raise FileNotFoundError(
-            f"dataset {name!r} is read from <data_dir>/{rel}, but no data directory is set: "
+            f"{what} is read from <data_dir>/{rel}, but no data directory is set: "
             f"pass data_dir=... (or set the {DATA_DIR_ENV} environment variable)"
         )
     path = root / rel
     if not path.is_file():
-        raise FileNotFoundError(f"dataset {name!r}: expected file {path} not found (data_dir={root})")
+        raise FileNotFoundError(f"{what}: expected file {path} not found (data_dir={root})")
     return path
 
 
@@ -464,7 +472,7 @@ def load_requests(
     elif source.startswith("hub:"):
         records = _read_hub(source, num_edits)
     elif source in KNOWN_DATASETS:
-        records = read_records(_resolve_known(source, data_dir))
+        records = read_records(data_file(data_dir, KNOWN_DATASETS[source], f"dataset {source!r}"))
     else:
         path = Path(source).expanduser()
         if not path.is_file():
