@@ -234,3 +234,26 @@ def test_evaluate_requests_dispatch():
     assert all(math.isnan(v) for v in empty.metrics.values())
     with pytest.raises(ValueError):
         evaluate_requests(model, tok, reqs, kind="nope")
+
+
+def test_validate_steps_average_per_record(tmp_path):
+    """``validate`` / ``test`` accumulate over chunks the same per-record means as above."""
+    from blueedit.data.datamodule import EditRound
+    from blueedit.models.loading import ModelSpec
+    from blueedit.module import EditingModule
+
+    from blueedit.editing.editor import EditHParams
+
+    make_model("llama", n_layer=2).save_pretrained(tmp_path / "tiny")
+    make_tokenizer().save_pretrained(tmp_path / "tiny")
+    module = EditingModule(model=ModelSpec(name_or_path=str(tmp_path / "tiny")), editing=EditHParams(layers=[0, 1]),
+                           evaluate=False, cache_dir=str(tmp_path / "cache"))
+    module.lm, module.tokenizer = bigram(), word_tokenizer()  # the hand-checkable bigram LM
+    reqs = _counterfact_requests()
+    module._eval_meters("val")
+    module._eval_step(EditRound(0, reqs[:1]), "val")
+    module._eval_step(EditRound(1, reqs[1:]), "val")
+    metrics = module._eval_epoch_end("val")  # no trainer: the numbers only
+    assert metrics["efficacy"] == pytest.approx(50.0)
+    assert metrics["generalization"] == pytest.approx(25.0)  # pooled per prompt: 33.3
+    assert metrics["specificity"] == pytest.approx(50.0)  # pooled per prompt: 60

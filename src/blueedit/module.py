@@ -383,9 +383,12 @@ class EditingModule(L.LightningModule):
                 metrics[name] = float(m.compute()) if m.update_count > 0 else float("nan")
         if self.generation_metrics:
             metrics.update(generation_summary(st.get("generation") or []))
+        if self._trainer is None:  # called directly (no trainer): just the numbers
+            setattr(self, f"_{stage}_meters", None)
+            return metrics
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, sync_dist=False)
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) if self.trainer is not None else None
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if out_dir is not None and self.trainer.is_global_zero:
             out_dir.mkdir(parents=True, exist_ok=True)
             records = st["records"]
