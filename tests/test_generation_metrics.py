@@ -122,7 +122,9 @@ def test_generation_records_and_summary_by_hand():
     whole = generation_records(lm, tok2, many, spec)
     parts = generation_records(lm, tok2, many[:1], spec) + generation_records(lm, tok2, many[1:], spec, None, 2)
     assert [r["generations"] for r in parts] == [r["generations"] for r in whole]
-    assert GenerationSpec(num_records=1) and len(generation_records(lm, tok2, many, GenerationSpec(12, num_records=1))) == 1
+    assert len(generation_records(lm, tok2, many, GenerationSpec(max_length=12, num_records=1))) == 1
+    with pytest.raises(ValueError, match="generation.top_k"):
+        generation_records(lm, tok2, many, GenerationSpec(top_k=0))
 
 
 def test_load_references(tmp_path):
