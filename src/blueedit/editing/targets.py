@@ -361,8 +361,8 @@ def optimize_targets(
         fact = batch.fact_index
         ar = torch.arange(sel.numel(), device=device)
 
-        def inject(h: torch.Tensor) -> torch.Tensor:
-            return h + torch.zeros_like(h).index_put((ar, fact), delta[row_req].to(h.dtype))
+        def inject(h: torch.Tensor) -> torch.Tensor:  # h + δ at each row's fact token (out of place)
+            return h.index_put((ar, fact), delta[row_req].to(h.dtype), accumulate=True)
 
         replay = g.replay
         with traced(adapter, edit_layer=layer, edit_fn=inject, hidden_layers=[loss_layer],
