@@ -65,9 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=25, help="target optimization steps (v_num_grad_steps)")
     p.add_argument("--v-lr", type=float, default=0.5)
+    p.add_argument("--loss-layer", type=int, default=None, help="target.loss_layer (default: the last block)")
     p.add_argument("--lam", type=float, default=1500.0, help="mom2_update_weight λ")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--autocast", default="none", choices=["none", "bfloat16", "float16"])
+    p.add_argument("--compute-dtype", default="none", choices=["none", "float32", "bfloat16", "float16"],
+                   help="editing.compute_dtype of the optimized mode (forward passes on a copy in this dtype)")
+    p.add_argument("--reference-compute-dtype", default="none", choices=["none", "float32", "bfloat16", "float16"],
+                   help="editing.compute_dtype of the reference mode")
+    p.add_argument("--max-batch-tokens", type=int, default=2048,
+                   help="editing.max_batch_tokens of the optimized mode (0: one batch)")
+    p.add_argument("--flops", action="store_true",
+                   help="count the FLOPs of one target step and compare with measured matmul peaks")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--modes", default="optimized,reference", help="comma-separated subset of optimized,reference")
@@ -92,11 +101,14 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
     optimize = mode == "optimized"
     model, tok = make_model()
     adapter = ModelAdapter(model)
+    compute = args.compute_dtype if optimize else args.reference_compute_dtype
     hp = EditHParams(
         method=args.method, strategy=args.strategy, layers=C.parse_int_list(args.layers),
         mom2_update_weight=args.lam, optimize=optimize,
         autocast=None if args.autocast == "none" else args.autocast,
-        target=TargetHParams(v_num_grad_steps=args.steps, v_lr=args.v_lr),
+        compute_dtype=None if compute == "none" else compute,
+        max_batch_tokens=(args.max_batch_tokens or None) if optimize else None,
+        target=TargetHParams(v_num_grad_steps=args.steps, v_lr=args.v_lr, loss_layer=args.loss_layer),
     )
     hp.validate()
     adapter.check_layers(hp.layers)
@@ -139,6 +151,9 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
                seconds_per_edit=t["seconds"] / len(requests), mean_target_steps=sum(steps) / max(len(steps), 1),
                edit_peak_mb=_mb(mem.peak_bytes), edit_delta_mb=_mb(mem.delta_bytes))
 
+    if args.flops and optimize:
+        out.update(target_step_flops(editor, requests[: args.edits_per_round], hp))
+
     # (d) metrics on the edited records
     with C.timed(args.device) as t_eval:
         res = evaluate_requests(model, tok, requests)
@@ -149,6 +164,63 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
     if torch.device(args.device).type == "cuda":
         torch.cuda.empty_cache()
     return out, mom2_cpu
+
+
+def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, seconds: float = 1.0) -> float:
+    """Measured FLOP/s of an ``n × n × n`` matmul in ``dtype`` (the machine's practical peak)."""
+    import time
+
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    cuda = torch.device(device).type == "cuda"
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return 2 * n**3 * reps / elapsed
+
+
+def target_step_flops(editor, requests, hp) -> dict:
+    """FLOPs of one target-optimization step (forward + backward of every prompt of a round,
+    counted by :class:`torch.utils.flop_counter.FlopCounterMode` over 3 evaluations, the first
+    of which runs the whole model and the later two only the replayed blocks), the achieved
+    FLOP/s, and that rate as a fraction of the measured float32 and bfloat16 matmul peaks."""
+    import dataclasses
+    import time
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from blueedit.editing.targets import optimize_targets
+
+    layer = hp.edited_layers[0]
+    thp = dataclasses.replace(hp.target, v_num_grad_steps=3, early_stop_loss=-1.0)
+    args = (editor.compute_model, editor.compute_adapter, editor.tokenizer, requests, layer,
+            editor.state.context_templates, thp)
+    with torch.enable_grad(), FlopCounterMode(display=False) as fc:
+        optimize_targets(*args, fast=True, max_batch_tokens=hp.max_batch_tokens)
+    flops = fc.get_total_flops()
+    with torch.enable_grad():
+        t0 = time.perf_counter()
+        optimize_targets(*args, fast=True, max_batch_tokens=hp.max_batch_tokens)
+        seconds = time.perf_counter() - t0
+    device = str(editor.device)
+    rate = flops / seconds
+    peaks = {"float32": matmul_peak(torch.float32, device), "bfloat16": matmul_peak(torch.bfloat16, device)}
+    out = {"step_gflops": flops / 3 / 1e9, "step_seconds": seconds / 3, "achieved_gflops_per_s": rate / 1e9,
+           "fp32_peak_gflops_per_s": peaks["float32"] / 1e9, "bf16_peak_gflops_per_s": peaks["bfloat16"] / 1e9,
+           "fraction_of_fp32_peak": rate / peaks["float32"], "fraction_of_bf16_peak": rate / peaks["bfloat16"]}
+    print(f"one target step ({len(requests)} requests, layer {layer}): {out['step_gflops']:.1f} GFLOP in "
+          f"{out['step_seconds']:.2f} s = {out['achieved_gflops_per_s']:.1f} GFLOP/s; measured matmul peaks "
+          f"fp32 {out['fp32_peak_gflops_per_s']:.1f}, bf16 {out['bf16_peak_gflops_per_s']:.1f} GFLOP/s -> "
+          f"{100 * out['fraction_of_fp32_peak']:.0f}% of the fp32 peak, {100 * out['fraction_of_bf16_peak']:.0f}% "
+          "of the bf16 peak", flush=True)
+    return out
 
 
 def max_relative_difference(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> float:
