@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-MODES = ("optimized", "reference")
+MODES = ("optimized", "reference", "optimized-bf16")
+#: ratio columns of the table: (numerator mode, denominator mode)
+RATIOS = (("reference", "optimized"), ("optimized", "optimized-bf16"), ("reference", "optimized-bf16"))
 MIN_CHARS = 200  # as blueedit.module.MIN_CHARS
 
 #: (key, label, unit formatter) of the table rows.
@@ -98,10 +100,11 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
     from blueedit.evaluation.editing_metrics import evaluate_requests
     from blueedit.models.adapters import ModelAdapter
 
-    optimize = mode == "optimized"
+    optimize = mode.startswith("optimized")
     model, tok = make_model()
     adapter = ModelAdapter(model)
-    compute = args.compute_dtype if optimize else args.reference_compute_dtype
+    compute = {"optimized": args.compute_dtype, "reference": args.reference_compute_dtype,
+               "optimized-bf16": "bfloat16"}[mode]
     hp = EditHParams(
         method=args.method, strategy=args.strategy, layers=C.parse_int_list(args.layers),
         mom2_update_weight=args.lam, optimize=optimize,
@@ -232,14 +235,14 @@ def max_relative_difference(a: dict[int, torch.Tensor], b: dict[int, torch.Tenso
 
 def markdown_table(results: dict) -> str:
     modes = list(results["modes"])
-    both = all(m in modes for m in MODES)
-    head = ["quantity", *modes] + (["reference / optimized"] if both else [])
+    ratios = [(a, b) for a, b in RATIOS if a in modes and b in modes]
+    head = ["quantity", *modes] + [f"{a} / {b}" for a, b in ratios]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for key, label, fmt in ROWS:
         cells = [label] + [fmt.format(results["modes"][m][key]) for m in modes]
-        if both:
-            r = results["ratios"].get(key)
-            cells.append("-" if r is None else f"{r:.2f}x")
+        for a, b in ratios:
+            x, y = results["modes"][a][key], results["modes"][b][key]
+            cells.append(f"{x / y:.2f}x" if y else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -287,22 +290,23 @@ def main(argv: list[str] | None = None, *, make_model=None, requests=None, texts
     for mode in modes:
         print(f"== {mode} ==", flush=True)
         results["modes"][mode], mom2s[mode] = run_mode(mode, args, make_model, requests, texts, model_id)
-    if all(m in modes for m in MODES):
-        opt, ref = results["modes"]["optimized"], results["modes"]["reference"]
-        results["ratios"] = {k: (ref[k] / opt[k] if opt[k] else None) for k, _, _ in ROWS}
-        results["checks"] = {
-            "c0_max_relative_difference": max_relative_difference(mom2s["optimized"], mom2s["reference"]),
-            "metrics_max_abs_difference": max(abs(ref[k] - opt[k])
-                                              for k in ("efficacy", "generalization", "specificity")),
-        }
+    results["ratios"] = {}
+    results["checks"] = {}
+    for a, b in RATIOS:
+        if a in modes and b in modes:
+            x, y = results["modes"][a], results["modes"][b]
+            results["ratios"][f"{a}/{b}"] = {k: (x[k] / y[k] if y[k] else None) for k, _, _ in ROWS}
+            results["checks"][f"{a}/{b}"] = {
+                "c0_max_relative_difference": max_relative_difference(mom2s[b], mom2s[a]),
+                "metrics_max_abs_difference": max(abs(x[k] - y[k]) for k in ("efficacy", "generalization", "specificity")),
+            }
     results["table"] = markdown_table(results)
     print()
     print(f"{results['model']} on {results['device']}: {args.method} ({args.strategy}), {len(requests)} edits "
           f"in rounds of {args.edits_per_round}, layers {args.layers}, {args.stats_samples} statistics texts")
     print(results["table"])
-    if "checks" in results:
-        ch = results["checks"]
-        print(f"\nC_0 max relative difference (reference vs optimized): {ch['c0_max_relative_difference']:.2e}; "
+    for pair, ch in results["checks"].items():
+        print(f"\n{pair}: C_0 max relative difference {ch['c0_max_relative_difference']:.2e}; "
               f"metrics max |difference|: {ch['metrics_max_abs_difference']:.2f} points")
     if args.out:
         out = Path(args.out)
