@@ -90,3 +90,17 @@ def test_quality_dev_grid_picks_best(tmp_path):
     assert [r["hparams"]["lam"] for r in res["runs"]] == [10, 1500]
     assert len(res["best"]) == 1
     assert res["best"][0]["score"] == pytest.approx(max(r["score"] for r in res["runs"]))
+
+
+def test_memory_estimate_counts_saved_activations():
+    """One Llama block saves roughly 8·d + 4·f values per token for backward (norm inputs, q/k/v,
+    attention output, the MLP's gate/up/product), plus the attention probabilities: the measured
+    number must lie in that range, and the budget must bound the activation term."""
+    memory = _load("memory")
+    d, f = 64, 128  # llama-tiny
+    per_token = memory.saved_bytes_per_token("llama-tiny", torch.float32, tokens=16)
+    assert 4 * (6 * d + 3 * f) <= per_token <= 4 * (12 * d + 6 * f + 4 * 16)
+    small = memory.main(["--shape", "llama-tiny", "--max-batch-tokens", "256", "--layers", "4,5,6,7,8"])
+    large = memory.main(["--shape", "llama-tiny", "--max-batch-tokens", "0", "--layers", "4,5,6,7,8"])
+    assert small["tokens"] == 256 and large["tokens"] == 100 * 7 * 12
+    assert small["parts"]["activations"] * (large["tokens"] / 256) == pytest.approx(large["parts"]["activations"])
