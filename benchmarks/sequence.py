@@ -147,13 +147,26 @@ def run_config(args: argparse.Namespace, spec: str, run_dir: Path, data_dir: Pat
         "trainer": {
             "default_root_dir": str(run_dir),
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                       "init_args": {"save_dir": str(run_dir), "name": "logs"}},
+                       "init_args": {"save_dir": str(run_dir), "name": "logs", "flush_logs_every_n_steps": 1}},
             "callbacks": callbacks,
         },
         "model": {"editing": {"method": method, "strategy": strategy}, "evaluate": False},
         "data": {"dataset": args.dataset, "data_dir": str(data_dir), "num_edits": args.num_edits,
                  "edits_per_round": E},
     }
+
+
+def run_identity(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
+    """What must not change between the invocations that make one run: the base config as given,
+    the overrides and the generated config without its paths (the work and data directories may
+    move to another machine)."""
+    cfg = json.loads(json.dumps(config))
+    cfg["trainer"].pop("default_root_dir", None)
+    cfg["trainer"]["logger"]["init_args"].pop("save_dir", None)
+    cfg["data"].pop("data_dir", None)
+    for cb in cfg["trainer"]["callbacks"]:
+        cb["init_args"].pop("dirpath", None)
+    return {"config": args.config, "overrides": list(args.overrides), "generated": cfg}
 
 
 def _find(callbacks, class_path: str):
@@ -175,7 +188,7 @@ def run_one(args: argparse.Namespace, spec: str, work_root: Path, data_dir: Path
     base = base if base.is_absolute() else (C.REPO / base)
     if not base.is_file():
         raise FileNotFoundError(f"--config {args.config!r}: no such file")
-    identity = {"config": str(base), "generated": config, "overrides": list(args.overrides)}
+    identity = run_identity(args, config)
     ident_path = run_dir / "command.json"
     if ident_path.is_file():
         before = json.loads(ident_path.read_text())

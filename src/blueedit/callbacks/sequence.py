@@ -80,6 +80,10 @@ class SequenceEvaluation(L.Callback):
         logs = {f"sequence/{k}": v for k, v in entry["metrics"].items() if not math.isnan(v)}
         logs["sequence/edits"] = float(num_edited)
         log_to_loggers(trainer, logs)
+        shown = ", ".join(f"{k} {entry['metrics'][k]:.2f}" for k in ("efficacy", "generalization", "specificity")
+                          if k in entry["metrics"])
+        what = "before editing, all records" if round_index < 0 else f"after round {round_index}"
+        pl_module.print(f"[sequence] {num_edited} edits ({what}, {len(requests)} records): {shown}")
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._datamodule(trainer)
