@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,68 @@ def test_checkpoints_in_round(E, N, K, expected):
 def test_sequence_evaluation_rejects_bad_interval():
     with pytest.raises(ValueError, match="every_n_edits"):
         SequenceEvaluation(every_n_edits=0)
+
+
+def _load_weight_shift():
+    spec = importlib.util.spec_from_file_location("bench_weight_shift", REPO / "benchmarks" / "weight_shift.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _wse_record(strategy: str, E: int, rounds: list[int], rel) -> dict:
+    """A finished-run record with a weight shift history: ``rel(round, layer)`` per written layer."""
+    layers = [4, 5, 6, 7, 8] if strategy == "distribute" else [4, 5, 6, 7, 8]
+    hist = [{"round": r, "layer": l, "target_layer": 8 if strategy == "distribute" else l,
+             "metrics": {"relative": rel(r, l), "frobenius": 1.0, "cosine": 0.5}} for r in rounds for l in layers]
+    return {"name": f"x_e{E}", "method": "memit", "strategy": strategy, "edits_per_round": E,
+            "layers": [4, 5, 6, 7, 8], "weight_shift": hist}
+
+
+def _close(got, want) -> bool:
+    """Lists of tuples equal up to float round-off."""
+    return len(got) == len(want) and all(
+        len(g) == len(w) and all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(g, w))
+        for g, w in zip(got, want))
+
+
+def test_weight_shift_figures_points(tmp_path):
+    ws = _load_weight_shift()
+    records = [_wse_record("distribute", E, [0, 2], lambda r, l, E=E: (8 - l) * 0.1 + E * 0.001 + r * 0.01)
+               for E in (10, 50)]
+    records.append(_wse_record("boundary", 50, [0, 2], lambda r, l: 0.0))
+    rows = ws.points(records)
+    assert {(r["layer"], r["distance"]) for r in rows} == {(4, 4), (5, 3), (6, 2), (7, 1), (8, 0)}
+    assert {r["edits_before"] for r in rows if r["edits_per_round"] == 50} == {0, 100}
+    fig = ws.figures(rows, tmp_path, distance_E=50)
+    by = lambda name, strategy: [(p["x"], p["y"]) for p in fig  # noqa: E731
+                                 if p["figure"] == name and p["strategy"] == strategy]
+    # distance: mean over the diagnosed rounds 0 and 2 of E = 50: 0.1 d + 0.05 + 0.01
+    assert _close(by("distance", "distribute"), [(d, 0.1 * d + 0.06) for d in range(5)])
+    assert by("distance", "boundary") == [(d, 0.0) for d in range(5)]
+    # batch size: round 0, mean over layers 0.2 + 0.001 E
+    assert _close(by("batch_size", "distribute"), [(10, 0.21), (50, 0.25)])
+    # sequence: edits before the round (round * E), mean over layers
+    seq = [(p["edits_per_round"], p["x"], p["y"]) for p in fig if p["figure"] == "sequence" and p["strategy"] == "distribute"]
+    assert _close(seq, [(10, 0, 0.21), (10, 20, 0.23), (50, 0, 0.25), (50, 100, 0.27)])
+    for png in ("wse_vs_distance.png", "wse_vs_batch_size.png", "wse_vs_sequence.png"):
+        assert (tmp_path / png).stat().st_size > 0
+    assert (tmp_path / "weight_shift.csv").read_text().count("\n") == len(fig) + 1
+
+
+def test_weight_shift_runs_batch_sizes(tiny):
+    ws = _load_weight_shift()
+    argv = _argv(tiny, "unused")
+    rest = argv[argv.index("--dataset"):]
+    for opt in ("--num-edits", "--edits-per-round", "--eval-every", "--general-every", "--wse-every", "--out"):
+        i = rest.index(opt)
+        del rest[i:i + 2]
+    res = ws.main(["--name", "wse", "--batch-sizes", "2", "3", "--num-edits", "6", "--wse-every", "3",
+                   "--out", str(tiny / "results"), *rest])
+    fig = res["figure_rows"]
+    assert sorted({p["x"] for p in fig if p["figure"] == "batch_size"}) == [2, 3]
+    # E = 2: every ceil(3 / 2) = 2 rounds -> rounds 0, 2; E = 3: every round -> rounds 0, 1
+    assert sorted((p["edits_per_round"], p["x"]) for p in fig if p["figure"] == "sequence") == [
+        (2, 0), (2, 4), (3, 0), (3, 3)]
+    assert all(p["y"] > 0 for p in fig)  # distribute: a real error
+    assert (tiny / "results" / "wse" / "wse_vs_sequence.png").is_file()
