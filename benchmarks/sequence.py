@@ -37,7 +37,9 @@ Example (the paper's protocol, CounterFact, MEMIT vs MEMIT + BLUE)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import gc
 import json
 import math
 import os
@@ -166,7 +168,12 @@ def run_identity(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, 
     cfg["data"].pop("data_dir", None)
     for cb in cfg["trainer"]["callbacks"]:
         cb["init_args"].pop("dirpath", None)
-    return {"config": args.config, "overrides": list(args.overrides), "generated": cfg}
+    config_path = Path(args.config).expanduser().resolve()
+    try:
+        config_name = config_path.relative_to(C.REPO).as_posix()
+    except ValueError:
+        config_name = str(config_path)
+    return {"config": config_name, "overrides": list(args.overrides), "generated": cfg}
 
 
 def _find(callbacks, class_path: str):
@@ -176,13 +183,45 @@ def _find(callbacks, class_path: str):
 
 def run_one(args: argparse.Namespace, spec: str, work_root: Path, data_dir: Path) -> dict[str, Any] | None:
     """Run (or continue) one method × strategy; its history dict when it finished, else ``None``."""
-    from blueedit.cli import run_cli
-
     key = run_key(spec)
     run_dir = work_root / key
-    if args.restart and run_dir.exists():
-        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir, key):
+        if args.restart:
+            for child in run_dir.iterdir():
+                if child.name != LOCK_NAME:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        return _run_locked(args, spec, key, run_dir, data_dir)
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, key: str):
+    """Hold an exclusive lock on the run's work directory (two processes must not continue the
+    same run); the operating system releases it when the process dies."""
+    import fcntl
+
+    with (run_dir / LOCK_NAME).open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            raise SystemExit(f"run {key} in {run_dir} is being run by another process (pid {f.read().strip() or '?'})")
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_locked(args: argparse.Namespace, spec: str, key: str, run_dir: Path, data_dir: Path) -> dict[str, Any] | None:
+    from blueedit.cli import run_cli
+
     config = run_config(args, spec, run_dir, data_dir)
     base = Path(args.config)
     base = base if base.is_absolute() else (C.REPO / base)
@@ -417,6 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 finished.append(key)
                 continue
             record = run_one(args, spec, work_root, data_dir)
+            gc.collect()  # the run's model and Trainer are garbage now
             if record is None:
                 pending.append(key)
                 continue

@@ -110,6 +110,10 @@ def test_changed_command_is_refused(tiny):
     bench.main(_argv(tiny, "changed") + ["--stop-after-rounds", "1"])
     with pytest.raises(SystemExit, match="different command"):
         bench.main(_argv(tiny, "changed") + ["--eval-every", "4"])
+    run_dir = tiny / "work" / "changed" / "memit_distribute"
+    with bench.run_lock(run_dir, "memit_distribute"):  # as if another process were running it
+        with pytest.raises(SystemExit, match="another process"):
+            bench.main(_argv(tiny, "changed"))
 
 
 @pytest.mark.parametrize("E, N, K, expected", [
