@@ -356,6 +356,8 @@ PANELS = [
     ("efficacy", "Efficacy (%)"),
     ("generalization", "Generalization (%)"),
     ("specificity", "Specificity (%)"),
+    ("fluency", "Fluency (generation entropy)"),
+    ("consistency", "Consistency (TF-IDF)"),
     ("general/mean", "General capability (mean of tasks)"),
     ("drift/relative", "Hidden-state drift (relative)"),
     ("weight_shift/relative/mean", "Weight shift error (relative, mean over layers)"),
