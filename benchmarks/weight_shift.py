@@ -9,10 +9,14 @@ critical layer ``L``, so the error is expected to grow with the distance ``L −
 
 This script
 
-1. runs ``benchmarks/sequence.py`` once per batch size of ``--batch-sizes`` (``<name>_e<E>``: N
-   edits in rounds of E, the weight shift error diagnosed every ``--wse-every`` edits; no other
-   diagnostics), unless ``--figures-only``; the runs are resumable and skipped when finished, like
-   every ``sequence.py`` run;
+1. runs ``benchmarks/sequence.py`` (unless ``--figures-only``; the runs are resumable and skipped
+   when finished, like every ``sequence.py`` run), with no diagnostics but the weight shift error:
+
+   - per batch size E of ``--batch-sizes``, ``<name>_e<E>``: ``--batch-rounds`` rounds of E edits
+     (default 1), the first round diagnosed;
+   - ``<name>_seq``: ``--sequence-edits`` edits in rounds of ``--sequence-batch-size``, a round
+     diagnosed every ``--sequence-wse-every`` edits;
+
 2. reads the ``WeightShiftError`` histories of those runs, and of the finished ``sequence.py``
    results named by ``--from`` (e.g. the long runs), and writes under ``--out``/``<name>``:
 
@@ -24,10 +28,13 @@ This script
      made before the diagnosed round, one line per method × strategy × E;
    - ``weight_shift.csv``: every point of the three figures.
 
+A diagnosed round costs one extra target optimization per edited layer: about 6× a ``distribute``
+round and 2× a ``boundary`` round with five critical layers.
+
 Example::
 
-    python benchmarks/weight_shift.py --name wse_counterfact --num-edits 300 --batch-sizes 10 50 100 \\
-        --from counterfact_memit
+    python benchmarks/weight_shift.py --name wse_counterfact --batch-sizes 10 50 100 \\
+        --sequence-batch-size 10 --sequence-edits 200 --sequence-wse-every 50 --from counterfact_memit
 """
 
 from __future__ import annotations
@@ -57,9 +64,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default="weight_shift", help="figures under <out>/<name>; runs named <name>_e<E>")
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[10, 50, 100])
-    p.add_argument("--num-edits", type=int, default=300)
-    p.add_argument("--wse-every", type=int, default=100, help="edits between diagnosed rounds")
+    p.add_argument("--batch-sizes", nargs="*", type=int, default=[10, 50, 100])
+    p.add_argument("--batch-rounds", type=int, default=1, help="rounds per batch-size run (the first is diagnosed)")
+    p.add_argument("--sequence-batch-size", type=int, default=10, help="E of the sequence-length run (0: no run)")
+    p.add_argument("--sequence-edits", type=int, default=200)
+    p.add_argument("--sequence-wse-every", type=int, default=50)
     p.add_argument("--distance-batch-size", type=int, default=None,
                    help="the E whose runs give the distance figure (default: the largest of --batch-sizes)")
     p.add_argument("--from", dest="sources", nargs="*", default=[],
@@ -70,19 +79,18 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, rest
 
 
-def run_batch_sizes(args: argparse.Namespace, rest: list[str]) -> list[str]:
-    """One ``sequence.py`` run per batch size; returns the result names."""
+def run_all(args: argparse.Namespace, rest: list[str]) -> list[str]:
+    """The batch-size runs and the sequence-length run; returns their result names."""
     seq = _sequence_module()
-    names = []
-    for E in args.batch_sizes:
-        name = f"{args.name}_e{E}"
-        names.append(name)
-        if args.figures_only:
-            continue
-        seq.main(["--name", name, "--num-edits", str(args.num_edits), "--edits-per-round", str(E),
-                  "--eval-every", str(args.num_edits), "--general-every", "0", "--drift-every", "0",
-                  "--wse-every", str(args.wse_every), "--out", args.out, *rest])
-    return names
+    jobs = [(f"{args.name}_e{E}", E, E * args.batch_rounds, E * args.batch_rounds) for E in args.batch_sizes]
+    if args.sequence_batch_size > 0:
+        jobs.append((f"{args.name}_seq", args.sequence_batch_size, args.sequence_edits, args.sequence_wse_every))
+    for name, E, N, wse_every in jobs:
+        if not args.figures_only:
+            seq.main(["--name", name, "--num-edits", str(N), "--edits-per-round", str(E), "--eval-every", str(N),
+                      "--general-every", "0", "--drift-every", "0", "--wse-every", str(wse_every),
+                      "--out", args.out, *rest])
+    return [job[0] for job in jobs]
 
 
 def load_records(out_root: Path, names: list[str]) -> list[dict[str, Any]]:
@@ -213,14 +221,14 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None) -
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, rest = parse_args(argv)
-    names = run_batch_sizes(args, rest)
+    names = run_all(args, rest)
     out_root = Path(args.out)
     records = load_records(out_root, names + list(args.sources))
     rows = points(records)
     if not rows:
         print("[weight_shift] no finished run with a weight shift history yet", flush=True)
         return {"rows": [], "figure_rows": []}
-    distance_E = args.distance_batch_size or max(args.batch_sizes)
+    distance_E = args.distance_batch_size or max(args.batch_sizes or [args.sequence_batch_size])
     fig_rows = figures(rows, out_root / args.name, distance_E)
     print(f"[weight_shift] {len(rows)} diagnosed layer writes from {len(records)} runs -> {out_root / args.name}")
     return {"rows": rows, "figure_rows": fig_rows}

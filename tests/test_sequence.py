@@ -187,12 +187,13 @@ def test_weight_shift_runs_batch_sizes(tiny):
     for opt in ("--num-edits", "--edits-per-round", "--eval-every", "--general-every", "--wse-every", "--out"):
         i = rest.index(opt)
         del rest[i:i + 2]
-    res = ws.main(["--name", "wse", "--batch-sizes", "2", "3", "--num-edits", "6", "--wse-every", "3",
-                   "--out", str(tiny / "results"), *rest])
+    res = ws.main(["--name", "wse", "--batch-sizes", "2", "3", "--sequence-batch-size", "2", "--sequence-edits", "6",
+                   "--sequence-wse-every", "4", "--out", str(tiny / "results"), *rest])
     fig = res["figure_rows"]
     assert sorted({p["x"] for p in fig if p["figure"] == "batch_size"}) == [2, 3]
-    # E = 2: every ceil(3 / 2) = 2 rounds -> rounds 0, 2; E = 3: every round -> rounds 0, 1
+    # batch-size runs: round 0 only; the sequence run (E = 2): every ceil(4 / 2) = 2 rounds -> rounds 0, 2
     assert sorted((p["edits_per_round"], p["x"]) for p in fig if p["figure"] == "sequence") == [
-        (2, 0), (2, 4), (3, 0), (3, 3)]
+        (2, 0), (2, 4), (3, 0)]
+    assert sorted(p["x"] for p in fig if p["figure"] == "distance") == [0, 1, 2]  # layers 1..3, at E = 3
     assert all(p["y"] > 0 for p in fig)  # distribute: a real error
     assert (tiny / "results" / "wse" / "wse_vs_sequence.png").is_file()
