@@ -138,6 +138,7 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
     series = sorted({(r["method"], r["strategy"]) for r in rows}, key=lambda s: (s[0], s[1] != "distribute"))
@@ -158,6 +159,7 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None) -
             fig_rows.append({"figure": "distance", "method": m, "strategy": s, "edits_per_round": E_d, "x": d, "y": y})
         if ds:
             ax.plot(ds, ys, style(s), marker="o", label=_label(m, s))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer distance L − l (L: last critical layer)")
     ax.set_ylabel("weight shift error (relative)")
     ax.set_title(f"Weight shift error vs layer distance ({E_d} edits / round)", fontsize=9)
@@ -181,6 +183,8 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None) -
                                  "x": E, "y": ys[-1]})
         if xs:
             ax.plot(xs, ys, style(s), marker="o", label=_label(m, s))
+    if Es:
+        ax.set_xticks(Es)
     ax.set_xlabel("edits per round (batch size)")
     ax.set_ylabel("weight shift error (relative, mean over layers)")
     ax.set_title("Weight shift error vs batch size (first round)", fontsize=9)
@@ -203,6 +207,7 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None) -
                                  "x": x, "y": y})
             if len(xs) > 0:
                 ax.plot(xs, ys, style(s), marker="o", label=f"{_label(m, s)}, {E} / round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("edits made before the diagnosed round")
     ax.set_ylabel("weight shift error (relative, mean over layers)")
     ax.set_title("Weight shift error vs sequence length", fontsize=9)
