@@ -15,6 +15,7 @@ import torch
 from blueedit import distributed
 from blueedit.data.corpus import (
     CorpusUnavailable,
+    corpus_files,
     corpus_fingerprint,
     load_corpus_texts,
     model_sampled_texts,
@@ -139,6 +140,8 @@ class EditingModule(L.LightningModule):
             return
         if self.model_spec.device_map is None and self.trainer is not None:
             self.lm.to(self.trainer.strategy.root_device)
+        # Lightning restores a checkpoint's (edited) weights after this hook: C_0 and its cache key
+        # are computed on the pretrained weights
         mom2 = self.key_statistics(self.hp.edited_layers)
         templates = generate_context_templates(self.lm, self.tokenizer)
         self.editor = Editor(self.lm, self.tokenizer, self.adapter, self.hp, mom2, templates)
@@ -172,7 +175,11 @@ class EditingModule(L.LightningModule):
                 return model_sampled_texts(self.lm, self.tokenizer, num_samples=spec.num_samples,
                                            max_new_tokens=spec.max_length, seed=0, batch_size=64)
         else:
-            corpus_id = corpus_fingerprint(source, spec.num_samples, MIN_CHARS)
+            try:
+                files = corpus_files(source, self.data_dir)
+            except CorpusUnavailable as e:
+                raise CorpusUnavailable(f"stats.corpus: {e}") from e
+            corpus_id = corpus_fingerprint(source, spec.num_samples, MIN_CHARS, files=files)
 
             def texts():
                 try:
