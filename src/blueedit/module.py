@@ -22,13 +22,19 @@ from blueedit.data.corpus import (
     resolve_corpus_source,
 )
 from blueedit.data.datamodule import EditRound, RoundDataset
-from blueedit.data.records import EditRequest
+from blueedit.data.records import EditRequest, check_prompt_lengths, effective_prompt_limit
 from blueedit.editing.editor import EditHParams, Editor, EditorState, RoundReport
 from blueedit.editing.statistics import StatisticsCache, StatsSpec
 from blueedit.editing.targets import generate_context_templates
 from blueedit.evaluation.editing_metrics import EvaluationResult, evaluate_requests
 from blueedit.models.adapters import ModelAdapter
-from blueedit.models.loading import ModelSpec, default_cache_dir, load_model_and_tokenizer, model_fingerprint
+from blueedit.models.loading import (
+    ModelSpec,
+    context_length,
+    default_cache_dir,
+    load_model_and_tokenizer,
+    model_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,9 @@ class EditingModule(L.LightningModule):
         cache_dir: cache root for converted models and statistics.
         debug: after every round, check that the edited weights are bit-identical on every rank
             (a checksum all-gather; useful under DDP).
+        max_prompt_tokens: the longest text (prompt with its target, paraphrase, neighborhood or
+            generation prompt) a record may have, in tokens, checked before any slow work; never
+            more than the model's context. ``null``: the model's context only.
     """
 
     def __init__(
@@ -70,6 +79,7 @@ class EditingModule(L.LightningModule):
         data_dir: str | None = None,
         cache_dir: str | None = None,
         debug: bool = False,
+        max_prompt_tokens: int | None = 512,
     ) -> None:
         super().__init__()
         self.model_spec = model or ModelSpec()
@@ -81,6 +91,9 @@ class EditingModule(L.LightningModule):
         self.data_dir = data_dir
         self.cache_dir = Path(cache_dir or self.stats_spec.cache_dir or default_cache_dir()).expanduser()
         self.debug = debug
+        if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or max_prompt_tokens < 1):
+            raise ValueError(f"model.max_prompt_tokens must be a positive integer or null, got {max_prompt_tokens!r}")
+        self.max_prompt_tokens = max_prompt_tokens
         self.automatic_optimization = False
         lm, self.tokenizer = load_model_and_tokenizer(self.model_spec, self.cache_dir)
         if self.model_spec.device_map is None:
@@ -138,6 +151,7 @@ class EditingModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage != "fit" or self.editor is not None:
             return
+        self.check_prompt_lengths()
         if self.model_spec.device_map is None and self.trainer is not None:
             self.lm.to(self.trainer.strategy.root_device)
         # Lightning restores a checkpoint's (edited) weights after this hook: C_0 and its cache key
@@ -147,6 +161,22 @@ class EditingModule(L.LightningModule):
         self.editor = Editor(self.lm, self.tokenizer, self.adapter, self.hp, mom2, templates)
         if self._pending_state is not None:
             self.editor.state = EditorState.from_dict(self._pending_state.to_dict(), self.editor.device)
+
+    @property
+    def prompt_limit(self) -> int | None:
+        """``max_prompt_tokens`` capped by the model's context length."""
+        return effective_prompt_limit(self.max_prompt_tokens, context_length(self.lm.config))
+
+    def check_prompt_lengths(self) -> None:
+        """Fail, naming the record, when a text of the data module's records is over
+        :attr:`prompt_limit` (before statistics and editing)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "requests"):
+            return
+        check_prompt_lengths(dm.requests, self.tokenizer, self.prompt_limit, source="the edit records")
+        if self.evaluate and getattr(dm, "eval_dataset", None) is not None:
+            check_prompt_lengths(dm.eval_requests(), self.tokenizer, self.prompt_limit,
+                                 source="the evaluation records")
 
     def corpus_source(self) -> str:
         """The resolved statistics corpus; ``auto`` without a Wikipedia sample in the data

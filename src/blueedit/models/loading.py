@@ -117,6 +117,69 @@ def forget_gguf_origin(model) -> None:
         model.is_quantized = False
 
 
+def looks_local(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` is meant as a local path rather than a hub id (``org/name``): it
+    starts with ``/``, ``./``, ``../`` or ``~``, has more than one ``/``, ends with ``.gguf``,
+    or exists on disk."""
+    name = name_or_path
+    return (name.startswith(("/", "./", "../", "~")) or name in (".", "..") or name.count("/") > 1
+            or name.endswith(".gguf") or Path(name).expanduser().exists())
+
+
+def check_model_source(spec: ModelSpec) -> None:
+    """Fail fast, naming the option, when ``model.name_or_path`` is a local path that does not
+    exist (instead of transformers' "Repo id must be in the form ..." after a hub lookup)."""
+    name = spec.name_or_path
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model.name_or_path must be a non-empty string, got {name!r}")
+    if name in PACKAGED_MODELS:
+        resolve_packaged(name)
+        return
+    if not looks_local(name):
+        return
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"model.name_or_path {name!r}: no such file")
+        return
+    if not path.exists():
+        raise FileNotFoundError(f"model.name_or_path {name!r}: no such directory")
+    if not path.is_dir():
+        raise NotADirectoryError(f"model.name_or_path {name!r} is a file, not a model directory (or a .gguf file)")
+    if spec.gguf_file is not None and not (path / spec.gguf_file).is_file():
+        raise FileNotFoundError(f"model.gguf_file {spec.gguf_file!r}: no such file in {path}")
+    if spec.gguf_file is None and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.name_or_path {name!r} has no config.json: not a Hugging Face model directory")
+
+
+def local_model_dir(spec: ModelSpec, cache_dir: str | Path | None = None) -> Path | None:
+    """The local Hugging Face directory the model would be loaded from without converting or
+    downloading anything (a local directory, or an already de-quantized GGUF); else ``None``."""
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    source, gguf = spec.name_or_path, spec.gguf_file
+    try:
+        packaged = resolve_packaged(source)
+    except FileNotFoundError:
+        return None
+    if packaged:
+        source, gguf = packaged
+    elif source.endswith(".gguf") and Path(source).is_file():
+        source, gguf = str(Path(source).parent), Path(source).name
+    if not Path(source).expanduser().is_dir():
+        return None
+    directory = _gguf_cache_dir(source, gguf, cache) if gguf else Path(source).expanduser()
+    return directory if (directory / "config.json").is_file() else None
+
+
+def context_length(config) -> int | None:
+    """The model's maximum sequence length from its config, when it states one."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path | None = None):
     """Load ``(model, tokenizer)`` in eval mode with gradients off for every parameter.
 
@@ -126,6 +189,7 @@ def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path | None = Non
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_source(spec)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     dtype = parse_dtype(spec.dtype)
     source, gguf = spec.name_or_path, spec.gguf_file
