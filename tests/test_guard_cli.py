@@ -185,3 +185,54 @@ def test_check_output_dir_accepts_new_and_empty(tmp_path):
     assert check_output_dir(tmp_path / "new" / "deeper") == (tmp_path / "new" / "deeper").absolute()
     (tmp_path / "empty").mkdir()
     check_output_dir(tmp_path / "empty")
+
+
+def _w_out(model_dir: Path) -> dict[int, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    sd = load_file(str(model_dir / "model.safetensors"))
+    return {l: sd[f"model.layers.{l}.mlp.down_proj.weight"] for l in range(6)}
+
+
+def test_edit_writes_no_checkpoint_unless_asked_and_overwrites_only_when_told(tiny, tmp_path, capsys):
+    out = tmp_path / "edited"
+    main(_args(tiny, tmp_path / "run", output=str(out)))
+    assert (out / "edits.json").is_file() and (out / "model.safetensors").is_file()
+    assert not list((tmp_path / "run").rglob("*.ckpt")), "a checkpoint was written without being asked for"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directories left behind"
+    first = _w_out(out)
+    capsys.readouterr()
+    main(_args(tiny, tmp_path / "run2", "--overwrite=true", "--trainer.enable_checkpointing=true", output=str(out)))
+    assert "replacing the model in" in capsys.readouterr().out
+    assert list((tmp_path / "run2").rglob("*.ckpt")), "checkpointing was asked for"
+    for l, w in _w_out(out).items():
+        assert torch.equal(w, first[l]), l
+
+
+def test_interrupted_save_leaves_no_half_written_model_and_names_the_checkpoint(tiny, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    reference = tmp_path / "reference"
+    main(_args(tiny, tmp_path / "run0", output=str(reference)))
+    real = PreTrainedModel.save_pretrained
+
+    def dies_halfway(self, directory, *a, **k):
+        real(self, directory, *a, **k)
+        Path(directory, "model.safetensors").write_bytes(b"half")  # a torn write, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", dies_halfway)
+    out = tmp_path / "edited"
+    with pytest.raises(OSError, match="No space left on device") as exc:
+        main(_args(tiny, tmp_path / "run", output=str(out)))
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real)
+    assert not out.exists(), "a half-written model is in place"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".edited")], "temporary directory left behind"
+    message = str(exc.value)
+    assert "--ckpt_path" in message
+    ckpt = message.rsplit("--ckpt_path ", 1)[1].split()[0]
+    assert Path(ckpt).is_file()
+    # the editing is not lost: resuming from the checkpoint saves the same model
+    main(_args(tiny, tmp_path / "run", f"--ckpt_path={ckpt}", output=str(out)))
+    for l, w in _w_out(out).items():
+        assert torch.equal(w, _w_out(reference)[l]), l

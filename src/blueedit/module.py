@@ -105,6 +105,7 @@ class EditingModule(L.LightningModule):
         self._round_counter = torch.nn.Parameter(torch.zeros(()))  # placeholder for the optimizer
         self.editor: Editor | None = None
         self._pending_state: EditorState | None = None
+        self._finalized = False  # post-processing (PRUNE) applied; a rescue checkpoint may hold it
         self.reports: list[RoundReport] = []
         self.pre_metrics: dict[str, Any] | None = None
         self.post_metrics: dict[str, Any] | None = None
@@ -136,6 +137,7 @@ class EditingModule(L.LightningModule):
             "editor": self.editor.state.to_dict() if self.editor else None,
             "pre_metrics": self.pre_metrics,
             "reports": [r.__dict__ for r in self.reports],
+            "finalized": self._finalized,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -146,6 +148,7 @@ class EditingModule(L.LightningModule):
                 self.editor.state = EditorState.from_dict(saved["editor"], self.editor.device)
         self.pre_metrics = saved.get("pre_metrics")
         self.reports = [RoundReport(**r) for r in saved.get("reports", [])]
+        self._finalized = bool(saved.get("finalized", False))
 
     # -- setup: statistics, templates, editor -------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -263,7 +266,9 @@ class EditingModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         assert self.editor is not None
-        self.editor.finalize()
+        if not self._finalized:
+            self.editor.finalize()
+            self._finalized = True
         if self.evaluate:
             self.post_metrics = self.run_evaluation().to_dict()
             self.write_metrics()
