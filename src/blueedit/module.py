@@ -6,6 +6,7 @@ import json
 import logging
 import warnings
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from blueedit.data.corpus import (
     model_sampled_texts,
     resolve_corpus_source,
 )
-from blueedit.data.datamodule import EditRound, RoundDataset
+from blueedit.data.datamodule import EditRound, ResumeMismatchError, RoundDataset, describe_differences
 from blueedit.data.records import EditRequest, check_prompt_lengths, effective_prompt_limit
 from blueedit.editing.editor import EditHParams, Editor, EditorState, RoundReport
 from blueedit.editing.statistics import StatisticsCache, StatsSpec
@@ -132,8 +133,37 @@ class EditingModule(L.LightningModule):
         for key, w in state_dict.items():
             self.adapter.set_w_out(int(key.split(".")[1]), w)
 
+    #: Settings that change speed, not results: they may differ when resuming.
+    RESUMABLE_SETTINGS = frozenset({"editing.key_batch_size", "stats.batch_size", "stats.cache_dir"})
+
+    def settings_fingerprint(self) -> dict[str, Any]:
+        """The settings that decide the edit: the model, the editing hyperparameters and the
+        statistics; saved in checkpoints and compared on resume."""
+        def plain(obj: Any) -> Any:
+            return json.loads(json.dumps(asdict(obj), default=str))
+
+        settings = {"model": {"name_or_path": self.model_spec.name_or_path, "gguf_file": self.model_spec.gguf_file,
+                              "revision": self.model_spec.revision, "dtype": self.model_spec.dtype},
+                    "editing": plain(self.hp), "stats": plain(self.stats_spec)}
+        for dotted in self.RESUMABLE_SETTINGS:
+            group, key = dotted.split(".", 1)
+            settings[group].pop(key, None)
+        return settings
+
+    def _check_resume_settings(self, saved: dict[str, Any] | None) -> None:
+        if saved is None:
+            warnings.warn("the checkpoint records no settings (written by an older blueedit); resuming unchecked",
+                          stacklevel=2)
+            return
+        differences = describe_differences(saved, self.settings_fingerprint())
+        if differences:
+            where = f" {self._trainer.ckpt_path}" if self._trainer is not None and self._trainer.ckpt_path else ""
+            raise ResumeMismatchError(f"the checkpoint{where} was written with other settings; refusing to resume: "
+                                      + "; ".join(differences))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["blueedit"] = {
+            "settings": self.settings_fingerprint(),
             "editor": self.editor.state.to_dict() if self.editor else None,
             "pre_metrics": self.pre_metrics,
             "reports": [r.__dict__ for r in self.reports],
@@ -142,6 +172,7 @@ class EditingModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("blueedit", {})
+        self._check_resume_settings(saved.get("settings"))
         if saved.get("editor"):
             self._pending_state = EditorState.from_dict(saved["editor"])
             if self.editor is not None:
