@@ -236,3 +236,25 @@ def test_interrupted_save_leaves_no_half_written_model_and_names_the_checkpoint(
     main(_args(tiny, tmp_path / "run", f"--ckpt_path={ckpt}", output=str(out)))
     for l, w in _w_out(out).items():
         assert torch.equal(w, _w_out(reference)[l]), l
+
+
+@pytest.mark.parametrize("option, match", [
+    ("--model.editing.method=foo", "editing.method 'foo' is not one of"),
+    ("--model.editing.layers=[4,5,6]", "editing.layers [6] out of range: the model has blocks 0..5"),
+    ("--model.max_prompt_tokens=0", "model.max_prompt_tokens must be a positive integer"),
+])
+def test_bad_option_is_one_line_and_status_2(tiny, tmp_path, capsys, loads, option, match):
+    _fails(_args(tiny, tmp_path, option), capsys, loads, match)
+
+
+def test_resume_from_another_run_is_one_line_and_status_2(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    main(_args(tiny, run, "--trainer.enable_checkpointing=true", output=str(tmp_path / "a")))
+    ckpt = next(run.rglob("*.ckpt"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(_args(tiny, run, f"--ckpt_path={ckpt}", "--data.edits_per_round=3", output=str(tmp_path / "b")))
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "refusing to resume" in last and "data.edits_per_round: 2 in the checkpoint, 3 now" in last
+    assert not (tmp_path / "b").exists()

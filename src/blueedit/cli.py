@@ -247,13 +247,15 @@ class BlueEditCLI(LightningCLI):
         dm = EditDataModule(**data_cfg)
         dm.setup("fit")  # every record parsed and validated
         check_model_source(spec)
-        self._check_prompt_lengths_cheaply(spec, model_cfg, dm)
+        effective_prompt_limit(model_cfg.get("max_prompt_tokens", 512), None)
+        self._cheap_model_checks(spec, model_cfg, dm)
         self._preloaded = (data_cfg, dm._requests)
 
     @staticmethod
-    def _check_prompt_lengths_cheaply(spec, model_cfg: dict[str, Any], dm: EditDataModule) -> None:
-        """With a local tokenizer at hand (no download, no conversion), check prompt lengths now;
-        otherwise the module checks them after loading, still before statistics and editing."""
+    def _cheap_model_checks(spec, model_cfg: dict[str, Any], dm: EditDataModule) -> None:
+        """With a local model directory at hand (no download, no conversion), check prompt lengths
+        and the editing layers against its tokenizer and config now; otherwise the module checks
+        them after loading, still before statistics and editing."""
         from blueedit.models.loading import context_length, default_cache_dir, local_model_dir
 
         cache = model_cfg.get("cache_dir") or _as_dict(model_cfg.get("stats")).get("cache_dir") or default_cache_dir()
@@ -264,12 +266,19 @@ class BlueEditCLI(LightningCLI):
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory)
-            context = context_length(AutoConfig.from_pretrained(directory))
+            config = AutoConfig.from_pretrained(directory)
+            context = context_length(config)
         except Exception as e:  # the full load reports real problems with the model directory
             log.debug("prompt lengths are checked after loading: %s", e)
             return
         limit = effective_prompt_limit(model_cfg.get("max_prompt_tokens", 512), context)
         check_prompt_lengths(dm.requests, tokenizer, limit, source="the edit records")
+        n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+        layers = _as_dict(model_cfg.get("editing")).get("layers")
+        if isinstance(n_layers, int) and layers:
+            bad = [l for l in layers if not 0 <= int(l) < n_layers]
+            if bad:
+                raise ValueError(f"editing.layers {bad} out of range: the model has blocks 0..{n_layers - 1}")
 
     def after_instantiate_classes(self) -> None:
         preloaded = getattr(self, "_preloaded", None)

@@ -92,8 +92,7 @@ class EditingModule(L.LightningModule):
         self.data_dir = data_dir
         self.cache_dir = Path(cache_dir or self.stats_spec.cache_dir or default_cache_dir()).expanduser()
         self.debug = debug
-        if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or max_prompt_tokens < 1):
-            raise ValueError(f"model.max_prompt_tokens must be a positive integer or null, got {max_prompt_tokens!r}")
+        effective_prompt_limit(max_prompt_tokens, None)  # validates it before the model is loaded
         self.max_prompt_tokens = max_prompt_tokens
         self.automatic_optimization = False
         lm, self.tokenizer = load_model_and_tokenizer(self.model_spec, self.cache_dir)

@@ -142,6 +142,9 @@ def check_unique_case_ids(requests: list[EditRequest], source: str = "the edit r
 def effective_prompt_limit(max_prompt_tokens: int | None, context: int | None) -> int | None:
     """The prompt-length limit in force: ``max_prompt_tokens`` capped by the model's context
     ``context`` (either may be ``None``: no limit from that side)."""
+    if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int)
+                                          or max_prompt_tokens < 1):
+        raise ValueError(f"model.max_prompt_tokens must be a positive integer or null, got {max_prompt_tokens!r}")
     limits = [n for n in (max_prompt_tokens, context) if n is not None]
     return min(limits) if limits else None
 
