@@ -77,7 +77,7 @@ def test_quality_benchmark_grid_and_restore(tmp_path):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # original weights restored
     assert (tmp_path / "quality.md").is_file() and (tmp_path / "quality.json").is_file()
-    assert any((tmp_path / "cache" / "stats").rglob("*.pt"))  # C_0 cached once
+    assert any((tmp_path / "cache" / "stats").rglob("*.safetensors"))  # C_0 cached once
 
 
 def test_quality_dev_grid_picks_best(tmp_path):
