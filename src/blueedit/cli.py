@@ -304,9 +304,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def run_cli(args: list[str] | None = None) -> BlueEditCLI:
+def run_cli(args: list[str] | None = None, run: bool = True) -> BlueEditCLI:
     """Parse ``args`` (default: the command line), run the subcommand, return the CLI object
-    (its ``model``, ``datamodule`` and ``trainer``)."""
+    (its ``model``, ``datamodule`` and ``trainer``). ``run=False``: ``args`` hold no subcommand;
+    the classes are only instantiated (what the config tests use)."""
     return BlueEditCLI(
         EditingModule,
         EditDataModule,
@@ -315,6 +316,7 @@ def run_cli(args: list[str] | None = None) -> BlueEditCLI:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 
