@@ -18,11 +18,13 @@ import shutil
 import sys
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
 from blueedit.data.corpus import CorpusUnavailable
 from blueedit.data.datamodule import EditDataModule
@@ -209,6 +211,26 @@ def _as_dict(value: Any) -> dict[str, Any]:
     return dict(vars(value))
 
 
+class _NoAdvertising(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing <service>" lines (nothing for the user to do)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    """The command's quiet defaults: no advertising tips, and no warning about the language model
+    being in eval mode when fitting starts (:class:`~blueedit.module.EditingModule` keeps it in eval
+    mode on purpose: editing never trains it, and dropout would corrupt targets and keys)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdvertising) for f in logger.filters):
+            logger.addFilter(_NoAdvertising())
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # Lightning's own use of a torch API that torch now deprecates: nothing a user can act on
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 class BlueEditCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -221,9 +243,19 @@ class BlueEditCLI(LightningCLI):
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("fit", "edit"):  # editing evaluates itself before and after: no validation loop
+            parser.set_defaults({"trainer.limit_val_batches": 0})
         if subcommand == "edit":  # write a Lightning checkpoint only when asked
             parser.set_defaults({"trainer.enable_checkpointing": False})
         return parser
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The default logger (``logger: true``) is a :class:`CSVLogger` under ``default_root_dir``,
+        chosen here rather than by Lightning, which warns when TensorBoard is not installed."""
+        trainer_cfg = self._get(self.config_init, "trainer", default={}) or {}
+        if "logger" not in kwargs and trainer_cfg.get("logger", True) in (True, None):
+            kwargs["logger"] = CSVLogger(save_dir=trainer_cfg.get("default_root_dir") or os.getcwd())
+        return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:
         """Check what can be checked before the model is loaded (which takes minutes for 8B)."""
@@ -308,6 +340,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> BlueEditCLI:
     """Parse ``args`` (default: the command line), run the subcommand, return the CLI object
     (its ``model``, ``datamodule`` and ``trainer``). ``run=False``: ``args`` hold no subcommand;
     the classes are only instantiated (what the config tests use)."""
+    quiet_lightning()
     return BlueEditCLI(
         EditingModule,
         EditDataModule,

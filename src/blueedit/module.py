@@ -134,7 +134,12 @@ class EditingModule(L.LightningModule):
 
     # -- Lightning plumbing ------------------------------------------------------------------
     def train(self, mode: bool = True):
-        """Keep the language model in eval mode (no dropout) whatever Lightning asks."""
+        """Keep the language model in eval mode whatever is asked.
+
+        Kept on purpose: editing never trains the LM (its forward passes read keys and optimize
+        δ), so dropout must stay off even when a callback or the evaluation loop's mode restore
+        calls ``train()``; Lightning has no per-submodule setting for this.
+        """
         super().train(mode)
         self.lm.eval()
         return self

@@ -285,12 +285,10 @@ class EditDataModule(L.LightningDataModule):
     def _eval_dataloader(self) -> DataLoader[EditRound] | list:
         """The evaluation records in order, ``eval_chunk_size`` per batch (an :class:`EditRound`
         whose ``index`` counts chunks); empty while fitting, so that ``fit`` runs no validation
-        loop (editing runs evaluate themselves before and after editing)."""
+        loop (editing runs evaluate themselves before and after editing; the CLI also sets
+        ``trainer.limit_val_batches: 0`` for ``fit`` and ``edit``, so the loop is not even built)."""
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.state.fn == "fit":
-            import warnings
-
-            warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
             return []
         return self._rounds_loader(self.eval_requests(), self.eval_chunk_size)
 
