@@ -129,7 +129,7 @@ def random_model(preset: str, *, device: str, dtype: torch.dtype, tokenizer, see
 def model_factory(model: str, *, random_init: str | None, device: str, dtype: str, cache_dir=None,
                   tokenizer_texts: list[str] | None = None):
     """A function returning a fresh ``(model, tokenizer)`` on ``device`` at each call."""
-    from blueedit.models.loading import ModelSpec, load_model_and_tokenizer, parse_dtype
+    from blueedit.models.loading import ModelConfig, load_model_and_tokenizer, parse_dtype
 
     if random_init:
         tok = smollm2_tokenizer(cache_dir) if random_init != "llama-tiny" else None
@@ -140,7 +140,7 @@ def model_factory(model: str, *, random_init: str | None, device: str, dtype: st
             return random_model(random_init, device=device, dtype=parse_dtype(dtype), tokenizer=tok), tok
         return make
 
-    spec = ModelSpec(name_or_path=model, dtype=dtype)
+    spec = ModelConfig(name_or_path=model, dtype=dtype)
 
     def load():
         m, t = load_model_and_tokenizer(spec, cache_dir)
@@ -149,9 +149,9 @@ def model_factory(model: str, *, random_init: str | None, device: str, dtype: st
 
 
 def model_id(model: str, random_init: str | None) -> str:
-    from blueedit.models.loading import ModelSpec, model_fingerprint
+    from blueedit.models.loading import ModelConfig, model_fingerprint
 
-    return f"random-{random_init}" if random_init else model_fingerprint(ModelSpec(name_or_path=model))
+    return f"random-{random_init}" if random_init else model_fingerprint(ModelConfig(name_or_path=model))
 
 
 def request_texts(requests) -> list[str]:

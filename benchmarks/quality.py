@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--L2", type=float, default=10.0, help="AlphaEdit's ridge α")
     p.add_argument("--nullspace-threshold", type=float, default=2e-2)
     p.add_argument("--config-overrides", nargs="*", default=[], metavar="SCOPE.KEY=VALUE",
-                   help="per-run hyperparameters: SCOPE is a method, method:strategy, or '*'; KEY an EditHParams "
-                        "or TargetHParams field (e.g. alphaedit:boundary.L2=1 memit.v_lr=0.3 '*.kl_factor=0.1'); "
+                   help="per-run hyperparameters: SCOPE is a method, method:strategy, or '*'; KEY an EditingConfig "
+                        "or TargetConfig field (e.g. alphaedit:boundary.L2=1 memit.v_lr=0.3 '*.kl_factor=0.1'); "
                         "or one JSON object {scope: {key: value}}")
     p.add_argument("--stats-samples", type=int, default=300)
     p.add_argument("--stats-max-length", type=int, default=256)
@@ -101,11 +101,11 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
 def make_hparams(args, method: str, strategy: str, overrides: dict[str, dict], grid: dict | None = None):
     """Base values from the command line, then overrides for ``*``, the method, and
     ``method:strategy`` (in that order), then the ``--dev`` grid point."""
-    from blueedit.editing.editor import EditHParams
-    from blueedit.editing.targets import TargetHParams
+    from blueedit.editing.editor import EditingConfig
+    from blueedit.editing.targets import TargetConfig
 
-    edit_keys = {f.name for f in fields(EditHParams)} - {"target"}
-    target_keys = {f.name for f in fields(TargetHParams)}
+    edit_keys = {f.name for f in fields(EditingConfig)} - {"target"}
+    target_keys = {f.name for f in fields(TargetConfig)}
     values = {"mom2_update_weight": args.lam, "L2": args.L2, "nullspace_threshold": args.nullspace_threshold,
               "v_lr": args.v_lr, "v_num_grad_steps": args.steps}
     for scope in ("*", method, f"{method}:{strategy}"):
@@ -118,11 +118,10 @@ def make_hparams(args, method: str, strategy: str, overrides: dict[str, dict], g
         elif k in edit_keys:
             edit_kw[k] = v
         else:
-            raise SystemExit(f"unknown hyperparameter {k!r}; EditHParams: {sorted(edit_keys)}, "
-                             f"TargetHParams: {sorted(target_keys)}")
+            raise SystemExit(f"unknown hyperparameter {k!r}; EditingConfig: {sorted(edit_keys)}, "
+                             f"TargetConfig: {sorted(target_keys)}")
     edit_kw.setdefault("layers", C.parse_int_list(args.layers))
-    hp = EditHParams(method=method, strategy=strategy, target=TargetHParams(**target_kw), **edit_kw)
-    hp.validate()
+    hp = EditingConfig(method=method, strategy=strategy, target=TargetConfig(**target_kw), **edit_kw)
     return hp
 
 
@@ -137,10 +136,10 @@ def hparams_summary(hp) -> dict:
 def key_statistics(args, model, adapter, tok, layers, *, data_dir, texts, model_id) -> dict[int, torch.Tensor]:
     """``C_0`` from the shared on-disk cache (collected in one pass when missing)."""
     from blueedit.data.corpus import corpus_fingerprint, load_corpus_texts
-    from blueedit.editing.statistics import StatisticsCache, StatsSpec
+    from blueedit.editing.statistics import StatisticsCache, StatsConfig
     from blueedit.models.loading import default_cache_dir
 
-    spec = StatsSpec(corpus=args.stats_corpus, num_samples=args.stats_samples, max_length=args.stats_max_length)
+    spec = StatsConfig(corpus=args.stats_corpus, num_samples=args.stats_samples, max_length=args.stats_max_length)
     if texts is not None:
         corpus_id = corpus_fingerprint("given-texts", len(texts), 0)
         texts_fn = lambda: list(texts)  # noqa: E731
@@ -230,7 +229,7 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     """
     from blueedit.editing.targets import generate_context_templates
     from blueedit.models.adapters import ModelAdapter
-    from blueedit.models.loading import ModelSpec, load_model_and_tokenizer, model_fingerprint
+    from blueedit.models.loading import ModelConfig, load_model_and_tokenizer, model_fingerprint
 
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -253,7 +252,7 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
 
     given_model = model is not None
     if not given_model:
-        spec = ModelSpec(name_or_path=args.model, dtype=args.dtype)
+        spec = ModelConfig(name_or_path=args.model, dtype=args.dtype)
         model, tokenizer = load_model_and_tokenizer(spec, args.cache_dir)
         model.to(args.device)
         model_id = model_fingerprint(spec)

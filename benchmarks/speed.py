@@ -95,9 +95,9 @@ def _mb(n: int) -> float:
 
 def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tuple[dict, dict[int, torch.Tensor]]:
     """One mode on a fresh model: statistics, editing, memory, metrics."""
-    from blueedit.editing.editor import EditHParams, Editor
-    from blueedit.editing.statistics import StatisticsCache, StatsSpec
-    from blueedit.editing.targets import TargetHParams, generate_context_templates
+    from blueedit.editing.editor import EditingConfig, Editor
+    from blueedit.editing.statistics import StatisticsCache, StatsConfig
+    from blueedit.editing.targets import TargetConfig, generate_context_templates
     from blueedit.evaluation.editing_metrics import evaluate_requests
     from blueedit.models.adapters import ModelAdapter
 
@@ -106,21 +106,20 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
     adapter = ModelAdapter(model)
     compute = {"optimized": args.compute_dtype, "reference": args.reference_compute_dtype,
                "optimized-bf16": "bfloat16"}[mode]
-    hp = EditHParams(
+    hp = EditingConfig(
         method=args.method, strategy=args.strategy, layers=C.parse_int_list(args.layers),
         mom2_update_weight=args.lam, optimize=optimize,
         autocast=None if args.autocast == "none" else args.autocast,
         compute_dtype=None if compute == "none" else compute,
         max_batch_tokens=(args.max_batch_tokens or None) if optimize else None,
-        target=TargetHParams(v_num_grad_steps=args.steps, v_lr=args.v_lr, loss_layer=args.loss_layer),
+        target=TargetConfig(v_num_grad_steps=args.steps, v_lr=args.v_lr, loss_layer=args.loss_layer),
     )
-    hp.validate()
     adapter.check_layers(hp.layers)
     layers = hp.edited_layers
     out: dict = {"mode": mode, "edited_layers": layers}
 
     # (a) statistics, into a fresh temporary cache so nothing is loaded from disk
-    spec = StatsSpec(corpus="wikipedia-sample", num_samples=args.stats_samples, max_length=args.stats_max_length,
+    spec = StatsConfig(corpus="wikipedia-sample", num_samples=args.stats_samples, max_length=args.stats_max_length,
                      batch_size=args.stats_batch_size, dtype="float32")
     corpus_id = f"speed-benchmark-n{args.stats_samples}"
     with tempfile.TemporaryDirectory(prefix="blueedit-speed-") as tmp:

@@ -14,9 +14,9 @@ from blueedit.callbacks.drift import HiddenStateDrift, drift_metrics, load_probe
 from blueedit.callbacks.progress import EditProgress, GeneralCapability
 from blueedit.callbacks.weight_shift import WeightShiftError, injected_target_prob, layer_diagnostics
 from blueedit.data.records import EditRequest
-from blueedit.editing.editor import EditHParams, Editor
+from blueedit.editing.editor import EditingConfig, Editor
 from blueedit.editing.statistics import accumulate_key_moments
-from blueedit.editing.targets import TargetHParams
+from blueedit.editing.targets import TargetConfig
 from blueedit.evaluation.reports import write_report
 from blueedit.models.adapters import ModelAdapter
 from conftest import _CORPUS, make_model, make_tokenizer
@@ -42,8 +42,8 @@ def _editor(strategy: str) -> Editor:
     adapter = ModelAdapter(model)
     st = accumulate_key_moments(model, adapter, tok, _CORPUS, LAYERS, max_length=32, batch_size=4)
     mom2 = {l: (st["sums"][l] / st["count"]).float() for l in LAYERS}
-    hp = EditHParams(method="memit", strategy=strategy, layers=list(LAYERS), mom2_update_weight=1.0,
-                     target=TargetHParams(v_num_grad_steps=5))
+    hp = EditingConfig(method="memit", strategy=strategy, layers=list(LAYERS), mom2_update_weight=1.0,
+                     target=TargetConfig(v_num_grad_steps=5))
     return Editor(model, tok, adapter, hp, mom2, TEMPLATES)
 
 
@@ -159,19 +159,19 @@ def test_report_without_callbacks_skips_plots(tmp_path: Path) -> None:
 
 
 def _tiny_module(tmp_path: Path, strategy: str = "distribute", evaluate: bool = True):
-    from blueedit.editing.statistics import StatsSpec
-    from blueedit.models.loading import ModelSpec
+    from blueedit.editing.statistics import StatsConfig
+    from blueedit.models.loading import ModelConfig
     from blueedit.module import EditingModule
 
     model_dir = tmp_path / "tiny"
     if not model_dir.is_dir():
         make_model("llama").save_pretrained(model_dir)
         make_tokenizer().save_pretrained(model_dir)
-    hp = EditHParams(method="memit", strategy=strategy, layers=list(LAYERS), mom2_update_weight=1.0,
-                     target=TargetHParams(v_num_grad_steps=3))
+    hp = EditingConfig(method="memit", strategy=strategy, layers=list(LAYERS), mom2_update_weight=1.0,
+                     target=TargetConfig(v_num_grad_steps=3))
     return EditingModule(
-        model=ModelSpec(name_or_path=str(model_dir)), editing=hp, evaluate=evaluate,
-        stats=StatsSpec(corpus="model-samples", num_samples=8, max_length=32, cache_dir=str(tmp_path / "cache")),
+        model=ModelConfig(name_or_path=str(model_dir)), editing=hp, evaluate=evaluate,
+        stats=StatsConfig(corpus="model-samples", num_samples=8, max_length=32, cache_dir=str(tmp_path / "cache")),
         cache_dir=str(tmp_path / "cache"),
     )
 

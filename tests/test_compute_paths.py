@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blueedit.data.records import EditRequest
-from blueedit.editing.targets import TargetHParams, optimize_targets, request_chunks
+from blueedit.editing.targets import TargetConfig, optimize_targets, request_chunks
 from blueedit.models.adapters import ModelAdapter
 from conftest import make_model, make_tokenizer
 
@@ -41,7 +41,7 @@ def test_micro_batches_equal_one_batch(arch, fast):
     model = make_model(arch)
     tok = make_tokenizer()
     adapter = ModelAdapter(model)
-    hp = TargetHParams(v_num_grad_steps=6, v_lr=0.5, loss_layer=4)
+    hp = TargetConfig(v_num_grad_steps=6, v_lr=0.5, loss_layer=4)
     one = optimize_targets(model, adapter, tok, REQUESTS, 2, TEMPLATES, hp, fast=fast)
     for budget in (1, 60):
         micro = optimize_targets(model, adapter, tok, REQUESTS, 2, TEMPLATES, hp, fast=fast, max_batch_tokens=budget)
@@ -68,12 +68,12 @@ def test_micro_batching_really_splits(monkeypatch):
     monkeypatch.setattr(targets._Chunk, "__init__", spy)
     model, tok = make_model("llama"), make_tokenizer()
     optimize_targets(model, ModelAdapter(model), tok, REQUESTS, 2, TEMPLATES,
-                     TargetHParams(v_num_grad_steps=2), max_batch_tokens=1)
+                     TargetConfig(v_num_grad_steps=2), max_batch_tokens=1)
     assert seen == [[i] for i in range(len(REQUESTS))]
 
 
 def _editor(arch, **kw):
-    from blueedit.editing.editor import EditHParams, Editor
+    from blueedit.editing.editor import EditingConfig, Editor
 
     torch.manual_seed(0)
     model, tok = make_model(arch), make_tokenizer()
@@ -84,8 +84,8 @@ def _editor(arch, **kw):
     for l in layers:
         x = torch.randn(256, adapter.key_size(l), generator=g)
         mom2[l] = x.T @ x / 256 + torch.eye(adapter.key_size(l))  # well conditioned
-    hp = EditHParams(method="memit", strategy="boundary", layers=layers, mom2_update_weight=1.0,
-                     target=TargetHParams(v_num_grad_steps=5, v_lr=0.5, loss_layer=3), **kw)
+    hp = EditingConfig(method="memit", strategy="boundary", layers=layers, mom2_update_weight=1.0,
+                     target=TargetConfig(v_num_grad_steps=5, v_lr=0.5, loss_layer=3), **kw)
     return Editor(model, tok, adapter, hp, mom2, TEMPLATES), adapter
 
 
@@ -119,9 +119,9 @@ def test_compute_dtype_equal_to_the_model_makes_no_copy():
 
 
 def test_compute_dtype_is_validated():
-    from blueedit.editing.editor import EditHParams
+    from blueedit.editing.editor import EditingConfig
 
     with pytest.raises(ValueError, match="compute_dtype"):
-        EditHParams(compute_dtype="int8").validate()
+        EditingConfig(compute_dtype="int8")
     with pytest.raises(ValueError, match="max_batch_tokens"):
-        EditHParams(max_batch_tokens=0).validate()
+        EditingConfig(max_batch_tokens=0)

@@ -10,9 +10,9 @@ import torch
 
 from blueedit.data.records import EditRecordError, EditRequest
 from blueedit.editing import solvers
-from blueedit.editing.editor import EditHParams, Editor, EditRoundError
-from blueedit.editing.statistics import StatisticsCache, StatsSpec, accumulate_key_moments
-from blueedit.editing.targets import TargetHParams, fact_states, optimize_targets, optimize_targets_one_by_one
+from blueedit.editing.editor import EditingConfig, Editor, EditRoundError
+from blueedit.editing.statistics import StatisticsCache, StatsConfig, accumulate_key_moments
+from blueedit.editing.targets import TargetConfig, fact_states, optimize_targets, optimize_targets_one_by_one
 from blueedit.models.adapters import ModelAdapter
 from conftest import _CORPUS, make_model, make_tokenizer
 
@@ -53,9 +53,9 @@ def _editor(method="memit", strategy="boundary", arch="llama", **kw):
     model = make_model(arch)
     tok = make_tokenizer()
     adapter = ModelAdapter(model)
-    hp = EditHParams(
+    hp = EditingConfig(
         method=method, strategy=strategy, layers=list(LAYERS),
-        target=TargetHParams(v_num_grad_steps=3, v_lr=0.5), **kw,
+        target=TargetConfig(v_num_grad_steps=3, v_lr=0.5), **kw,
     )
     return Editor(model, tok, adapter, hp, _mom2(model, adapter, tok), TEMPLATES)
 
@@ -66,7 +66,7 @@ def test_batched_targets_equal_one_by_one(arch):
     model = make_model(arch)
     tok = make_tokenizer()
     adapter = ModelAdapter(model)
-    hp = TargetHParams(v_num_grad_steps=4, v_lr=0.5)
+    hp = TargetConfig(v_num_grad_steps=4, v_lr=0.5)
     a = optimize_targets(model, adapter, tok, REQUESTS, 2, TEMPLATES, hp)
     b = optimize_targets_one_by_one(model, adapter, tok, REQUESTS, 2, TEMPLATES, hp)
     assert a.z.shape == (len(REQUESTS), adapter.hidden_size())
@@ -85,7 +85,7 @@ def test_batched_targets_equal_one_by_one_with_early_stops(arch):
     model = make_model(arch)
     tok = make_tokenizer()
     adapter = ModelAdapter(model)
-    base = TargetHParams(v_num_grad_steps=1, v_lr=0.5, v_weight_decay=0.0, clamp_norm_factor=4.0, early_stop_loss=0.0)
+    base = TargetConfig(v_num_grad_steps=1, v_lr=0.5, v_weight_decay=0.0, clamp_norm_factor=4.0, early_stop_loss=0.0)
     # the loss of each request after k steps, alone (the loss is monotone here for the tiny models)
     traj = torch.stack([
         optimize_targets_one_by_one(model, adapter, tok, REQUESTS, 2, TEMPLATES,
@@ -298,7 +298,7 @@ def test_single_pass_statistics_equal_per_layer(tmp_path):
     model = make_model("llama")
     tok = make_tokenizer()
     adapter = ModelAdapter(model)
-    spec = StatsSpec(corpus="test", num_samples=len(_CORPUS), max_length=32, batch_size=3)
+    spec = StatsConfig(corpus="test", num_samples=len(_CORPUS), max_length=32, batch_size=3)
     one = StatisticsCache(tmp_path / "a", "tiny").get_or_collect(model, adapter, tok, [1, 3], spec, "c", _texts,
                                                                single_pass=True)
     per = StatisticsCache(tmp_path / "b", "tiny").get_or_collect(model, adapter, tok, [1, 3], spec, "c", _texts,
@@ -329,7 +329,7 @@ def test_interrupted_statistics_resume(tmp_path):
     model = make_model("llama")
     tok = make_tokenizer()
     adapter = ModelAdapter(model)
-    spec = StatsSpec(corpus="test", num_samples=len(_CORPUS), max_length=32, batch_size=2)  # 5 batches
+    spec = StatsConfig(corpus="test", num_samples=len(_CORPUS), max_length=32, batch_size=2)  # 5 batches
     ref = StatisticsCache(tmp_path / "ref", "tiny").get_or_collect(model, adapter, tok, [1, 3], spec, "c", _texts)
 
     calls = [0]
@@ -369,7 +369,7 @@ def test_interrupted_statistics_resume(tmp_path):
 def test_fast_path_equals_reference_path(arch, bos):
     """The prefix-cached, block-replayed batched optimization equals the straightforward
     one-request-at-a-time path on whole prompts with full logits."""
-    from blueedit.editing.targets import TargetHParams, optimize_targets, optimize_targets_one_by_one
+    from blueedit.editing.targets import TargetConfig, optimize_targets, optimize_targets_one_by_one
 
     tok, model = make_tokenizer(bos=bos), make_model(arch)
     adapter = ModelAdapter(model)
@@ -379,7 +379,7 @@ def test_fast_path_equals_reference_path(arch, bos):
         EditRequest(2, "{} is located in", "Autonomous University of Madrid", "Tokyo", "Spain"),
     ]
     templates = ["{}", "The a. {}", "Berlin. {}"]
-    hp = TargetHParams(v_num_grad_steps=6, v_lr=0.5)
+    hp = TargetConfig(v_num_grad_steps=6, v_lr=0.5)
     fast = optimize_targets(model, adapter, tok, requests, 2, templates, hp, fast=True)
     ref = optimize_targets_one_by_one(model, adapter, tok, requests, 2, templates, hp, fast=False)
     assert torch.equal(fast.steps, ref.steps)

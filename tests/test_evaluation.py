@@ -239,14 +239,14 @@ def test_evaluate_requests_dispatch():
 def test_validate_steps_average_per_record(tmp_path):
     """``validate`` / ``test`` accumulate over chunks the same per-record means as above."""
     from blueedit.data.datamodule import EditRound
-    from blueedit.models.loading import ModelSpec
+    from blueedit.models.loading import ModelConfig
     from blueedit.module import EditingModule
 
-    from blueedit.editing.editor import EditHParams
+    from blueedit.editing.editor import EditingConfig
 
     make_model("llama", n_layer=2).save_pretrained(tmp_path / "tiny")
     make_tokenizer().save_pretrained(tmp_path / "tiny")
-    module = EditingModule(model=ModelSpec(name_or_path=str(tmp_path / "tiny")), editing=EditHParams(layers=[0, 1]),
+    module = EditingModule(model=ModelConfig(name_or_path=str(tmp_path / "tiny")), editing=EditingConfig(layers=[0, 1]),
                            evaluate=False, cache_dir=str(tmp_path / "cache"))
     module.lm, module.tokenizer = bigram(), word_tokenizer()  # the hand-checkable bigram LM
     reqs = _counterfact_requests()

@@ -16,7 +16,7 @@ from blueedit.evaluation import fluency as fluency_mod
 from blueedit.evaluation.consistency import TfidfModel
 from blueedit.evaluation.fluency import generate_sampled, sample_top_k, text_ngram_entropy
 from blueedit.evaluation.generation import (
-    GenerationSpec,
+    GenerationMetricsConfig,
     References,
     generation_records,
     generation_summary,
@@ -95,7 +95,7 @@ def test_generation_records_and_summary_by_hand():
     ]
     tfidf = TfidfModel({"ab": 0, "bc": 1, "ca": 2, "dd": 3}, torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
     refs = References({"P1": {"Q1": ["ab ab", "ca"]}}, tfidf)
-    spec = GenerationSpec(max_length=6, top_k=1)
+    spec = GenerationMetricsConfig(max_length=6, top_k=1)
     recs = generation_records(model, tok, reqs, spec, refs)
     assert [r["generations"] for r in recs] == [["ab bc ca ab bc ca", "dd dd dd dd dd dd"], ["bc ca ab bc ca ab"], []]
     # "ab bc ca ab bc ca": bigrams x2, x2, x1 -> H2; trigrams x2, x1, x1 -> H3 (same for "bc ca ab ...")
@@ -118,27 +118,27 @@ def test_generation_records_and_summary_by_hand():
     # a chunk with its prompt offset samples exactly like the whole list
     tok2, lm = make_tokenizer(), make_model("llama", n_layer=2)
     many = [EditRequest(i, "{} x", "a", "b", generation_prompts=("Berlin", "The Eiffel")) for i in range(3)]
-    spec = GenerationSpec(max_length=12)
+    spec = GenerationMetricsConfig(max_length=12)
     whole = generation_records(lm, tok2, many, spec)
     parts = generation_records(lm, tok2, many[:1], spec) + generation_records(lm, tok2, many[1:], spec, None, 2)
     assert [r["generations"] for r in parts] == [r["generations"] for r in whole]
-    assert len(generation_records(lm, tok2, many, GenerationSpec(max_length=12, num_records=1))) == 1
+    assert len(generation_records(lm, tok2, many, GenerationMetricsConfig(max_length=12, num_records=1))) == 1
     with pytest.raises(ValueError, match="generation.top_k"):
-        generation_records(lm, tok2, many, GenerationSpec(top_k=0))
+        generation_records(lm, tok2, many, GenerationMetricsConfig(top_k=0))
 
 
 def test_load_references(tmp_path):
-    assert load_references(GenerationSpec(), tmp_path) is None
+    assert load_references(GenerationMetricsConfig(), tmp_path) is None
     snips = [{"relation_id": "P1", "target_id": "Q1", "samples": [{"text": "apple banana"}, {"text": "apple"}]}]
     (tmp_path / "attribute_snippets.json").write_text(json.dumps(snips))
-    refs = load_references(GenerationSpec(), tmp_path)
+    refs = load_references(GenerationMetricsConfig(), tmp_path)
     assert refs.texts_for(EditRequest(0, "{}", "s", "t", relation_id="P1", target_new_id="Q1")) == \
         ["apple banana", "apple"]
     assert refs.texts_for(EditRequest(0, "{}", "s", "t")) == []
     # fitted on the snippets (2 documents): idf(apple) = ln(3/3) + 1, idf(banana) = ln(3/2) + 1
     assert float(refs.tfidf.idf[refs.tfidf.vocab["banana"]]) == pytest.approx(math.log(1.5) + 1)
     with pytest.raises(FileNotFoundError, match="attribute_snippets"):
-        load_references(GenerationSpec(attribute_snippets=str(tmp_path / "missing.json")))
+        load_references(GenerationMetricsConfig(attribute_snippets=str(tmp_path / "missing.json")))
 
 
 # -- fit / validate -----------------------------------------------------------------------------

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from blueedit.data.corpus import corpus_fingerprint
-from blueedit.editing.statistics import LayerStats, StatisticsCache, StatisticsCacheWarning, StatsSpec
+from blueedit.editing.statistics import LayerStats, StatisticsCache, StatisticsCacheWarning, StatsConfig
 from blueedit.models.adapters import ModelAdapter
 from blueedit.models.loading import model_content_fingerprints
 from conftest import _CORPUS, make_model, make_tokenizer
 
-SPEC = StatsSpec(corpus="test", num_samples=len(_CORPUS), max_length=32, batch_size=5)
+SPEC = StatsConfig(corpus="test", num_samples=len(_CORPUS), max_length=32, batch_size=5)
 
 
 def _texts():

@@ -14,10 +14,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from blueedit.data.datamodule import EditDataModule
-from blueedit.editing.editor import EditHParams
-from blueedit.editing.statistics import StatsSpec
-from blueedit.editing.targets import TargetHParams
-from blueedit.models.loading import ModelSpec
+from blueedit.editing.editor import EditingConfig
+from blueedit.editing.statistics import StatsConfig
+from blueedit.editing.targets import TargetConfig
+from blueedit.models.loading import ModelConfig
 from blueedit.module import EditingModule
 from conftest import make_model, make_tokenizer
 
@@ -55,11 +55,11 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def _module(root: Path, strategy: str = "boundary", method: str = "memit", evaluate: bool = False) -> EditingModule:
-    editing = EditHParams(method=method, strategy=strategy, layers=[1, 2, 3],
-                          target=TargetHParams(v_num_grad_steps=3, v_lr=0.5))
-    stats = StatsSpec(corpus="model-samples", num_samples=4, max_length=32, batch_size=4,
+    editing = EditingConfig(method=method, strategy=strategy, layers=[1, 2, 3],
+                          target=TargetConfig(v_num_grad_steps=3, v_lr=0.5))
+    stats = StatsConfig(corpus="model-samples", num_samples=4, max_length=32, batch_size=4,
                       cache_dir=str(root / "cache"))
-    return EditingModule(model=ModelSpec(name_or_path=str(root / "tiny-llama")), editing=editing, stats=stats,
+    return EditingModule(model=ModelConfig(name_or_path=str(root / "tiny-llama")), editing=editing, stats=stats,
                          evaluate=evaluate, eval_batch_size=8)
 
 

@@ -266,9 +266,9 @@ class BlueEditCLI(LightningCLI):
         cfg = self.config[sub]
         check_callbacks(cfg.get("trainer", {}).get("callbacks"))
         model_cfg = _as_dict(cfg.get("model"))
-        from blueedit.models.loading import ModelSpec, check_model_source
+        from blueedit.models.loading import ModelConfig, check_model_source
 
-        spec = ModelSpec(**_as_dict(model_cfg.get("model"))) if model_cfg.get("model") is not None else ModelSpec()
+        spec = ModelConfig(**_as_dict(model_cfg.get("model"))) if model_cfg.get("model") is not None else ModelConfig()
         data_cfg = _as_dict(cfg.get("data"))
         if sub == "edit":
             edits = cfg.get("edits")

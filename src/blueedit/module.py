@@ -6,6 +6,7 @@ import json
 import logging
 import warnings
 from contextlib import nullcontext
+from copy import deepcopy
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,12 @@ from blueedit.data.corpus import (
 )
 from blueedit.data.datamodule import EditRound, ResumeMismatchError, RoundDataset, describe_differences
 from blueedit.data.records import EditRequest, check_prompt_lengths, effective_prompt_limit
-from blueedit.editing.editor import EditHParams, Editor, EditorState, RoundReport
-from blueedit.editing.statistics import StatisticsCache, StatsSpec
+from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport
+from blueedit.editing.statistics import StatisticsCache, StatsConfig
 from blueedit.editing.targets import generate_context_templates
 from blueedit.evaluation.editing_metrics import EDIT_KINDS, EvaluationResult, evaluate_requests, record_values
 from blueedit.evaluation.generation import (
-    GenerationSpec,
+    GenerationMetricsConfig,
     References,
     generation_records,
     generation_summary,
@@ -37,7 +38,7 @@ from blueedit.evaluation.generation import (
 )
 from blueedit.models.adapters import ModelAdapter
 from blueedit.models.loading import (
-    ModelSpec,
+    ModelConfig,
     context_length,
     default_cache_dir,
     load_model_and_tokenizer,
@@ -63,7 +64,7 @@ class EditingModule(L.LightningModule):
     context templates, pre-edit metrics), so a resumed run ends with the same weights.
 
     Args:
-        model: which causal LM to edit (:class:`~blueedit.models.loading.ModelSpec`).
+        model: which causal LM to edit (:class:`~blueedit.models.loading.ModelConfig`).
         editing: method, strategy (BLUE = ``boundary``), layers and hyperparameters.
         stats: the corpus and size of the key statistics ``C_0``.
         evaluate: evaluate the edited records before and after editing (``metrics.json``).
@@ -73,7 +74,7 @@ class EditingModule(L.LightningModule):
             post in ``metrics.json`` and in ``validate`` / ``test`` (``docs/algorithms.md`` §8).
             Slow: 100 tokens per generation prompt.
         generation: how the generation metrics are computed (sampling, number of records,
-            reference texts); see :class:`~blueedit.evaluation.generation.GenerationSpec`.
+            reference texts); see :class:`~blueedit.evaluation.generation.GenerationMetricsConfig`.
         data_dir: benchmark data directory (linked from ``data.data_dir`` by the CLI).
         cache_dir: cache root for converted models and statistics.
         debug: after every round, check that the edited weights are bit-identical on every rank
@@ -85,28 +86,26 @@ class EditingModule(L.LightningModule):
 
     def __init__(
         self,
-        model: ModelSpec | None = None,
-        editing: EditHParams | None = None,
-        stats: StatsSpec | None = None,
+        model: ModelConfig = ModelConfig(),
+        editing: EditingConfig = EditingConfig(),
+        stats: StatsConfig = StatsConfig(),
         evaluate: bool = True,
         eval_batch_size: int = 32,
         generation_metrics: bool = False,
-        generation: GenerationSpec | None = None,
+        generation: GenerationMetricsConfig = GenerationMetricsConfig(),
         data_dir: str | None = None,
         cache_dir: str | None = None,
         debug: bool = False,
         max_prompt_tokens: int | None = 512,
     ) -> None:
         super().__init__()
-        self.model_spec = model or ModelSpec()
-        self.hp = editing or EditHParams()
-        self.hp.validate()
-        self.stats_spec = stats or StatsSpec()
+        self.model_spec = deepcopy(model or ModelConfig())  # never the shared default instance
+        self.hp = deepcopy(editing or EditingConfig())
+        self.stats_spec = deepcopy(stats or StatsConfig())
         self.evaluate = evaluate
         self.eval_batch_size = eval_batch_size
         self.generation_metrics = generation_metrics
-        self.generation = generation or GenerationSpec()
-        self.generation.validate()
+        self.generation = deepcopy(generation or GenerationMetricsConfig())
         if generation_metrics and self.generation.attribute_snippets is not None:
             if not Path(self.generation.attribute_snippets).expanduser().is_file():
                 raise FileNotFoundError(f"generation.attribute_snippets: {self.generation.attribute_snippets} not found")

@@ -15,11 +15,12 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from blueedit.config import check_choice
 from blueedit.data.formats import default_data_dir, load_requests
 from blueedit.data.records import EditRequest
 
@@ -145,6 +146,11 @@ class RoundLoader(DataLoader):
         self._resume_at = start
 
 
+#: ``data.format``: ``auto`` detects it from the first record (see :data:`blueedit.data.formats.FORMATS`).
+RecordFormat = Literal["auto", "counterfact", "counterfact-easyedit", "zsre", "user"]
+ZsreTarget = Literal["answers", "alt"]
+
+
 class EditDataModule(L.LightningDataModule):
     """Edit requests for a sequential / batch editing run.
 
@@ -164,11 +170,11 @@ class EditDataModule(L.LightningDataModule):
     def __init__(
         self,
         dataset: str = "examples",
-        format: str = "auto",
+        format: RecordFormat = "auto",
         data_dir: str | None = None,
         num_edits: int | None = None,
         edits_per_round: int = 10,
-        zsre_target: str = "answers",
+        zsre_target: ZsreTarget = "answers",
         eval_dataset: str | None = None,
         num_workers: int = 0,
     ) -> None:
@@ -179,6 +185,8 @@ class EditDataModule(L.LightningDataModule):
             isinstance(num_edits, bool) or not isinstance(num_edits, int) or num_edits < 1
         ):
             raise ValueError(f"num_edits must be an integer >= 1 or None, got {num_edits!r}")
+        check_choice("data.format", format, RecordFormat)
+        check_choice("data.zsre_target", zsre_target, ZsreTarget)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
         self.save_hyperparameters()

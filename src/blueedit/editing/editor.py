@@ -9,22 +9,29 @@ import time
 from contextlib import contextmanager, nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 
 from blueedit import distributed
+from blueedit.config import Dtype, check_choice
 from blueedit.data.records import EditRecordError, EditRequest, validate_requests
 from blueedit.editing import solvers
-from blueedit.editing.targets import TargetHParams, TargetResult, fact_states, optimize_targets, optimize_targets_one_by_one
+from blueedit.editing.targets import TargetConfig, TargetResult, fact_states, optimize_targets, optimize_targets_one_by_one
 from blueedit.editing.tokens import tokenize_target
 from blueedit.models.adapters import ModelAdapter
 
-METHODS = ("memit", "alphaedit", "prune", "rect")
-STRATEGIES = ("distribute", "boundary")
+Method = Literal["memit", "alphaedit", "prune", "rect"]
+Strategy = Literal["distribute", "boundary"]
+HalfDtype = Literal["bfloat16", "float16"]
+PruneBase = Literal["original", "current"]
+METHODS: tuple[str, ...] = get_args(Method)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+
 
 
 @dataclass
-class EditHParams:
+class EditingConfig:
     """What to edit and how.
 
     Attributes:
@@ -65,39 +72,32 @@ class EditHParams:
             published BLUE code does).
     """
 
-    method: str = "memit"
-    strategy: str = "distribute"
+    method: Method = "memit"
+    strategy: Strategy = "distribute"
     layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
     mom2_update_weight: float = 1500.0
     nullspace_threshold: float = 2e-2
     L2: float = 10.0
     rect_keep: float = 0.4
-    target: TargetHParams = field(default_factory=TargetHParams)
+    target: TargetConfig = field(default_factory=TargetConfig)
     optimize: bool = True
     key_batch_size: int = 64
-    autocast: str | None = None
-    compute_dtype: str | None = None
+    autocast: HalfDtype | None = None
+    compute_dtype: Dtype | None = None
     max_batch_tokens: int | None = 2048
     use_history: bool = True
-    prune_base: str = "original"
+    prune_base: PruneBase = "original"
 
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"editing.method {self.method!r} is not one of {METHODS}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"editing.strategy {self.strategy!r} is not one of {STRATEGIES}")
+    def __post_init__(self) -> None:
+        check_choice("editing.method", self.method, Method)
+        check_choice("editing.strategy", self.strategy, Strategy)
+        check_choice("editing.autocast", self.autocast, HalfDtype, optional=True)
+        check_choice("editing.compute_dtype", self.compute_dtype, Dtype, optional=True)
+        check_choice("editing.prune_base", self.prune_base, PruneBase)
         if not self.layers:
             raise ValueError("editing.layers is empty")
-        if self.compute_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"editing.compute_dtype {self.compute_dtype!r} must be null, 'float32', 'bfloat16' or 'float16'")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise ValueError(f"editing.max_batch_tokens must be a positive number of tokens or null, got {self.max_batch_tokens}")
-        if self.prune_base not in ("original", "current"):
-            raise ValueError(f"editing.prune_base {self.prune_base!r} must be 'original' or 'current'")
-        if self.target.v_num_grad_steps < 1:
-            raise ValueError(f"editing.target.v_num_grad_steps must be >= 1, got {self.target.v_num_grad_steps}")
-        if self.autocast not in (None, "bfloat16", "float16"):
-            raise ValueError(f"editing.autocast {self.autocast!r} must be null, 'bfloat16' or 'float16'")
         if list(self.layers) != list(range(self.layers[0], self.layers[0] + len(self.layers))):
             raise ValueError(f"editing.layers {self.layers} must be consecutive and increasing")
 
@@ -180,14 +180,13 @@ class Editor:
     Args:
         model, tokenizer: the Hugging Face causal LM being edited (in place) and its tokenizer.
         adapter: where ``W_out`` lives.
-        hparams: :class:`EditHParams`.
+        hparams: :class:`EditingConfig`.
         mom2: ``C_0^l`` for every edited layer (``[d_k, d_k]``).
         context_templates: ``C`` (section 1).
     """
 
-    def __init__(self, model, tokenizer, adapter: ModelAdapter, hparams: EditHParams,
+    def __init__(self, model, tokenizer, adapter: ModelAdapter, hparams: EditingConfig,
                  mom2: dict[int, torch.Tensor], context_templates: list[str], state: EditorState | None = None):
-        hparams.validate()
         adapter.check_layers(hparams.layers)
         missing = [l for l in hparams.edited_layers if l not in mom2]
         if missing:

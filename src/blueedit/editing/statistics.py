@@ -28,10 +28,12 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from blueedit import distributed
+from blueedit.config import Dtype, check_choice
 from blueedit.editing.forward import forward, traced
 from blueedit.editing.tokens import pad_batch, pad_token_id
 from blueedit.models.adapters import ModelAdapter
@@ -43,12 +45,16 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = "c0-v2"
 
 
+#: Where the texts of ``C_0`` come from (see :class:`StatsConfig`).
+CorpusSource = Literal["auto", "wikipedia-sample", "wikitext-2", "hub:wikipedia", "hub:wikitext", "model-samples"]
+
+
 class StatisticsCacheWarning(UserWarning):
     """A statistics cache entry was damaged or did not match its key; it is recomputed."""
 
 
 @dataclass
-class StatsSpec:
+class StatsConfig:
     """How to collect ``C_0``.
 
     Attributes:
@@ -64,13 +70,20 @@ class StatsSpec:
         cache_dir: root of the on-disk cache (default ``$BLUEEDIT_CACHE`` or ``~/.cache/blueedit``).
     """
 
-    corpus: str = "auto"
+    corpus: CorpusSource = "auto"
     num_samples: int = 1000
     max_length: int = 256
     batch_size: int = 8
     max_tokens: int | None = None
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("stats.corpus", self.corpus, CorpusSource)
+        check_choice("stats.dtype", self.dtype, Dtype)
+        for name in ("num_samples", "max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"stats.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -268,7 +281,7 @@ class StatisticsCache:
         adapter: ModelAdapter,
         tokenizer,
         layers: list[int],
-        spec: StatsSpec,
+        spec: StatsConfig,
         corpus_id: str,
         texts_fn: Callable[[], list[str]],
         *,

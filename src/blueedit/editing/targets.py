@@ -47,7 +47,7 @@ def generate_context_templates(
 
 
 @dataclass
-class TargetHParams:
+class TargetConfig:
     """Hyperparameters of the target optimization (docs/algorithms.md, "Target hidden states").
 
     ``loss_layer`` ``None`` means the last block. ``kl_prompt`` has one ``{}`` for the subject.
@@ -61,6 +61,12 @@ class TargetHParams:
     early_stop_loss: float = 0.05
     loss_layer: int | None = None
     kl_prompt: str = "{} is a"
+
+    def __post_init__(self) -> None:
+        if self.v_num_grad_steps < 1:
+            raise ValueError(f"editing.target.v_num_grad_steps must be >= 1, got {self.v_num_grad_steps}")
+        if self.kl_prompt.count("{}") != 1:
+            raise ValueError(f"editing.target.kl_prompt {self.kl_prompt!r} needs exactly one {{}} for the subject")
 
 
 @dataclass
@@ -282,7 +288,7 @@ def optimize_targets(
     requests: list[EditRequest],
     layer: int,
     templates: list[str],
-    hp: TargetHParams,
+    hp: TargetConfig,
     *,
     fast: bool = True,
     max_batch_tokens: int | None = None,

@@ -34,13 +34,13 @@ from blueedit.evaluation.fluency import generate_sampled, text_ngram_entropy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GenerationSpec", "References", "load_references", "generation_records", "generation_summary"]
+__all__ = ["GenerationMetricsConfig", "References", "load_references", "generation_records", "generation_summary"]
 
 GENERATION_METRICS: tuple[str, ...] = ("fluency", "consistency")
 
 
 @dataclass
-class GenerationSpec:
+class GenerationMetricsConfig:
     """How the generation metrics are computed.
 
     Attributes:
@@ -64,7 +64,7 @@ class GenerationSpec:
     attribute_snippets: str | None = None
     tfidf: str | None = None
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.max_length < 1:
             raise ValueError(f"generation.max_length must be >= 1, got {self.max_length}")
         if self.top_k < 1:
@@ -89,7 +89,7 @@ class References:
         return list(self.snippets.get(str(req.relation_id), {}).get(str(req.target_new_id), []))
 
 
-def _snippets_path(spec: GenerationSpec, data_dir: str | Path | None) -> Path | None:
+def _snippets_path(spec: GenerationMetricsConfig, data_dir: str | Path | None) -> Path | None:
     if spec.attribute_snippets is not None:
         path = Path(spec.attribute_snippets).expanduser()
         if not path.is_file():
@@ -104,7 +104,7 @@ def _snippets_path(spec: GenerationSpec, data_dir: str | Path | None) -> Path | 
     return None
 
 
-def load_references(spec: GenerationSpec, data_dir: str | Path | None = None) -> References | None:
+def load_references(spec: GenerationMetricsConfig, data_dir: str | Path | None = None) -> References | None:
     """The consistency references of ``spec``, or ``None`` when no snippets file is available.
 
     An explicitly given file that does not exist is an error (``FileNotFoundError``).
@@ -128,7 +128,7 @@ def generation_records(
     model: nn.Module,
     tokenizer,
     requests: list[EditRequest],
-    spec: GenerationSpec | None = None,
+    spec: GenerationMetricsConfig | None = None,
     references: References | None = None,
     prompt_offset: int = 0,
 ) -> list[dict[str, Any]]:
@@ -140,8 +140,7 @@ def generation_records(
     that flat list samples with seed ``spec.seed + prompt_offset + j`` (so chunks of one list,
     given their offsets, sample exactly as the whole list does).
     """
-    spec = spec or GenerationSpec()
-    spec.validate()
+    spec = spec or GenerationMetricsConfig()
     chosen = requests if spec.num_records is None else requests[: spec.num_records]
     prompts = [p for req in chosen for p in req.generation_prompts]
     texts = generate_sampled(model, tokenizer, prompts, max_length=spec.max_length, top_k=spec.top_k,

@@ -10,8 +10,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+
+from blueedit.config import Dtype, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 @dataclass
-class ModelSpec:
+class ModelConfig:
     """Which model to edit and how to load it.
 
     Attributes:
@@ -48,7 +51,7 @@ class ModelSpec:
 
     name_or_path: str = "smollm2-135m"
     gguf_file: str | None = None
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     device_map: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
@@ -57,6 +60,11 @@ class ModelSpec:
     w_out: str | None = None
     final_norm: str | None = None
     lm_head: str | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("model.dtype", self.dtype, Dtype)
+        if self.padding_side is not None:
+            check_choice("model.padding_side", self.padding_side, Literal["left", "right"])
 
     def layout_overrides(self) -> dict[str, str | None]:
         return {"blocks": self.blocks, "w_out": self.w_out, "final_norm": self.final_norm, "lm_head": self.lm_head}
@@ -126,7 +134,7 @@ def looks_local(name_or_path: str) -> bool:
             or name.endswith(".gguf") or Path(name).expanduser().exists())
 
 
-def check_model_source(spec: ModelSpec) -> None:
+def check_model_source(spec: ModelConfig) -> None:
     """Fail fast, naming the option, when ``model.name_or_path`` is a local path that does not
     exist (instead of transformers' "Repo id must be in the form ..." after a hub lookup)."""
     name = spec.name_or_path
@@ -152,7 +160,7 @@ def check_model_source(spec: ModelSpec) -> None:
         raise FileNotFoundError(f"model.name_or_path {name!r} has no config.json: not a Hugging Face model directory")
 
 
-def local_model_dir(spec: ModelSpec, cache_dir: str | Path | None = None) -> Path | None:
+def local_model_dir(spec: ModelConfig, cache_dir: str | Path | None = None) -> Path | None:
     """The local Hugging Face directory the model would be loaded from without converting or
     downloading anything (a local directory, or an already de-quantized GGUF); else ``None``."""
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -180,7 +188,7 @@ def context_length(config) -> int | None:
     return None
 
 
-def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path | None = None):
+def load_model_and_tokenizer(spec: ModelConfig, cache_dir: str | Path | None = None):
     """Load ``(model, tokenizer)`` in eval mode with gradients off for every parameter.
 
     GGUF checkpoints are de-quantized once and cached as a Hugging Face directory under
@@ -227,7 +235,7 @@ def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path | None = Non
     return model, tokenizer
 
 
-def model_fingerprint(spec: ModelSpec) -> str:
+def model_fingerprint(spec: ModelConfig) -> str:
     """A short, readable label of the model *name* (a cache directory name).
 
     It says nothing about the weights: two different models copied to the same path get the same
