@@ -298,7 +298,7 @@ def test_single_pass_statistics_equal_per_layer(tmp_path):
     model = make_model("llama")
     tok = make_tokenizer()
     adapter = ModelAdapter(model)
-    spec = StatsConfig(corpus="test", num_samples=len(_CORPUS), max_length=32, batch_size=3)
+    spec = StatsConfig(corpus="wikipedia-sample", num_samples=len(_CORPUS), max_length=32, batch_size=3)
     one = StatisticsCache(tmp_path / "a", "tiny").get_or_collect(model, adapter, tok, [1, 3], spec, "c", _texts,
                                                                single_pass=True)
     per = StatisticsCache(tmp_path / "b", "tiny").get_or_collect(model, adapter, tok, [1, 3], spec, "c", _texts,
@@ -329,7 +329,7 @@ def test_interrupted_statistics_resume(tmp_path):
     model = make_model("llama")
     tok = make_tokenizer()
     adapter = ModelAdapter(model)
-    spec = StatsConfig(corpus="test", num_samples=len(_CORPUS), max_length=32, batch_size=2)  # 5 batches
+    spec = StatsConfig(corpus="wikipedia-sample", num_samples=len(_CORPUS), max_length=32, batch_size=2)  # 5 batches
     ref = StatisticsCache(tmp_path / "ref", "tiny").get_or_collect(model, adapter, tok, [1, 3], spec, "c", _texts)
 
     calls = [0]

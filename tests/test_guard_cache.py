@@ -15,7 +15,7 @@ from blueedit.models.adapters import ModelAdapter
 from blueedit.models.loading import model_content_fingerprints
 from conftest import _CORPUS, make_model, make_tokenizer
 
-SPEC = StatsConfig(corpus="test", num_samples=len(_CORPUS), max_length=32, batch_size=5)
+SPEC = StatsConfig(corpus="wikipedia-sample", num_samples=len(_CORPUS), max_length=32, batch_size=5)
 
 
 def _texts():
