@@ -211,6 +211,17 @@ def _as_dict(value: Any) -> dict[str, Any]:
     return dict(vars(value))
 
 
+def evaluated_model_dir_name(name_or_path: str) -> str:
+    """A directory name for the evaluated model: a local directory's or file's own name
+    (``edited/`` -> ``edited``), a hub id with ``/`` as ``--`` (``gpt2-xl``,
+    ``meta-llama--Meta-Llama-3-8B``)."""
+    text = str(name_or_path).rstrip("/\\")
+    path = Path(text).expanduser()
+    if path.exists():
+        return path.resolve().name
+    return text.replace("/", "--").replace("\\", "--") or "model"
+
+
 class _NoAdvertising(logging.Filter):
     """Drops Lightning's "💡 Tip: ... try installing <service>" lines (nothing for the user to do)."""
 
@@ -235,6 +246,7 @@ class BlueEditCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         commands = LightningCLI.subcommands()
+        commands.pop("predict", None)  # editing has nothing to predict
         commands["edit"] = {"model", "datamodule"}
         return commands
 
@@ -258,9 +270,15 @@ class BlueEditCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:
-        """Check what can be checked before the model is loaded (which takes minutes for 8B)."""
+        """Check what can be checked before the model is loaded (which takes minutes for 8B);
+        ``validate`` / ``test`` write under ``<default_root_dir>/<stage>/<model name>``."""
         self._preloaded = None
         sub = self.subcommand
+        if sub in ("validate", "test"):
+            cfg = self.config[sub]
+            name = _as_dict(_as_dict(cfg.get("model")).get("model")).get("name_or_path") or "model"
+            root = cfg["trainer"].get("default_root_dir") or os.getcwd()
+            cfg["trainer"]["default_root_dir"] = str(Path(root) / sub / evaluated_model_dir_name(name))
         if sub not in ("fit", "edit"):
             return
         cfg = self.config[sub]
@@ -321,6 +339,14 @@ class BlueEditCLI(LightningCLI):
             dm._requests = requests
 
 
+DESCRIPTION = (
+    "blueedit: locate-then-edit knowledge editing of Hugging Face causal LMs (MEMIT, AlphaEdit, PRUNE, "
+    "RECT), with BLUE (editing.strategy: boundary) as a switch on each. `fit` runs a sequential editing "
+    "experiment evaluated before and after, `edit` applies your edits and saves the edited model, "
+    "`validate` / `test` evaluate a (saved) model. Start from a config: "
+    "blueedit fit --config configs/quickstart.yaml; `blueedit fit --help` lists the editing options."
+)
+
 TRAINER_DEFAULTS = {
     "max_epochs": 1,
     "num_sanity_val_steps": 0,
@@ -344,6 +370,8 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> BlueEditCLI:
     return BlueEditCLI(
         EditingModule,
         EditDataModule,
+        parser_kwargs={"description": DESCRIPTION, "prog": "blueedit"},
+        auto_configure_optimizers=False,
         trainer_class=EditTrainer,
         trainer_defaults=TRAINER_DEFAULTS,
         seed_everything_default=0,
