@@ -172,6 +172,20 @@ def accumulate_key_moments(
     return state
 
 
+def key_statistics(model, tokenizer, layers: list[int], texts: list[str], *, max_length: int = 256,
+                   batch_size: int = 8, dtype: torch.dtype = torch.float32,
+                   adapter: ModelAdapter | None = None) -> dict[int, torch.Tensor]:
+    """``C_0^l = E[k kᵀ]`` (``[d_k, d_k]``) for every layer in ``layers``, over every token of
+    ``texts`` (docs/algorithms.md §4): one pass, accumulated in float64, nothing
+    cached (:class:`StatisticsCache` caches and resumes)."""
+    adapter = adapter or ModelAdapter(model)
+    state = accumulate_key_moments(model, adapter, tokenizer, texts, layers, max_length=max_length,
+                                   batch_size=batch_size)
+    if state["count"] == 0:
+        raise ValueError("key_statistics: the texts hold no tokens")
+    return {l: (state["sums"][l] / state["count"]).to(dtype) for l in layers}
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` to a unique temporary file beside ``path``, flushed to disk, then renamed over
     ``path`` (atomic on POSIX): a reader sees the old file or the new one, never a mix."""
