@@ -25,6 +25,7 @@ from typing import Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from blueedit.data.corpus import CorpusUnavailable
 from blueedit.data.datamodule import EditDataModule
@@ -171,7 +172,7 @@ def save_edited_model(module: EditingModule, datamodule: EditDataModule, output:
             if not overwrite and any(out.iterdir()):
                 raise OutputPathError(f"--output {str(output)!r} appeared while editing; pass --overwrite to replace it")
             out.rename(old)
-            print(f"replacing the model in {out} (--overwrite)")
+            rank_zero_info(f"replacing the model in {out} (--overwrite)")
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

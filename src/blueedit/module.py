@@ -13,8 +13,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from blueedit import distributed
+from blueedit.callbacks._common import log_to_loggers
 from blueedit.data.corpus import (
     CorpusUnavailable,
     corpus_files,
@@ -23,7 +25,7 @@ from blueedit.data.corpus import (
     model_sampled_texts,
     resolve_corpus_source,
 )
-from blueedit.data.datamodule import EditRound, ResumeMismatchError, RoundDataset, describe_differences
+from blueedit.data.datamodule import EditRound, ResumeMismatchError, describe_differences
 from blueedit.data.records import EditRequest, check_prompt_lengths, effective_prompt_limit
 from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport
 from blueedit.editing.statistics import StatisticsCache, StatsConfig
@@ -115,6 +117,14 @@ class EditingModule(L.LightningModule):
         self.debug = debug
         effective_prompt_limit(max_prompt_tokens, None)  # validates it before the model is loaded
         self.max_prompt_tokens = max_prompt_tokens
+        # plain values (not the dataclasses): loggers write them to hparams.yaml, and checkpoints
+        # stay loadable with torch.load(weights_only=True)
+        self.save_hyperparameters({
+            "model": asdict(self.model_spec), "editing": asdict(self.hp), "stats": asdict(self.stats_spec),
+            "evaluate": evaluate, "eval_batch_size": eval_batch_size, "generation_metrics": generation_metrics,
+            "generation": asdict(self.generation), "data_dir": data_dir, "cache_dir": cache_dir, "debug": debug,
+            "max_prompt_tokens": max_prompt_tokens,
+        })
         self.automatic_optimization = False
         lm, self.tokenizer = load_model_and_tokenizer(self.model_spec, self.cache_dir)
         if self.model_spec.device_map is None:
@@ -123,7 +133,10 @@ class EditingModule(L.LightningModule):
             object.__setattr__(self, "lm", lm)
         self.adapter = ModelAdapter(self.lm, **self.model_spec.layout_overrides())
         self.adapter.check_layers(self.hp.layers)
-        self._round_counter = torch.nn.Parameter(torch.zeros(()))  # placeholder for the optimizer
+        # Editing writes closed-form updates, never an optimizer step; Lightning's manual
+        # optimization still needs an optimizer, whose step() advances global_step (one per round),
+        # so checkpoints, loggers and callbacks count rounds. This parameter is that optimizer's.
+        self._round_counter = torch.nn.Parameter(torch.zeros(()))
         self.editor: Editor | None = None
         self._pending_state: EditorState | None = None
         self._finalized = False  # post-processing (PRUNE) applied; a rescue checkpoint may hold it
@@ -286,25 +299,8 @@ class EditingModule(L.LightningModule):
         if self.evaluate and self.pre_metrics is None:
             self.pre_metrics = self.run_evaluation().to_dict()
 
-    def _round_for_step(self, batch: EditRound, batch_idx: int) -> EditRound:
-        """The round this step must apply.
-
-        The data module's :class:`~blueedit.data.datamodule.RoundLoader` is resumable, so after a
-        resume the round handed over is round ``batch_idx``. A checkpoint written without the
-        loader's state (older blueedit) restarts the loader at its first round while Lightning
-        continues ``batch_idx``; that round is then taken from the loader's dataset instead (the
-        callbacks still see the round the loader handed over).
-        """
-        if batch.index == batch_idx or self._trainer is None:
-            return batch
-        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
-        if isinstance(dataset, RoundDataset) and 0 <= batch_idx < len(dataset):
-            return dataset[batch_idx]
-        return batch
-
     def training_step(self, batch: EditRound, batch_idx: int) -> None:
         assert self.editor is not None
-        batch = self._round_for_step(batch, batch_idx)
         if batch.index < self.editor.state.rounds_done:  # already applied before a resume
             return None
         report = self.editor.edit_round(batch.requests, batch.index)
@@ -387,8 +383,10 @@ class EditingModule(L.LightningModule):
         if self.trainer is None:
             return None
         out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP
-        if not self.trainer.is_global_zero:
-            return None
+        return self._write_metrics(out_dir)
+
+    @rank_zero_only
+    def _write_metrics(self, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         pre, post = self.pre_metrics or {}, self.post_metrics or {}
         names = list((post.get("metrics") or pre.get("metrics") or {}).keys())
@@ -406,8 +404,10 @@ class EditingModule(L.LightningModule):
         }
         path = out_dir / "metrics.json"
         path.write_text(json.dumps(summary, indent=1, default=str))
-        print(metrics_table(summary))
-        print(f"metrics written to {path}")
+        log_to_loggers(self.trainer, {f"{when}/{n}": v[when] for n, v in summary["metrics"].items()
+                                      for when in ("pre", "post") if v[when] is not None})
+        self.print(metrics_table(summary))
+        self.print(f"metrics written to {path}")
         from blueedit.evaluation.reports import write_report
 
         try:
@@ -464,21 +464,24 @@ class EditingModule(L.LightningModule):
             return metrics
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, sync_dist=False)
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        if out_dir is not None and self.trainer.is_global_zero:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            records = st["records"]
-            if self.generation_metrics:  # generations of the first records, beside their scores
-                gens = st["generation"]
-                records = [{**r, **{k: v for k, v in gens[i].items() if k != "case_id"}} if i < len(gens) else r
-                           for i, r in enumerate(records)]
-            payload = {"stage": stage, "model": self.model_spec.name_or_path, "kind": st["kind"],
-                       "num_records": st["num_records"], "metrics": metrics, "records": records}
-            path = out_dir / "eval_metrics.json"
-            path.write_text(json.dumps(payload, indent=1, default=str))
-            print(f"{stage} metrics written to {path}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        self._write_eval_metrics(Path(self.trainer.log_dir or self.trainer.default_root_dir), stage, st, metrics)
         setattr(self, f"_{stage}_meters", None)
         return metrics
+
+    @rank_zero_only
+    def _write_eval_metrics(self, out_dir: Path, stage: str, st: dict, metrics: dict[str, float]) -> None:
+        """``eval_metrics.json`` of ``validate`` / ``test`` (metrics and per-record results)."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        records = st["records"]
+        if self.generation_metrics:  # generations of the first records, beside their scores
+            gens = st["generation"]
+            records = [{**r, **{k: v for k, v in gens[i].items() if k != "case_id"}} if i < len(gens) else r
+                       for i, r in enumerate(records)]
+        payload = {"stage": stage, "model": self.model_spec.name_or_path, "kind": st["kind"],
+                   "num_records": st["num_records"], "metrics": metrics, "records": records}
+        path = out_dir / "eval_metrics.json"
+        path.write_text(json.dumps(payload, indent=1, default=str))
+        self.print(f"{stage} metrics written to {path}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
 
     def on_validation_epoch_start(self) -> None:
         self._eval_meters("val")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 
 def loggable(metrics: dict[str, Any]) -> dict[str, float]:
@@ -23,11 +24,12 @@ def loggable(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+@rank_zero_only
 def log_to_loggers(trainer, metrics: dict[str, Any], step: int | None = None) -> None:
     """Write ``metrics`` straight to every logger of ``trainer`` at ``step`` (default: the global
-    step). Works from any hook, including ``on_train_start`` / ``on_train_end`` where
+    step), on rank zero. Works from any hook, including ``on_train_start`` / ``on_train_end`` where
     ``LightningModule.log`` is not allowed."""
-    if trainer is None or not getattr(trainer, "is_global_zero", True):
+    if trainer is None:
         return
     values = loggable(metrics)
     if not values:
