@@ -16,7 +16,6 @@ from blueedit.data.corpus import (
     CorpusUnavailable,
     corpus_fingerprint,
     load_corpus_texts,
-    model_sampled_texts,
     resolve_corpus_source,
 )
 from blueedit.data.datamodule import EditDataModule, EditRound, RoundDataset, RoundLoader, RoundSampler
@@ -31,6 +30,7 @@ from blueedit.data.formats import (
     read_records,
 )
 from blueedit.data.records import EditRecordError, EditRequest
+from blueedit.models.sampling import model_sampled_texts
 
 # --------------------------------------------------------------------------------------------
 # helpers

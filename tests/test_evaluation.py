@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blueedit.data.records import EditRequest
-from blueedit.editing.tokens import encode_batch, gather_positions, tokenize_target
+from blueedit.models.tokens import encode_batch, gather_positions, tokenize_target
 from blueedit.evaluation.editing_metrics import (
     evaluate_counterfact,
     evaluate_requests,

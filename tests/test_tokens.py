@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from blueedit.data.records import EditRequest
-from blueedit.editing.forward import forward, traced
+from blueedit.models.forward import forward, traced
 from blueedit.editing.targets import fact_states
-from blueedit.editing.tokens import (
+from blueedit.models.tokens import (
     encode_batch,
     encode_prompt,
     gather_positions,

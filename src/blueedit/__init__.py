@@ -25,7 +25,7 @@ _EXPORTS: dict[str, str] = {
     # data
     "EditRequest": "blueedit.data.records",
     "load_requests": "blueedit.data.formats",
-    "model_sampled_texts": "blueedit.data.corpus",
+    "model_sampled_texts": "blueedit.models.sampling",
     "load_corpus_texts": "blueedit.data.corpus",
     # editing
     "Editor": "blueedit.editing.editor",
@@ -59,7 +59,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from blueedit.cli import main
-    from blueedit.data.corpus import load_corpus_texts, model_sampled_texts
+    from blueedit.data.corpus import load_corpus_texts
     from blueedit.data.datamodule import EditDataModule
     from blueedit.data.formats import load_requests
     from blueedit.data.records import EditRequest
@@ -70,4 +70,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from blueedit.evaluation.generation import GenerationMetricsConfig
     from blueedit.models.adapters import ModelAdapter
     from blueedit.models.loading import ModelConfig, load_model_and_tokenizer
+    from blueedit.models.sampling import model_sampled_texts
     from blueedit.module import EditingModule

@@ -22,7 +22,6 @@ from blueedit.data.corpus import (
     corpus_files,
     corpus_fingerprint,
     load_corpus_texts,
-    model_sampled_texts,
     resolve_corpus_source,
 )
 from blueedit.data.datamodule import EditRound, ResumeMismatchError, describe_differences
@@ -46,6 +45,8 @@ from blueedit.models.loading import (
     load_model_and_tokenizer,
     model_fingerprint,
 )
+from blueedit.models.sampling import model_sampled_texts
+
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import torch
 from blueedit.callbacks._common import evaluation_context, log_to_loggers, resolve_data_dir
 from blueedit.data.records import EditRequest
 from blueedit.editing.targets import fact_states
-from blueedit.editing.tokens import tokenize_target
+from blueedit.models.tokens import tokenize_target
 from blueedit.evaluation.scoring import score_continuations
 
 log = logging.getLogger(__name__)

@@ -36,9 +36,9 @@ import lightning as L
 import torch
 
 from blueedit.editing.editor import Editor, LayerStep
-from blueedit.editing.forward import forward, traced
+from blueedit.models.forward import forward, traced
 from blueedit.editing.solvers import weight_shift_error
-from blueedit.editing.tokens import encode_prompt, gather_positions, pad_batch, pad_token_id, tokenize_target
+from blueedit.models.tokens import encode_prompt, gather_positions, pad_batch, pad_token_id, tokenize_target
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def layer_diagnostics(editor: Editor, step: LayerStep, contribution: bool = True
     grads = [p.grad for p in params]
     try:
         res = editor.targets(requests, layer)
-        keys, hidden = editor._states(requests, [layer], [layer])
+        keys, hidden = editor.fact_states(requests, [layer], [layer])
         r_star = res.z.T.to(hidden[layer].device) - hidden[layer]  # [d, B]
         ideal = editor.solve(layer, r_star, keys[layer])
         out: dict[str, float] = dict(weight_shift_error(step.delta, ideal))

@@ -18,7 +18,7 @@ from blueedit.config import Dtype, check_choice
 from blueedit.data.records import EditRecordError, EditRequest, validate_requests
 from blueedit.editing import solvers
 from blueedit.editing.targets import TargetConfig, TargetResult, fact_states, optimize_targets, optimize_targets_one_by_one
-from blueedit.editing.tokens import tokenize_target
+from blueedit.models.tokens import tokenize_target
 from blueedit.models.adapters import ModelAdapter
 
 Method = Literal["memit", "alphaedit", "prune", "rect"]
@@ -288,9 +288,11 @@ class Editor:
         return solvers.memit_update(residuals, keys, self.mom2[layer], H if self.hp.use_history else None,
                                     self.hp.mom2_update_weight)
 
-    def _states(self, requests, key_layers, hidden_layers):
-        """Keys ``K^l`` (``[d_k, B]``) and values ``h^l`` (``[d, B]``) at the fact tokens; under DDP
-        each rank reads its shard and the columns are gathered back in request order."""
+    def fact_states(self, requests: list[EditRequest], key_layers: list[int], hidden_layers: list[int]):
+        """Keys ``K^l`` (``[d_k, B]``) and values ``h^l`` (``[d, B]``) at the fact tokens of
+        ``requests`` on the model as it is now (through the compute copy, under the editor's
+        autocast), as a round reads them; under DDP each rank reads its shard and the columns are
+        gathered back in request order. Public for diagnostics (the weight-shift-error callback)."""
         local = distributed.shard(requests)
         with self.autocast():
             keys, hidden = fact_states(self.compute_model, self.compute_adapter, self.tokenizer, local,
@@ -332,7 +334,7 @@ class Editor:
                 self._boundary(requests, report)
             if self.hp.method == "rect":
                 self._rect_sparsify(snapshot, report)
-            keys, _ = self._states(requests, self.hp.edited_layers, [])
+            keys, _ = self.fact_states(requests, self.hp.edited_layers, [])
             new_history = {l: self.state.history[l] + (keys[l] @ keys[l].T) for l in self.hp.edited_layers}
             for l, H in new_history.items():
                 if not torch.isfinite(H).all():
@@ -370,7 +372,7 @@ class Editor:
         self._record_target(last, res, report)
         z = res.z.T  # [d, B]
         for i, l in enumerate(layers):
-            keys, hidden = self._states(requests, [l], [last])
+            keys, hidden = self.fact_states(requests, [l], [last])
             residuals = (z - hidden[last]) / (len(layers) - i)
             report.residual_norms[l] = float(residuals.norm())
             delta = self.solve(l, residuals, keys[l])
@@ -380,7 +382,7 @@ class Editor:
         for l in self.hp.edited_layers:
             res = self.targets(requests, l)
             self._record_target(l, res, report)
-            keys, hidden = self._states(requests, [l], [l])
+            keys, hidden = self.fact_states(requests, [l], [l])
             residuals = res.z.T - hidden[l]
             report.residual_norms[l] = float(residuals.norm())
             delta = self.solve(l, residuals, keys[l])

@@ -34,8 +34,8 @@ import torch
 
 from blueedit import distributed
 from blueedit.config import Dtype, check_choice
-from blueedit.editing.forward import forward, traced
-from blueedit.editing.tokens import pad_batch, pad_token_id
+from blueedit.models.forward import forward, traced
+from blueedit.models.tokens import pad_batch, pad_token_id
 from blueedit.models.adapters import ModelAdapter
 from blueedit.models.loading import model_content_fingerprints, tensor_digest
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from blueedit.data.records import EditRequest
-from blueedit.editing.forward import _StopForward, forward, traced
-from blueedit.editing.tokens import PromptBatch, encode_prompt, gather_positions, pad_batch, pad_token_id, tokenize_target
+from blueedit.models.forward import _StopForward, forward, traced
+from blueedit.models.tokens import PromptBatch, encode_prompt, gather_positions, pad_batch, pad_token_id, tokenize_target
 from blueedit.models.adapters import ModelAdapter
 
 CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")

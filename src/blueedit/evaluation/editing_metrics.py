@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from blueedit.data.records import EditRequest
-from blueedit.editing.tokens import tokenize_target
+from blueedit.models.tokens import tokenize_target
 from blueedit.evaluation.metrics import MeanValue
 from blueedit.evaluation.scoring import score_continuations
 

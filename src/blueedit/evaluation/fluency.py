@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from blueedit.editing.tokens import encode_prompt, pad_batch, pad_token_id
+from blueedit.models.tokens import encode_prompt, pad_batch, pad_token_id
 from blueedit.evaluation.scoring import model_device
 
 __all__ = [

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from blueedit.editing.tokens import pad_token_id, tokenize_target
+from blueedit.models.tokens import pad_token_id, tokenize_target
 from blueedit.evaluation.scoring import score_continuations, score_token_ids
 
 __all__ = [

@@ -6,7 +6,7 @@ once on the concatenation ``x ⊕ y`` and the per-token log-probabilities are
     log p(y_j | x, y_<j) = log_softmax(z_{P+j-1})[y_j],      j = 1..J,
 
 where ``z_t`` are the logits at position ``t`` (0-based positions, the token at position ``p`` is
-predicted by the logits at ``p - 1``; :class:`~blueedit.editing.tokens.PromptBatch` reports these
+predicted by the logits at ``p - 1``; :class:`~blueedit.models.tokens.PromptBatch` reports these
 positions in ``target_index``). From them:
 
     mean-token NLL      = -(1/J) Σ_j log p(y_j | x, y_<j)
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from blueedit.editing.tokens import PromptBatch, encode_prompt, gather_positions, pad_batch, pad_token_id
+from blueedit.models.tokens import PromptBatch, encode_prompt, gather_positions, pad_batch, pad_token_id
 
 __all__ = [
     "ContinuationScores",

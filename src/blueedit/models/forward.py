@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from blueedit.editing.tokens import PromptBatch
+from blueedit.models.tokens import PromptBatch
 from blueedit.models.adapters import ModelAdapter
 
 
