@@ -419,3 +419,11 @@ def test_explicit_format_mismatch(tmp_path: Path) -> None:
         load_requests(str(path), format="zsre")
     with pytest.raises(ValueError, match="format"):
         load_requests(str(path), format="csv")
+
+
+def test_model_sampled_texts_progress_changes_nothing(capsys) -> None:
+    model, tok = make_model("llama"), make_tokenizer()
+    quiet = model_sampled_texts(model, tok, num_samples=3, max_new_tokens=6, seed=1, batch_size=2)
+    shown = model_sampled_texts(model, tok, num_samples=3, max_new_tokens=6, seed=1, batch_size=2, progress=True)
+    assert shown == quiet
+    assert "sampling 3 texts for C_0" in capsys.readouterr().err

@@ -24,9 +24,11 @@ from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from blueedit.callbacks.progress import RoundProgressBar
 from blueedit.data.corpus import CorpusUnavailable
 from blueedit.data.datamodule import EditDataModule
 from blueedit.data.records import EditRecordError, check_prompt_lengths, effective_prompt_limit
@@ -268,7 +270,12 @@ class BlueEditCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={}) or {}
         if "logger" not in kwargs and trainer_cfg.get("logger", True) in (True, None):
             kwargs["logger"] = CSVLogger(save_dir=trainer_cfg.get("default_root_dir") or os.getcwd())
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        # Lightning's default bar ("Epoch 0/0 ... v_num") becomes one that counts rounds
+        for i, callback in enumerate(trainer.callbacks):
+            if type(callback) in (TQDMProgressBar, RichProgressBar):  # the default, not one the user chose
+                trainer.callbacks[i] = RoundProgressBar()
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         """Check what can be checked before the model is loaded (which takes minutes for 8B);

@@ -276,7 +276,8 @@ class EditingModule(L.LightningModule):
             def texts():
                 # one large batch: generation is latency-bound (one decode step per token)
                 return model_sampled_texts(self.lm, self.tokenizer, num_samples=spec.num_samples,
-                                           max_new_tokens=spec.max_length, seed=0, batch_size=64)
+                                           max_new_tokens=spec.max_length, seed=0, batch_size=64,
+                                           progress=self._trainer is not None and self._trainer.is_global_zero)
         else:
             try:
                 files = corpus_files(source, self.data_dir)
@@ -316,6 +317,11 @@ class EditingModule(L.LightningModule):
         for l, n in report.update_norms.items():
             logs[f"edit/update_norm/layer{l}"] = n
         self.log_dict(logs, batch_size=len(batch.requests), on_step=True, on_epoch=False)
+        final_losses = [v for losses in report.target_loss.values() for v in losses]  # per layer and request
+        bar = {"edits": logs["edit/edits_done"]}
+        if final_losses:
+            bar["z_loss"] = sum(final_losses) / len(final_losses)
+        self.log_dict(bar, batch_size=len(batch.requests), on_step=True, on_epoch=False, prog_bar=True, logger=False)
         return None
 
     def on_train_end(self) -> None:

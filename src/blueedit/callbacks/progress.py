@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from blueedit.callbacks._common import evaluation_context, log_to_loggers, resolve_data_dir
 from blueedit.data.corpus import CorpusUnavailable, load_corpus_texts
@@ -17,7 +18,44 @@ from blueedit.evaluation.general import DEFAULT_TASKS, TASKS, evaluate_general, 
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EditProgress", "GeneralCapability"]
+__all__ = ["EditProgress", "GeneralCapability", "RoundProgressBar"]
+
+
+class RoundProgressBar(TQDMProgressBar):
+    """The training bar of an editing run: it counts rounds (``editing rounds 1/2``), shows the
+    metrics logged with ``prog_bar=True`` (edits done, the target loss, ``eff`` with
+    :class:`EditProgress`) without Lightning's version number, and, during a round, the target
+    optimization's layer, step and loss. ``blueedit`` uses it unless the progress bar is off."""
+
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.unit = "round"
+        return bar
+
+    def on_train_epoch_start(self, trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description("editing rounds")
+
+    def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        if isinstance(items.get("edits"), float):
+            items["edits"] = int(items["edits"])
+        return items
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        editor = getattr(pl_module, "editor", None)
+        if editor is not None and not self.is_disabled:
+            shown = lambda: self.get_metrics(trainer, pl_module)  # noqa: E731
+            editor.on_target_step = lambda layer, step, loss: self.train_progress_bar.set_postfix(
+                {**shown(), "z": f"layer {layer} step {step + 1} loss {loss:.3f}"})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        editor = getattr(pl_module, "editor", None)
+        if editor is not None:
+            editor.on_target_step = None
+        super().on_train_end(trainer, pl_module)
 
 
 class EditProgress(L.Callback):
@@ -65,10 +103,9 @@ class EditProgress(L.Callback):
                     logs[f"progress/{k}"] = v
         self.history.append(entry)
         pl_module.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
-        bar = {"edits": float(edits_done)}
-        if entry.get("efficacy") is not None:
-            bar["eff"] = entry["efficacy"]
-        pl_module.log_dict(bar, on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1)
+        if entry.get("efficacy") is not None:  # the module shows the edits done
+            pl_module.log("eff", entry["efficacy"], on_step=True, on_epoch=False, prog_bar=True, logger=False,
+                          batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}

@@ -198,6 +198,9 @@ class Editor:
         #: Optional diagnostic called with a :class:`LayerStep` before each layer's write
         #: (on the model as it is at that moment); used by the weight-shift-error callback.
         self.on_layer: Callable[[LayerStep], None] | None = None
+        #: Optional progress hook called as ``on_target_step(layer, step, mean_loss)`` during the
+        #: target optimization (fast path); used by the round progress bar.
+        self.on_target_step: Callable[[int, int, float], None] | None = None
         self.compute_model, self.compute_adapter = self._compute_copy()
         self._init_state()
 
@@ -268,7 +271,9 @@ class Editor:
         else:
             with torch.enable_grad(), self.autocast():
                 if self.hp.optimize:
-                    res = optimize_targets(*args, fast=True, max_batch_tokens=self.hp.max_batch_tokens)
+                    hook = self.on_target_step
+                    on_step = None if hook is None else (lambda step, loss: hook(layer, step, loss))
+                    res = optimize_targets(*args, fast=True, max_batch_tokens=self.hp.max_batch_tokens, on_step=on_step)
                 else:
                     res = optimize_targets_one_by_one(*args, fast=False)
         if distributed.is_distributed():

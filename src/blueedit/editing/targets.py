@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -292,8 +294,12 @@ def optimize_targets(
     *,
     fast: bool = True,
     max_batch_tokens: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TargetResult:
     """Optimize one δ per request at the output of block ``layer``, all requests jointly.
+
+    ``on_step(step, loss)``, when given, is called after each loss evaluation with the mean loss
+    of the requests evaluated at that step (for progress displays).
 
     For request ``i`` with rewriting prompts ``c(p_i)`` (+ target tokens but the last) and the KL
     prompt, δ_i is added to ``h^layer`` at each prompt's fact token and minimizes
@@ -468,6 +474,9 @@ def optimize_targets(
             if not done.all():
                 still_parts.append(act_idx[~done])
                 loss[~done].sum().backward()  # frees this micro-batch's activations
+        if on_step is not None:
+            evaluated = ~torch.isnan(last_loss)
+            on_step(it, float(last_loss[evaluated].mean()) if evaluated.any() else float("nan"))
         if last or not still_parts:
             break
         still = torch.cat(still_parts)
