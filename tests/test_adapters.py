@@ -143,3 +143,13 @@ def test_overrides_for_known_architecture():
         detect_layout(model, final_norm="model.no_such_norm")
     with pytest.raises(UnknownArchitectureError):
         ModelAdapter(model, w_out="mlp.nothing")
+
+
+def test_untied_embeddings_are_tied_after_loading():
+    from blueedit.models.loading import check_tied_embeddings
+
+    model = make_model("llama")  # tie_word_embeddings=True
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
+    check_tied_embeddings(model)
+    assert model.lm_head.weight is model.get_input_embeddings().weight

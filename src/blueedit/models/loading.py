@@ -109,8 +109,10 @@ def check_tied_embeddings(model) -> None:
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     if out is None or inp is None or out.weight is inp.weight:
         return
-    log.warning("lm_head was not tied to the input embeddings after loading; tying it now")
-    out.weight = inp.weight
+    log.info("lm_head was not tied to the input embeddings after loading; tying it now")
+    model.tie_weights()
+    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        raise RuntimeError(f"{type(model).__name__}: tie_word_embeddings is set but tie_weights() left lm_head untied")
 
 
 def forget_gguf_origin(model) -> None:
