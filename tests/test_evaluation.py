@@ -14,7 +14,7 @@ from blueedit.evaluation.editing_metrics import (
     evaluate_zsre,
     record_values,
 )
-from blueedit.evaluation.metrics import MeanValue, SuccessRate
+from blueedit.evaluation.metrics import mean_meter
 from blueedit.evaluation.scoring import (
     _target_logits,
     continuation_logprobs,
@@ -132,16 +132,14 @@ def test_gathered_head_equals_full_logits(arch):
 # ----------------------------------------------------------------------------- metrics
 
 
-def test_metric_classes_accumulate():
-    sr, mv = SuccessRate(), MeanValue()
+def test_mean_meter_accumulates_in_float64():
+    mv = mean_meter()
     with pytest.warns(UserWarning):
-        assert math.isnan(float(sr.compute()))
-    sr.update(torch.tensor([True, False, True]))
-    sr.update(torch.tensor([False]))
-    mv.update(torch.tensor([1.0, 2.0]))
-    mv.update(torch.tensor([6.0]))
-    assert float(sr.compute()) == pytest.approx(50.0)
-    assert float(mv.compute()) == pytest.approx(3.0)
+        assert math.isnan(float(mv.compute()))
+    mv.update(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    mv.update(torch.tensor([6.0 + 1e-12], dtype=torch.float64))
+    assert mv.compute().dtype == torch.float64
+    assert float(mv.compute()) == (9.0 + 1e-12) / 3
 
 
 # ----------------------------------------------------------------------------- CounterFact

@@ -427,10 +427,10 @@ class EditingModule(L.LightningModule):
     def _eval_meters(self, stage: str) -> dict:
         """Accumulators for ``stage`` (``val``/``test``), created fresh at each epoch start: one
         mean over records per metric name (``docs/algorithms.md`` §8: per record, then over records)."""
-        from blueedit.evaluation.metrics import MeanValue
+        from blueedit.evaluation.metrics import mean_meter
 
         names = list(EDIT_KINDS) + [f"{k}_margin" for k in EDIT_KINDS]
-        meters = torch.nn.ModuleDict({n: MeanValue() for n in names})
+        meters = torch.nn.ModuleDict({n: mean_meter() for n in names})
         setattr(self, f"_{stage}_meters", meters)
         self._eval_state = {"kind": None, "num_records": 0, "records": [], "generation": []}
         return meters

@@ -38,7 +38,9 @@ from torch import nn
 
 from blueedit.data.records import EditRequest
 from blueedit.models.tokens import tokenize_target
-from blueedit.evaluation.metrics import MeanValue
+from torchmetrics.aggregation import MeanMetric
+
+from blueedit.evaluation.metrics import mean_meter
 from blueedit.evaluation.scoring import score_continuations
 
 __all__ = [
@@ -96,7 +98,7 @@ class _PairList:
         return len(self.prompts) - 1
 
 
-def _value(metric: MeanValue) -> float:
+def _value(metric: MeanMetric) -> float:
     """The metric's value as a float; ``nan`` when it was never updated (no such prompts).
 
     A metric made with ``sync_on_compute`` is always computed, so every process joins the sync.
@@ -106,11 +108,11 @@ def _value(metric: MeanValue) -> float:
     return float(metric.compute().item())
 
 
-def _meters(cls, kinds, sync: bool, model: nn.Module) -> dict:
-    """One metric per kind; with ``sync`` their states live on the model's device and are summed
+def _meters(kinds, sync: bool, model: nn.Module) -> dict:
+    """One mean per kind; with ``sync`` their states live on the model's device and are summed
     over all processes at ``compute`` (torchmetrics synchronization, for sharded evaluation)."""
     device = next(model.parameters()).device if sync else torch.device("cpu")
-    return {k: cls(sync_on_compute=sync).to(device) for k in kinds}
+    return {k: mean_meter(sync).to(device) for k in kinds}
 
 
 def _mean(values: list) -> float | None:
@@ -154,7 +156,7 @@ def _aggregate(records: list[dict[str, Any]], kind: str, sync: bool, model: nn.M
     """``mean over records`` of :func:`record_values` for every metric name (``nan`` when no
     record has it); with ``sync`` the sums are reduced over all processes."""
     names = _metric_names(kind)
-    meters = _meters(MeanValue, names, sync, model)
+    meters = _meters(names, sync, model)
     for rec in records:
         for name, value in record_values(rec, kind).items():
             meters[name].update(torch.tensor([value], dtype=torch.float64))
