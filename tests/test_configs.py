@@ -59,3 +59,12 @@ def test_config_instantiates(config, no_weights, tmp_path, monkeypatch):
     assert cli.trainer is not None
     if config in PARTIAL:
         assert len(cli.trainer.callbacks) > 3
+
+
+def test_evaluated_model_dir_name(tmp_path):
+    from blueedit.cli import evaluated_model_dir_name
+
+    (tmp_path / "edited").mkdir()
+    assert evaluated_model_dir_name(f"{tmp_path / 'edited'}/") == "edited"
+    assert evaluated_model_dir_name("gpt2-xl") == "gpt2-xl"
+    assert evaluated_model_dir_name("meta-llama/Meta-Llama-3-8B") == "meta-llama--Meta-Llama-3-8B"

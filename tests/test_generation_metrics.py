@@ -205,7 +205,9 @@ def test_fit_and_validate_report_fluency(run_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cli = run_cli(_cli_args(run_dir, "validate"))
-    saved = json.loads((Path(cli.trainer.default_root_dir) / "eval_metrics.json").read_text())
+    root = Path(cli.trainer.default_root_dir)
+    assert root == run_dir / "run" / "validate" / "tiny-llama"  # named for the evaluated model
+    saved = json.loads((root / "eval_metrics.json").read_text())
     assert saved["metrics"]["fluency"] == pytest.approx(fl["pre"])
     assert [r["generations"] for r in saved["records"]] == [pre_texts[:2], pre_texts[2:]]
     for k in ("efficacy", "generalization", "specificity"):
