@@ -285,10 +285,11 @@ class EditingModule(L.LightningModule):
     def _round_for_step(self, batch: EditRound, batch_idx: int) -> EditRound:
         """The round this step must apply.
 
-        Resuming from a mid-epoch checkpoint, Lightning continues ``batch_idx`` after the rounds
-        already done (and runs only the remaining number of steps) but restarts a non-resumable
-        dataloader at its first round; the round it hands over is then not round ``batch_idx``,
-        so that round is taken from the loader's dataset instead.
+        The data module's :class:`~blueedit.data.datamodule.RoundLoader` is resumable, so after a
+        resume the round handed over is round ``batch_idx``. A checkpoint written without the
+        loader's state (older blueedit) restarts the loader at its first round while Lightning
+        continues ``batch_idx``; that round is then taken from the loader's dataset instead (the
+        callbacks still see the round the loader handed over).
         """
         if batch.index == batch_idx or self._trainer is None:
             return batch
