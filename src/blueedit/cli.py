@@ -11,9 +11,11 @@ and exits with status 2 (``--verbose`` or ``BLUEEDIT_VERBOSE=1`` shows the trace
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -26,7 +28,6 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_info
 
 from blueedit.callbacks.progress import RoundProgressBar
 from blueedit.data.corpus import CorpusUnavailable
@@ -174,7 +175,7 @@ def save_edited_model(module: EditingModule, datamodule: EditDataModule, output:
             if not overwrite and any(out.iterdir()):
                 raise OutputPathError(f"--output {str(output)!r} appeared while editing; pass --overwrite to replace it")
             out.rename(old)
-            rank_zero_info(f"replacing the model in {out} (--overwrite)")
+            print(f"replacing the model in {out} (--overwrite)")  # the caller runs this on rank zero only
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -365,7 +366,7 @@ TRAINER_DEFAULTS = {
 
 #: Exceptions that are the user's to fix: one line and exit status 2, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    EditRecordError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+    argparse.ArgumentError, EditRecordError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
     FileExistsError, PermissionError, CorpusUnavailable,
 )
 
@@ -378,7 +379,9 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> BlueEditCLI:
     return BlueEditCLI(
         EditingModule,
         EditDataModule,
-        parser_kwargs={"description": DESCRIPTION, "prog": "blueedit"},
+        # a bad option raises (main() prints one line) instead of printing the whole usage
+        parser_kwargs={"description": DESCRIPTION, "prog": "blueedit", "exit_on_error": False,
+                       **{sub: {"exit_on_error": False} for sub in BlueEditCLI.subcommands()}},
         auto_configure_optimizers=False,
         trainer_class=EditTrainer,
         trainer_defaults=TRAINER_DEFAULTS,
@@ -389,9 +392,17 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> BlueEditCLI:
     )
 
 
+_LITERAL_ERROR = re.compile(r'Parser key "(?P<key>[^"]+)":\s*Expected a typing\.Literal\[(?P<choices>.*?)\]\. '
+                            r"Got value: (?P<value>.*)", re.S)
+
+
 def _user_message(e: BaseException) -> str:
     message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    return " ".join(str(message).split()) or type(e).__name__
+    message = " ".join(str(message).split())
+    choice = _LITERAL_ERROR.fullmatch(message)
+    if choice:  # jsonargparse's wording for a value outside a Literal, in the dataclasses' wording
+        return f"{choice['key']} {choice['value']!r} is not one of {choice['choices']}"
+    return message or type(e).__name__
 
 
 def main(args: list[str] | None = None) -> None:
