@@ -69,8 +69,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny):
     first = bench.main(_argv(tiny, "resumed") + ["--stop-after-rounds", "2"])
     assert first["pending"] == ["memit_distribute"] and not first["finished"]
     last = tiny / "work" / "resumed" / "memit_distribute" / "checkpoints" / "last.ckpt"
-    saved = torch.load(last, map_location="cpu", weights_only=False)
+    saved = torch.load(last, map_location="cpu", weights_only=True)
     assert saved["global_step"] == 2 and saved["blueedit"]["editor"]["rounds_done"] == 2
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"next_round": 2}]
     assert not (tiny / "results" / "resumed" / "runs").exists()  # an interrupted run is not a result
 
     second = bench.main(_argv(tiny, "resumed"))  # the same command continues it
@@ -94,8 +95,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny):
     assert [h["round"] for h in rec_b["drift"]] == [-1, 0, 1, 2]
 
     wa = torch.load(tiny / "work" / "full" / "memit_distribute" / "checkpoints" / "last.ckpt", map_location="cpu",
-                    weights_only=False)["state_dict"]
-    wb = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+                    weights_only=True)["state_dict"]
+    wb = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
     assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
 
     out = tiny / "results" / "resumed"
