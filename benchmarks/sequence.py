@@ -360,7 +360,7 @@ PANELS = [
     ("consistency", "Consistency (TF-IDF)"),
     ("general/mean", "General capability (mean of tasks)"),
     ("drift/relative", "Hidden-state drift (relative)"),
-    ("weight_shift/relative/mean", "Weight shift error (relative, mean over layers)"),
+    ("weight_shift/relative/mean", "Weight shift error (rel., mean of layers)"),
 ]
 
 
@@ -389,11 +389,17 @@ def plot_curves(records: list[dict[str, Any]], rows: list[dict[str, Any]], path:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=max(1, len(labels)), frameon=False)
-    fig.suptitle(title, y=0.995, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    top = 1 - 0.75 / fig.get_figheight()  # room for the title and the legend, in figure fractions
+    fig.suptitle(title, y=1 - 0.12 / fig.get_figheight(), va="top", fontsize=10)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.38 / fig.get_figheight()),
+               ncol=max(1, len(labels)), frameon=False, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, top))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
 def markdown_table(records: list[dict[str, Any]], title: str) -> str:
@@ -417,7 +423,7 @@ def markdown_table(records: list[dict[str, Any]], title: str) -> str:
         for m, _ in cols:
             cells.append(f"{fmt(pre.get(m))} → {fmt(final.get(m))}" if m in pre else fmt(final.get(m)))
         lines.append(f"| {rec['method']} | {rec['strategy']} | {rec['num_edits']} | " + " | ".join(cells)
-                     + f" | {secs / 3600:.2f} h | {secs / max(1, rec['num_edits']):.2f} |")
+                     + f" | {_duration(secs)} | {secs / max(1, rec['num_edits']):.2f} |")
         del last_round
     lines += ["", "Pre-edit → after the last edit (all edited records). Eff./Gen./Spe.: % (CounterFact: "
               "success rates; zsRE: token accuracy). General: mean headline metric of the GLUE-style tasks. "
@@ -446,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else C.default_data_dir()
     work_root = Path(args.workdir or DEFAULT_WORKDIR).expanduser() / args.name
     out_dir = Path(args.out) / args.name if args.out else None
-    title = (f"{args.name}: {args.dataset}, {args.num_edits} edits, {args.edits_per_round} per round, "
+    title = (f"{args.name}: {Path(args.dataset).name}, {args.num_edits} edits, {args.edits_per_round} per round, "
              f"config {args.config}")
     finished, pending = [], []
     if not args.report_only:
