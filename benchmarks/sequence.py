@@ -447,9 +447,32 @@ def assemble(out_dir: Path, title: str) -> dict[str, Any]:
     return {"records": records, "rows": rows, "table": table}
 
 
+def check_inputs(args: argparse.Namespace, data_dir: Path) -> None:
+    """Bad options and records fail here, before any model is loaded."""
+    from blueedit.data.formats import load_requests
+    from blueedit.editing.editor import METHODS, STRATEGIES
+
+    for spec in args.runs:
+        method, strategy = spec.split(":")
+        if method not in METHODS or strategy not in STRATEGIES:
+            raise SystemExit(f"--runs {spec!r}: METHOD must be one of {', '.join(METHODS)} and STRATEGY one of "
+                             f"{', '.join(STRATEGIES)}")
+    config = Path(args.config) if Path(args.config).is_absolute() else C.REPO / args.config
+    if not config.is_file():
+        raise SystemExit(f"--config {args.config!r}: no such file")
+    try:
+        requests = load_requests(args.dataset, data_dir=str(data_dir), num_edits=args.num_edits)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--dataset {args.dataset!r}: {e}") from e
+    if len(requests) < args.num_edits:
+        raise SystemExit(f"--num-edits {args.num_edits}: --dataset {args.dataset!r} has only {len(requests)} records")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else C.default_data_dir()
+    if not args.report_only:
+        check_inputs(args, data_dir)
     work_root = Path(args.workdir or DEFAULT_WORKDIR).expanduser() / args.name
     out_dir = Path(args.out) / args.name if args.out else None
     title = (f"{args.name}: {Path(args.dataset).name}, {args.num_edits} edits, {args.edits_per_round} per round, "

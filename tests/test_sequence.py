@@ -198,3 +198,16 @@ def test_weight_shift_runs_batch_sizes(tiny):
     assert sorted(p["x"] for p in fig if p["figure"] == "distance") == [0, 1, 2]  # layers 1..3, at E = 3
     assert all(p["y"] > 0 for p in fig)  # distribute: a real error
     assert (tiny / "results" / "wse" / "wse_vs_sequence.png").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--runs", "memit:sideways"], "STRATEGY one of"),
+    (["--num-edits", "7"], "has only 6 records"),
+    (["--config", "configs/nope.yaml"], "no such file"),
+])
+def test_bad_options_fail_before_any_run(tiny, extra, message):
+    bench = _load_benchmark()
+    argv = _argv(tiny, "bad") + extra
+    with pytest.raises(SystemExit, match=message):
+        bench.main(argv)
+    assert not (tiny / "work" / "bad").exists()
