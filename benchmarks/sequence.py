@@ -3,8 +3,8 @@
 For each ``METHOD:STRATEGY`` of ``--runs`` this runs ``blueedit fit`` (the CLI entry point, in this
 process: LightningCLI, ``EditingModule``, ``EditDataModule``) on the base ``--config`` with:
 
-- ``--dataset`` (``counterfact_eval`` or ``zsre_eval``), ``--num-edits`` N in rounds of
-  ``--edits-per-round`` E;
+- ``--dataset`` (``counterfact_eval``, ``zsre_eval``, ``counterfact-easyedit``, a records file, or
+  sets of one format joined with ``+``), ``--num-edits`` N in rounds of ``--edits-per-round`` E;
 - ``SequenceEvaluation``: efficacy / generalization / specificity of all records edited so far,
   every ``--eval-every`` K edits (and before editing, on all N records);
 - ``GeneralCapability`` (GLUE-style subset + perplexity) every ``--general-every`` edits,
@@ -30,7 +30,7 @@ finished runs' histories:
 
 Example (the paper's protocol, CounterFact, MEMIT vs MEMIT + BLUE)::
 
-    python benchmarks/sequence.py --name counterfact_memit --num-edits 1000 \\
+    python benchmarks/sequence.py --name counterfact_memit --dataset counterfact-easyedit --num-edits 1000 \\
         --runs memit:distribute memit:boundary
 """
 
@@ -153,7 +153,8 @@ def run_config(args: argparse.Namespace, spec: str, run_dir: Path, data_dir: Pat
             "callbacks": callbacks,
         },
         "model": {"editing": {"method": method, "strategy": strategy}, "evaluate": False},
-        "data": {"dataset": args.dataset, "data_dir": str(data_dir), "num_edits": args.num_edits,
+        "data": {"dataset": getattr(args, "dataset_source", args.dataset), "data_dir": str(data_dir),
+                 "num_edits": args.num_edits,
                  "edits_per_round": E},
     }
 
@@ -166,6 +167,7 @@ def run_identity(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, 
     cfg["trainer"].pop("default_root_dir", None)
     cfg["trainer"]["logger"]["init_args"].pop("save_dir", None)
     cfg["data"].pop("data_dir", None)
+    cfg["data"]["dataset"] = args.dataset  # a joined set's file lives in the work directory
     for cb in cfg["trainer"]["callbacks"]:
         cb["init_args"].pop("dirpath", None)
     config_path = Path(args.config).expanduser().resolve()
@@ -461,11 +463,44 @@ def check_inputs(args: argparse.Namespace, data_dir: Path) -> None:
     if not config.is_file():
         raise SystemExit(f"--config {args.config!r}: no such file")
     try:
-        requests = load_requests(args.dataset, data_dir=str(data_dir), num_edits=args.num_edits)
+        source = dataset_source(args.dataset, data_dir, Path(args.workdir or DEFAULT_WORKDIR).expanduser() / args.name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # too few records is an error here, below
+            requests = load_requests(source, data_dir=str(data_dir), num_edits=args.num_edits)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--dataset {args.dataset!r}: {e}") from e
     if len(requests) < args.num_edits:
-        raise SystemExit(f"--num-edits {args.num_edits}: --dataset {args.dataset!r} has only {len(requests)} records")
+        raise SystemExit(f"--num-edits {args.num_edits}: --dataset {args.dataset!r} has only {len(requests)} records "
+                         "(counterfact_eval 249, zsre_eval 500; counterfact-easyedit has 10,000; sets of one format "
+                         "can be joined with '+', e.g. zsre_eval+zsre_dev)")
+    args.dataset_source = source
+
+
+def dataset_source(dataset: str, data_dir: Path, work_root: Path) -> str:
+    """``dataset`` itself, or for ``A+B+...`` (sets of one record format, joined in that order) the
+    path of a file in ``work_root`` that holds their records."""
+    if "+" not in dataset:
+        return dataset
+    from blueedit.data.formats import KNOWN_DATASETS, data_file, detect_format, read_records
+
+    records: list[Any] = []
+    formats = set()
+    for part in dataset.split("+"):
+        path = data_file(data_dir, KNOWN_DATASETS[part], f"dataset {part!r}") if part in KNOWN_DATASETS else Path(part)
+        if not path.is_file():
+            raise FileNotFoundError(f"{part!r} is neither a file nor one of {', '.join(KNOWN_DATASETS)}")
+        part_records = read_records(path)
+        if part_records:
+            formats.add(detect_format(part_records[0]))
+        records += part_records
+    if len(formats) > 1:
+        raise ValueError(f"the joined sets have different record formats ({', '.join(sorted(formats))})")
+    work_root.mkdir(parents=True, exist_ok=True)
+    out = work_root / "dataset.json"
+    text = json.dumps(records)
+    if not out.is_file() or out.read_text() != text:
+        out.write_text(text)
+    return str(out)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
