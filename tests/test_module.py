@@ -104,7 +104,7 @@ def test_fit_writes_metrics(workdir, tmp_path):
             v = summary["metrics"][name][when]
             assert v is not None and 0.0 <= v <= 100.0
     # the statistics were cached on disk
-    assert list((workdir / "cache" / "stats").rglob("*.pt"))
+    assert list((workdir / "cache" / "stats").rglob("*.safetensors"))
 
 
 class _StopAfterRound(Callback):

@@ -10,6 +10,8 @@ from a mid-epoch checkpoint continues at the next round (Lightning's resumable-l
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +23,25 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from blueedit.data.formats import default_data_dir, load_requests
 from blueedit.data.records import EditRequest
 
-__all__ = ["EditDataModule", "EditRound", "RoundDataset", "RoundLoader", "RoundSampler"]
+__all__ = ["EditDataModule", "EditRound", "ResumeMismatchError", "RoundDataset", "RoundLoader", "RoundSampler",
+           "describe_differences"]
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint was written by a run with another data stream or other settings."""
+
+
+def describe_differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"<key>: <saved> in the checkpoint, <now> now"`` for every (nested) entry that differs."""
+    out: list[str] = []
+    for key in sorted(set(saved) | set(now), key=str):
+        a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(describe_differences(a, b, name + "."))
+        elif a != b:
+            out.append(f"{name}: {a!r} in the checkpoint, {b!r} now")
+    return out
 
 
 @dataclass
@@ -191,6 +211,39 @@ class EditDataModule(L.LightningDataModule):
                 num_edits=self.num_edits,
                 zsre_target=self.zsre_target,
             )
+
+    # -- resume safety: the checkpoint records the stream it was cut from ------------------------
+    def stream_fingerprint(self) -> dict[str, Any]:
+        """What decides which records go into which round: the source and its options, the number
+        of records, ``edits_per_round``, and the SHA-256 of the records in order (so the same file
+        name with other content, or another order, is told apart)."""
+        digest = hashlib.sha256()
+        for r in self.requests:
+            digest.update(json.dumps(r.to_dict(), sort_keys=True, default=str).encode())
+        return {
+            "dataset": self.dataset, "format": self.format, "zsre_target": self.zsre_target,
+            "num_edits": self.num_edits, "edits_per_round": self.edits_per_round,
+            "num_records": len(self.requests), "records_sha256": digest.hexdigest(),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the :meth:`stream_fingerprint`."""
+        return {"stream": self.stream_fingerprint()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to resume a checkpoint cut from another data stream (it would skip records of
+        this one and mix edits of both); the error names what differs."""
+        saved = state_dict.get("stream")
+        if saved is None:
+            return
+        now = self.stream_fingerprint()
+        differences = describe_differences({k: v for k, v in saved.items() if k != "records_sha256"},
+                                           {k: v for k, v in now.items() if k != "records_sha256"}, "data.")
+        if not differences and saved.get("records_sha256") != now["records_sha256"]:
+            differences = [f"the edit records of data.dataset {self.dataset!r} differ in content or order"]
+        if differences:
+            raise ResumeMismatchError("the checkpoint comes from another data stream; refusing to resume: "
+                                      + "; ".join(differences))
 
     @property
     def requests(self) -> list[EditRequest]:
