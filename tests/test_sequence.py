@@ -216,13 +216,17 @@ def test_bad_options_fail_before_any_run(tiny, extra, message):
 def test_joined_datasets(tiny, tmp_path):
     bench = _load_benchmark()
     edits = str(tiny / "edits.json")
-    args = bench.parse_args(["--dataset", f"{edits}+{edits}", "--num-edits", "12", "--workdir", str(tmp_path)])
+    more_records = [{**r, "case_id": r["case_id"] + 100} for r in RECORDS]
+    more = tmp_path / "more.json"
+    more.write_text(json.dumps(more_records))
+    joined_name = f"{edits}+{more}"
+    args = bench.parse_args(["--dataset", joined_name, "--num-edits", "12", "--workdir", str(tmp_path)])
     bench.check_inputs(args, tiny / "data")
     joined = json.loads(Path(args.dataset_source).read_text())
-    assert joined == RECORDS + RECORDS
+    assert joined == RECORDS + more_records
     config = bench.run_config(args, "memit:boundary", tmp_path / "run", tiny / "data")
     assert config["data"]["dataset"] == args.dataset_source
-    assert bench.run_identity(args, config)["generated"]["data"]["dataset"] == f"{edits}+{edits}"
+    assert bench.run_identity(args, config)["generated"]["data"]["dataset"] == joined_name
     with pytest.raises(SystemExit, match="has only 12 records"):
-        bench.check_inputs(bench.parse_args(["--dataset", f"{edits}+{edits}", "--num-edits", "13",
+        bench.check_inputs(bench.parse_args(["--dataset", joined_name, "--num-edits", "13",
                                              "--workdir", str(tmp_path)]), tiny / "data")
