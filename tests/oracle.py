@@ -372,3 +372,37 @@ def prune(W0: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     sigma = torch.linalg.svdvals(W0)[0]
     S = torch.where(S > sigma, torch.log(S) - torch.log(sigma) + sigma, S)
     return W0 + U @ torch.diag(S) @ Vh
+
+
+# -- CounterFact metrics (docs/algorithms.md, evaluation) -------------------------------------------------
+@torch.no_grad()
+def mean_nll(m: Model, prompt: str, target: str) -> float:
+    """Mean-token NLL of ``target`` (leading space) after the filled ``prompt``, one unpadded pass."""
+    ids = list(m.tok(prompt)["input_ids"])
+    cont = m.target_ids(target)
+    logits, _, _ = m.run(ids + cont)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return float(-sum(logp[len(ids) - 1 + j, t] for j, t in enumerate(cont)) / len(cont))
+
+
+def counterfact_metrics(model, tokenizer, requests, pooled: bool = False) -> dict[str, float]:
+    """Efficacy, generalization and specificity in percent, each averaged per record first:
+    efficacy 1[NLL(o*|p) < NLL(o|p)]; generalization the same on each paraphrase; specificity
+    1[NLL(o|n) < NLL(o*|n)] on each neighborhood prompt. ``pooled``: the wrong variant that averages
+    over all prompts at once (used only to show that a test tells them apart)."""
+    m = Model(model, tokenizer)
+    eff, gen, spe = [], [], []
+    for r in requests:
+        def wins(prompt, a, b):
+            return float(mean_nll(m, prompt, a) < mean_nll(m, prompt, b))
+        eff.append(wins(r.prompt.replace("{}", r.subject), r.target_new, r.target_true))
+        g = [wins(p, r.target_new, r.target_true) for p in r.paraphrases]
+        s = [wins(n, r.target_true, r.target_new) for n in r.neighborhood]
+        if pooled:
+            gen.extend(g)
+            spe.extend(s)
+        else:
+            gen.extend([sum(g) / len(g)] if g else [])
+            spe.extend([sum(s) / len(s)] if s else [])
+    mean = lambda xs: 100.0 * sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {"efficacy": mean(eff), "generalization": mean(gen), "specificity": mean(spe)}
