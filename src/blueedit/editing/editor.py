@@ -1,4 +1,4 @@
-"""One editing round, atomically: targets, keys, residuals, solves, writes (ALGORITHM.md 2-5).
+"""One editing round, atomically: targets, keys, residuals, solves, writes (docs/algorithms.md).
 
 :class:`Editor` is plain PyTorch (no Lightning); :class:`blueedit.module.EditingModule` wraps it.
 """
@@ -46,6 +46,12 @@ class EditHParams:
         key_batch_size: prompts per forward pass when reading keys and hidden states.
         autocast: ``bfloat16`` or ``float16`` to run the model's forward passes under
             :func:`torch.autocast` (δ, losses and solves stay float32/float64); ``None``: off.
+        use_history: include the edit history ``H`` in the MEMIT/PRUNE/RECT solve (the published
+            ``MEMIT_seq``; the default). ``False`` is the published plain ``MEMIT``, which solves
+            with ``λ C_0 + K Kᵀ`` only. AlphaEdit always uses ``H``.
+        prune_base: where PRUNE adds the restrained edit: ``original`` (``W_0 + restrain(W − W_0)``,
+            the PRUNE paper; the default) or ``current`` (``W + restrain(W − W_0)``, what the
+            published BLUE code does).
     """
 
     method: str = "memit"
@@ -59,6 +65,8 @@ class EditHParams:
     optimize: bool = True
     key_batch_size: int = 64
     autocast: str | None = None
+    use_history: bool = True
+    prune_base: str = "original"
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -67,6 +75,10 @@ class EditHParams:
             raise ValueError(f"editing.strategy {self.strategy!r} is not one of {STRATEGIES}")
         if not self.layers:
             raise ValueError("editing.layers is empty")
+        if self.prune_base not in ("original", "current"):
+            raise ValueError(f"editing.prune_base {self.prune_base!r} must be 'original' or 'current'")
+        if self.target.v_num_grad_steps < 1:
+            raise ValueError(f"editing.target.v_num_grad_steps must be >= 1, got {self.target.v_num_grad_steps}")
         if self.autocast not in (None, "bfloat16", "float16"):
             raise ValueError(f"editing.autocast {self.autocast!r} must be null, 'bfloat16' or 'float16'")
         if list(self.layers) != list(range(self.layers[0], self.layers[0] + len(self.layers))):
@@ -125,6 +137,8 @@ class EditorState:
     original: dict[int, torch.Tensor] = field(default_factory=dict)
     rounds_done: int = 0
     context_templates: list[str] = field(default_factory=list)
+    #: post-processing (PRUNE's restraint) has been written into the weights
+    finalized: bool = False
 
     def to_dict(self) -> dict:
         return {
@@ -133,13 +147,14 @@ class EditorState:
             "original": {str(k): v.cpu() for k, v in self.original.items()},
             "rounds_done": self.rounds_done,
             "context_templates": list(self.context_templates),
+            "finalized": self.finalized,
         }
 
     @classmethod
     def from_dict(cls, d: dict, device: torch.device | str = "cpu") -> "EditorState":
         conv = lambda m: {int(k): v.to(device) for k, v in m.items()}  # noqa: E731
         return cls(conv(d["history"]), conv(d["projection"]), conv(d["original"]), int(d["rounds_done"]),
-                   list(d["context_templates"]))
+                   list(d["context_templates"]), bool(d.get("finalized", False)))
 
 
 class Editor:
@@ -226,10 +241,8 @@ class Editor:
         H = self.state.history[layer]
         if self.hp.method == "alphaedit":
             return solvers.alphaedit_update(residuals, keys, self.state.projection[layer], H, self.hp.L2)
-        delta = solvers.memit_update(residuals, keys, self.mom2[layer], H, self.hp.mom2_update_weight)
-        if self.hp.method == "rect":
-            delta = solvers.rect_sparsify(delta, self.adapter.get_w_out(layer).to(delta.device), self.hp.rect_keep)
-        return delta
+        return solvers.memit_update(residuals, keys, self.mom2[layer], H if self.hp.use_history else None,
+                                    self.hp.mom2_update_weight)
 
     def _states(self, requests, key_layers, hidden_layers):
         """Keys ``K^l`` (``[d_k, B]``) and values ``h^l`` (``[d, B]``) at the fact tokens; under DDP
@@ -262,11 +275,16 @@ class Editor:
         t0 = time.perf_counter()
         snapshot = {l: self.adapter.get_w_out(l) for l in self.hp.edited_layers}
         report = RoundReport(index, [r.case_id for r in requests], {}, {}, {}, 0.0)
+        if self.state.finalized:
+            raise EditRoundError(f"round {index}: the editor was finalized (post-processing applied); "
+                                 "no further rounds can be added")
         try:
             if self.hp.strategy == "distribute":
                 self._distribute(requests, report)
             else:
                 self._boundary(requests, report)
+            if self.hp.method == "rect":
+                self._rect_sparsify(snapshot, report)
             keys, _ = self._states(requests, self.hp.edited_layers, [])
             new_history = {l: self.state.history[l] + (keys[l] @ keys[l].T) for l in self.hp.edited_layers}
             for l, H in new_history.items():
@@ -281,6 +299,17 @@ class Editor:
         self.state.rounds_done = index + 1
         report.seconds = time.perf_counter() - t0
         return report
+
+    def _rect_sparsify(self, before: dict[int, torch.Tensor], report: RoundReport) -> None:
+        """RECT, as published: the round has written the full updates of every layer (each later
+        layer computed on the model with the earlier layers' full updates); now each layer's
+        ``ΔW = W − W_before`` is sparsified against ``W_before`` and written instead."""
+        for l, w0 in before.items():
+            full = self.adapter.get_w_out(l).to(torch.float64) - w0.to(torch.float64)
+            sparse = solvers.rect_sparsify(full, w0.to(full.device), self.hp.rect_keep)
+            self.adapter.set_w_out(l, w0)
+            self.adapter.add_to_w_out(l, sparse)
+            report.update_norms[l] = float(torch.linalg.matrix_norm(sparse))
 
     def _record_target(self, layer: int, res: TargetResult, report: RoundReport) -> None:
         report.target_steps[layer] = res.steps.tolist()
@@ -311,15 +340,23 @@ class Editor:
 
     # -- post-processing -------------------------------------------------------------------
     def restrained_weights(self) -> dict[int, torch.Tensor]:
-        """The weights PRUNE would give now (``{}`` for other methods)."""
-        if self.hp.method != "prune":
+        """The weights PRUNE would give now (``{}`` for other methods, and once finalized: the
+        restraint is applied exactly once)."""
+        if self.hp.method != "prune" or self.state.finalized:
             return {}
-        return {l: solvers.prune_restrain(self.state.original[l], self.adapter.get_w_out(l).cpu())
-                for l in self.hp.edited_layers}
+        out = {}
+        for l in self.hp.edited_layers:
+            w0, w = self.state.original[l], self.adapter.get_w_out(l).cpu()
+            restrained = solvers.prune_restrain(w0, w)
+            if self.hp.prune_base == "current":  # published: W + restrain(W − W_0)
+                restrained = (w.double() + (restrained.double() - w0.double())).to(w.dtype)
+            out[l] = restrained
+        return out
 
     @contextmanager
     def evaluation_weights(self):
-        """Temporarily apply post-processing (PRUNE) for an evaluation, then restore."""
+        """Temporarily apply post-processing (PRUNE) for an evaluation, then restore. After
+        :meth:`finalize` the weights already are the post-processed ones: nothing is applied."""
         restrained = self.restrained_weights()
         saved = {l: self.adapter.get_w_out(l) for l in restrained}
         try:
@@ -331,6 +368,8 @@ class Editor:
                 self.adapter.set_w_out(l, w)
 
     def finalize(self) -> None:
-        """Apply post-processing permanently (PRUNE after the last round)."""
+        """Apply post-processing permanently (PRUNE after the last round), exactly once."""
         for l, w in self.restrained_weights().items():
             self.adapter.set_w_out(l, w)
+        if self.hp.method == "prune":
+            self.state.finalized = True

@@ -1,4 +1,4 @@
-"""Closed-form weight updates and post-processing (ALGORITHM.md sections 3, 5 and 6).
+"""Closed-form weight updates and post-processing (docs/algorithms.md: "Closed-form updates", "Post-processing", "Weight shift error").
 
 All functions are pure: tensors in, tensors out, nothing is written to a model. Shapes:
 ``d`` hidden size, ``d_k`` key size (MLP width), ``B`` edits in the round.

@@ -1,5 +1,5 @@
 """Context templates, target hidden states (the "z" optimization), keys and current values
-(ALGORITHM.md sections 1-3)."""
+(docs/algorithms.md: "Context templates", "Target hidden states", "Keys")."""
 
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
 def generate_context_templates(
     model, tokenizer, seeds: tuple[str, ...] = CONTEXT_SEEDS, length: int = 10, top_k: int = 5, seed: int = 0
 ) -> list[str]:
-    """``C = ["{}"] + ["<prefix>. {}" ...]``: one ``length``-token continuation per seed word,
-    top-``k`` sampled (greedy when ``top_k`` is 0) under a fixed RNG seed, so the templates are
-    reproducible and the global RNG state is left untouched.
+    """``C = ["{}"] + ["<prefix>. {}" ...]``: one prefix per seed word, ``length`` tokens long
+    *counting the seed word's own tokens* (the published ``generate_fast(max_out_len=10)``: for a
+    one-token seed, 9 new tokens), top-``k`` sampled (greedy when ``top_k`` is 0) under a fixed RNG
+    seed, so the templates are reproducible and the global RNG state is left untouched.
 
-    Braces and newlines in generated text are removed so each template keeps exactly one ``{}``.
+    Braces and newlines in generated text are removed so each template keeps exactly one ``{}``
+    (docs/algorithms.md, "Context templates").
     """
     device = next(model.parameters()).device
     templates = ["{}"]
@@ -34,7 +36,7 @@ def generate_context_templates(
         for word in seeds:
             ids = tokenizer(word, return_tensors="pt")["input_ids"].to(device)
             out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length,
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max(1, length - ids.shape[1]),
                 do_sample=top_k > 0, top_k=top_k if top_k > 0 else None, top_p=None, temperature=None,
                 pad_token_id=pad_token_id(tokenizer),
             )
@@ -46,7 +48,7 @@ def generate_context_templates(
 
 @dataclass
 class TargetHParams:
-    """Hyperparameters of the target optimization (ALGORITHM.md section 2).
+    """Hyperparameters of the target optimization (docs/algorithms.md, "Target hidden states").
 
     ``loss_layer`` ``None`` means the last block. ``kl_prompt`` has one ``{}`` for the subject.
     """
@@ -234,10 +236,11 @@ def optimize_targets(
     For request ``i`` with rewriting prompts ``c(p_i)`` (+ target tokens but the last) and the KL
     prompt, δ_i is added to ``h^layer`` at each prompt's fact token and minimizes
 
-        L_i = mean_c NLL(o*_i | c(p_i)) / |o*_i|  +  kl_factor · KL(P_init ‖ P_δ)
+        L_i = mean_c NLL(o*_i | c(p_i)) / |o*_i|  +  kl_factor · KL(P_δ ‖ P_init)
               +  v_weight_decay · ‖δ_i‖ / ‖h_init,i‖²
 
-    with Adam (lr ``v_lr``) for at most ``v_num_grad_steps`` steps, stopping request ``i`` once
+    with Adam (lr ``v_lr``): at most ``v_num_grad_steps`` loss evaluations, hence at most
+    ``v_num_grad_steps − 1`` Adam updates (as published), stopping request ``i`` once
     ``L_i < early_stop_loss``, and projecting δ_i into ``‖δ_i‖ ≤ clamp_norm_factor · ‖h_init,i‖``
     after each step. The losses are independent, so the batched result equals the one-by-one loop
     (up to floating-point round-off): finished requests are dropped from the batch and their δ
@@ -321,14 +324,16 @@ def optimize_targets(
         pos = batch.last_prompt_index.unsqueeze(1) + torch.arange(J, device=device)
         pos = torch.where(tmask, pos, batch.last_prompt_index.unsqueeze(1))
         read = torch.where(is_kl_all[sel].unsqueeze(1), fact.unsqueeze(1).expand_as(pos), pos)
-        if logits is None:
+        if logits is None:  # fast path: lm_head only where targets are read
             h = gather_positions(tr.hidden[loss_layer], read)
             logp = torch.log_softmax(adapter.lm_head(adapter.final_norm(h)).float(), dim=-1)
-        else:
+        else:  # reference path: logits at every position, read at ``loss_layer``
+            if loss_layer != adapter.num_layers - 1:
+                logits = adapter.lm_head(adapter.final_norm(tr.hidden[loss_layer]))
             logp = torch.log_softmax(gather_positions(logits, read).float(), dim=-1)
         return logp, gather_positions(tr.hidden[layer], fact)
 
-    for it in range(hp.v_num_grad_steps + 1):
+    for it in range(hp.v_num_grad_steps):
         row_active = active[row_req_all]
         if not row_active.any():
             break
@@ -363,14 +368,14 @@ def optimize_targets(
         if kl_init is None:
             kl_init = kl_logp.detach()
         kl_ref = kl_init[act_idx]
-        kl = (kl_ref.exp() * (kl_ref - kl_logp)).sum(-1)
+        kl = (kl_logp.exp() * (kl_logp - kl_ref)).sum(-1)  # KL(P_δ ‖ P_init): edited distribution first
 
         wd = hp.v_weight_decay * delta[act_idx].norm(dim=1) / h_init[act_idx].norm(dim=1).pow(2)
         loss = nll + hp.kl_factor * kl + wd
         last_loss[act_idx] = loss.detach()
 
         done = loss.detach() < hp.early_stop_loss
-        if it == hp.v_num_grad_steps:
+        if it == hp.v_num_grad_steps - 1:  # the last evaluation takes no step
             break
         active[act_idx[done]] = False
         if done.all():
@@ -414,18 +419,21 @@ def fact_states(
     """Keys and current values at the fact token, in one forward pass per chunk.
 
     Returns ``(keys, hidden)``: ``keys[l]`` is ``K^l`` (``[d_k, B]``, the input of ``W_out^l`` at
-    the fact token averaged over ``templates``) and ``hidden[l]`` is ``h^l`` (``[d, B]``, block
+    the fact token, averaged as the published ``compute_ks`` does: first within each group of
+    templates, then across the groups, i.e. ``k = ½·k("{}") + ½·mean of the generated templates``;
+    :func:`template_weights`) and ``hidden[l]`` is ``h^l`` (``[d, B]``, block
     ``l``'s output at the fact token of the bare prompt). float32.
     """
     if "{}" not in templates:
         raise ValueError("context templates must include the bare template '{}'")
     device = next(model.parameters()).device
     side = getattr(tokenizer, "padding_side", "right") or "right"
-    items = []  # (request, is_bare, ids, fact)
+    weights = template_weights(templates)
+    items = []  # (request, is_bare, ids, fact, weight)
     for i, r in enumerate(requests):
-        for c in templates:
+        for c, w in zip(templates, weights):
             ids, fact = encode_prompt(tokenizer, c.replace("{}", r.prompt, 1), r.subject)
-            items.append((i, c == "{}", ids, fact))
+            items.append((i, c == "{}", ids, fact, w))
     keys = {l: torch.zeros(adapter.key_size(l), len(requests), device=device) for l in key_layers}
     hidden = {l: torch.zeros(adapter.hidden_size(), len(requests), device=device) for l in hidden_layers}
     stop = max(list(key_layers) + list(hidden_layers))
@@ -437,11 +445,19 @@ def fact_states(
             forward(model, batch)
         req = torch.tensor([c[0] for c in chunk], device=device)
         bare = torch.tensor([c[1] for c in chunk], device=device)
+        w = torch.tensor([c[4] for c in chunk], device=device, dtype=torch.float32)
         for l in key_layers:
-            keys[l].index_add_(1, req, gather_positions(tr.keys[l], batch.fact_index).float().T)
+            keys[l].index_add_(1, req, (gather_positions(tr.keys[l], batch.fact_index).float() * w.unsqueeze(1)).T)
         for l in hidden_layers:
             h = gather_positions(tr.hidden[l], batch.fact_index).float()
             hidden[l][:, req[bare]] = h[bare].T
-    for l in key_layers:
-        keys[l] /= len(templates)
     return keys, hidden
+
+
+def template_weights(templates: list[str]) -> list[float]:
+    """Weights of each template in a key average: the bare template ``"{}"`` is one group and the
+    generated templates another; each group is averaged, then the groups are averaged
+    (``½·k("{}") + ½·mean(generated)``; with only the bare template its weight is 1)."""
+    generated = sum(1 for c in templates if c != "{}")
+    groups = 1 + (generated > 0)
+    return [1.0 / groups if c == "{}" else 1.0 / (groups * generated) for c in templates]

@@ -2,7 +2,7 @@
 
 A :class:`ModelAdapter` finds the transformer blocks, each block's MLP output projection
 ``W_out`` (the matrix a locate-then-edit method rewrites), the final norm and the ``lm_head``.
-Weights are always exchanged in the math orientation of ALGORITHM.md: ``W_out`` is ``[d, d_k]``
+Weights are always exchanged in the math orientation of docs/algorithms.md: ``W_out`` is ``[d, d_k]``
 and maps a key ``k`` (``d_k``) to a value ``m = W_out k`` (``d``). GPT-2's ``Conv1D`` stores the
 transpose (``[d_k, d]``); the adapter hides that.
 """
