@@ -116,7 +116,9 @@ def test_zsre_conversion_and_target_option(data_dir: Path) -> None:
     assert default[0].prompt == r0["src"].replace(r0["subject"], "{}", 1)
     assert default[0].target_new == r0["answers"][0] and default[0].target_true == r0["alt"]
     assert default[0].paraphrases == (r0["rephrase"],)
-    assert default[0].neighborhood == (r0["loc"],) and default[0].neighborhood_targets == (r0["loc_ans"],)
+    # the published loc prompt: the NQ question followed by "?" (docs/algorithms.md §8)
+    assert default[0].neighborhood == (r0["loc"] + "?",) and default[0].neighborhood_targets == (r0["loc_ans"],)
+    assert not r0["loc"].endswith("?")
     assert default[0].case_id == 0
     alt = load_requests("zsre_eval", data_dir=data_dir, num_edits=5, zsre_target="alt")
     assert alt[0].target_new == r0["alt"] and alt[0].target_true == r0["answers"][0]

@@ -6,6 +6,7 @@ import json
 import logging
 import warnings
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,14 @@ from blueedit.data.records import EditRequest
 from blueedit.editing.editor import EditHParams, Editor, EditorState, RoundReport
 from blueedit.editing.statistics import StatisticsCache, StatsSpec
 from blueedit.editing.targets import generate_context_templates
-from blueedit.evaluation.editing_metrics import EvaluationResult, evaluate_requests
+from blueedit.evaluation.editing_metrics import EDIT_KINDS, EvaluationResult, evaluate_requests, record_values
+from blueedit.evaluation.generation import (
+    GenerationSpec,
+    References,
+    generation_records,
+    generation_summary,
+    load_references,
+)
 from blueedit.models.adapters import ModelAdapter
 from blueedit.models.loading import ModelSpec, default_cache_dir, load_model_and_tokenizer, model_fingerprint
 
@@ -53,6 +61,12 @@ class EditingModule(L.LightningModule):
         stats: the corpus and size of the key statistics ``C_0``.
         evaluate: evaluate the edited records before and after editing (``metrics.json``).
         eval_batch_size: prompts per forward pass in evaluation.
+        generation_metrics: also report fluency (and consistency, when the reference texts are
+            available) of top-5 sampled generations from the records' generation prompts, pre and
+            post in ``metrics.json`` and in ``validate`` / ``test`` (``docs/algorithms.md`` §8).
+            Slow: 100 tokens per generation prompt.
+        generation: how the generation metrics are computed (sampling, number of records,
+            reference texts); see :class:`~blueedit.evaluation.generation.GenerationSpec`.
         data_dir: benchmark data directory (linked from ``data.data_dir`` by the CLI).
         cache_dir: cache root for converted models and statistics.
         debug: after every round, check that the edited weights are bit-identical on every rank
@@ -66,6 +80,8 @@ class EditingModule(L.LightningModule):
         stats: StatsSpec | None = None,
         evaluate: bool = True,
         eval_batch_size: int = 32,
+        generation_metrics: bool = False,
+        generation: GenerationSpec | None = None,
         data_dir: str | None = None,
         cache_dir: str | None = None,
         debug: bool = False,
@@ -77,6 +93,13 @@ class EditingModule(L.LightningModule):
         self.stats_spec = stats or StatsSpec()
         self.evaluate = evaluate
         self.eval_batch_size = eval_batch_size
+        self.generation_metrics = generation_metrics
+        self.generation = generation or GenerationSpec()
+        self.generation.validate()
+        if generation_metrics and self.generation.attribute_snippets is not None:
+            if not Path(self.generation.attribute_snippets).expanduser().is_file():
+                raise FileNotFoundError(f"generation.attribute_snippets: {self.generation.attribute_snippets} not found")
+        self._references: References | None | bool = False  # False: not loaded yet
         self.data_dir = data_dir
         self.cache_dir = Path(cache_dir or self.stats_spec.cache_dir or default_cache_dir()).expanduser()
         self.debug = debug
@@ -240,17 +263,47 @@ class EditingModule(L.LightningModule):
     def run_evaluation(self, requests: list[EditRequest] | None = None) -> EvaluationResult:
         """Evaluate ``requests`` (default: the data module's evaluation records) on the model as
         it is now. Under DDP each rank scores its shard; the metrics are synchronized through
-        torchmetrics and the per-record results gathered, so every rank returns the same result."""
+        torchmetrics and the per-record results gathered, so every rank returns the same result.
+        With ``generation_metrics`` each record also gets its generations, ``fluency`` and
+        (with reference texts) ``consistency``, and the metrics their means over records."""
         requests = self.eval_requests() if requests is None else requests
         _, world = distributed.rank_and_world()
         with self.editor.evaluation_weights() if self.editor is not None else nullcontext():
             if world == 1 or len(requests) < world:
-                return evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size)
+                res = evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size)
+                self._add_generation(res, requests)
+                return res
             local = distributed.shard(requests)
             res = evaluate_requests(self.lm, self.tokenizer, local, batch_size=self.eval_batch_size, sync=True)
+            self._add_generation(res, local)
         res.records = distributed.gather_objects(res.records, len(requests))
         res.num_records = len(requests)
+        if self.generation_metrics:
+            res.metrics.update(generation_summary(res.records))
         return res
+
+    def references(self) -> References | None:
+        """The consistency reference texts, loaded once (``None`` when not available)."""
+        if self._references is False:
+            data_dir = self.data_dir
+            if data_dir is None and self._trainer is not None:
+                dm = getattr(self.trainer, "datamodule", None)
+                data_dir = getattr(dm, "resolved_data_dir", None) if dm is not None else None
+            self._references = load_references(self.generation, data_dir)
+        return self._references  # type: ignore[return-value]
+
+    def _generation_records(self, requests: list[EditRequest], prompt_offset: int = 0) -> list[dict[str, Any]]:
+        spec = self.generation if prompt_offset == 0 else replace(self.generation, num_records=None)
+        return generation_records(self.lm, self.tokenizer, requests, spec, self.references(), prompt_offset)
+
+    def _add_generation(self, res: EvaluationResult, requests: list[EditRequest]) -> None:
+        """Merge the generation metrics of ``requests`` into ``res`` (its records and metrics)."""
+        if not self.generation_metrics:
+            return
+        by_position = self._generation_records(requests)
+        for rec, gen in zip(res.records, by_position):
+            rec.update({k: v for k, v in gen.items() if k != "case_id"})
+        res.metrics.update(generation_summary(by_position))
 
     def write_metrics(self) -> Path | None:
         """``metrics.json`` (pre/post per metric, per-record results) in the run's log directory,
@@ -289,15 +342,14 @@ class EditingModule(L.LightningModule):
 
     # -- validate / test: evaluate the loaded (e.g. saved, edited) model ------------------------
     def _eval_meters(self, stage: str) -> dict:
-        """Accumulators for ``stage`` (``val``/``test``), created fresh at each epoch start."""
-        from blueedit.evaluation.metrics import MeanValue, SuccessRate
+        """Accumulators for ``stage`` (``val``/``test``), created fresh at each epoch start: one
+        mean over records per metric name (``docs/algorithms.md`` §8: per record, then over records)."""
+        from blueedit.evaluation.metrics import MeanValue
 
-        kinds = ("efficacy", "generalization", "specificity")
-        meters = torch.nn.ModuleDict({k: SuccessRate() for k in kinds})
-        meters.update({f"{k}_margin": MeanValue() for k in kinds})
-        meters.update({f"{k}_acc": MeanValue() for k in kinds})  # zsRE: per-record accuracy in %
+        names = list(EDIT_KINDS) + [f"{k}_margin" for k in EDIT_KINDS]
+        meters = torch.nn.ModuleDict({n: MeanValue() for n in names})
         setattr(self, f"_{stage}_meters", meters)
-        self._eval_state = {"kind": None, "num_records": 0, "records": []}
+        self._eval_state = {"kind": None, "num_records": 0, "records": [], "generation": []}
         return meters
 
     def _eval_step(self, batch: EditRound, stage: str) -> None:
@@ -311,37 +363,41 @@ class EditingModule(L.LightningModule):
         st["num_records"] += res.num_records
         st["records"].extend(res.records)
         for rec in res.records:
-            for k in ("efficacy", "generalization", "specificity"):
-                v = rec.get(k)
-                if v is None or (isinstance(v, list) and not v):
-                    continue
-                if res.kind == "zsre":
-                    meters[f"{k}_acc"].update(torch.tensor([100.0 * float(v)], dtype=torch.float64))
-                    continue
-                vals = v if isinstance(v, list) else [v]
-                meters[k].update(torch.tensor(vals, dtype=torch.bool))
-                m = rec.get(f"{k}_margin")
-                ms = m if isinstance(m, list) else [m]
-                meters[f"{k}_margin"].update(torch.tensor([x for x in ms if x is not None], dtype=torch.float64))
+            for name, value in record_values(rec, res.kind).items():
+                meters[name].update(torch.tensor([value], dtype=torch.float64))
+        if self.generation_metrics:  # the first ``generation.num_records`` records of the epoch
+            done = st["generation"]
+            limit = self.generation.num_records
+            chosen = requests if limit is None else requests[: max(0, limit - len(done))]
+            offset = sum(len(g["generations"]) for g in done)  # prompt index of the epoch: the seed stream
+            st["generation"].extend(self._generation_records(chosen, offset))
 
     def _eval_epoch_end(self, stage: str) -> dict[str, float]:
         meters = getattr(self, f"_{stage}_meters", None)
-        st = getattr(self, "_eval_state", None) or {"kind": None, "num_records": 0, "records": []}
+        st = getattr(self, "_eval_state", None) or {"kind": None, "num_records": 0, "records": [], "generation": []}
         metrics: dict[str, float] = {}
         if meters is not None:
-            kinds = ("efficacy", "generalization", "specificity")
-            names = [f"{k}_acc" for k in kinds] if st["kind"] == "zsre" else list(kinds) + [f"{k}_margin" for k in kinds]
+            names = list(EDIT_KINDS) if st["kind"] == "zsre" else list(EDIT_KINDS) + [f"{k}_margin" for k in EDIT_KINDS]
             for name in names:
                 m = meters[name]
-                value = float(m.compute()) if m.update_count > 0 else float("nan")
-                metrics[name.removesuffix("_acc")] = value
+                metrics[name] = float(m.compute()) if m.update_count > 0 else float("nan")
+        if self.generation_metrics:
+            metrics.update(generation_summary(st.get("generation") or []))
+        if self._trainer is None:  # called directly (no trainer): just the numbers
+            setattr(self, f"_{stage}_meters", None)
+            return metrics
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, sync_dist=False)
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) if self.trainer is not None else None
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if out_dir is not None and self.trainer.is_global_zero:
             out_dir.mkdir(parents=True, exist_ok=True)
+            records = st["records"]
+            if self.generation_metrics:  # generations of the first records, beside their scores
+                gens = st["generation"]
+                records = [{**r, **{k: v for k, v in gens[i].items() if k != "case_id"}} if i < len(gens) else r
+                           for i, r in enumerate(records)]
             payload = {"stage": stage, "model": self.model_spec.name_or_path, "kind": st["kind"],
-                       "num_records": st["num_records"], "metrics": metrics, "records": st["records"]}
+                       "num_records": st["num_records"], "metrics": metrics, "records": records}
             path = out_dir / "eval_metrics.json"
             path.write_text(json.dumps(payload, indent=1, default=str))
             print(f"{stage} metrics written to {path}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))

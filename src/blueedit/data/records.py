@@ -25,6 +25,9 @@ class EditRequest:
         neighborhood_targets: the answer of each neighborhood prompt; empty means ``target_true``
             (CounterFact), one per prompt otherwise (zsRE's ``loc_ans``).
         generation_prompts: filled prompts for fluency / consistency generations.
+        relation_id: the relation's Wikidata id (CounterFact ``relation_id``, e.g. ``"P103"``);
+            with ``target_new_id`` it finds the consistency reference texts about ``o*``.
+        target_new_id: the Wikidata id of ``target_new`` (CounterFact ``target_new.id``).
         source: the format it was read from (``counterfact``, ``counterfact-easyedit``, ``zsre``, ``user``).
     """
 
@@ -38,6 +41,8 @@ class EditRequest:
     neighborhood_targets: tuple[str, ...] = field(default_factory=tuple)
     generation_prompts: tuple[str, ...] = field(default_factory=tuple)
     source: str = "user"
+    relation_id: str | None = None
+    target_new_id: str | None = None
 
     @property
     def filled_prompt(self) -> str:

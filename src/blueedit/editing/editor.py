@@ -46,6 +46,10 @@ class EditHParams:
         key_batch_size: prompts per forward pass when reading keys and hidden states.
         autocast: ``bfloat16`` or ``float16`` to run the model's forward passes under
             :func:`torch.autocast` (δ, losses and solves stay float32/float64); ``None``: off.
+        max_batch_tokens: memory budget of the target optimization: a round's requests are
+            split into micro-batches of at most this many padded prompt positions, run forward
+            and backward one after the other before each Adam step (same result as one batch).
+            ``None``: one batch.
         use_history: include the edit history ``H`` in the MEMIT/PRUNE/RECT solve (the published
             ``MEMIT_seq``; the default). ``False`` is the published plain ``MEMIT``, which solves
             with ``λ C_0 + K Kᵀ`` only. AlphaEdit always uses ``H``.
@@ -65,6 +69,7 @@ class EditHParams:
     optimize: bool = True
     key_batch_size: int = 64
     autocast: str | None = None
+    max_batch_tokens: int | None = 2048
     use_history: bool = True
     prune_base: str = "original"
 
@@ -75,6 +80,8 @@ class EditHParams:
             raise ValueError(f"editing.strategy {self.strategy!r} is not one of {STRATEGIES}")
         if not self.layers:
             raise ValueError("editing.layers is empty")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise ValueError(f"editing.max_batch_tokens must be a positive number of tokens or null, got {self.max_batch_tokens}")
         if self.prune_base not in ("original", "current"):
             raise ValueError(f"editing.prune_base {self.prune_base!r} must be 'original' or 'current'")
         if self.target.v_num_grad_steps < 1:
@@ -224,7 +231,7 @@ class Editor:
         else:
             with torch.enable_grad(), self.autocast():
                 if self.hp.optimize:
-                    res = optimize_targets(*args, fast=True)
+                    res = optimize_targets(*args, fast=True, max_batch_tokens=self.hp.max_batch_tokens)
                 else:
                     res = optimize_targets_one_by_one(*args, fast=False)
         if distributed.is_distributed():
