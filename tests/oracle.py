@@ -61,6 +61,8 @@ class OracleHParams:
     early_stop_loss: float = 0.05
     loss_layer: int | None = None
     kl_prompt: str = "{} is a"
+    use_history: bool = True  # False: MEMIT/PRUNE/RECT solve with λ C_0 + K Kᵀ only (published plain MEMIT)
+    prune_base: str = "original"  # "current": W + restrain(W − W_0) (published BLUE code)
     # Deliberately wrong variants, used only to show that a test can tell them apart:
     kl_edited_first: bool = True  # False: KL(P_init ‖ P_δ)
     rect_full_first: bool = True  # False: sparsify each layer's update before the next is computed
@@ -307,7 +309,7 @@ class Oracle:
             P = U @ U.T
             A = P @ (H + KKt) + self.hp.alpha * torch.eye(C.shape[0], dtype=torch.float64)
             return torch.linalg.solve(A, P @ K @ R.T).T
-        A = self.hp.lam * self.mom2[layer] + H + KKt
+        A = self.hp.lam * self.mom2[layer] + KKt + (H if self.hp.use_history else 0)
         return torch.linalg.solve(A, K @ R.T).T  # A is symmetric: (R Kᵀ A⁻¹)ᵀ = A⁻¹ K Rᵀ
 
     # -- section 4: one round -----------------------------------------------------------------------
@@ -356,7 +358,9 @@ class Oracle:
         if self.hp.method != "prune":
             return
         for l in self.edited:
-            self.m.set_W(l, prune(self.original[l], self.m.get_W(l).double()))
+            W0, W = self.original[l], self.m.get_W(l).double()
+            restrained = prune(W0, W)
+            self.m.set_W(l, restrained if self.hp.prune_base == "original" else W + (restrained - W0))
 
 
 def rect_sparse(delta: torch.Tensor, W: torch.Tensor, keep: float) -> torch.Tensor:

@@ -182,6 +182,30 @@ def test_round_matches_oracle(arch, method, strategy, optimize):
             assert s.delta.norm() > 0
 
 
+@pytest.mark.parametrize("option", [dict(use_history=False), dict(prune_base="current")], ids=["no-history", "prune-current"])
+def test_published_variants_match_oracle(option):
+    """The options for the published behaviour: plain MEMIT (no ``H`` in the solve; a second round
+    makes ``H`` non-zero) and PRUNE added to the current ``W``."""
+    model = sharp_model("llama", SHARPEN)
+    tok = make_tokenizer()
+    mom2 = key_moments(model, tok, LAYERS)
+    twin = copy.deepcopy(model)
+    hp = EditHParams(method="prune", strategy="distribute", layers=list(LAYERS), mom2_update_weight=LAM,
+                     target=TargetHParams(v_num_grad_steps=STEPS, v_lr=0.5), **option)
+    ed = Editor(model, tok, ModelAdapter(model), hp, mom2, TEMPLATES)
+    oracle = Oracle(twin, tok, OracleHParams(method="prune", layers=list(LAYERS), lam=LAM, v_num_grad_steps=STEPS,
+                                             **option), mom2, TEMPLATES)
+    second = [EditRequest(5, "{} is in", "The Eiffel Tower", "Rome", "Paris")]
+    for reqs in (REQUESTS, second):
+        ed.edit_round(reqs)
+        oracle.edit_round(reqs)
+    ed.finalize()
+    oracle.finalize()
+    for l in LAYERS:
+        W0 = oracle.original[l]
+        assert rel(ed.adapter.get_w_out(l).double() - W0, oracle.m.get_W(l).double() - W0) < TOL_OPT, l
+
+
 def test_round_matches_oracle_with_bos():
     assert_round_matches(run_both("llama", "memit", "distribute", True, bos=True), "memit")
 
