@@ -233,8 +233,8 @@ def test_two_rounds_use_history():
 # -- named details -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("optimize", [True, False], ids=["fast", "reference"])
 def test_kl_direction_edited_first(optimize):
-    """KL(P_δ ‖ P_init), the edited distribution first. A large ``kl_factor`` makes the KL term
-    steer δ; the reversed KL gives a clearly different target."""
+    """KL(P_δ ‖ P_init), the edited distribution first. ``kl_factor`` 1 (16x the paper's) makes the
+    KL term steer δ; the reversed KL gives a clearly different target."""
     kw = dict(kl_factor=1.0, v_num_grad_steps=6)
     run = run_both("llama", "memit", "distribute", optimize, **kw)
     L = LAYERS[-1]
@@ -413,9 +413,11 @@ def test_prune_finalize_matches_oracle_restraint():
     """After the round, ``finalize`` applies the restraint once: blueedit's weights equal the oracle's
     ``W_0 + restrained(W − W_0)`` and differ from the unrestrained round (the restraint acts)."""
     run = run_both("llama", "prune", "distribute", True)
+    acted = []
     for l in run.oracle.edited:
         W0 = run.before[l].double()
         W = run.editor.adapter.get_w_out(l).double()
-        assert rel(W - W0, run.oracle.m.get_W(l).double() - W0) < TOL_OPT
-    unrestrained = W0 + run.round.written[l]
-    assert rel(prune(W0, unrestrained) - W0, unrestrained - W0) > WRONG
+        assert rel(W - W0, run.oracle.m.get_W(l).double() - W0) < TOL_OPT, l
+        unrestrained = W0 + run.round.written[l]
+        acted.append(rel(prune(W0, unrestrained) - W0, unrestrained - W0) > WRONG)
+    assert any(acted)
