@@ -19,7 +19,7 @@ from blueedit.data.corpus import (
     model_sampled_texts,
     resolve_corpus_source,
 )
-from blueedit.data.datamodule import EditDataModule, EditRound, RoundDataset, RoundSampler
+from blueedit.data.datamodule import EditDataModule, EditRound, RoundDataset, RoundLoader, RoundSampler
 from blueedit.data.formats import (
     DATA_DIR_ENV,
     default_data_dir,
@@ -265,6 +265,23 @@ def test_round_dataset_splits() -> None:
     with pytest.raises(IndexError):
         ds[3]
     assert list(RoundSampler(ds)) == [0, 1, 2] and len(RoundSampler(ds)) == 3
+
+
+def test_round_loader_resumes_at_saved_round() -> None:
+    ds = RoundDataset(_requests(25), edits_per_round=5)  # rounds 0..4
+    loader = RoundLoader(ds)
+    it = iter(loader)
+    assert [next(it).index for _ in range(2)] == [0, 1]
+    state = loader.state_dict()
+    assert state == {"next_round": 2}
+    fresh = RoundLoader(RoundDataset(_requests(25), edits_per_round=5))
+    fresh.load_state_dict(state)
+    assert len(fresh) == 5  # Lightning counts the steps of the whole epoch
+    assert [r.index for r in fresh] == [2, 3, 4]
+    assert fresh.state_dict() == {"next_round": 5}
+    assert [r.index for r in fresh] == [0, 1, 2, 3, 4]  # the next epoch starts at round 0
+    with pytest.raises(ValueError, match="next_round 6"):
+        fresh.load_state_dict({"next_round": 6})
 
 
 def test_datamodule_rounds_in_order(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import json
 import logging
 import warnings
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,14 @@ import torch
 from blueedit import distributed
 from blueedit.data.corpus import (
     CorpusUnavailable,
+    corpus_files,
     corpus_fingerprint,
     load_corpus_texts,
     model_sampled_texts,
     resolve_corpus_source,
 )
-from blueedit.data.datamodule import EditRound, RoundDataset
-from blueedit.data.records import EditRequest
+from blueedit.data.datamodule import EditRound, ResumeMismatchError, RoundDataset, describe_differences
+from blueedit.data.records import EditRequest, check_prompt_lengths, effective_prompt_limit
 from blueedit.editing.editor import EditHParams, Editor, EditorState, RoundReport
 from blueedit.editing.statistics import StatisticsCache, StatsSpec
 from blueedit.editing.targets import generate_context_templates
@@ -35,7 +36,13 @@ from blueedit.evaluation.generation import (
     load_references,
 )
 from blueedit.models.adapters import ModelAdapter
-from blueedit.models.loading import ModelSpec, default_cache_dir, load_model_and_tokenizer, model_fingerprint
+from blueedit.models.loading import (
+    ModelSpec,
+    context_length,
+    default_cache_dir,
+    load_model_and_tokenizer,
+    model_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +78,9 @@ class EditingModule(L.LightningModule):
         cache_dir: cache root for converted models and statistics.
         debug: after every round, check that the edited weights are bit-identical on every rank
             (a checksum all-gather; useful under DDP).
+        max_prompt_tokens: the longest text (prompt with its target, paraphrase, neighborhood or
+            generation prompt) a record may have, in tokens, checked before any slow work; never
+            more than the model's context. ``null``: the model's context only.
     """
 
     def __init__(
@@ -85,6 +95,7 @@ class EditingModule(L.LightningModule):
         data_dir: str | None = None,
         cache_dir: str | None = None,
         debug: bool = False,
+        max_prompt_tokens: int | None = 512,
     ) -> None:
         super().__init__()
         self.model_spec = model or ModelSpec()
@@ -103,6 +114,8 @@ class EditingModule(L.LightningModule):
         self.data_dir = data_dir
         self.cache_dir = Path(cache_dir or self.stats_spec.cache_dir or default_cache_dir()).expanduser()
         self.debug = debug
+        effective_prompt_limit(max_prompt_tokens, None)  # validates it before the model is loaded
+        self.max_prompt_tokens = max_prompt_tokens
         self.automatic_optimization = False
         lm, self.tokenizer = load_model_and_tokenizer(self.model_spec, self.cache_dir)
         if self.model_spec.device_map is None:
@@ -114,6 +127,7 @@ class EditingModule(L.LightningModule):
         self._round_counter = torch.nn.Parameter(torch.zeros(()))  # placeholder for the optimizer
         self.editor: Editor | None = None
         self._pending_state: EditorState | None = None
+        self._finalized = False  # post-processing (PRUNE) applied; a rescue checkpoint may hold it
         self.reports: list[RoundReport] = []
         self.pre_metrics: dict[str, Any] | None = None
         self.post_metrics: dict[str, Any] | None = None
@@ -140,33 +154,84 @@ class EditingModule(L.LightningModule):
         for key, w in state_dict.items():
             self.adapter.set_w_out(int(key.split(".")[1]), w)
 
+    #: Settings that change speed, not results: they may differ when resuming.
+    RESUMABLE_SETTINGS = frozenset({"editing.key_batch_size", "stats.batch_size", "stats.cache_dir"})
+
+    def settings_fingerprint(self) -> dict[str, Any]:
+        """The settings that decide the edit: the model, the editing hyperparameters and the
+        statistics; saved in checkpoints and compared on resume."""
+        def plain(obj: Any) -> Any:
+            return json.loads(json.dumps(asdict(obj), default=str))
+
+        settings = {"model": {"name_or_path": self.model_spec.name_or_path, "gguf_file": self.model_spec.gguf_file,
+                              "revision": self.model_spec.revision, "dtype": self.model_spec.dtype},
+                    "editing": plain(self.hp), "stats": plain(self.stats_spec)}
+        for dotted in self.RESUMABLE_SETTINGS:
+            group, key = dotted.split(".", 1)
+            settings[group].pop(key, None)
+        return settings
+
+    def _check_resume_settings(self, saved: dict[str, Any] | None) -> None:
+        if saved is None:
+            warnings.warn("the checkpoint records no settings (written by an older blueedit); resuming unchecked",
+                          stacklevel=2)
+            return
+        differences = describe_differences(saved, self.settings_fingerprint())
+        if differences:
+            where = f" {self._trainer.ckpt_path}" if self._trainer is not None and self._trainer.ckpt_path else ""
+            raise ResumeMismatchError(f"the checkpoint{where} was written with other settings; refusing to resume: "
+                                      + "; ".join(differences))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["blueedit"] = {
+            "settings": self.settings_fingerprint(),
             "editor": self.editor.state.to_dict() if self.editor else None,
             "pre_metrics": self.pre_metrics,
             "reports": [r.__dict__ for r in self.reports],
+            "finalized": self._finalized,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("blueedit", {})
+        self._check_resume_settings(saved.get("settings"))
         if saved.get("editor"):
             self._pending_state = EditorState.from_dict(saved["editor"])
             if self.editor is not None:
                 self.editor.state = EditorState.from_dict(saved["editor"], self.editor.device)
         self.pre_metrics = saved.get("pre_metrics")
         self.reports = [RoundReport(**r) for r in saved.get("reports", [])]
+        self._finalized = bool(saved.get("finalized", False))
 
     # -- setup: statistics, templates, editor -------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage != "fit" or self.editor is not None:
             return
+        self.check_prompt_lengths()
         if self.model_spec.device_map is None and self.trainer is not None:
             self.lm.to(self.trainer.strategy.root_device)
+        # Lightning restores a checkpoint's (edited) weights after this hook: C_0 and its cache key
+        # are computed on the pretrained weights
         mom2 = self.key_statistics(self.hp.edited_layers)
         templates = generate_context_templates(self.lm, self.tokenizer)
         self.editor = Editor(self.lm, self.tokenizer, self.adapter, self.hp, mom2, templates)
         if self._pending_state is not None:
             self.editor.state = EditorState.from_dict(self._pending_state.to_dict(), self.editor.device)
+
+    @property
+    def prompt_limit(self) -> int | None:
+        """``max_prompt_tokens`` capped by the model's context length."""
+        return effective_prompt_limit(self.max_prompt_tokens, context_length(self.lm.config))
+
+    def check_prompt_lengths(self) -> None:
+        """Fail, naming the record, when a text of the data module's records is over
+        :attr:`prompt_limit` (before statistics and editing)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "requests"):
+            return
+        check_prompt_lengths(dm.requests, self.tokenizer, self.prompt_limit, source="the edit records")
+        if self.evaluate and getattr(dm, "eval_dataset", None) is not None:
+            check_prompt_lengths(dm.eval_requests(), self.tokenizer, self.prompt_limit,
+                                 source="the evaluation records")
 
     def corpus_source(self) -> str:
         """The resolved statistics corpus; ``auto`` without a Wikipedia sample in the data
@@ -195,7 +260,11 @@ class EditingModule(L.LightningModule):
                 return model_sampled_texts(self.lm, self.tokenizer, num_samples=spec.num_samples,
                                            max_new_tokens=spec.max_length, seed=0, batch_size=64)
         else:
-            corpus_id = corpus_fingerprint(source, spec.num_samples, MIN_CHARS)
+            try:
+                files = corpus_files(source, self.data_dir)
+            except CorpusUnavailable as e:
+                raise CorpusUnavailable(f"stats.corpus: {e}") from e
+            corpus_id = corpus_fingerprint(source, spec.num_samples, MIN_CHARS, files=files)
 
             def texts():
                 try:
@@ -216,10 +285,11 @@ class EditingModule(L.LightningModule):
     def _round_for_step(self, batch: EditRound, batch_idx: int) -> EditRound:
         """The round this step must apply.
 
-        Resuming from a mid-epoch checkpoint, Lightning continues ``batch_idx`` after the rounds
-        already done (and runs only the remaining number of steps) but restarts a non-resumable
-        dataloader at its first round; the round it hands over is then not round ``batch_idx``,
-        so that round is taken from the loader's dataset instead.
+        The data module's :class:`~blueedit.data.datamodule.RoundLoader` is resumable, so after a
+        resume the round handed over is round ``batch_idx``. A checkpoint written without the
+        loader's state (older blueedit) restarts the loader at its first round while Lightning
+        continues ``batch_idx``; that round is then taken from the loader's dataset instead (the
+        callbacks still see the round the loader handed over).
         """
         if batch.index == batch_idx or self._trainer is None:
             return batch
@@ -249,7 +319,9 @@ class EditingModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         assert self.editor is not None
-        self.editor.finalize()
+        if not self._finalized:
+            self.editor.finalize()
+            self._finalized = True
         if self.evaluate:
             self.post_metrics = self.run_evaluation().to_dict()
             self.write_metrics()

@@ -46,7 +46,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from blueedit.data.records import EditRecordError, EditRequest, validate_request
+from blueedit.data.records import EditRecordError, EditRequest, check_unique_case_ids, validate_request
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -459,7 +459,8 @@ def load_requests(
         zsre_target: ``answers`` or ``alt``, the zsRE field used as the new target.
 
     Raises:
-        EditRecordError: a record is malformed (the message names its index, ``case_id`` and field).
+        EditRecordError: a record is malformed (the message names its index, ``case_id`` and field),
+            two records share a ``case_id``, or the source holds no records.
         FileNotFoundError: the file, or the data directory for a benchmark name, is missing.
         ValueError: a bad option.
     """
@@ -497,4 +498,6 @@ def load_requests(
                 stacklevel=2,
             )
         records = records[:num_edits]
-    return convert_records(records, format, zsre_target=zsre_target)
+    if not records:
+        raise EditRecordError(f"edit data source {source!r} holds no edit records")
+    return check_unique_case_ids(convert_records(records, format, zsre_target=zsre_target), repr(source))

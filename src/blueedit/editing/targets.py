@@ -96,6 +96,14 @@ def _rows(tokenizer, requests: list[EditRequest], templates: list[str], kl_promp
     return rows
 
 
+def cache_argument(model) -> str:
+    """The name of the key/value cache argument of ``model.forward``: ``cache`` in transformers 5
+    (which deprecates ``past_key_values``), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class _PrefixCache:
     """Key/value states of every row's tokens *before* its fact token, computed once per round.
 
@@ -108,6 +116,7 @@ class _PrefixCache:
         from transformers import DynamicCache
 
         device = next(model.parameters()).device
+        self.cache_arg = cache_argument(model)
         self.P = max(len(p) for p in prefixes)
         self.lengths = torch.tensor([len(p) for p in prefixes], device=device)
         if self.P == 0:
@@ -119,7 +128,7 @@ class _PrefixCache:
         cache = DynamicCache()
         with torch.no_grad(), traced(adapter, stop_after=loss_layer):
             try:
-                model(**batch.model_inputs(), past_key_values=cache, use_cache=True)
+                model(**batch.model_inputs(), **{cache_argument(model): cache}, use_cache=True)
             except _StopForward:
                 pass
         self.layers = [(layer.keys, layer.values) for layer in cache.layers[: loss_layer + 1]]
@@ -132,7 +141,7 @@ class _PrefixCache:
         pos = (self.lengths[rows].unsqueeze(1) + suffix.position_ids)
         inputs = {"input_ids": suffix.input_ids, "attention_mask": mask, "position_ids": pos}
         if self.layers is not None:
-            inputs["past_key_values"] = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in self.layers])
+            inputs[self.cache_arg] = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in self.layers])
             inputs["use_cache"] = True
         return inputs
 
@@ -361,15 +370,15 @@ def optimize_targets(
         fact = batch.fact_index
         ar = torch.arange(sel.numel(), device=device)
 
-        def inject(h: torch.Tensor) -> torch.Tensor:
-            return h + torch.zeros_like(h).index_put((ar, fact), delta[row_req].to(h.dtype))
+        def inject(h: torch.Tensor) -> torch.Tensor:  # h + δ at each row's fact token (out of place)
+            return h.index_put((ar, fact), delta[row_req].to(h.dtype), accumulate=True)
 
         replay = g.replay
         with traced(adapter, edit_layer=layer, edit_fn=inject, hidden_layers=[loss_layer],
                     stop_after=loss_layer if fast else None) as tr:
             try:
                 if replay is not None and replay.calls:
-                    replay.run(lsel, g.size, inputs.get("past_key_values"))
+                    replay.run(lsel, g.size, inputs.get(ch.prefix.cache_arg))
                     logits = None
                 else:
                     with replay.capturing() if replay is not None else nullcontext():
