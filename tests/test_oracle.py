@@ -334,13 +334,13 @@ def test_loss_layer_on_both_paths(optimize):
     assert rel(z_last, oracle_z(run, L)) > WRONG
 
 
-@pytest.mark.xfail(strict=True, reason="blueedit reads the KL distribution at loss_layer; the published code "
-                                       "(and the 'next-token distribution' of the spec) uses the final logits")
 @pytest.mark.parametrize("optimize", [True, False], ids=["fast", "reference"])
 def test_kl_distribution_is_the_final_one(optimize):
     """With ``loss_layer`` below the last block, the KL term still compares the model's next-token
     distributions (its final logits), as the published ``compute_z`` does."""
-    run = run_both("llama", "memit", "distribute", optimize, loss_layer=3, kl_factor=4.0)
+    # loss_layer 4: between the edited layer (3) and the last block (5). (With loss_layer equal to
+    # the edited layer the target term is flat along h_init, so z is not a stable quantity.)
+    run = run_both("llama", "memit", "distribute", optimize, loss_layer=4, kl_factor=4.0)
     L = LAYERS[-1]
     assert rel(run.targets[L].z, oracle_z(run, L)) < TOL_Z
 
