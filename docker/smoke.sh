@@ -49,6 +49,7 @@ fi
 log "engine: $ENGINE ($("$ENGINE" --version))"
 
 # ------------------------------------------------------------------ base image
+BASE_S=0
 if [[ -z "${BASE_IMAGE:-}" ]]; then
     if "$ENGINE" image inspect python:3.11-slim >/dev/null 2>&1; then
         BASE_IMAGE=python:3.11-slim
@@ -58,7 +59,8 @@ if [[ -z "${BASE_IMAGE:-}" ]]; then
         rc=0; ENGINE="$ENGINE" BASE_IMAGE_NAME="$BASE_IMAGE" "$REPO/docker/build-local-base.sh" || rc=$?
         # 2: no debootstrap, not root, no engine: this machine cannot make the base image.
         [[ $rc == 0 ]] || { log "cannot build the local base image (exit $rc)"; exit "$rc"; }
-        log "local base image ready in $((SECONDS - t)) s"
+        BASE_S=$((SECONDS - t))
+        log "local base image ready in $BASE_S s"
     fi
 fi
 log "base image: $BASE_IMAGE"
@@ -195,7 +197,7 @@ RELOAD_S=$((SECONDS - t))
 
 cat >&2 <<EOF
 $LOG_PREFIX ---------------------------------------------------------------- summary
-$LOG_PREFIX engine           $ENGINE, base image $BASE_IMAGE
+$LOG_PREFIX engine           $ENGINE, base image $BASE_IMAGE (made in $BASE_S s)
 $LOG_PREFIX image            $IMAGE, $SIZE ($SIZE_B bytes)
 $LOG_PREFIX build            $BUILD_S s
 $LOG_PREFIX quickstart fit   $FIT_S s  (metrics: ${METRICS[0]#$SMOKE_DIR/})
