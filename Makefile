@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 export BLUEEDIT_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup quickstart test clean
+.PHONY: setup quickstart test clean docker-smoke
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,7 @@ test: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# Build the CPU image and run the quickstart in it (podman or docker; docker/smoke.sh).
+docker-smoke:
+	bash docker/smoke.sh
