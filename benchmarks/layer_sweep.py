@@ -23,6 +23,7 @@ import csv
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -129,6 +130,25 @@ def write_csv(path: Path, results: dict) -> None:
                         "" if r.get("cpu_seconds") is None else f"{r['cpu_seconds']:.1f}", r.get("error", "")])
 
 
+def finish(results: dict, t0: float, c0: float, partial: bool = False) -> None:
+    """Totals since ``t0``/``c0`` (wall, CPU), the chosen window and the markdown table."""
+    results["total_seconds"] = time.perf_counter() - t0
+    results["total_cpu_seconds"] = time.process_time() - c0
+    best = choose(results["runs"])
+    results["chosen"] = {"window": best["window"], "layers": best["layers"], "score": best["score"]} if best else None
+    results["partial"] = partial
+    results["table"] = markdown(results) + ("\n\nPARTIAL: not every window has run yet." if partial else "")
+
+
+def write_results(out: Path, results: dict) -> None:
+    """``<out>.csv``, ``<out>.md`` and ``<out>.json``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(out.with_suffix(".csv"), results)
+    out.with_suffix(".md").write_text(results["table"] + "\n")
+    out.with_suffix(".json").write_text(json.dumps({k: v for k, v in results.items() if k != "table"},
+                                                   indent=1, default=str))
+
+
 def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=None, texts=None) -> dict:
     """Run the sweep and return the results dict. ``model``/``tokenizer`` (edited in place, restored
     afterwards), ``requests`` and ``texts`` (the statistics corpus) replace the loaded ones (tests)."""
@@ -155,69 +175,67 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
         requests = load_requests(args.dataset, data_dir=data_dir, num_edits=args.edits)
     requests = list(requests)[: args.edits]
 
-    with C.timed(args.device) as t_total:
-        if model is None:
-            spec = ModelSpec(name_or_path=args.model, dtype=args.dtype)
-            model, tokenizer = load_model_and_tokenizer(spec, args.cache_dir)
-            model.to(args.device)
-            model_id = model_fingerprint(spec)
-        else:
-            model_id = f"given-{type(model).__name__}"
-        adapter = ModelAdapter(model)
-        all_layers = sorted({l for hp in hps for l in hp.edited_layers})
-        adapter.check_layers(all_layers)
-        original = {l: adapter.get_w_out(l).cpu() for l in all_layers}
-        with C.timed(args.device) as t_stats:
-            mom2 = Q.key_statistics(args, model, adapter, tokenizer, all_layers, data_dir=data_dir, texts=texts,
-                                    model_id=model_id)
-        templates = generate_context_templates(model, tokenizer)
+    t0, c0 = time.perf_counter(), time.process_time()
+    if model is None:
+        spec = ModelSpec(name_or_path=args.model, dtype=args.dtype)
+        model, tokenizer = load_model_and_tokenizer(spec, args.cache_dir)
+        model.to(args.device)
+        model_id = model_fingerprint(spec)
+    else:
+        model_id = f"given-{type(model).__name__}"
+    adapter = ModelAdapter(model)
+    all_layers = sorted({l for hp in hps for l in hp.edited_layers})
+    adapter.check_layers(all_layers)
+    original = {l: adapter.get_w_out(l).cpu() for l in all_layers}
+    with C.timed(args.device) as t_stats:
+        mom2 = Q.key_statistics(args, model, adapter, tokenizer, all_layers, data_dir=data_dir, texts=texts,
+                                model_id=model_id)
+    templates = generate_context_templates(model, tokenizer)
 
-        results: dict = {
-            "command": C.command_line("layer_sweep.py", argv), "versions": C.versions(),
-            "device": C.device_description(args.device), "threads": torch.get_num_threads(),
-            "model": args.model if model_id.startswith(args.model.split("/")[-1]) else model_id,
-            "dataset": args.dataset, "num_edits": len(requests), "edits_per_round": args.edits_per_round,
-            "method": args.method, "strategy": args.strategy, "lam": args.lam, "v_lr": args.v_lr,
-            "steps": args.steps, "stats_samples": args.stats_samples, "stats_max_length": args.stats_max_length,
-            "stats_corpus": args.stats_corpus if texts is None else "given", "stats_seconds": t_stats["seconds"],
-            "runs": [],
-        }
-        pre = Q.evaluate(model, tokenizer, requests, args, [])
-        pre["score"] = sum(pre[k] for k in METRICS) / len(METRICS)
-        results["pre_edit"] = pre
-        print("pre-edit: " + ", ".join(f"{k} {pre[k]:.2f}" for k in METRICS), flush=True)
-        try:
-            for layers, hp in zip(windows, hps):
-                for l, w in original.items():
-                    adapter.set_w_out(l, w)
-                with C.timed(args.device) as t_run:
-                    try:
-                        run = Q.run_one(args, hp, model, tokenizer, adapter, mom2, templates, requests, [])
-                    except Exception as e:  # one failed window should not lose the others
-                        run = {"error": f"{type(e).__name__}: {e}", **{k: float("nan") for k in METRICS},
-                               "score": float("nan"), "seconds": None}
-                run.update(window=window_label(layers), layers=layers,
-                           cpu_seconds=None if "error" in run else t_run["cpu_seconds"])
-                results["runs"].append(run)
-                print(f"layers {run['window']}: " + (run["error"] if "error" in run else
-                      ", ".join(f"{k} {run[k]:.2f}" for k in METRICS) + f", mean {run['score']:.2f}, "
-                      f"{run['seconds']:.0f} s"), flush=True)
-        finally:
+    results: dict = {
+        "command": C.command_line("layer_sweep.py", argv), "versions": C.versions(),
+        "device": C.device_description(args.device), "threads": torch.get_num_threads(),
+        "model": args.model if model_id.startswith(args.model.split("/")[-1]) else model_id,
+        "dataset": args.dataset, "num_edits": len(requests), "edits_per_round": args.edits_per_round,
+        "method": args.method, "strategy": args.strategy, "lam": args.lam, "v_lr": args.v_lr,
+        "steps": args.steps, "stats_samples": args.stats_samples, "stats_max_length": args.stats_max_length,
+        "stats_corpus": args.stats_corpus if texts is None else "given", "stats_seconds": t_stats["seconds"],
+        "runs": [],
+    }
+    pre = Q.evaluate(model, tokenizer, requests, args, [])
+    pre["score"] = sum(pre[k] for k in METRICS) / len(METRICS)
+    results["pre_edit"] = pre
+    print("pre-edit: " + ", ".join(f"{k} {pre[k]:.2f}" for k in METRICS), flush=True)
+    if args.out:
+        finish(results, t0, c0, partial=True)
+        write_results(Path(args.out), results)
+    try:
+        for layers, hp in zip(windows, hps):
             for l, w in original.items():
                 adapter.set_w_out(l, w)
-    results["total_seconds"], results["total_cpu_seconds"] = t_total["seconds"], t_total["cpu_seconds"]
-    best = choose(results["runs"])
-    results["chosen"] = {"window": best["window"], "layers": best["layers"], "score": best["score"]} if best else None
-    results["table"] = markdown(results)
+            with C.timed(args.device) as t_run:
+                try:
+                    run = Q.run_one(args, hp, model, tokenizer, adapter, mom2, templates, requests, [])
+                except Exception as e:  # one failed window should not lose the others
+                    run = {"error": f"{type(e).__name__}: {e}", **{k: float("nan") for k in METRICS},
+                           "score": float("nan"), "seconds": None}
+            run.update(window=window_label(layers), layers=layers,
+                       cpu_seconds=None if "error" in run else t_run["cpu_seconds"])
+            results["runs"].append(run)
+            if args.out and len(results["runs"]) < len(windows):  # partial results, in case it is stopped
+                finish(results, t0, c0, partial=True)
+                write_results(Path(args.out), results)
+            print(f"layers {run['window']}: " + (run["error"] if "error" in run else
+                  ", ".join(f"{k} {run[k]:.2f}" for k in METRICS) + f", mean {run['score']:.2f}, "
+                  f"{run['seconds']:.0f} s"), flush=True)
+    finally:
+        for l, w in original.items():
+            adapter.set_w_out(l, w)
+    finish(results, t0, c0)
+    if args.out:
+        write_results(Path(args.out), results)
     print()
     print(results["table"])
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_csv(out.with_suffix(".csv"), results)
-        out.with_suffix(".md").write_text(results["table"] + "\n")
-        out.with_suffix(".json").write_text(json.dumps({k: v for k, v in results.items() if k != "table"},
-                                                       indent=1, default=str))
     return results
 
 
