@@ -93,6 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"), help="results root ('' : none)")
     p.add_argument("--restart", action="store_true", help="discard the runs' work directories and start over")
     p.add_argument("--report-only", action="store_true", help="only re-assemble CSV / PNG / table from runs/*.json")
+    p.add_argument("--report-partial", action="store_true",
+                   help="with --report-only: also report unfinished runs from their last checkpoint (marked partial)")
     p.add_argument("--stop-after-rounds", type=int, default=None,
                    help="(tests) stop each run after this many rounds, as an interruption would")
     args = p.parse_args(argv)
@@ -285,6 +287,41 @@ def _run_locked(args: argparse.Namespace, spec: str, key: str, run_dir: Path, da
     return record
 
 
+def partial_record(args: argparse.Namespace, spec: str, run_dir: Path) -> dict[str, Any] | None:
+    """The record of an unfinished run, read from its ``last.ckpt``: the callbacks' histories and
+    the rounds done so far (``partial: true``; ``num_edits`` counts the edits done)."""
+    import torch
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return None
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    states = ckpt.get("callbacks", {})
+
+    def history(path: str):
+        name = path.rsplit(".", 1)[1]
+        for key, state in states.items():
+            if key.split("{")[0] == name and isinstance(state, dict):
+                return state.get("history")
+        return None
+
+    reports = (ckpt.get("blueedit") or {}).get("reports") or []
+    method, strategy = spec.split(":")
+    done = sum(len(r["case_ids"]) for r in reports)
+    return {
+        "run": run_key(spec), "name": args.name, "method": method, "strategy": strategy, "dataset": args.dataset,
+        "num_edits": done, "edits_per_round": args.edits_per_round, "eval_every": args.eval_every,
+        "partial": True, "planned_edits": args.num_edits,
+        "command": "python benchmarks/sequence.py " + " ".join(a for a in args.argv
+                                                              if a not in ("--report-only", "--report-partial")),
+        "rounds": [{"index": r["index"], "seconds": r["seconds"], "num_edits": len(r["case_ids"]),
+                    "update_norms": {str(k): v for k, v in r["update_norms"].items()}} for r in reports],
+        "edit_seconds": sum(r["seconds"] for r in reports),
+        "work_dir": str(run_dir), "versions": C.versions(),
+        **{name: history(path) for name, path in CALLBACKS.items()},
+    }
+
+
 # -- results ----------------------------------------------------------------------------------
 def _nan_to_none(v: Any) -> Any:
     return None if isinstance(v, float) and math.isnan(v) else v
@@ -416,7 +453,8 @@ def markdown_table(records: list[dict[str, Any]], title: str) -> str:
         cells = []
         for m, _ in cols:
             cells.append(f"{fmt(pre.get(m))} → {fmt(final.get(m))}" if m in pre else fmt(final.get(m)))
-        lines.append(f"| {rec['method']} | {rec['strategy']} | {rec['num_edits']} | " + " | ".join(cells)
+        edits = f"{rec['num_edits']} of {rec['planned_edits']} (partial)" if rec.get("partial") else rec["num_edits"]
+        lines.append(f"| {rec['method']} | {rec['strategy']} | {edits} | " + " | ".join(cells)
                      + f" | {secs / 3600:.2f} h | {secs / max(1, rec['num_edits']):.2f} |")
         del last_round
     lines += ["", "Pre-edit → after the last edit (all edited records). Eff./Gen./Spe.: % (CounterFact: "
@@ -453,7 +491,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for spec in args.runs:
             key = run_key(spec)
             done_path = out_dir / "runs" / f"{key}.json" if out_dir else None
-            if done_path is not None and done_path.is_file() and not args.restart:
+            if (done_path is not None and done_path.is_file() and not args.restart
+                    and not json.loads(done_path.read_text()).get("partial")):
                 print(f"[sequence] {key}: finished ({done_path}), skipped", flush=True)
                 finished.append(key)
                 continue
@@ -468,6 +507,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 done_path.write_text(json.dumps(record, indent=1, default=str))
     result: dict[str, Any] = {"finished": finished, "pending": pending, "out_dir": str(out_dir) if out_dir else None,
                               "work_root": str(work_root)}
+    if args.report_only and args.report_partial and out_dir is not None:
+        for spec in args.runs:
+            done_path = out_dir / "runs" / f"{run_key(spec)}.json"
+            if done_path.is_file() and not json.loads(done_path.read_text()).get("partial"):
+                continue
+            record = partial_record(args, spec, work_root / run_key(spec))
+            if record is not None:
+                done_path.parent.mkdir(parents=True, exist_ok=True)
+                done_path.write_text(json.dumps(record, indent=1, default=str))
+                print(f"[sequence] {run_key(spec)}: partial, {record['num_edits']} of {args.num_edits} edits", flush=True)
     if out_dir is not None and (out_dir / "runs").is_dir():
         result.update(assemble(out_dir, title))
     return result

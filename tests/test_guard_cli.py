@@ -63,7 +63,7 @@ def loads(monkeypatch):
     return calls
 
 
-def _fails(args, capsys, loads, match: str, seconds: float = 10.0) -> str:
+def _fails(args, capsys, loads, match: str, seconds: float = 20.0) -> str:
     t0 = time.perf_counter()
     with pytest.raises(SystemExit) as exc:
         main(args)

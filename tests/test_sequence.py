@@ -73,7 +73,13 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny):
     assert saved["global_step"] == 2 and saved["blueedit"]["editor"]["rounds_done"] == 2
     assert not (tiny / "results" / "resumed" / "runs").exists()  # an interrupted run is not a result
 
-    second = bench.main(_argv(tiny, "resumed"))  # the same command continues it
+    # --report-partial reports the unfinished run from its checkpoint, marked partial
+    part = bench.main(_argv(tiny, "resumed") + ["--report-only", "--report-partial"])
+    rec = json.loads((tiny / "results" / "resumed" / "runs" / "memit_distribute.json").read_text())
+    assert rec["partial"] and rec["num_edits"] == 4 and [h["round"] for h in rec["sequence"]] == [-1, 0, 1]
+    assert "4 of 6 (partial)" in part["table"]
+
+    second = bench.main(_argv(tiny, "resumed"))  # the same command continues it (a partial record is no result)
     assert second["finished"] == ["memit_distribute"]
 
     a, b = _csv(tiny / "results" / "full" / "sequence.csv"), _csv(tiny / "results" / "resumed" / "sequence.csv")
