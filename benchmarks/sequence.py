@@ -3,8 +3,8 @@
 For each ``METHOD:STRATEGY`` of ``--runs`` this runs ``blueedit fit`` (the CLI entry point, in this
 process: LightningCLI, ``EditingModule``, ``EditDataModule``) on the base ``--config`` with:
 
-- ``--dataset`` (``counterfact_eval`` or ``zsre_eval``), ``--num-edits`` N in rounds of
-  ``--edits-per-round`` E;
+- ``--dataset`` (``counterfact_eval``, ``zsre_eval``, ``counterfact-easyedit``, a records file, or
+  sets of one format joined with ``+``), ``--num-edits`` N in rounds of ``--edits-per-round`` E;
 - ``SequenceEvaluation``: efficacy / generalization / specificity of all records edited so far,
   every ``--eval-every`` K edits (and before editing, on all N records);
 - ``GeneralCapability`` (GLUE-style subset + perplexity) every ``--general-every`` edits,
@@ -30,7 +30,7 @@ finished runs' histories:
 
 Example (the paper's protocol, CounterFact, MEMIT vs MEMIT + BLUE)::
 
-    python benchmarks/sequence.py --name counterfact_memit --num-edits 1000 \\
+    python benchmarks/sequence.py --name counterfact_memit --dataset counterfact-easyedit --num-edits 1000 \\
         --runs memit:distribute memit:boundary
 """
 
@@ -155,7 +155,8 @@ def run_config(args: argparse.Namespace, spec: str, run_dir: Path, data_dir: Pat
             "callbacks": callbacks,
         },
         "model": {"editing": {"method": method, "strategy": strategy}, "evaluate": False},
-        "data": {"dataset": args.dataset, "data_dir": str(data_dir), "num_edits": args.num_edits,
+        "data": {"dataset": getattr(args, "dataset_source", args.dataset), "data_dir": str(data_dir),
+                 "num_edits": args.num_edits,
                  "edits_per_round": E},
     }
 
@@ -168,6 +169,7 @@ def run_identity(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, 
     cfg["trainer"].pop("default_root_dir", None)
     cfg["trainer"]["logger"]["init_args"].pop("save_dir", None)
     cfg["data"].pop("data_dir", None)
+    cfg["data"]["dataset"] = args.dataset  # a joined set's file lives in the work directory
     for cb in cfg["trainer"]["callbacks"]:
         cb["init_args"].pop("dirpath", None)
     config_path = Path(args.config).expanduser().resolve()
@@ -397,7 +399,7 @@ PANELS = [
     ("consistency", "Consistency (TF-IDF)"),
     ("general/mean", "General capability (mean of tasks)"),
     ("drift/relative", "Hidden-state drift (relative)"),
-    ("weight_shift/relative/mean", "Weight shift error (relative, mean over layers)"),
+    ("weight_shift/relative/mean", "Weight shift error (rel., mean of layers)"),
 ]
 
 
@@ -426,11 +428,17 @@ def plot_curves(records: list[dict[str, Any]], rows: list[dict[str, Any]], path:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=max(1, len(labels)), frameon=False)
-    fig.suptitle(title, y=0.995, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    top = 1 - 0.75 / fig.get_figheight()  # room for the title and the legend, in figure fractions
+    fig.suptitle(title, y=1 - 0.12 / fig.get_figheight(), va="top", fontsize=10)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.38 / fig.get_figheight()),
+               ncol=max(1, len(labels)), frameon=False, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, top))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
 def markdown_table(records: list[dict[str, Any]], title: str) -> str:
@@ -455,7 +463,7 @@ def markdown_table(records: list[dict[str, Any]], title: str) -> str:
             cells.append(f"{fmt(pre.get(m))} → {fmt(final.get(m))}" if m in pre else fmt(final.get(m)))
         edits = f"{rec['num_edits']} of {rec['planned_edits']} (partial)" if rec.get("partial") else rec["num_edits"]
         lines.append(f"| {rec['method']} | {rec['strategy']} | {edits} | " + " | ".join(cells)
-                     + f" | {secs / 3600:.2f} h | {secs / max(1, rec['num_edits']):.2f} |")
+                     + f" | {_duration(secs)} | {secs / max(1, rec['num_edits']):.2f} |")
         del last_round
     lines += ["", "Pre-edit → after the last edit (all edited records). Eff./Gen./Spe.: % (CounterFact: "
               "success rates; zsRE: token accuracy). General: mean headline metric of the GLUE-style tasks. "
@@ -479,12 +487,68 @@ def assemble(out_dir: Path, title: str) -> dict[str, Any]:
     return {"records": records, "rows": rows, "table": table}
 
 
+def check_inputs(args: argparse.Namespace, data_dir: Path) -> None:
+    """Bad options and records fail here, before any model is loaded."""
+    from blueedit.data.formats import load_requests
+    from blueedit.editing.editor import METHODS, STRATEGIES
+
+    for spec in args.runs:
+        method, strategy = spec.split(":")
+        if method not in METHODS or strategy not in STRATEGIES:
+            raise SystemExit(f"--runs {spec!r}: METHOD must be one of {', '.join(METHODS)} and STRATEGY one of "
+                             f"{', '.join(STRATEGIES)}")
+    config = Path(args.config) if Path(args.config).is_absolute() else C.REPO / args.config
+    if not config.is_file():
+        raise SystemExit(f"--config {args.config!r}: no such file")
+    try:
+        source = dataset_source(args.dataset, data_dir, Path(args.workdir or DEFAULT_WORKDIR).expanduser() / args.name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # too few records is an error here, below
+            requests = load_requests(source, data_dir=str(data_dir), num_edits=args.num_edits)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--dataset {args.dataset!r}: {e}") from e
+    if len(requests) < args.num_edits:
+        raise SystemExit(f"--num-edits {args.num_edits}: --dataset {args.dataset!r} has only {len(requests)} records "
+                         "(counterfact_eval 249, zsre_eval 500; counterfact-easyedit has 10,000; sets of one format "
+                         "can be joined with '+', e.g. zsre_eval+zsre_dev)")
+    args.dataset_source = source
+
+
+def dataset_source(dataset: str, data_dir: Path, work_root: Path) -> str:
+    """``dataset`` itself, or for ``A+B+...`` (sets of one record format, joined in that order) the
+    path of a file in ``work_root`` that holds their records."""
+    if "+" not in dataset:
+        return dataset
+    from blueedit.data.formats import KNOWN_DATASETS, data_file, detect_format, read_records
+
+    records: list[Any] = []
+    formats = set()
+    for part in dataset.split("+"):
+        path = data_file(data_dir, KNOWN_DATASETS[part], f"dataset {part!r}") if part in KNOWN_DATASETS else Path(part)
+        if not path.is_file():
+            raise FileNotFoundError(f"{part!r} is neither a file nor one of {', '.join(KNOWN_DATASETS)}")
+        part_records = read_records(path)
+        if part_records:
+            formats.add(detect_format(part_records[0]))
+        records += part_records
+    if len(formats) > 1:
+        raise ValueError(f"the joined sets have different record formats ({', '.join(sorted(formats))})")
+    work_root.mkdir(parents=True, exist_ok=True)
+    out = work_root / "dataset.json"
+    text = json.dumps(records)
+    if not out.is_file() or out.read_text() != text:
+        out.write_text(text)
+    return str(out)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else C.default_data_dir()
+    if not args.report_only:
+        check_inputs(args, data_dir)
     work_root = Path(args.workdir or DEFAULT_WORKDIR).expanduser() / args.name
     out_dir = Path(args.out) / args.name if args.out else None
-    title = (f"{args.name}: {args.dataset}, {args.num_edits} edits, {args.edits_per_round} per round, "
+    title = (f"{args.name}: {Path(args.dataset).name}, {args.num_edits} edits, {args.edits_per_round} per round, "
              f"config {args.config}")
     finished, pending = [], []
     if not args.report_only:

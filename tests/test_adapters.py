@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from blueedit.models.adapters import ModelAdapter, ModelLayout, UnknownArchitectureError, detect_layout
+from blueedit.models.adapters import KNOWN_LAYOUTS, ModelAdapter, ModelLayout, UnknownArchitectureError, detect_layout
 from conftest import make_model
 
 
@@ -29,6 +29,11 @@ def _tiny(kind: str):
         cfg = tf.Qwen2Config(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                              num_key_value_heads=1, intermediate_size=40, max_position_embeddings=32)
         return tf.Qwen2ForCausalLM(cfg)
+    if kind == "gemma3_text":  # Gemma 3 270M's family: post-norms around the MLP, sliding-window layers
+        cfg = tf.Gemma3TextConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, head_dim=8, intermediate_size=40,
+                                  max_position_embeddings=32, sliding_window=8)
+        return tf.Gemma3ForCausalLM(cfg)
     raise ValueError(kind)
 
 
@@ -89,10 +94,13 @@ def test_llama_layout():
         ("gpt_neox", "gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "lm_head"),
         ("mistral", "model.layers", "mlp.down_proj", "model.norm", "lm_head"),
         ("qwen2", "model.layers", "mlp.down_proj", "model.norm", "lm_head"),
+        ("gemma3_text", "model.layers", "mlp.down_proj", "model.norm", "lm_head"),
     ],
 )
 def test_other_architectures(kind, blocks, w_out, norm, head):
     model = _tiny(kind)
+    if kind == "gemma3_text":  # a table entry, not the fallback search
+        assert model.config.model_type in KNOWN_LAYOUTS
     if head == "lm_head" and not hasattr(model, "lm_head"):  # older transformers: GPT-NeoX 'embed_out'
         head = "embed_out"
     layout = detect_layout(model)

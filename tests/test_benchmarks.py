@@ -104,3 +104,37 @@ def test_memory_estimate_counts_saved_activations():
     large = memory.main(["--shape", "llama-tiny", "--max-batch-tokens", "0", "--layers", "4,5,6,7,8"])
     assert small["tokens"] == 256 and large["tokens"] == 100 * 7 * 12
     assert small["parts"]["activations"] * (large["tokens"] / 256) == pytest.approx(large["parts"]["activations"])
+
+
+def test_layer_sweep_windows_choice_and_restore(tmp_path):
+    sweep = _load("layer_sweep")
+    model, tok = _fresh()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tmp_path / "sweep"
+    res = sweep.main(["--windows", "1-2", "3-4", "--edits", "3", "--edits-per-round", "2", "--steps", "2",
+                      "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+                     model=model, tokenizer=tok, requests=REQUESTS, texts=_CORPUS[:4])
+    assert [r["layers"] for r in res["runs"]] == [[1, 2], [3, 4]]
+    for r in res["runs"]:
+        assert "error" not in r, r.get("error")
+        assert r["seconds"] > 0 and all(0 <= r[k] <= 100 for k in ("efficacy", "generalization", "specificity"))
+        assert r["score"] == pytest.approx(sum(r[k] for k in ("efficacy", "generalization", "specificity")) / 3)
+    best = max(res["runs"], key=lambda r: r["score"])
+    assert res["chosen"]["layers"] == best["layers"]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # original weights restored
+    rows = out.with_suffix(".csv").read_text().splitlines()
+    assert rows[0].startswith("window,layers,efficacy") and rows[1].startswith("pre-edit") and len(rows) == 4
+    assert "layer_sweep.py --windows 1-2 3-4" in out.with_suffix(".md").read_text()
+
+
+def test_layer_sweep_windows_from_starts_and_bad_input():
+    sweep = _load("layer_sweep")
+    args = sweep.build_parser().parse_args(["--starts", "2,4", "--window-size", "3"])
+    assert sweep.candidate_windows(args) == [[2, 3, 4], [4, 5, 6]]
+    with pytest.raises(SystemExit, match="FIRST-LAST"):
+        sweep.candidate_windows(sweep.build_parser().parse_args(["--windows", "2:6"]))
+    nan = float("nan")
+    runs = [{"score": 50.0, "layers": [1]}, {"score": nan, "layers": [2]}, {"score": 50.0, "layers": [3]}]
+    assert sweep.choose(runs)["layers"] == [1]  # ties: the earlier window; failed runs never chosen
+    assert sweep.choose([{"score": nan}]) is None

@@ -20,6 +20,7 @@ from blueedit.editing.targets import TargetConfig
 from blueedit.evaluation.reports import write_report
 from blueedit.models.adapters import ModelAdapter
 from conftest import _CORPUS, make_model, make_tokenizer
+from oracle import Model as OracleModel
 
 LAYERS = [1, 2, 3]
 TEMPLATES = ["{}", "Because I said so. {}"]
@@ -93,12 +94,38 @@ def test_drift_zero_before_and_positive_after_edit(tmp_path: Path) -> None:
     module = types.SimpleNamespace(lm=editor.model, adapter=editor.adapter, tokenizer=editor.tokenizer,
                                    hp=editor.hp, editor=editor)
     cb = HiddenStateDrift(probe_file=str(path), num_probes=3)
-    pre = cb.baseline(module, load_probes(path, 3))
+    probes3 = load_probes(path, 3)
+    m = OracleModel(editor.model, editor.tokenizer)
+
+    def top1_hits():  # first attribute token is the argmax after the filled prompt (one unpadded pass)
+        hits = []
+        for p in probes3:
+            logits, _, _ = m.run(list(editor.tokenizer(p.prompt.replace("{}", p.subject))["input_ids"]))
+            hits.append(int(logits[-1].argmax()) == m.target_ids(p.target_new)[0])
+        return 100.0 * sum(hits) / len(hits)
+
+    def states():  # h^L at the fact token of the bare prompt
+        out = []
+        for p in probes3:
+            ids, fact = m.encode(p.prompt, p.subject)
+            _, hs, _ = m.run(ids, hidden=[LAYERS[-1]])
+            out.append(hs[LAYERS[-1]][fact].double())
+        return torch.stack(out)
+
+    with torch.no_grad():
+        acc0, h0 = top1_hits(), states()
+    pre = cb.baseline(module, probes3)
     assert pre["l2"] == 0 and pre["relative"] == 0 and pre["cosine"] == pytest.approx(1.0)
-    assert 0 <= pre["probe_accuracy"] <= 100
+    assert pre["probe_accuracy"] == pytest.approx(acc0)
     editor.edit_round([EditRequest(5, "{} plays the", "Toko Yasuda", "violin", "guitar")], 0)
     post = cb.measure(module)
-    assert post["l2"] > 0 and post["relative"] > 0 and post["cosine"] < 1
+    with torch.no_grad():
+        acc1, h1 = top1_hits(), states()
+    dist = (h1 - h0).norm(dim=1)
+    assert post["l2"] == pytest.approx(float(dist.mean()), rel=1e-4) and post["l2"] > 0
+    assert post["relative"] == pytest.approx(float((dist / h0.norm(dim=1)).mean()), rel=1e-4)
+    assert post["cosine"] == pytest.approx(float(torch.nn.functional.cosine_similarity(h1, h0, dim=1).mean()), abs=1e-6)
+    assert post["probe_accuracy"] == pytest.approx(acc1)
     h = probe_states(editor.model, editor.adapter, editor.tokenizer, cb.probes, LAYERS[-1])
     assert drift_metrics(h, h)["l2"] == 0
 
@@ -186,9 +213,15 @@ def _trainer(tmp_path: Path, callbacks=()):
                      default_root_dir=tmp_path, enable_progress_bar=False)
 
 
-def _records(path: Path) -> Path:
+def _records(path: Path, uneven: bool = False) -> Path:
+    """The first 4 example records; ``uneven``: records with 1, 4, 2, 2 paraphrases and 1, 3, 3, 3
+    neighborhood prompts, so that averaging per record differs from pooling all prompts."""
     src = Path(__file__).resolve().parents[1] / "src/blueedit/data/examples/example_edits.json"
     recs = json.loads(src.read_text())[:4]
+    if uneven:
+        recs[0]["paraphrases"] = recs[0]["paraphrases"][:1]
+        recs[0]["neighborhood"] = recs[0]["neighborhood"][:1]
+        recs[1]["paraphrases"] = recs[1]["paraphrases"] + [p.replace(".", "") for p in recs[2]["paraphrases"]]
     path.write_text(json.dumps(recs))
     return path
 
@@ -222,10 +255,14 @@ def test_trainer_smoke_with_callbacks(tmp_path: Path) -> None:
 
 
 def test_validate_saved_model_writes_eval_metrics(tmp_path: Path) -> None:
+    """``validate`` / ``test`` on the loaded model, evaluated in chunks of 3 prompts, give the metrics
+    of the independent scorer in tests/oracle.py (one unpadded forward pass per prompt, each metric
+    averaged per record first, then over records)."""
     from blueedit.data.datamodule import EditDataModule
+    from oracle import counterfact_metrics
 
     module = _tiny_module(tmp_path, evaluate=False)
-    records = _records(tmp_path / "edits.json")
+    records = _records(tmp_path / "edits.json", uneven=True)
     dm = EditDataModule(dataset=str(records))
     dm.eval_chunk_size = 3
     trainer = _trainer(tmp_path)
@@ -233,14 +270,18 @@ def test_validate_saved_model_writes_eval_metrics(tmp_path: Path) -> None:
     path = Path(trainer.log_dir) / "eval_metrics.json"
     saved = json.loads(path.read_text())
     assert saved["num_records"] == 4 and saved["kind"] == "counterfact" and len(saved["records"]) == 4
-    assert set(saved["metrics"]) >= {"efficacy", "generalization", "specificity"}
-    # chunked accumulation equals one evaluation of all records
-    from blueedit.evaluation.editing_metrics import evaluate_requests
-
-    ref = evaluate_requests(module.lm, module.tokenizer, dm.eval_requests()).metrics
-    for k, v in saved["metrics"].items():
-        assert v == pytest.approx(ref[k]), k
-    assert out[0]["val/efficacy"] == pytest.approx(ref["efficacy"])
+    requests = [EditRequest(r["case_id"], r["prompt"], r["subject"], r["target_new"], r["target_true"],
+                            tuple(r["paraphrases"]), tuple(r["neighborhood"]))
+                for r in json.loads(records.read_text())]
+    expected = counterfact_metrics(module.lm, module.tokenizer, requests)
+    # the data tells the per-record average from pooling all prompts
+    pooled = counterfact_metrics(module.lm, module.tokenizer, requests, pooled=True)
+    assert abs(pooled["generalization"] - expected["generalization"]) > 1
+    assert abs(pooled["specificity"] - expected["specificity"]) > 1
+    for k, v in expected.items():
+        assert saved["metrics"][k] == pytest.approx(v), k
+        assert out[0][f"val/{k}"] == pytest.approx(v), k
     trainer = _trainer(tmp_path)
     out = trainer.test(module, datamodule=dm)
-    assert out[0]["test/specificity"] == pytest.approx(ref["specificity"])
+    for k, v in expected.items():
+        assert out[0][f"test/{k}"] == pytest.approx(v), k

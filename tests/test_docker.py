@@ -74,6 +74,33 @@ def parse_dockerfile(path: Path) -> list[tuple[str, str]]:
     return instructions
 
 
+def arg_defaults(path: Path) -> dict[str, str]:
+    """Default values of the build arguments (`ARG NAME=default`; `ARG NAME` alone: empty)."""
+    defaults = {}
+    for keyword, args in parse_dockerfile(path):
+        if keyword == "ARG":
+            name, _, value = args.partition("=")
+            defaults[name.strip()] = value.strip().strip('"')
+    return defaults
+
+
+def with_build_args(text: str, args: dict[str, str]) -> str:
+    """`text` with `$NAME`, `${NAME}` and `${NAME:+word}` expanded as the shell (or Docker, for
+    FROM) would for these build argument values; other variables are left as written."""
+    def alt(m: re.Match) -> str:
+        return with_build_args(m.group(2), args) if args.get(m.group(1)) else ""
+
+    text = re.sub(r"\$\{(\w+):\+([^}]*)\}", alt, text)
+    text = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), text)
+    return re.sub(r"\$(\w+)", lambda m: args.get(m.group(1), m.group(0)), text)
+
+
+def resolved(path: Path, **build_args: str) -> list[tuple[str, str]]:
+    """The instructions with the build arguments (defaults, overridden by `build_args`) expanded."""
+    args = {**arg_defaults(path), **build_args}
+    return [(k, with_build_args(a, args)) for k, a in parse_dockerfile(path)]
+
+
 def exec_form(args: str) -> list[str] | None:
     """The JSON (exec) form of an instruction's arguments, or None for the shell form."""
     if args.startswith("["):
@@ -287,7 +314,7 @@ def test_dockerfile_entrypoint_is_console_script(dockerfile):
 
 def test_dockerfile_installs_pinned_torch(dockerfile):
     pin = torch_pin()
-    runs = [a for k, a in parse_dockerfile(dockerfile) if k == "RUN"]
+    runs = [a for k, a in resolved(dockerfile) if k == "RUN"]
     versions = [v for a in runs for v in re.findall(r"\btorch==([\w.+!-]+)", a)]
     assert versions, "no `torch==X` install in any RUN"
     assert set(versions) == {pin}, f"Dockerfile installs torch {versions}, pyproject pins {pin}"
@@ -301,19 +328,42 @@ def test_dockerfile_installs_pinned_torch(dockerfile):
 
 
 def test_cpu_dockerfile_uses_cpu_index():
-    instructions = parse_dockerfile(DOCKERFILES["cpu"])
-    assert instructions[0] == ("FROM", "python:3.11-slim")
+    instructions = resolved(DOCKERFILES["cpu"])
+    assert next(a for k, a in instructions if k == "FROM") == "python:3.11-slim"
     runs = " ".join(a for k, a in instructions if k == "RUN")
-    assert "--index-url https://download.pytorch.org/whl/cpu" in runs
+    assert '--index-url "https://download.pytorch.org/whl/cpu"' in runs
+    assert "torch.version.cuda is None" in runs  # the build fails on a CUDA build of torch
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_dockerfile_base_image_and_index_are_build_args(name):
+    path = DOCKERFILES[name]
+    raw = parse_dockerfile(path)
+    assert raw[0][0] == "ARG" and raw[0][1].startswith("BASE_IMAGE="), "ARG BASE_IMAGE must come first"
+    assert next(a for k, a in raw if k == "FROM") == "${BASE_IMAGE}"
+    local = resolved(path, BASE_IMAGE="localhost/blueedit-base:bookworm", TORCH_INDEX_URL="")
+    assert next(a for k, a in local if k == "FROM") == "localhost/blueedit-base:bookworm"
+    torch_run = next(a for k, a in local if k == "RUN" and "torch==" in a)
+    assert "--index-url" not in torch_run, "an empty TORCH_INDEX_URL must mean pip's default index"
+
+
+def test_cpu_dockerfile_mounts_wheel_directory_from_context():
+    runs = [a for k, a in parse_dockerfile(DOCKERFILES["cpu"]) if k == "RUN" and "torch==" in a]
+    m = re.search(r"--mount=type=bind,source=([\w/.-]+),target=(/[\w/.-]+)", runs[0])
+    assert m, "the torch RUN bind-mounts a wheel directory from the build context"
+    source, target = m.groups()
+    assert (REPO / source).is_dir() and not dockerignored(source)
+    assert f"--find-links {target}" in runs[0]
+    assert "*.whl" in (REPO / ".gitignore").read_text()  # wheels put there are never committed
 
 
 def test_cuda_dockerfile_index_matches_base_image():
-    instructions = parse_dockerfile(DOCKERFILES["cuda"])
+    instructions = resolved(DOCKERFILES["cuda"])
     base = next(a for k, a in instructions if k == "FROM")
     m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)(?:\.\d+)?-\S*runtime\S*", base)
     assert m, f"unexpected base image {base}"
     runs = " ".join(a for k, a in instructions if k == "RUN")
-    idx = re.search(r"--index-url https://download\.pytorch\.org/whl/cu(\d+)", runs)
+    idx = re.search(r'--index-url "https://download\.pytorch\.org/whl/cu(\d+)"', runs)
     assert idx, "torch must come from the PyTorch CUDA index"
     assert idx.group(1) == m.group(1) + m.group(2), "torch CUDA index != base image CUDA version"
     assert "venv" in runs and "/opt/venv/bin" in env_of(DOCKERFILES["cuda"]).get("PATH", "")
@@ -477,3 +527,68 @@ def test_python_m_blueedit_help_runs():
     assert proc.returncode == 0, proc.stderr[-2000:]
     for sub in ("fit", "edit", "validate", "test"):
         assert sub in proc.stdout
+
+
+# ----------------------------------------------------------------------------- scripts
+
+SMOKE = DOCKER / "smoke.sh"
+LOCAL_BASE = DOCKER / "build-local-base.sh"
+
+
+@pytest.mark.parametrize("script", [SMOKE, LOCAL_BASE], ids=lambda p: p.name)
+def test_docker_scripts_are_executable_bash(script):
+    assert script.is_file() and script.stat().st_mode & 0o111, f"{script.name} must be executable"
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_smoke_script_runs_the_quickstart_config_copied_into_the_image():
+    text = "\n".join(shell_commands(SMOKE.read_text()))  # comments dropped
+    container_config = re.search(r"fit --config (\S+)", text).group(1)
+    repo_path = container_to_repo_path(DOCKERFILES["cpu"], container_config)
+    assert repo_path == REPO / "configs" / "quickstart.yaml"
+    assert re.search(r'build .*-f "\$REPO/docker/Dockerfile\.cpu"', text)
+    assert "--network none" in text  # the quickstart must not need the network
+
+
+def _usable_engine() -> tuple[str | None, str]:
+    """(engine, "") when podman or a Docker daemon answers, else (None, why not)."""
+    import shutil
+
+    reasons = []
+    for engine in ("podman", "docker"):
+        exe = shutil.which(engine)
+        if exe is None:
+            reasons.append(f"{engine}: not installed")
+            continue
+        proc = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=120)
+        if proc.returncode == 0:
+            return engine, ""
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        reasons.append(f"{engine}: `{engine} info` failed: {last[0]}")
+    return None, "; ".join(reasons)
+
+
+@pytest.mark.docker
+def test_smoke_script_in_a_container(tmp_path):
+    """docker/smoke.sh end to end: build the CPU image, the quickstart in it, edit, reload.
+
+    Deselected by default (pyproject's addopts); run with `pytest -m docker tests/test_docker.py`.
+    Skips, with the reason, where no container engine is usable (smoke.sh exits 2)."""
+    engine, why = _usable_engine()
+    if engine is None:
+        pytest.skip(f"no usable container engine ({why})")
+    env = {**__import__("os").environ, "ENGINE": engine, "SMOKE_DIR": str(tmp_path / "smoke")}
+    log = tmp_path / "smoke.log"
+    with log.open("w") as out:
+        proc = subprocess.run(["bash", str(SMOKE)], stdout=out, stderr=subprocess.STDOUT,
+                              env=env, timeout=3 * 3600)
+    text = log.read_text()
+    if proc.returncode == 2:
+        pytest.skip(f"container engine {engine} not usable: {text.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, text[-6000:]
+    summary = [line for line in text.splitlines() if line.startswith("[smoke]")]
+    assert summary and summary[-1].endswith("PASSED"), text[-6000:]
+    print("\n".join(summary[-9:]))

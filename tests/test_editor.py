@@ -4,6 +4,7 @@ PRUNE post-processing, and the key-statistics cache."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +13,10 @@ from blueedit.data.records import EditRecordError, EditRequest
 from blueedit.editing import solvers
 from blueedit.editing.editor import EditingConfig, Editor, EditRoundError
 from blueedit.editing.statistics import StatisticsCache, StatsConfig, accumulate_key_moments
-from blueedit.editing.targets import TargetConfig, fact_states, optimize_targets, optimize_targets_one_by_one
+from blueedit.editing.targets import TargetConfig, optimize_targets, optimize_targets_one_by_one
 from blueedit.models.adapters import ModelAdapter
 from conftest import _CORPUS, make_model, make_tokenizer
+from oracle import Oracle, OracleHParams
 
 TEMPLATES = ["{}", "Because I said so. {}"]
 LAYERS = [1, 2, 3]
@@ -60,49 +62,56 @@ def _editor(method="memit", strategy="boundary", arch="llama", **kw):
     return Editor(model, tok, adapter, hp, _mom2(model, adapter, tok), TEMPLATES)
 
 
-# -- batched targets == one by one ---------------------------------------------------------------
+# -- batched targets == the oracle's one-request-at-a-time targets ---------------------------------------
+def _oracle(model, tok, hp: TargetConfig, layers=LAYERS, templates=TEMPLATES, **kw) -> Oracle:
+    ohp = OracleHParams(layers=list(layers), v_num_grad_steps=hp.v_num_grad_steps, v_lr=hp.v_lr,
+                        v_weight_decay=hp.v_weight_decay, kl_factor=hp.kl_factor,
+                        clamp_norm_factor=hp.clamp_norm_factor, early_stop_loss=hp.early_stop_loss,
+                        loss_layer=hp.loss_layer, **kw)
+    return Oracle(model, tok, ohp, {}, templates)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_batched_targets_equal_one_by_one(arch):
+def test_batched_targets_equal_oracle(arch):
+    """All requests optimized together equal the oracle, which optimizes each request alone on
+    whole unpadded prompts (tests/oracle.py; it shares no code with blueedit.editing)."""
     model = make_model(arch)
     tok = make_tokenizer()
     adapter = ModelAdapter(model)
     hp = TargetConfig(v_num_grad_steps=4, v_lr=0.5)
     a = optimize_targets(model, adapter, tok, REQUESTS, 2, TEMPLATES, hp)
-    b = optimize_targets_one_by_one(model, adapter, tok, REQUESTS, 2, TEMPLATES, hp)
+    o = [_oracle(model, tok, hp).target(r, 2) for r in REQUESTS]
     assert a.z.shape == (len(REQUESTS), adapter.hidden_size())
-    assert (_rel_rows(a.z, b.z) < 1e-4).all()
-    assert torch.allclose(a.h_init, b.h_init, atol=1e-6)
-    assert torch.equal(a.steps, b.steps)
-    assert a.steps.tolist() == [3] * len(REQUESTS)  # v_num_grad_steps − 1 updates
-    assert torch.allclose(a.loss, b.loss, rtol=1e-4)
+    assert (_rel_rows(a.z, torch.stack([t.z for t in o])) < 1e-4).all()
+    assert torch.allclose(a.h_init, torch.stack([t.h_init for t in o]), rtol=1e-5, atol=1e-6)
+    assert a.steps.tolist() == [t.updates for t in o] == [3] * len(REQUESTS)  # v_num_grad_steps − 1
+    assert torch.allclose(a.loss, torch.tensor([t.loss for t in o]), rtol=1e-4)
     # δ respects the clamp
     assert (a.delta.norm(dim=1) <= hp.clamp_norm_factor * a.h_init.norm(dim=1) * (1 + 1e-5)).all()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_batched_targets_equal_one_by_one_with_early_stops(arch):
-    """Requests stop at different steps (one immediately, one after two steps, the rest never)."""
+def test_batched_targets_equal_oracle_with_early_stops(arch):
+    """Requests stop at different steps (one after two updates, others later or never): the batch
+    still equals the oracle's per-request loop."""
     model = make_model(arch)
     tok = make_tokenizer()
     adapter = ModelAdapter(model)
     base = TargetConfig(v_num_grad_steps=1, v_lr=0.5, v_weight_decay=0.0, clamp_norm_factor=4.0, early_stop_loss=0.0)
-    # the loss of each request after k steps, alone (the loss is monotone here for the tiny models)
-    traj = torch.stack([
-        optimize_targets_one_by_one(model, adapter, tok, REQUESTS, 2, TEMPLATES,
-                                    dataclasses.replace(base, v_num_grad_steps=k + 1)).loss
-        for k in (0, 1, 2)  # v_num_grad_steps = k + 1 evaluations: the loss after k updates
-    ])  # [3, B]
-    # request j stops after 2 steps: threshold between its loss after 1 and after 2 steps
+    # the loss of each request after k updates (k + 1 iterations), from the oracle
+    traj = torch.tensor([[_oracle(model, tok, dataclasses.replace(base, v_num_grad_steps=k + 1)).target(r, 2).loss
+                          for r in REQUESTS] for k in (0, 1, 2)])  # [3, B]
+    # request j stops after 2 updates: threshold between its loss after 1 and after 2 updates
     j = int(torch.argmax(traj[1] - traj[2]))
     thresh = float(traj[1, j] + traj[2, j]) / 2
-    hp = dataclasses.replace(base, v_num_grad_steps=5, early_stop_loss=thresh)
+    hp = dataclasses.replace(base, v_num_grad_steps=6, early_stop_loss=thresh)
     a = optimize_targets(model, adapter, tok, REQUESTS, 2, TEMPLATES, hp)
-    b = optimize_targets_one_by_one(model, adapter, tok, REQUESTS, 2, TEMPLATES, hp)
-    assert torch.equal(a.steps, b.steps)
+    o = [_oracle(model, tok, hp).target(r, 2) for r in REQUESTS]
+    assert a.steps.tolist() == [t.updates for t in o]
     assert int(a.steps[j]) == 2
-    assert (a.steps < 4).any() and (a.steps == 4).any(), a.steps  # at most v_num_grad_steps − 1 updates
-    assert (_rel_rows(a.z, b.z) < 1e-4).all()
-    assert torch.allclose(a.loss, b.loss, rtol=1e-4)
+    assert (a.steps < 5).any() and (a.steps == 5).any(), a.steps  # at most 6 − 1 updates
+    assert (_rel_rows(a.z, torch.stack([t.z for t in o])) < 1e-4).all()
+    assert torch.allclose(a.loss, torch.tensor([t.loss for t in o]), rtol=1e-4)
     # a request that stopped at step 0 keeps δ = 0
     for i in (a.steps == 0).nonzero().flatten().tolist():
         assert torch.equal(a.delta[i], torch.zeros_like(a.delta[i]))
@@ -158,15 +167,16 @@ def test_history_grows_by_keys_of_edited_model(strategy):
     layers = ed.hp.edited_layers
     for l in layers:
         assert torch.equal(ed.state.history[l], torch.zeros_like(ed.state.history[l]))
+    probe = _oracle(ed.model, ed.tokenizer, ed.hp.target)  # reads keys with its own hooks, on the edited model
     ed.edit_round(REQUESTS[:2])
     H1 = {l: ed.state.history[l].clone() for l in layers}
-    keys, _ = fact_states(ed.model, ed.adapter, ed.tokenizer, REQUESTS[:2], TEMPLATES, layers, [])
     for l in layers:
-        assert torch.allclose(H1[l], keys[l] @ keys[l].T, rtol=1e-5, atol=1e-12)
+        K = probe.keys(REQUESTS[:2], l).float()
+        assert torch.allclose(H1[l], K @ K.T, rtol=1e-4, atol=1e-9)
     ed.edit_round(REQUESTS[2:])
-    keys2, _ = fact_states(ed.model, ed.adapter, ed.tokenizer, REQUESTS[2:], TEMPLATES, layers, [])
     for l in layers:
-        assert torch.allclose(ed.state.history[l], H1[l] + keys2[l] @ keys2[l].T, rtol=1e-5, atol=1e-12)
+        K2 = probe.keys(REQUESTS[2:], l).float()
+        assert torch.allclose(ed.state.history[l], H1[l] + K2 @ K2.T, rtol=1e-4, atol=1e-9)
     assert ed.state.rounds_done == 2
 
 
@@ -368,7 +378,8 @@ def test_interrupted_statistics_resume(tmp_path):
 @pytest.mark.parametrize("bos", [False, True])
 def test_fast_path_equals_reference_path(arch, bos):
     """The prefix-cached, block-replayed batched optimization equals the straightforward
-    one-request-at-a-time path on whole prompts with full logits."""
+    one-request-at-a-time path on whole prompts, with ``loss_layer`` below the last block (both
+    paths must read the target log-probs there)."""
     from blueedit.editing.targets import TargetConfig, optimize_targets, optimize_targets_one_by_one
 
     tok, model = make_tokenizer(bos=bos), make_model(arch)
@@ -379,9 +390,80 @@ def test_fast_path_equals_reference_path(arch, bos):
         EditRequest(2, "{} is located in", "Autonomous University of Madrid", "Tokyo", "Spain"),
     ]
     templates = ["{}", "The a. {}", "Berlin. {}"]
-    hp = TargetConfig(v_num_grad_steps=6, v_lr=0.5)
+    hp = TargetConfig(v_num_grad_steps=6, v_lr=0.5, loss_layer=3)  # below the last block (5)
     fast = optimize_targets(model, adapter, tok, requests, 2, templates, hp, fast=True)
     ref = optimize_targets_one_by_one(model, adapter, tok, requests, 2, templates, hp, fast=False)
     assert torch.equal(fast.steps, ref.steps)
-    torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    # float32 round-off of padded/cached vs whole-prompt passes (measured ≤ 2e-5 relative); reading
+    # the final logits instead of loss_layer differs by ~1e-2
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-4, atol=1e-6)
     assert ((fast.z - ref.z).abs().max() / ref.z.abs().max()).item() < 5e-4
+
+
+# -- PRUNE: the evaluated "post" model is the saved model ----------------------------------------------------
+def test_fit_with_prune_evaluates_the_saved_model(tmp_path, monkeypatch):
+    """``fit`` restrains once (``on_train_end``); the post-edit evaluation in ``metrics.json`` must
+    see exactly those weights, i.e. the model that is then saved (``module.lm``), not a second
+    restraint of them."""
+    import json
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    import blueedit.module as module_mod
+    from blueedit.data.datamodule import EditDataModule
+    from blueedit.editing.statistics import StatsConfig
+    from blueedit.models.loading import ModelConfig
+
+    model_dir = tmp_path / "tiny"
+    make_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    records = [
+        {"case_id": i, "prompt": r.prompt, "subject": r.subject, "target_new": r.target_new,
+         "target_true": r.target_true, "paraphrases": [r.prompt.replace("{}", r.subject)],
+         "neighborhood": ["Berlin is in"]}
+        for i, r in enumerate(REQUESTS)
+    ]
+    (tmp_path / "edits.json").write_text(json.dumps(records))
+    # a small λ: the accumulated update outgrows σ_max(W_0), so the restraint acts
+    hp = EditingConfig(method="prune", strategy="distribute", layers=list(LAYERS), mom2_update_weight=1e-3,
+                     target=TargetConfig(v_num_grad_steps=4, v_lr=0.5))
+    module = module_mod.EditingModule(
+        model=ModelConfig(name_or_path=str(model_dir)), editing=hp, evaluate=True,
+        stats=StatsConfig(corpus="model-samples", num_samples=8, max_length=32, cache_dir=str(tmp_path / "cache")),
+        cache_dir=str(tmp_path / "cache"))
+    evaluated, finalized = [], []
+    real_eval = module_mod.evaluate_requests
+
+    def recording_eval(lm, *args, **kwargs):
+        evaluated.append({l: module.adapter.get_w_out(l) for l in LAYERS})
+        return real_eval(lm, *args, **kwargs)
+
+    real_finalize = Editor.finalize
+
+    def recording_finalize(self):
+        before = {l: self.adapter.get_w_out(l) for l in LAYERS}
+        real_finalize(self)
+        finalized.append((before, {l: self.adapter.get_w_out(l) for l in LAYERS}))
+
+    monkeypatch.setattr(module_mod, "evaluate_requests", recording_eval)
+    monkeypatch.setattr(Editor, "finalize", recording_finalize)
+    dm = EditDataModule(dataset=str(tmp_path / "edits.json"), format="user", edits_per_round=2)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=CSVLogger(str(tmp_path), name="run"),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=dm)
+    assert len(finalized) == 1 and len(evaluated) == 2  # pre, post
+    unrestrained, restrained = finalized[0]
+    assert any(not torch.allclose(unrestrained[l], restrained[l], atol=1e-5) for l in LAYERS)  # it acted
+    saved = {l: module.adapter.get_w_out(l) for l in LAYERS}
+    for l in LAYERS:
+        assert torch.equal(saved[l], restrained[l]), l
+        assert torch.equal(evaluated[-1][l], saved[l]), l
+    # and metrics.json's "post" is the evaluation of the saved model
+    summary = json.loads((Path(trainer.log_dir) / "metrics.json").read_text())
+    again = real_eval(module.lm, module.tokenizer, dm.eval_requests()).metrics
+    for name in ("efficacy", "generalization", "specificity"):
+        assert summary["metrics"][name]["post"] == pytest.approx(again[name]), name

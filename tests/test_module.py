@@ -83,8 +83,14 @@ def _fit(module, data, **kw):
 
 
 def test_fit_writes_metrics(workdir, tmp_path):
+    from blueedit.data.records import EditRequest
+    from oracle import counterfact_metrics
+
     module = _module(workdir, "boundary", evaluate=True)
     before = {l: module.adapter.get_w_out(l) for l in range(6)}
+    requests = [EditRequest(r["case_id"], r["prompt"], r["subject"], r["target_new"], r["target_true"],
+                            tuple(r["paraphrases"]), tuple(r["neighborhood"])) for r in RECORDS]
+    expected = {"pre": counterfact_metrics(module.lm, module.tokenizer, requests)}  # independent scorer
     data = _data(workdir)
     trainer = _fit(module, data, logger=CSVLogger(str(tmp_path), name="run"))
     assert trainer.global_step == 3 == data.num_rounds
@@ -98,11 +104,11 @@ def test_fit_writes_metrics(workdir, tmp_path):
     summary = json.loads(path.read_text())
     assert summary["num_edits"] == 6 and summary["rounds"] == 3
     assert summary["strategy"] == "boundary" and summary["layers"] == [1, 3]
+    expected["post"] = counterfact_metrics(module.lm, module.tokenizer, requests)
     for name in ("efficacy", "generalization", "specificity"):
         assert set(summary["metrics"][name]) == {"pre", "post"}
         for when in ("pre", "post"):
-            v = summary["metrics"][name][when]
-            assert v is not None and 0.0 <= v <= 100.0
+            assert summary["metrics"][name][when] == pytest.approx(expected[when][name]), (name, when)
     # the statistics were cached on disk
     assert list((workdir / "cache" / "stats").rglob("*.safetensors"))
 

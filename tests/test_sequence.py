@@ -69,8 +69,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny):
     first = bench.main(_argv(tiny, "resumed") + ["--stop-after-rounds", "2"])
     assert first["pending"] == ["memit_distribute"] and not first["finished"]
     last = tiny / "work" / "resumed" / "memit_distribute" / "checkpoints" / "last.ckpt"
-    saved = torch.load(last, map_location="cpu", weights_only=False)
+    saved = torch.load(last, map_location="cpu", weights_only=True)
     assert saved["global_step"] == 2 and saved["blueedit"]["editor"]["rounds_done"] == 2
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"next_round": 2}]
     assert not (tiny / "results" / "resumed" / "runs").exists()  # an interrupted run is not a result
 
     # --report-partial reports the unfinished run from its checkpoint, marked partial
@@ -100,8 +101,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny):
     assert [h["round"] for h in rec_b["drift"]] == [-1, 0, 1, 2]
 
     wa = torch.load(tiny / "work" / "full" / "memit_distribute" / "checkpoints" / "last.ckpt", map_location="cpu",
-                    weights_only=False)["state_dict"]
-    wb = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+                    weights_only=True)["state_dict"]
+    wb = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
     assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
 
     out = tiny / "results" / "resumed"
@@ -203,3 +204,35 @@ def test_weight_shift_runs_batch_sizes(tiny):
     assert sorted(p["x"] for p in fig if p["figure"] == "distance") == [0, 1, 2]  # layers 1..3, at E = 3
     assert all(p["y"] > 0 for p in fig)  # distribute: a real error
     assert (tiny / "results" / "wse" / "wse_vs_sequence.png").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--runs", "memit:sideways"], "STRATEGY one of"),
+    (["--num-edits", "7"], "has only 6 records"),
+    (["--config", "configs/nope.yaml"], "no such file"),
+])
+def test_bad_options_fail_before_any_run(tiny, extra, message):
+    bench = _load_benchmark()
+    argv = _argv(tiny, "bad") + extra
+    with pytest.raises(SystemExit, match=message):
+        bench.main(argv)
+    assert not (tiny / "work" / "bad").exists()
+
+
+def test_joined_datasets(tiny, tmp_path):
+    bench = _load_benchmark()
+    edits = str(tiny / "edits.json")
+    more_records = [{**r, "case_id": r["case_id"] + 100} for r in RECORDS]
+    more = tmp_path / "more.json"
+    more.write_text(json.dumps(more_records))
+    joined_name = f"{edits}+{more}"
+    args = bench.parse_args(["--dataset", joined_name, "--num-edits", "12", "--workdir", str(tmp_path)])
+    bench.check_inputs(args, tiny / "data")
+    joined = json.loads(Path(args.dataset_source).read_text())
+    assert joined == RECORDS + more_records
+    config = bench.run_config(args, "memit:boundary", tmp_path / "run", tiny / "data")
+    assert config["data"]["dataset"] == args.dataset_source
+    assert bench.run_identity(args, config)["generated"]["data"]["dataset"] == joined_name
+    with pytest.raises(SystemExit, match="has only 12 records"):
+        bench.check_inputs(bench.parse_args(["--dataset", joined_name, "--num-edits", "13",
+                                             "--workdir", str(tmp_path)]), tiny / "data")

@@ -312,7 +312,8 @@ def optimize_targets(
     ``L_i < early_stop_loss``, and projecting δ_i into ``‖δ_i‖ ≤ clamp_norm_factor · ‖h_init,i‖``
     after each step. The losses are independent, so the batched result equals the one-by-one loop
     (up to floating-point round-off): finished requests are dropped from the batch and their δ
-    frozen. Target log-probs are read at ``loss_layer`` through the final norm and ``lm_head``
+    frozen. Target log-probs are read at ``loss_layer`` through the final norm and ``lm_head``; the KL
+    distributions are the model's final next-token distributions, as in the published code
     (docs/algorithms.md, "Target hidden states").
 
     ``max_batch_tokens`` bounds memory: the requests are split into micro-batches of at most that
@@ -355,7 +356,11 @@ def optimize_targets(
     for r in rows:
         n, m = costs[r.request]
         costs[r.request] = (n + 1, max(m, row_length(r)))
-    chunks = [_Chunk(c, rows, model, adapter, pad, device, layer, loss_layer, fast)
+    # the KL term compares the model's next-token distributions (its final logits, as the published
+    # ``compute_z``); the target log-probs are read at ``loss_layer``. Both come from one pass that
+    # runs up to the last block when ``loss_layer`` is below it.
+    final_layer = adapter.num_layers - 1
+    chunks = [_Chunk(c, rows, model, adapter, pad, device, layer, final_layer, fast)
               for c in request_chunks(costs, max_batch_tokens)]
 
     delta = torch.nn.Parameter(torch.zeros(n_req, d, device=device, dtype=torch.float32))
@@ -386,8 +391,8 @@ def optimize_targets(
             return h.index_put((ar, fact), delta[row_req].to(h.dtype), accumulate=True)
 
         replay = g.replay
-        with traced(adapter, edit_layer=layer, edit_fn=inject, hidden_layers=[loss_layer],
-                    stop_after=loss_layer if fast else None) as tr:
+        with traced(adapter, edit_layer=layer, edit_fn=inject, hidden_layers=[loss_layer, final_layer],
+                    stop_after=final_layer if fast else None) as tr:
             try:
                 if replay is not None and replay.calls:
                     replay.run(lsel, g.size, inputs.get(ch.prefix.cache_arg))
@@ -402,13 +407,18 @@ def optimize_targets(
         pos = batch.last_prompt_index.unsqueeze(1) + torch.arange(J, device=device)
         pos = torch.where(tmask, pos, batch.last_prompt_index.unsqueeze(1))
         read = torch.where(is_kl_all[sel].unsqueeze(1), fact.unsqueeze(1).expand_as(pos), pos)
+        is_kl = is_kl_all[sel].view(-1, 1, 1)
         if logits is None:  # fast path: lm_head only where targets are read
             h = gather_positions(tr.hidden[loss_layer], read)
+            if loss_layer != final_layer:  # KL rows: the final block's state
+                h = torch.where(is_kl, gather_positions(tr.hidden[final_layer], read), h)
             logp = torch.log_softmax(adapter.lm_head(adapter.final_norm(h)).float(), dim=-1)
-        else:  # reference path: logits at every position, read at ``loss_layer``
-            if loss_layer != adapter.num_layers - 1:
-                logits = adapter.lm_head(adapter.final_norm(tr.hidden[loss_layer]))
-            logp = torch.log_softmax(gather_positions(logits, read).float(), dim=-1)
+        else:  # reference path: logits at every position; targets read at ``loss_layer``, KL at the end
+            read_logits = gather_positions(logits, read)
+            if loss_layer != final_layer:
+                at_loss = gather_positions(adapter.lm_head(adapter.final_norm(tr.hidden[loss_layer])), read)
+                read_logits = torch.where(is_kl, read_logits, at_loss)
+            logp = torch.log_softmax(read_logits.float(), dim=-1)
         return logp, gather_positions(tr.hidden[layer], fact)
 
     def chunk_loss(ch: _Chunk, it: int) -> tuple[torch.Tensor, torch.Tensor] | None:

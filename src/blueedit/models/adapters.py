@@ -44,6 +44,7 @@ KNOWN_LAYOUTS: dict[str, ModelLayout] = {
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,  # Gemma3ForCausalLM (text only; e.g. Gemma 3 270M)
     "olmo": _LLAMA_LIKE,
     "olmo2": _LLAMA_LIKE,
     "phi3": ModelLayout("model.layers", "mlp.down_proj", "model.norm", "lm_head"),

