@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="statistics and converted-model cache (default ~/.cache/blueedit)")
     p.add_argument("--published-log", default=None, help="file for the published code's console output")
     p.add_argument("--no-pre-edit", action="store_true", help="skip the evaluation of the unedited model")
+    p.add_argument("--eval-every-round", action="store_true",
+                   help="also evaluate the records edited so far after every round (the table then compares "
+                        "runs that did not finish at the last round both sides reached)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="combine these result files (from earlier runs) into one table; runs nothing")
     p.add_argument("--out", default="benchmarks/results/vs_published",
@@ -328,39 +331,85 @@ def published_request(r) -> dict:
             "target_new": {"str": r.target_new}, "target_true": {"str": r.target_true or ""}}
 
 
+class Recorder:
+    """What a run leaves after each round: its editing seconds, each edited layer's update
+    ``ΔW = W_after − W_before`` (Frobenius norm and a signed fingerprint ``⟨ΔW, R_l⟩`` with a fixed
+    random ``R_l``, so two implementations' updates can be compared without storing them), and, with
+    ``--eval-every-round`` or after the last round, the metrics of the records edited so far. The
+    results file is rewritten after every round (``checkpoint``), so an interrupted run keeps its
+    finished rounds."""
+
+    def __init__(self, run: dict, model, tok, adapter, requests, rounds, eval_every_round: bool, checkpoint):
+        self.run, self.model, self.tok, self.adapter = run, model, tok, adapter
+        self.requests, self.rounds, self.eval_every_round, self.checkpoint = requests, rounds, eval_every_round, checkpoint
+        run.update(round_seconds=[], update_norms=[], update_fingerprints=[], per_round=[], complete=False)
+        self._probe: dict[int, torch.Tensor] = {}
+
+    def probe(self, layer: int, shape) -> torch.Tensor:
+        if layer not in self._probe:
+            g = torch.Generator().manual_seed(1000 + layer)
+            self._probe[layer] = torch.randn(*shape, generator=g, dtype=torch.float64)
+        return self._probe[layer]
+
+    def before(self, layers) -> dict[int, torch.Tensor]:
+        return {l: self.adapter.get_w_out(l).cpu() for l in layers}
+
+    def round_done(self, index: int, before: dict[int, torch.Tensor], seconds: float) -> None:
+        run = self.run
+        deltas = {l: self.adapter.get_w_out(l).cpu().double() - w.double() for l, w in before.items()}
+        run["round_seconds"].append(seconds)
+        run["update_norms"].append({str(l): float(torch.linalg.matrix_norm(d)) for l, d in deltas.items()})
+        run["update_fingerprints"].append({str(l): float((d * self.probe(l, d.shape)).sum())
+                                           for l, d in deltas.items()})
+        last = index == len(self.rounds) - 1
+        if self.eval_every_round or last:
+            done = sum(len(c) for c in self.rounds[: index + 1])
+            entry = {"round": index + 1, "edits": done, "seconds": sum(run["round_seconds"])}
+            entry.update(evaluate(self.model, self.tok, self.requests[:done]))
+            run["per_round"].append(entry)
+            print(f"  {_label(run)} [{run['side']}] after {done} edits: "
+                  + ", ".join(f"{k} {entry[k]:.2f}" for k in METRICS)
+                  + f", {entry['seconds'] / done:.2f} s/edit", flush=True)
+        if last:
+            final = run["per_round"][-1]
+            run.update({k: final[k] for k in (*METRICS, "eval_seconds")})
+            run["seconds"] = final["seconds"]
+            run["seconds_per_edit"] = final["seconds"] / final["edits"]
+            run["complete"] = True
+        self.checkpoint()
+
+
 def run_published(pub: Published, pair: Pair, args, model, tok, adapter, mom2, templates, rounds, device,
-                  loss_layer: int, log) -> dict:
+                  loss_layer: int, log, rec: Recorder) -> None:
     """The published sequential-editing loop for ``pair`` (as its driver script runs it)."""
     layout = module_layout(adapter)
     layers = C.parse_int_list(args.layers)
     hp = pub.hparams(pair, layout, layers, args, loss_layer)
     edited = list(hp.layers)
+    rec.run["edited_layers"] = edited
+    rec.run["hparams"] = dict(vars(hp))
     d_k = adapter.key_size(edited[0])
     t_setup = time.perf_counter()
     cache_c = torch.zeros(len(edited), d_k, d_k)
     P = None
     if pair.method == "alphaedit":
         P = torch.stack([published_projection(mom2[l], hp.nullspace_threshold) for l in edited])
-    setup = time.perf_counter() - t_setup
-    norms, seconds = [], []
-    with adapted(pub, device=device, mom2={l: mom2[l] for l in edited}, templates=templates, layout=layout,
-                 log=log):
-        for chunk in rounds:
-            before = {l: adapter.get_w_out(l) for l in edited}
-            reqs = [published_request(r) for r in chunk]
+    rec.run["setup_seconds"] = time.perf_counter() - t_setup
+    for i, chunk in enumerate(rounds):
+        before = rec.before(edited)
+        reqs = [published_request(r) for r in chunk]
+        with adapted(pub, device=device, mom2={l: mom2[l] for l in edited}, templates=templates, layout=layout,
+                     log=log):
             with C.timed(str(device)) as t:
                 if pair.method == "alphaedit":
                     _, cache_c = pub.alphaedit.apply_AlphaEdit_to_model(model, tok, reqs, hp, cache_c=cache_c, P=P)
                 else:
                     _, cache_c = pub.memit_seq.apply_memit_seq_to_model(model, tok, reqs, hp, cache_c=cache_c)
-            seconds.append(t["seconds"])
-            norms.append({str(l): float(torch.linalg.matrix_norm((adapter.get_w_out(l) - before[l]).double()))
-                          for l in edited})
-    return {"edited_layers": edited, "setup_seconds": setup, "round_seconds": seconds, "update_norms": norms,
-            "hparams": {k: v for k, v in vars(hp).items()}}
+        rec.round_done(i, before, t["seconds"])
 
 
-def run_blueedit(pair: Pair, args, model, tok, adapter, mom2, templates, rounds, loss_layer: int) -> dict:
+def run_blueedit(pair: Pair, args, model, tok, adapter, mom2, templates, rounds, loss_layer: int,
+                 rec: Recorder) -> None:
     """blueedit's :class:`~blueedit.editing.editor.Editor` over the same rounds."""
     from blueedit.editing.editor import EditHParams, Editor
     from blueedit.editing.targets import TargetHParams
@@ -370,26 +419,25 @@ def run_blueedit(pair: Pair, args, model, tok, adapter, mom2, templates, rounds,
     hp = EditHParams(method=pair.method, strategy=pair.strategy, layers=C.parse_int_list(args.layers),
                      mom2_update_weight=args.lam, nullspace_threshold=args.nullspace_threshold, L2=args.L2,
                      target=target)
+    rec.run["edited_layers"] = hp.edited_layers
+    rec.run["hparams"] = {"method": hp.method, "strategy": hp.strategy, "layers": hp.layers,
+                          "lam": hp.mom2_update_weight, "L2": hp.L2, "nullspace_threshold": hp.nullspace_threshold,
+                          **{k: getattr(target, k) for k in ("v_num_grad_steps", "v_lr", "v_weight_decay",
+                                                             "kl_factor", "clamp_norm_factor", "loss_layer")}}
     t_setup = time.perf_counter()
     editor = Editor(model, tok, adapter, hp, {l: mom2[l] for l in hp.edited_layers}, templates)
-    setup = time.perf_counter() - t_setup
-    norms, seconds, steps = [], [], []
+    rec.run["setup_seconds"] = time.perf_counter() - t_setup
+    steps = []
     for i, chunk in enumerate(rounds):
-        before = {l: adapter.get_w_out(l) for l in hp.edited_layers}
+        before = rec.before(hp.edited_layers)
         with C.timed(args.device) as t:
             report = editor.edit_round(chunk, i)
-        seconds.append(t["seconds"])
-        norms.append({str(l): float(torch.linalg.matrix_norm((adapter.get_w_out(l) - before[l]).double()))
-                      for l in hp.edited_layers})
+            if i == len(rounds) - 1:
+                editor.finalize()  # a no-op for MEMIT and AlphaEdit
         for v in report.target_steps.values():
             steps += list(v)
-    editor.finalize()
-    return {"edited_layers": hp.edited_layers, "setup_seconds": setup, "round_seconds": seconds,
-            "update_norms": norms, "mean_target_steps": sum(steps) / max(len(steps), 1),
-            "hparams": {"method": hp.method, "strategy": hp.strategy, "layers": hp.layers,
-                        "lam": hp.mom2_update_weight, "L2": hp.L2, "nullspace_threshold": hp.nullspace_threshold,
-                        **{k: getattr(target, k) for k in ("v_num_grad_steps", "v_lr", "v_weight_decay",
-                                                           "kl_factor", "clamp_norm_factor", "loss_layer")}}}
+        rec.run["mean_target_steps"] = sum(steps) / max(len(steps), 1)
+        rec.round_done(i, before, t["seconds"])
 
 
 def evaluate(model, tok, requests) -> dict:
@@ -410,30 +458,71 @@ def _label(run: dict) -> str:
     return f"{pair.method} ({pair.strategy})"
 
 
-def markdown_table(runs: list[dict], pre: dict | None) -> str:
-    """One row per run, both sides of each pair together, then the difference blueedit − published."""
-    head = ["method", "implementation", *METRICS, "seconds / edit"]
+def _entry(run: dict, edits: int | None) -> dict | None:
+    """The run's evaluation after ``edits`` edits (``None``: its last one)."""
+    entries = run.get("per_round") or []
+    if edits is None:
+        return entries[-1] if entries else None
+    return next((e for e in entries if e["edits"] == edits), None)
+
+
+def _common_edits(by_side: dict[str, dict]) -> int | None:
+    """The most edits after which every side of a pair was evaluated."""
+    sets = [{e["edits"] for e in r.get("per_round") or []} for r in by_side.values()]
+    common = set.intersection(*sets) if sets else set()
+    return max(common) if common else None
+
+
+def update_agreement(a: dict, b: dict) -> dict | None:
+    """The largest relative difference between two runs' per-round updates over the rounds both
+    finished and the layers both edited: of ``‖ΔW‖`` and of the fingerprint ``⟨ΔW, R_l⟩``."""
+    n = min(len(a.get("update_norms") or []), len(b.get("update_norms") or []))
+    if n == 0:
+        return None
+    worst_norm = worst_fp = 0.0
+    for i in range(n):
+        for l, va in a["update_norms"][i].items():
+            if l not in b["update_norms"][i]:
+                continue
+            vb = b["update_norms"][i][l]
+            worst_norm = max(worst_norm, abs(va - vb) / max(abs(va), 1e-30))
+            fa, fb = a["update_fingerprints"][i][l], b["update_fingerprints"][i][l]
+            worst_fp = max(worst_fp, abs(fa - fb) / max(abs(fa), 1e-30))
+    return {"rounds": n, "norm": worst_norm, "fingerprint": worst_fp}
+
+
+def markdown_table(runs: list[dict], pre: dict | None, num_edits: int | None = None) -> str:
+    """One row per run, both sides of each pair together (compared after the same number of edits),
+    then the difference blueedit − published."""
+    head = ["method", "implementation", "edits", *METRICS, "seconds / edit"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     f2 = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
     if pre:
-        lines.append("| pre-edit | - | " + " | ".join(f2(pre.get(k)) for k in METRICS) + " | - |")
+        lines.append(f"| pre-edit | - | {num_edits or '-'} | " + " | ".join(f2(pre.get(k)) for k in METRICS) + " | - |")
     for name, pair in PAIRS.items():
         by_side = {r["side"]: r for r in runs if r["pair"] == name}
+        if not by_side:
+            continue
+        edits = _common_edits(by_side) if len(by_side) == 2 else None
+        shown = {}
         for side in SIDES:
             r = by_side.get(side)
             if r is None:
                 continue
+            e = _entry(r, edits)
             cells = [pair.published, f"{side}: {_label(r)}"]
-            if "error" in r:
-                cells += ["error"] * len(METRICS) + ["-"]
+            if e is None:
+                status = "error" if "error" in r else "not evaluated"
+                cells += ["-"] + [status] * len(METRICS) + ["-"]
             else:
-                cells += [f2(r.get(k)) for k in METRICS] + [f"{r['seconds_per_edit']:.2f}"]
+                shown[side] = e
+                cells += [str(e["edits"])] + [f2(e.get(k)) for k in METRICS] + [f"{e['seconds'] / e['edits']:.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
-        if len(by_side) == 2 and not any("error" in r for r in by_side.values()):
-            b, p = by_side["blueedit"], by_side["published"]
+        if len(shown) == 2:
+            b, p = shown["blueedit"], shown["published"]
             diff = [f"{b[k] - p[k]:+.2f}" for k in METRICS]
-            ratio = p["seconds_per_edit"] / b["seconds_per_edit"] if b["seconds_per_edit"] > 0 else float("nan")
-            lines.append(f"| {pair.published} | difference (blueedit − published) | " + " | ".join(diff)
+            ratio = (p["seconds"] / p["edits"]) / (b["seconds"] / b["edits"]) if b["seconds"] > 0 else float("nan")
+            lines.append(f"| {pair.published} | difference (blueedit − published) | {b['edits']} | " + " | ".join(diff)
                          + f" | {ratio:.2f}x faster |")
     return "\n".join(lines)
 
@@ -446,28 +535,45 @@ def render(results: dict) -> str:
             f"{cfg.get('layers')}, loss layer {cfg.get('loss_layer')}, {cfg.get('steps')} target steps, "
             f"AlphaEdit L2 {cfg.get('L2'):g} / null-space threshold {cfg.get('nullspace_threshold'):g}; "
             f"{results.get('device')}.")
-    notes = ("Metrics: blueedit's evaluator (`evaluate_requests`) on each side's final model. Seconds / edit: "
-             "editing rounds only (no C_0, no AlphaEdit projections, no evaluation). The difference row's "
-             "last cell is published seconds / blueedit seconds.")
-    return "\n".join([head, "", markdown_table(results["runs"], results.get("pre_edit")), "", notes])
+    notes = ["Metrics: blueedit's evaluator (`evaluate_requests`) on each side's model, over the records edited "
+             "so far (`edits`). Seconds / edit: editing rounds only (no C_0, no AlphaEdit projections, no "
+             "evaluation). The difference row's last cell is published seconds / blueedit seconds."]
+    for name, pair in PAIRS.items():
+        by_side = {r["side"]: r for r in results["runs"] if r["pair"] == name}
+        if len(by_side) == 2:
+            agree = update_agreement(by_side["published"], by_side["blueedit"])
+            if agree:
+                notes.append(f"{pair.published}: per-round weight updates ΔW over {agree['rounds']} round(s), "
+                             f"largest relative difference between the two sides: {agree['norm']:.1e} in ‖ΔW‖, "
+                             f"{agree['fingerprint']:.1e} in ⟨ΔW, R⟩ (a fixed random R per layer).")
+    return "\n".join([head, "", markdown_table(results["runs"], results.get("pre_edit"), results.get("num_edits")),
+                      "", *[f"- {n}" for n in notes]])
 
 
-def write(results: dict, out: str) -> None:
+def write(results: dict, out: str, quiet: bool = False) -> None:
     results["table"] = render(results)
-    print()
-    print(results["table"], flush=True)
+    if not quiet:
+        print()
+        print(results["table"], flush=True)
     if out:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=1, default=str))
+        tmp.replace(path.with_suffix(".json"))
         path.with_suffix(".md").write_text(results["table"] + "\n")
-        print(f"results written to {path.with_suffix('.json')} and {path.with_suffix('.md')}", flush=True)
+        if not quiet:
+            print(f"results written to {path.with_suffix('.json')} and {path.with_suffix('.md')}", flush=True)
 
 
 def merge(files: list[str], out: str) -> dict:
     """Combine result files: the runs of all (a later file's run replaces an earlier one of the
     same pair and side), the first pre-edit evaluation, the first file's setup."""
     parts = [json.loads(Path(f).read_text()) for f in files]
+    for f, part in zip(files, parts):  # the runs must share model, records, C_0 setup and templates
+        for key in ("model", "dataset", "num_edits", "setup", "context_templates"):
+            if part.get(key) != parts[0].get(key):
+                raise SystemExit(f"--merge: {f} differs from {files[0]} in {key!r}")
     results = {k: v for k, v in parts[0].items() if k not in ("runs", "table")}
     runs: dict[tuple[str, str], dict] = {}
     for part in parts:
@@ -553,6 +659,10 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
         results["pre_edit"] = evaluate(model, tokenizer, requests)
         print("pre-edit: " + ", ".join(f"{k} {results['pre_edit'][k]:.2f}" for k in METRICS), flush=True)
 
+    def checkpoint():
+        if args.out:
+            write(results, args.out, quiet=True)
+
     log_cm = open(args.published_log, "a") if args.published_log else open(os.devnull, "w")
     try:
         with log_cm as log:
@@ -561,22 +671,21 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
                     for l, w in original.items():
                         adapter.set_w_out(l, w)
                     run = {"pair": pair.name, "side": side}
+                    results["runs"].append(run)
+                    rec = Recorder(run, model, tokenizer, adapter, requests, rounds, args.eval_every_round, checkpoint)
                     try:
                         if side == "published":
-                            run.update(run_published(pub, pair, args, model, tokenizer, adapter, mom2, templates,
-                                                     rounds, device, loss_layer, log))
+                            run_published(pub, pair, args, model, tokenizer, adapter, mom2, templates, rounds, device,
+                                          loss_layer, log, rec)
                         else:
-                            run.update(run_blueedit(pair, args, model, tokenizer, adapter, mom2, templates, rounds,
-                                                    loss_layer))
-                        run["seconds"] = sum(run["round_seconds"])
-                        run["seconds_per_edit"] = run["seconds"] / len(requests)
-                        run.update(evaluate(model, tokenizer, requests))
+                            run_blueedit(pair, args, model, tokenizer, adapter, mom2, templates, rounds, loss_layer,
+                                         rec)
                     except Exception as e:  # one failed run should not lose the others
                         import traceback
 
                         run["error"] = f"{type(e).__name__}: {e}"
                         run["traceback"] = traceback.format_exc()
-                    results["runs"].append(run)
+                        checkpoint()
                     print(f"{_label(run)} [{side}]: " + (run["error"] if "error" in run else
                           ", ".join(f"{k} {run[k]:.2f}" for k in METRICS)
                           + f", {run['seconds_per_edit']:.2f} s/edit"), flush=True)

@@ -95,6 +95,24 @@ def test_blueedit_side_on_tiny_model(tmp_path):
     assert "blueedit: memit (boundary)" in res["table"]
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["runs"][0]["pair"] == "memit" and out.with_suffix(".md").is_file()
+    assert [e["edits"] for e in saved["runs"][0]["per_round"]] == [3]  # evaluated after the last round only
+
+
+def test_table_compares_after_the_same_number_of_edits():
+    vs = _load()
+
+    def run(side, per_round):
+        return {"pair": "memit", "side": side, "update_norms": [{"4": 1.0}], "update_fingerprints": [{"4": 2.0}],
+                "per_round": [{"edits": n, "seconds": 10.0 * n, "efficacy": e, "generalization": e,
+                               "specificity": 50.0} for n, e in per_round]}
+
+    published = run("published", [(25, 90.0)])  # stopped after one round
+    ours = run("blueedit", [(25, 92.0), (50, 80.0)])
+    table = vs.markdown_table([published, ours], None)
+    assert "| MEMIT_seq | difference (blueedit − published) | 25 | +2.00 | +2.00 | +0.00 | 1.00x faster |" in table
+    assert "80.00" not in table
+    ours["update_norms"] = [{"4": 1.1}]
+    assert abs(vs.update_agreement(published, ours)["norm"] - 0.1) < 1e-12
 
 
 @pytest.mark.skipif(not PUBLISHED, reason=NO_CHECKOUT)
@@ -104,7 +122,7 @@ def test_published_side_on_tiny_model(tmp_path):
     model, tok = make_model("llama"), make_tokenizer()
     common = TINY + ["--methods", "memit,alphaedit_blue", "--published", PUBLISHED,
                      "--cache-dir", str(tmp_path / "cache"), "--published-log", str(tmp_path / "published.log")]
-    res = vs.main(common + ["--out", str(tmp_path / "both")], model=model, tokenizer=tok, requests=REQUESTS,
+    res = vs.main(common + ["--eval-every-round", "--out", str(tmp_path / "both")], model=model, tokenizer=tok, requests=REQUESTS,
                   texts=_CORPUS[:4])
     runs = {(r["pair"], r["side"]): r for r in res["runs"]}
     assert set(runs) == {("memit", "published"), ("memit", "blueedit"),
@@ -122,6 +140,9 @@ def test_published_side_on_tiny_model(tmp_path):
         for ra, rb in zip(a, b):
             assert ra.keys() == rb.keys()
             assert all(abs(ra[l] - rb[l]) <= 1e-3 * ra[l] for l in ra), (pair, ra, rb)
+    assert [e["edits"] for e in pub["per_round"]] == [2, 3] and pub["complete"]
+    agree = vs.update_agreement(pub, ours)
+    assert agree["rounds"] == 2 and agree["norm"] < 1e-3 and agree["fingerprint"] < 1e-3
     assert "difference (blueedit − published)" in res["table"]
     assert (tmp_path / "published.log").stat().st_size > 0
     merged = vs.main(["--merge", str(tmp_path / "both.json"), str(tmp_path / "both.json"),
