@@ -663,7 +663,7 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
         if args.out:
             write(results, args.out, quiet=True)
 
-    log_cm = open(args.published_log, "a") if args.published_log else open(os.devnull, "w")
+    log_cm = open(args.published_log, "a", buffering=1) if args.published_log else open(os.devnull, "w")
     try:
         with log_cm as log:
             for pair in pairs:
