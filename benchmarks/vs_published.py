@@ -318,6 +318,42 @@ def adapted(pub: Published, *, device: torch.device, mom2: dict[int, torch.Tenso
             setattr(obj, name, value)
 
 
+def tokenization_check(pub: Published, tok, requests, templates: list[str], limit: int = 5) -> dict:
+    """Do both sides feed the model the same tokens? For every record and every prompt of its target
+    optimization (each context template + the target's tokens but the last, and the KL prompt),
+    compare the published token ids (the filled text tokenized whole, as its ``compute_z`` does) and
+    fact-token index (its ``get_words_idxs_in_templates``, subject's last token) with blueedit's
+    (:func:`~blueedit.editing.tokens.encode_prompt` + the target ids)."""
+    from blueedit.editing.tokens import encode_prompt, tokenize_target
+
+    words_idxs = importlib.import_module("rome.repr_tools").get_words_idxs_in_templates
+    ids_differ, fact_differ, examples, prompts = 0, 0, [], 0
+    for r in requests:
+        target = tokenize_target(tok, r.target_new)
+        for c in list(templates) + ["{} is a"]:
+            kl = c == "{} is a"
+            filled = c if kl else c.replace("{}", r.prompt, 1)
+            text = filled if kl else filled + tok.decode(target[:-1])
+            pub_ids = tok(text.replace("{}", r.subject, 1))["input_ids"]
+            pub_fact = words_idxs(tok, [text], [r.subject], "last")[0][0]
+            ids, fact = encode_prompt(tok, filled, r.subject)
+            ids = ids + ([] if kl else target[:-1])
+            prompts += 1
+            if pub_fact < 0:
+                pub_fact += len(pub_ids)
+            bad = []
+            if pub_ids != ids:
+                ids_differ += 1
+                bad.append("token ids")
+            if pub_fact != fact:
+                fact_differ += 1
+                bad.append(f"fact index {pub_fact} vs {fact}")
+            if bad and len(examples) < limit:
+                examples.append({"case_id": r.case_id, "prompt": text, "subject": r.subject, "differs": bad})
+    return {"records": len(requests), "prompts": prompts, "token_ids_differ": ids_differ,
+            "fact_index_differs": fact_differ, "examples": examples}
+
+
 def published_projection(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
     """AlphaEdit's null-space projection as the published driver builds it: left singular vectors
     of ``C_0`` whose singular values are below ``threshold``, ``P = U_s U_sᵀ`` (float32)."""
@@ -538,6 +574,11 @@ def render(results: dict) -> str:
     notes = ["Metrics: blueedit's evaluator (`evaluate_requests`) on each side's model, over the records edited "
              "so far (`edits`). Seconds / edit: editing rounds only (no C_0, no AlphaEdit projections, no "
              "evaluation). The difference row's last cell is published seconds / blueedit seconds."]
+    tc = results.get("tokenization")
+    if tc:
+        notes.append(f"Inputs of the target optimization: {tc['prompts']} prompts ({tc['records']} records × context "
+                     f"templates and KL prompt) tokenized by both sides; token ids differ in {tc['token_ids_differ']}, "
+                     f"the fact-token index in {tc['fact_index_differs']}.")
     for name, pair in PAIRS.items():
         by_side = {r["side"]: r for r in results["runs"] if r["pair"] == name}
         if len(by_side) == 2:
@@ -577,8 +618,9 @@ def merge(files: list[str], out: str) -> dict:
     results = {k: v for k, v in parts[0].items() if k not in ("runs", "table")}
     runs: dict[tuple[str, str], dict] = {}
     for part in parts:
-        if results.get("pre_edit") is None and part.get("pre_edit") is not None:
-            results["pre_edit"] = part["pre_edit"]
+        for key in ("pre_edit", "tokenization"):
+            if results.get(key) is None and part.get(key) is not None:
+                results[key] = part[key]
         for r in part["runs"]:
             runs[(r["pair"], r["side"])] = r
     results["runs"] = [runs[k] for k in sorted(runs, key=lambda k: (list(PAIRS).index(k[0]), SIDES.index(k[1])))]
@@ -655,6 +697,11 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
                   "weight_decay": args.weight_decay, "clamp": args.clamp},
         "stats_seconds": t_stats["seconds"], "context_templates": templates, "pre_edit": None, "runs": [],
     }
+    if pub is not None:
+        results["tokenization"] = tokenization_check(pub, tokenizer, requests, templates)
+        tc = results["tokenization"]
+        print(f"tokenization: {tc['prompts']} prompts of {tc['records']} records, token ids differ in "
+              f"{tc['token_ids_differ']}, fact index in {tc['fact_index_differs']}", flush=True)
     if not args.no_pre_edit:
         results["pre_edit"] = evaluate(model, tokenizer, requests)
         print("pre-edit: " + ", ".join(f"{k} {results['pre_edit'][k]:.2f}" for k in METRICS), flush=True)

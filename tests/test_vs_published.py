@@ -141,6 +141,9 @@ def test_published_side_on_tiny_model(tmp_path):
             assert ra.keys() == rb.keys()
             assert all(abs(ra[l] - rb[l]) <= 1e-3 * ra[l] for l in ra), (pair, ra, rb)
     assert [e["edits"] for e in pub["per_round"]] == [2, 3] and pub["complete"]
+    tc = res["tokenization"]
+    assert tc["prompts"] == 3 * (len(res["context_templates"]) + 1)
+    assert tc["token_ids_differ"] == 0 and tc["fact_index_differs"] == 0, tc["examples"]
     agree = vs.update_agreement(pub, ours)
     assert agree["rounds"] == 2 and agree["norm"] < 1e-3 and agree["fingerprint"] < 1e-3
     assert "difference (blueedit − published)" in res["table"]
