@@ -527,20 +527,20 @@ def update_agreement(a: dict, b: dict) -> dict | None:
     return {"rounds": n, "norm": worst_norm, "fingerprint": worst_fp}
 
 
-def markdown_table(runs: list[dict], pre: dict | None, num_edits: int | None = None) -> str:
-    """One row per run, both sides of each pair together (compared after the same number of edits),
-    then the difference blueedit − published."""
+def markdown_table(runs: list[dict], pre: dict[str, dict] | None) -> str:
+    """Per pair: the unedited model, both sides (compared after the same number of edits, on the
+    records edited so far), and the difference blueedit − published. ``pre`` maps a number of edits
+    to the unedited model's metrics on that many first records."""
     head = ["method", "implementation", "edits", *METRICS, "seconds / edit"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     f2 = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
-    if pre:
-        lines.append(f"| pre-edit | - | {num_edits or '-'} | " + " | ".join(f2(pre.get(k)) for k in METRICS) + " | - |")
+    pre = pre or {}
     for name, pair in PAIRS.items():
         by_side = {r["side"]: r for r in runs if r["pair"] == name}
         if not by_side:
             continue
         edits = _common_edits(by_side) if len(by_side) == 2 else None
-        shown = {}
+        rows, shown = [], {}
         for side in SIDES:
             r = by_side.get(side)
             if r is None:
@@ -553,7 +553,12 @@ def markdown_table(runs: list[dict], pre: dict | None, num_edits: int | None = N
             else:
                 shown[side] = e
                 cells += [str(e["edits"])] + [f2(e.get(k)) for k in METRICS] + [f"{e['seconds'] / e['edits']:.2f}"]
-            lines.append("| " + " | ".join(cells) + " |")
+            rows.append("| " + " | ".join(cells) + " |")
+        n = next(iter(shown.values()))["edits"] if shown else None
+        if n is not None and str(n) in pre:
+            lines.append(f"| {pair.published} | unedited model | {n} | "
+                         + " | ".join(f2(pre[str(n)].get(k)) for k in METRICS) + " | - |")
+        lines += rows
         if len(shown) == 2:
             b, p = shown["blueedit"], shown["published"]
             diff = [f"{b[k] - p[k]:+.2f}" for k in METRICS]
@@ -587,7 +592,7 @@ def render(results: dict) -> str:
                 notes.append(f"{pair.published}: per-round weight updates ΔW over {agree['rounds']} round(s), "
                              f"largest relative difference between the two sides: {agree['norm']:.1e} in ‖ΔW‖, "
                              f"{agree['fingerprint']:.1e} in ⟨ΔW, R⟩ (a fixed random R per layer).")
-    return "\n".join([head, "", markdown_table(results["runs"], results.get("pre_edit"), results.get("num_edits")),
+    return "\n".join([head, "", markdown_table(results["runs"], results.get("pre_edit_by_edits")),
                       "", *[f"- {n}" for n in notes]])
 
 
@@ -618,7 +623,7 @@ def merge(files: list[str], out: str) -> dict:
     results = {k: v for k, v in parts[0].items() if k not in ("runs", "table")}
     runs: dict[tuple[str, str], dict] = {}
     for part in parts:
-        for key in ("pre_edit", "tokenization"):
+        for key in ("pre_edit", "pre_edit_by_edits", "tokenization"):
             if results.get(key) is None and part.get(key) is not None:
                 results[key] = part[key]
         for r in part["runs"]:
@@ -695,15 +700,19 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
                   "loss_layer": loss_layer, "steps": args.steps, "L2": args.L2,
                   "nullspace_threshold": args.nullspace_threshold, "kl_factor": args.kl_factor,
                   "weight_decay": args.weight_decay, "clamp": args.clamp},
-        "stats_seconds": t_stats["seconds"], "context_templates": templates, "pre_edit": None, "runs": [],
+        "stats_seconds": t_stats["seconds"], "context_templates": templates, "pre_edit": None,
+        "pre_edit_by_edits": None, "runs": [],
     }
     if pub is not None:
         results["tokenization"] = tokenization_check(pub, tokenizer, requests, templates)
         tc = results["tokenization"]
         print(f"tokenization: {tc['prompts']} prompts of {tc['records']} records, token ids differ in "
               f"{tc['token_ids_differ']}, fact index in {tc['fact_index_differs']}", flush=True)
-    if not args.no_pre_edit:
-        results["pre_edit"] = evaluate(model, tokenizer, requests)
+    if not args.no_pre_edit:  # on the records edited after each evaluated round
+        ends = [sum(len(c) for c in rounds[: i + 1]) for i in range(len(rounds))]
+        results["pre_edit_by_edits"] = {str(n): evaluate(model, tokenizer, requests[:n])
+                                        for n in (ends if args.eval_every_round else ends[-1:])}
+        results["pre_edit"] = results["pre_edit_by_edits"][str(len(requests))]
         print("pre-edit: " + ", ".join(f"{k} {results['pre_edit'][k]:.2f}" for k in METRICS), flush=True)
 
     def checkpoint():

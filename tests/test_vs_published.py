@@ -108,8 +108,10 @@ def test_table_compares_after_the_same_number_of_edits():
 
     published = run("published", [(25, 90.0)])  # stopped after one round
     ours = run("blueedit", [(25, 92.0), (50, 80.0)])
-    table = vs.markdown_table([published, ours], None)
+    pre = {"25": {"efficacy": 10.0, "generalization": 20.0, "specificity": 60.0}, "50": {"efficacy": 5.0}}
+    table = vs.markdown_table([published, ours], pre)
     assert "| MEMIT_seq | difference (blueedit − published) | 25 | +2.00 | +2.00 | +0.00 | 1.00x faster |" in table
+    assert "| MEMIT_seq | unedited model | 25 | 10.00 | 20.00 | 60.00 | - |" in table
     assert "80.00" not in table
     ours["update_norms"] = [{"4": 1.1}]
     assert abs(vs.update_agreement(published, ours)["norm"] - 0.1) < 1e-12
@@ -141,6 +143,7 @@ def test_published_side_on_tiny_model(tmp_path):
             assert ra.keys() == rb.keys()
             assert all(abs(ra[l] - rb[l]) <= 1e-3 * ra[l] for l in ra), (pair, ra, rb)
     assert [e["edits"] for e in pub["per_round"]] == [2, 3] and pub["complete"]
+    assert set(res["pre_edit_by_edits"]) == {"2", "3"} and "| MEMIT_seq | unedited model | 3 |" in res["table"]
     tc = res["tokenization"]
     assert tc["prompts"] == 3 * (len(res["context_templates"]) + 1)
     assert tc["token_ids_differ"] == 0 and tc["fact_index_differs"] == 0, tc["examples"]
