@@ -378,7 +378,8 @@ class Recorder:
     def __init__(self, run: dict, model, tok, adapter, requests, rounds, eval_every_round: bool, checkpoint):
         self.run, self.model, self.tok, self.adapter = run, model, tok, adapter
         self.requests, self.rounds, self.eval_every_round, self.checkpoint = requests, rounds, eval_every_round, checkpoint
-        run.update(round_seconds=[], update_norms=[], update_fingerprints=[], per_round=[], complete=False)
+        run.update(round_seconds=[], round_cpu_seconds=[], update_norms=[], update_fingerprints=[], per_round=[],
+                   complete=False)
         self._probe: dict[int, torch.Tensor] = {}
 
     def probe(self, layer: int, shape) -> torch.Tensor:
@@ -390,17 +391,19 @@ class Recorder:
     def before(self, layers) -> dict[int, torch.Tensor]:
         return {l: self.adapter.get_w_out(l).cpu() for l in layers}
 
-    def round_done(self, index: int, before: dict[int, torch.Tensor], seconds: float) -> None:
+    def round_done(self, index: int, before: dict[int, torch.Tensor], seconds: float, cpu_seconds: float) -> None:
         run = self.run
         deltas = {l: self.adapter.get_w_out(l).cpu().double() - w.double() for l, w in before.items()}
         run["round_seconds"].append(seconds)
+        run["round_cpu_seconds"].append(cpu_seconds)
         run["update_norms"].append({str(l): float(torch.linalg.matrix_norm(d)) for l, d in deltas.items()})
         run["update_fingerprints"].append({str(l): float((d * self.probe(l, d.shape)).sum())
                                            for l, d in deltas.items()})
         last = index == len(self.rounds) - 1
         if self.eval_every_round or last:
             done = sum(len(c) for c in self.rounds[: index + 1])
-            entry = {"round": index + 1, "edits": done, "seconds": sum(run["round_seconds"])}
+            entry = {"round": index + 1, "edits": done, "seconds": sum(run["round_seconds"]),
+                     "cpu_seconds": sum(run["round_cpu_seconds"])}
             entry.update(evaluate(self.model, self.tok, self.requests[:done]))
             run["per_round"].append(entry)
             print(f"  {_label(run)} [{run['side']}] after {done} edits: "
@@ -411,6 +414,8 @@ class Recorder:
             run.update({k: final[k] for k in (*METRICS, "eval_seconds")})
             run["seconds"] = final["seconds"]
             run["seconds_per_edit"] = final["seconds"] / final["edits"]
+            run["cpu_seconds"] = final["cpu_seconds"]
+            run["cpu_seconds_per_edit"] = final["cpu_seconds"] / final["edits"]
             run["complete"] = True
         self.checkpoint()
 
@@ -436,12 +441,14 @@ def run_published(pub: Published, pair: Pair, args, model, tok, adapter, mom2, t
         reqs = [published_request(r) for r in chunk]
         with adapted(pub, device=device, mom2={l: mom2[l] for l in edited}, templates=templates, layout=layout,
                      log=log):
+            c0 = time.process_time()
             with C.timed(str(device)) as t:
                 if pair.method == "alphaedit":
                     _, cache_c = pub.alphaedit.apply_AlphaEdit_to_model(model, tok, reqs, hp, cache_c=cache_c, P=P)
                 else:
                     _, cache_c = pub.memit_seq.apply_memit_seq_to_model(model, tok, reqs, hp, cache_c=cache_c)
-        rec.round_done(i, before, t["seconds"])
+            cpu = time.process_time() - c0
+        rec.round_done(i, before, t["seconds"], cpu)
 
 
 def run_blueedit(pair: Pair, args, model, tok, adapter, mom2, templates, rounds, loss_layer: int,
@@ -466,14 +473,16 @@ def run_blueedit(pair: Pair, args, model, tok, adapter, mom2, templates, rounds,
     steps = []
     for i, chunk in enumerate(rounds):
         before = rec.before(hp.edited_layers)
+        c0 = time.process_time()
         with C.timed(args.device) as t:
             report = editor.edit_round(chunk, i)
             if i == len(rounds) - 1:
                 editor.finalize()  # a no-op for MEMIT and AlphaEdit
+        cpu = time.process_time() - c0
         for v in report.target_steps.values():
             steps += list(v)
         rec.run["mean_target_steps"] = sum(steps) / max(len(steps), 1)
-        rec.round_done(i, before, t["seconds"])
+        rec.round_done(i, before, t["seconds"], cpu)
 
 
 def evaluate(model, tok, requests) -> dict:
@@ -531,7 +540,7 @@ def markdown_table(runs: list[dict], pre: dict[str, dict] | None) -> str:
     """Per pair: the unedited model, both sides (compared after the same number of edits, on the
     records edited so far), and the difference blueedit − published. ``pre`` maps a number of edits
     to the unedited model's metrics on that many first records."""
-    head = ["method", "implementation", "edits", *METRICS, "seconds / edit"]
+    head = ["method", "implementation", "edits", *METRICS, "seconds / edit", "CPU seconds / edit"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     f2 = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
     pre = pre or {}
@@ -549,22 +558,26 @@ def markdown_table(runs: list[dict], pre: dict[str, dict] | None) -> str:
             cells = [pair.published, f"{side}: {_label(r)}"]
             if e is None:
                 status = "error" if "error" in r else "not evaluated"
-                cells += ["-"] + [status] * len(METRICS) + ["-"]
+                cells += ["-"] + [status] * len(METRICS) + ["-", "-"]
             else:
                 shown[side] = e
-                cells += [str(e["edits"])] + [f2(e.get(k)) for k in METRICS] + [f"{e['seconds'] / e['edits']:.2f}"]
+                cpu = e.get("cpu_seconds")
+                cells += [str(e["edits"])] + [f2(e.get(k)) for k in METRICS] + [
+                    f"{e['seconds'] / e['edits']:.2f}", "-" if cpu is None else f"{cpu / e['edits']:.2f}"]
             rows.append("| " + " | ".join(cells) + " |")
         n = next(iter(shown.values()))["edits"] if shown else None
         if n is not None and str(n) in pre:
             lines.append(f"| {pair.published} | unedited model | {n} | "
-                         + " | ".join(f2(pre[str(n)].get(k)) for k in METRICS) + " | - |")
+                         + " | ".join(f2(pre[str(n)].get(k)) for k in METRICS) + " | - | - |")
         lines += rows
         if len(shown) == 2:
             b, p = shown["blueedit"], shown["published"]
             diff = [f"{b[k] - p[k]:+.2f}" for k in METRICS]
             ratio = (p["seconds"] / p["edits"]) / (b["seconds"] / b["edits"]) if b["seconds"] > 0 else float("nan")
+            cpu_ratio = (f"{(p['cpu_seconds'] / p['edits']) / (b['cpu_seconds'] / b['edits']):.2f}x faster"
+                         if p.get("cpu_seconds") and b.get("cpu_seconds") else "-")
             lines.append(f"| {pair.published} | difference (blueedit − published) | {b['edits']} | " + " | ".join(diff)
-                         + f" | {ratio:.2f}x faster |")
+                         + f" | {ratio:.2f}x faster | {cpu_ratio} |")
     return "\n".join(lines)
 
 
@@ -578,7 +591,8 @@ def render(results: dict) -> str:
             f"{results.get('device')}.")
     notes = ["Metrics: blueedit's evaluator (`evaluate_requests`) on each side's model, over the records edited "
              "so far (`edits`). Seconds / edit: editing rounds only (no C_0, no AlphaEdit projections, no "
-             "evaluation). The difference row's last cell is published seconds / blueedit seconds."]
+             "evaluation), wall clock and this process's CPU time (with one thread, the time on a quiet core; "
+             "robust on a shared machine). The difference row's time cells are published / blueedit."]
     tc = results.get("tokenization")
     if tc:
         notes.append(f"Inputs of the target optimization: {tc['prompts']} prompts ({tc['records']} records × context "
