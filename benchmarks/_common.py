@@ -231,18 +231,22 @@ class PeakMemory:
 
 @contextmanager
 def timed(device: str):
-    """``with timed(dev) as t: ...`` then ``t["seconds"]`` (synchronizing CUDA around the block)."""
-    out = {"seconds": 0.0}
+    """``with timed(dev) as t: ...`` then ``t["seconds"]`` (wall clock, synchronizing CUDA around
+    the block) and ``t["cpu_seconds"]`` (this process's CPU time, all threads: on a shared machine
+    it is far less sensitive to other jobs than the wall clock; with one thread it is the time the
+    work would take on a quiet core)."""
+    out = {"seconds": 0.0, "cpu_seconds": 0.0}
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         yield out
     finally:
         if cuda:
             torch.cuda.synchronize()
         out["seconds"] = time.perf_counter() - t0
+        out["cpu_seconds"] = time.process_time() - c0
 
 
 def command_line(script: str, argv: list[str] | None) -> str:

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-samples", type=int, default=300)
     p.add_argument("--stats-max-length", type=int, default=256)
     p.add_argument("--stats-corpus", default="wikipedia-sample")
-    p.add_argument("--fluency", action="store_true", help="also fluency of greedy 100-token generations (slow)")
+    p.add_argument("--fluency", action="store_true", help="also fluency of top-5 sampled generations of 100 tokens counting the "
+                   "prompt, as published (slow)")
     p.add_argument("--fluency-records", type=int, default=20, help="records whose generation prompts are used")
     p.add_argument("--dev", action="store_true", help="grid over --lams × --v-lrs on the dev set; print the best")
     p.add_argument("--lams", default="1500", help="λ values for --dev")
@@ -170,13 +171,13 @@ def nullspace_fractions(mom2: dict[int, torch.Tensor], threshold: float) -> dict
 # -- runs ----------------------------------------------------------------------------------------
 def evaluate(model, tok, requests, args, generation_prompts: list[str]) -> dict:
     from blueedit.evaluation.editing_metrics import evaluate_requests
-    from blueedit.evaluation.fluency import fluency_score, generate_greedy
+    from blueedit.evaluation.fluency import fluency_score, generate_sampled
 
     with C.timed(args.device) as t:
         res = evaluate_requests(model, tok, requests)
         out = {k: res.metrics.get(k, float("nan")) for k in METRICS}
         if args.fluency:
-            texts = generate_greedy(model, tok, generation_prompts, max_new_tokens=100) if generation_prompts else []
+            texts = generate_sampled(model, tok, generation_prompts, max_length=100) if generation_prompts else []
             out["fluency"] = fluency_score(texts)
     out["eval_seconds"] = t["seconds"]
     return out

@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-MODES = ("optimized", "reference")
+MODES = ("optimized", "reference", "optimized-bf16")
+#: ratio columns of the table: (numerator mode, denominator mode)
+RATIOS = (("reference", "optimized"), ("optimized", "optimized-bf16"), ("reference", "optimized-bf16"))
 MIN_CHARS = 200  # as blueedit.module.MIN_CHARS
 
 #: (key, label, unit formatter) of the table rows.
@@ -39,6 +41,7 @@ ROWS = [
     ("edit_seconds", "editing: seconds (all rounds)", "{:.2f}"),
     ("seconds_per_edit", "editing: seconds / edit", "{:.3f}"),
     ("seconds_per_round", "editing: seconds / round", "{:.2f}"),
+    ("cpu_seconds_per_edit", "editing: CPU seconds / edit (all threads)", "{:.3f}"),
     ("mean_target_steps", "editing: mean target steps", "{:.1f}"),
     ("edit_peak_mb", "editing: peak memory (MB)", "{:.0f}"),
     ("edit_delta_mb", "editing: memory increase (MB)", "{:.0f}"),
@@ -65,9 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=25, help="target optimization steps (v_num_grad_steps)")
     p.add_argument("--v-lr", type=float, default=0.5)
+    p.add_argument("--loss-layer", type=int, default=None, help="target.loss_layer (default: the last block)")
     p.add_argument("--lam", type=float, default=1500.0, help="mom2_update_weight λ")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--autocast", default="none", choices=["none", "bfloat16", "float16"])
+    p.add_argument("--compute-dtype", default="none", choices=["none", "float32", "bfloat16", "float16"],
+                   help="editing.compute_dtype of the optimized mode (forward passes on a copy in this dtype)")
+    p.add_argument("--reference-compute-dtype", default="none", choices=["none", "float32", "bfloat16", "float16"],
+                   help="editing.compute_dtype of the reference mode")
+    p.add_argument("--max-batch-tokens", type=int, default=2048,
+                   help="editing.max_batch_tokens of the optimized mode (0: one batch)")
+    p.add_argument("--flops", action="store_true",
+                   help="count the FLOPs of one target step and compare with measured matmul peaks")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--modes", default="optimized,reference", help="comma-separated subset of optimized,reference")
@@ -89,14 +101,18 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
     from blueedit.evaluation.editing_metrics import evaluate_requests
     from blueedit.models.adapters import ModelAdapter
 
-    optimize = mode == "optimized"
+    optimize = mode.startswith("optimized")
     model, tok = make_model()
     adapter = ModelAdapter(model)
+    compute = {"optimized": args.compute_dtype, "reference": args.reference_compute_dtype,
+               "optimized-bf16": "bfloat16"}[mode]
     hp = EditHParams(
         method=args.method, strategy=args.strategy, layers=C.parse_int_list(args.layers),
         mom2_update_weight=args.lam, optimize=optimize,
         autocast=None if args.autocast == "none" else args.autocast,
-        target=TargetHParams(v_num_grad_steps=args.steps, v_lr=args.v_lr),
+        compute_dtype=None if compute == "none" else compute,
+        max_batch_tokens=(args.max_batch_tokens or None) if optimize else None,
+        target=TargetHParams(v_num_grad_steps=args.steps, v_lr=args.v_lr, loss_layer=args.loss_layer),
     )
     hp.validate()
     adapter.check_layers(hp.layers)
@@ -136,8 +152,12 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
         editor.finalize()
     out.update(templates_seconds=t_templates["seconds"], edit_seconds=t["seconds"], rounds=len(rounds),
                round_seconds=round_seconds, seconds_per_round=sum(round_seconds) / len(rounds),
-               seconds_per_edit=t["seconds"] / len(requests), mean_target_steps=sum(steps) / max(len(steps), 1),
+               seconds_per_edit=t["seconds"] / len(requests), cpu_seconds_per_edit=t["cpu_seconds"] / len(requests),
+               mean_target_steps=sum(steps) / max(len(steps), 1),
                edit_peak_mb=_mb(mem.peak_bytes), edit_delta_mb=_mb(mem.delta_bytes))
+
+    if args.flops and optimize:
+        out.update(target_step_flops(editor, requests[: args.edits_per_round], hp))
 
     # (d) metrics on the edited records
     with C.timed(args.device) as t_eval:
@@ -151,6 +171,66 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
     return out, mom2_cpu
 
 
+def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, seconds: float = 1.0) -> float:
+    """Measured FLOP/s of an ``n × n × n`` matmul in ``dtype`` (the machine's practical peak)."""
+    import time
+
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    cuda = torch.device(device).type == "cuda"
+    clock = time.perf_counter if cuda else time.process_time  # CPU: per CPU-second (robust to other jobs)
+    reps, t0 = 0, clock()
+    while True:
+        a @ b
+        reps += 1
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = clock() - t0
+        if elapsed >= seconds:
+            return 2 * n**3 * reps / elapsed
+
+
+def target_step_flops(editor, requests, hp) -> dict:
+    """FLOPs of one target-optimization step (forward + backward of every prompt of a round,
+    timed in CPU seconds on the CPU,
+    counted by :class:`torch.utils.flop_counter.FlopCounterMode` over 3 evaluations, the first
+    of which runs the whole model and the later two only the replayed blocks), the achieved
+    FLOP/s, and that rate as a fraction of the measured float32 and bfloat16 matmul peaks."""
+    import dataclasses
+    import time
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from blueedit.editing.targets import optimize_targets
+
+    layer = hp.edited_layers[0]
+    thp = dataclasses.replace(hp.target, v_num_grad_steps=3, early_stop_loss=-1.0)
+    args = (editor.compute_model, editor.compute_adapter, editor.tokenizer, requests, layer,
+            editor.state.context_templates, thp)
+    with torch.enable_grad(), FlopCounterMode(display=False) as fc:
+        optimize_targets(*args, fast=True, max_batch_tokens=hp.max_batch_tokens)
+    flops = fc.get_total_flops()
+    clock = time.process_time if editor.device.type == "cpu" else time.perf_counter
+    with torch.enable_grad():
+        t0 = clock()
+        optimize_targets(*args, fast=True, max_batch_tokens=hp.max_batch_tokens)
+        seconds = clock() - t0
+    device = str(editor.device)
+    rate = flops / seconds
+    peaks = {"float32": matmul_peak(torch.float32, device), "bfloat16": matmul_peak(torch.bfloat16, device)}
+    out = {"step_gflops": flops / 3 / 1e9, "step_seconds": seconds / 3, "achieved_gflops_per_s": rate / 1e9,
+           "fp32_peak_gflops_per_s": peaks["float32"] / 1e9, "bf16_peak_gflops_per_s": peaks["bfloat16"] / 1e9,
+           "fraction_of_fp32_peak": rate / peaks["float32"], "fraction_of_bf16_peak": rate / peaks["bfloat16"]}
+    print(f"one target step ({len(requests)} requests, layer {layer}): {out['step_gflops']:.1f} GFLOP in "
+          f"{out['step_seconds']:.2f} s = {out['achieved_gflops_per_s']:.1f} GFLOP/s; measured matmul peaks "
+          f"fp32 {out['fp32_peak_gflops_per_s']:.1f}, bf16 {out['bf16_peak_gflops_per_s']:.1f} GFLOP/s -> "
+          f"{100 * out['fraction_of_fp32_peak']:.0f}% of the fp32 peak, {100 * out['fraction_of_bf16_peak']:.0f}% "
+          "of the bf16 peak", flush=True)
+    return out
+
+
 def max_relative_difference(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> float:
     """``max_l ‖a_l − b_l‖_F / ‖a_l‖_F`` over the layers both hold."""
     diffs = [float((a[l].double() - b[l].double()).norm() / a[l].double().norm().clamp_min(1e-300))
@@ -160,14 +240,14 @@ def max_relative_difference(a: dict[int, torch.Tensor], b: dict[int, torch.Tenso
 
 def markdown_table(results: dict) -> str:
     modes = list(results["modes"])
-    both = all(m in modes for m in MODES)
-    head = ["quantity", *modes] + (["reference / optimized"] if both else [])
+    ratios = [(a, b) for a, b in RATIOS if a in modes and b in modes]
+    head = ["quantity", *modes] + [f"{a} / {b}" for a, b in ratios]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for key, label, fmt in ROWS:
         cells = [label] + [fmt.format(results["modes"][m][key]) for m in modes]
-        if both:
-            r = results["ratios"].get(key)
-            cells.append("-" if r is None else f"{r:.2f}x")
+        for a, b in ratios:
+            x, y = results["modes"][a][key], results["modes"][b][key]
+            cells.append(f"{x / y:.2f}x" if y else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -215,22 +295,23 @@ def main(argv: list[str] | None = None, *, make_model=None, requests=None, texts
     for mode in modes:
         print(f"== {mode} ==", flush=True)
         results["modes"][mode], mom2s[mode] = run_mode(mode, args, make_model, requests, texts, model_id)
-    if all(m in modes for m in MODES):
-        opt, ref = results["modes"]["optimized"], results["modes"]["reference"]
-        results["ratios"] = {k: (ref[k] / opt[k] if opt[k] else None) for k, _, _ in ROWS}
-        results["checks"] = {
-            "c0_max_relative_difference": max_relative_difference(mom2s["optimized"], mom2s["reference"]),
-            "metrics_max_abs_difference": max(abs(ref[k] - opt[k])
-                                              for k in ("efficacy", "generalization", "specificity")),
-        }
+    results["ratios"] = {}
+    results["checks"] = {}
+    for a, b in RATIOS:
+        if a in modes and b in modes:
+            x, y = results["modes"][a], results["modes"][b]
+            results["ratios"][f"{a}/{b}"] = {k: (x[k] / y[k] if y[k] else None) for k, _, _ in ROWS}
+            results["checks"][f"{a}/{b}"] = {
+                "c0_max_relative_difference": max_relative_difference(mom2s[b], mom2s[a]),
+                "metrics_max_abs_difference": max(abs(x[k] - y[k]) for k in ("efficacy", "generalization", "specificity")),
+            }
     results["table"] = markdown_table(results)
     print()
     print(f"{results['model']} on {results['device']}: {args.method} ({args.strategy}), {len(requests)} edits "
           f"in rounds of {args.edits_per_round}, layers {args.layers}, {args.stats_samples} statistics texts")
     print(results["table"])
-    if "checks" in results:
-        ch = results["checks"]
-        print(f"\nC_0 max relative difference (reference vs optimized): {ch['c0_max_relative_difference']:.2e}; "
+    for pair, ch in results["checks"].items():
+        print(f"\n{pair}: C_0 max relative difference {ch['c0_max_relative_difference']:.2e}; "
               f"metrics max |difference|: {ch['metrics_max_abs_difference']:.2f} points")
     if args.out:
         out = Path(args.out)

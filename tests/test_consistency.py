@@ -26,8 +26,10 @@ def test_fit_vocabulary_and_idf():
     model = fit_tfidf_on_corpus(DOCS)
     assert sorted(model.vocab) == ["apple", "banana", "cherry", "durian", "the"]
     idf = {w: float(model.idf[i]) for w, i in model.vocab.items()}
-    assert idf["apple"] == pytest.approx(math.log(4 / 3))
-    assert idf["durian"] == pytest.approx(math.log(4))
+    # scikit-learn's smoothed idf ln((1 + D) / (1 + df)) + 1 with D = 4 documents
+    assert idf["apple"] == pytest.approx(math.log(5 / 4) + 1)
+    assert idf["durian"] == pytest.approx(math.log(5 / 2) + 1)
+    assert idf["cherry"] == pytest.approx(math.log(5 / 3) + 1)
     small = TfidfModel.fit(DOCS, max_features=2)  # apple (3) and banana (3) are the most frequent
     assert sorted(small.vocab) == ["apple", "banana"]
     assert tfidf_tokenize("The I a Apple's x1") == ["the", "apple", "x1"]
@@ -38,7 +40,7 @@ def test_cosine_identical_disjoint_and_by_hand():
     assert consistency_score("apple cherry", "Apple, cherry!", model) == pytest.approx(1.0)
     assert consistency_score("apple", "durian cherry", model) == 0.0
     assert consistency_score("nothing known", "apple", model) == 0.0
-    a, c, b = math.log(4 / 3), math.log(2), math.log(4 / 3)  # idf of apple, cherry, banana
+    a, c, b = math.log(5 / 4) + 1, math.log(5 / 3) + 1, math.log(5 / 4) + 1  # idf of apple, cherry, banana
     expected = (a * a) / (math.sqrt(a * a + c * c) * math.sqrt(a * a + b * b))
     assert consistency_score(["apple", "cherry"], ["apple banana"], model) == pytest.approx(expected)
     v = model.transform(["apple apple"])
@@ -80,4 +82,21 @@ def test_load_corpus_texts(tmp_path, data_dir):
     texts = load_corpus_texts(wiki, limit=20)
     assert len(texts) == 20 and all(len(t) >= 200 for t in texts)
     model = fit_tfidf_on_corpus(texts, max_features=500)
-    assert len(model.vocab) == 500 and bool((model.idf >= 0).all())
+    assert len(model.vocab) == 500
+    the = sum("the" in tfidf_tokenize(t) for t in texts)  # documents that contain "the"
+    assert float(model.idf[model.vocab["the"]]) == pytest.approx(math.log(21 / (1 + the)) + 1)
+
+
+def test_published_statistics(tmp_path):
+    import numpy as np
+
+    (tmp_path / "tfidf_vocab.json").write_text(json.dumps({"cherry": 1, "apple": 0, "durian": 2}))
+    np.save(tmp_path / "idf.npy", np.array([2.0, 3.0, 5.0]))
+    model = TfidfModel.from_published(tmp_path)
+    assert model.vocab == {"apple": 0, "cherry": 1, "durian": 2}
+    # "apple cherry" -> (2, 3, 0); "cherry cherry durian" -> (0, 6, 5)
+    expected = (3 * 6) / (math.sqrt(2**2 + 3**2) * math.sqrt(6**2 + 5**2))
+    assert consistency_score("apple cherry", "cherry cherry durian", model) == pytest.approx(expected)
+    (tmp_path / "idf.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="idf.npy"):
+        TfidfModel.from_published(tmp_path)

@@ -19,7 +19,7 @@ from blueedit.data.corpus import (
     model_sampled_texts,
     resolve_corpus_source,
 )
-from blueedit.data.datamodule import EditDataModule, EditRound, RoundDataset, RoundSampler
+from blueedit.data.datamodule import EditDataModule, EditRound, RoundDataset, RoundLoader, RoundSampler
 from blueedit.data.formats import (
     DATA_DIR_ENV,
     default_data_dir,
@@ -116,7 +116,9 @@ def test_zsre_conversion_and_target_option(data_dir: Path) -> None:
     assert default[0].prompt == r0["src"].replace(r0["subject"], "{}", 1)
     assert default[0].target_new == r0["answers"][0] and default[0].target_true == r0["alt"]
     assert default[0].paraphrases == (r0["rephrase"],)
-    assert default[0].neighborhood == (r0["loc"],) and default[0].neighborhood_targets == (r0["loc_ans"],)
+    # the published loc prompt: the NQ question followed by "?" (docs/algorithms.md §8)
+    assert default[0].neighborhood == (r0["loc"] + "?",) and default[0].neighborhood_targets == (r0["loc_ans"],)
+    assert not r0["loc"].endswith("?")
     assert default[0].case_id == 0
     alt = load_requests("zsre_eval", data_dir=data_dir, num_edits=5, zsre_target="alt")
     assert alt[0].target_new == r0["alt"] and alt[0].target_true == r0["answers"][0]
@@ -263,6 +265,23 @@ def test_round_dataset_splits() -> None:
     with pytest.raises(IndexError):
         ds[3]
     assert list(RoundSampler(ds)) == [0, 1, 2] and len(RoundSampler(ds)) == 3
+
+
+def test_round_loader_resumes_at_saved_round() -> None:
+    ds = RoundDataset(_requests(25), edits_per_round=5)  # rounds 0..4
+    loader = RoundLoader(ds)
+    it = iter(loader)
+    assert [next(it).index for _ in range(2)] == [0, 1]
+    state = loader.state_dict()
+    assert state == {"next_round": 2}
+    fresh = RoundLoader(RoundDataset(_requests(25), edits_per_round=5))
+    fresh.load_state_dict(state)
+    assert len(fresh) == 5  # Lightning counts the steps of the whole epoch
+    assert [r.index for r in fresh] == [2, 3, 4]
+    assert fresh.state_dict() == {"next_round": 5}
+    assert [r.index for r in fresh] == [0, 1, 2, 3, 4]  # the next epoch starts at round 0
+    with pytest.raises(ValueError, match="next_round 6"):
+        fresh.load_state_dict({"next_round": 6})
 
 
 def test_datamodule_rounds_in_order(tmp_path: Path) -> None:

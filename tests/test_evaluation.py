@@ -8,7 +8,12 @@ import torch
 
 from blueedit.data.records import EditRequest
 from blueedit.editing.tokens import encode_batch, gather_positions, tokenize_target
-from blueedit.evaluation.editing_metrics import evaluate_counterfact, evaluate_requests, evaluate_zsre
+from blueedit.evaluation.editing_metrics import (
+    evaluate_counterfact,
+    evaluate_requests,
+    evaluate_zsre,
+    record_values,
+)
 from blueedit.evaluation.metrics import MeanValue, SuccessRate
 from blueedit.evaluation.scoring import (
     _target_logits,
@@ -147,7 +152,7 @@ def _counterfact_requests() -> list[EditRequest]:
         EditRequest(1, "{} is", "A", "Rome", "Paris", paraphrases=("A lives in", "B is"),
                     neighborhood=("C is", "D lives in"), source="counterfact"),
         EditRequest(2, "{} speaks", "B", "French", "English", paraphrases=("B speaks",),
-                    neighborhood=("C speaks",), source="counterfact"),
+                    neighborhood=("C speaks", "D speaks"), source="counterfact"),
         EditRequest(3, "{} is", "C", "New York", None, paraphrases=("C in",),
                     neighborhood=("D is",), neighborhood_targets=("Paris",), source="counterfact"),
     ]  # fmt: skip
@@ -157,34 +162,37 @@ def test_counterfact_metrics_match_hand_values():
     tok, model = word_tokenizer(), bigram()
     res = evaluate_counterfact(model, tok, _counterfact_requests(), batch_size=5)
     # efficacy: after "is" Rome beats Paris (yes); after "speaks" French beats English (no)
-    # generalization: "in" -> Paris wins (no), "is" -> Rome (yes), "speaks" -> English (no)
-    # specificity (answer vs new): "is" Paris vs Rome (no), "in" Paris vs Rome (yes),
-    #   "speaks" English vs French (yes), "is" Paris vs "New York" (mean-token NLL decides)
+    # generalization: rec 1 "in" -> Paris wins (no), "is" -> Rome (yes); rec 2 "speaks" -> English (no)
+    # specificity (answer vs new): rec 1 "is" Paris vs Rome (no), "in" Paris vs Rome (yes);
+    #   rec 2 "speaks" English vs French (yes) twice; rec 3 "is" Paris vs "New York" (no, see below)
     ny_beats_paris = nll("is", "New York") < nll("is", "Paris")
     assert ny_beats_paris  # the mean over two tokens favours "New York"
     m = res.metrics
+    # averaged per record first, then over records (the published summary)
     assert m["efficacy"] == pytest.approx(50.0)
-    assert m["generalization"] == pytest.approx(100.0 / 3)
-    assert m["specificity"] == pytest.approx(50.0)
-    eff_margin = [prob("is", "Rome") - prob("is", "Paris"),
-                  prob("speaks", "French") - prob("speaks", "English")]  # fmt: skip
-    gen_margin = [prob("in", "Rome") - prob("in", "Paris"), prob("is", "Rome") - prob("is", "Paris"),
-                  prob("speaks", "French") - prob("speaks", "English")]  # fmt: skip
-    spe_margin = [prob("is", "Paris") - prob("is", "Rome"), prob("in", "Paris") - prob("in", "Rome"),
-                  prob("speaks", "English") - prob("speaks", "French"),
-                  prob("is", "Paris") - prob("is", "New York")]  # fmt: skip
-    assert m["efficacy_margin"] == pytest.approx(sum(eff_margin) / 2, abs=1e-5)
-    assert m["generalization_margin"] == pytest.approx(sum(gen_margin) / 3, abs=1e-5)
-    assert m["specificity_margin"] == pytest.approx(sum(spe_margin) / 4, abs=1e-5)
+    assert m["generalization"] == pytest.approx(100.0 * (0.5 + 0.0) / 2)  # pooled per prompt: 33.3
+    assert m["specificity"] == pytest.approx(100.0 * (0.5 + 1.0 + 0.0) / 3)  # pooled per prompt: 60
+    d_is = prob("is", "Rome") - prob("is", "Paris")
+    d_in = prob("in", "Rome") - prob("in", "Paris")
+    d_speaks = prob("speaks", "French") - prob("speaks", "English")
+    assert m["efficacy_margin"] == pytest.approx((d_is + d_speaks) / 2, abs=1e-6)
+    assert m["generalization_margin"] == pytest.approx(((d_in + d_is) / 2 + d_speaks) / 2, abs=1e-6)
+    spe = [(-d_is - d_in) / 2, -d_speaks, prob("is", "Paris") - prob("is", "New York")]
+    assert m["specificity_margin"] == pytest.approx(sum(spe) / 3, abs=1e-6)
     assert res.skipped == {"no_target_true": 1}
     assert res.num_records == 3 and res.kind == "counterfact"
     r1, r2, r3 = res.records
     assert (r1["case_id"], r1["efficacy"]) == (1, True)
     assert (r1["generalization"], r1["specificity"]) == ([False, True], [False, True])
-    assert (r2["efficacy"], r2["generalization"], r2["specificity"]) == (False, [False], [True])
+    assert (r2["efficacy"], r2["generalization"], r2["specificity"]) == (False, [False], [True, True])
     assert (r3["efficacy"], r3["generalization"], r3["specificity"]) == (None, [], [False])
     assert r1["rewrite_nll_new"] == pytest.approx(nll("is", "Rome"), abs=1e-5)
-    # 2 + 4 + 4 pairs for record 1, 2 + 2 + 2 for record 2, 2 for record 3: 18 pairs / 5 per pass
+    assert record_values(r1, "counterfact") == pytest.approx(
+        {"efficacy": 100.0, "efficacy_margin": d_is, "generalization": 50.0,
+         "generalization_margin": (d_in + d_is) / 2, "specificity": 50.0, "specificity_margin": spe[0]}, abs=1e-6)
+    assert record_values(r3, "counterfact") == pytest.approx({"specificity": 0.0, "specificity_margin": spe[2]},
+                                                             abs=1e-6)  # fmt: skip
+    # 2 + 4 + 4 pairs for record 1, 2 + 2 + 4 for record 2, 2 for record 3: 20 pairs / 5 per pass
     assert model.calls == 4
     d = res.to_dict()
     assert d["metrics"] == m and len(d["records"]) == 3
@@ -226,3 +234,26 @@ def test_evaluate_requests_dispatch():
     assert all(math.isnan(v) for v in empty.metrics.values())
     with pytest.raises(ValueError):
         evaluate_requests(model, tok, reqs, kind="nope")
+
+
+def test_validate_steps_average_per_record(tmp_path):
+    """``validate`` / ``test`` accumulate over chunks the same per-record means as above."""
+    from blueedit.data.datamodule import EditRound
+    from blueedit.models.loading import ModelSpec
+    from blueedit.module import EditingModule
+
+    from blueedit.editing.editor import EditHParams
+
+    make_model("llama", n_layer=2).save_pretrained(tmp_path / "tiny")
+    make_tokenizer().save_pretrained(tmp_path / "tiny")
+    module = EditingModule(model=ModelSpec(name_or_path=str(tmp_path / "tiny")), editing=EditHParams(layers=[0, 1]),
+                           evaluate=False, cache_dir=str(tmp_path / "cache"))
+    module.lm, module.tokenizer = bigram(), word_tokenizer()  # the hand-checkable bigram LM
+    reqs = _counterfact_requests()
+    module._eval_meters("val")
+    module._eval_step(EditRound(0, reqs[:1]), "val")
+    module._eval_step(EditRound(1, reqs[1:]), "val")
+    metrics = module._eval_epoch_end("val")  # no trainer: the numbers only
+    assert metrics["efficacy"] == pytest.approx(50.0)
+    assert metrics["generalization"] == pytest.approx(25.0)  # pooled per prompt: 33.3
+    assert metrics["specificity"] == pytest.approx(50.0)  # pooled per prompt: 60

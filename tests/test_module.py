@@ -104,7 +104,7 @@ def test_fit_writes_metrics(workdir, tmp_path):
             v = summary["metrics"][name][when]
             assert v is not None and 0.0 <= v <= 100.0
     # the statistics were cached on disk
-    assert list((workdir / "cache" / "stats").rglob("*.pt"))
+    assert list((workdir / "cache" / "stats").rglob("*.safetensors"))
 
 
 class _StopAfterRound(Callback):
@@ -115,6 +115,14 @@ class _StopAfterRound(Callback):
         if batch_idx == self.batch_idx:
             trainer.save_checkpoint(self.path)
             trainer.should_stop = True
+
+
+class _SeenRounds(Callback):
+    def __init__(self):
+        self.rounds = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rounds.append((batch.index, batch_idx))
 
 
 @pytest.mark.parametrize("strategy, method", [("boundary", "memit"), ("distribute", "alphaedit")])
@@ -136,8 +144,10 @@ def test_checkpoint_resume_gives_identical_weights(workdir, tmp_path, strategy, 
     assert saved["blueedit"]["editor"]["rounds_done"] == 2
 
     b2 = _module(workdir, strategy, method)
-    tb2 = _fit(b2, _data(workdir), ckpt_path=str(ckpt))
+    seen = _SeenRounds()
+    tb2 = _fit(b2, _data(workdir), ckpt_path=str(ckpt), callbacks=[seen])
     assert tb2.global_step == 3
+    assert seen.rounds == [(2, 2)]  # the resumable loader hands over round 2 at step 2, to callbacks too
     assert b2.editor.state.rounds_done == 3
     assert len(b2.reports) == 3
 

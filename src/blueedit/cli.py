@@ -3,18 +3,80 @@
 - ``blueedit fit --config CONFIG``: a sequential editing experiment, evaluated before and after.
 - ``blueedit edit --config CONFIG --edits FILE --output DIR``: apply the edits in FILE and save
   the edited model as a Hugging Face directory with ``edits.json``.
+
+Everything that can be checked without the model is checked before it is loaded (the records,
+the output directory, the model path, callback options); a bad record or option prints one line
+and exits with status 2 (``--verbose`` or ``BLUEEDIT_VERBOSE=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import uuid
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from blueedit.data.corpus import CorpusUnavailable
 from blueedit.data.datamodule import EditDataModule
+from blueedit.data.records import EditRecordError, check_prompt_lengths, effective_prompt_limit
 from blueedit.module import EditingModule
+
+log = logging.getLogger(__name__)
+
+#: Environment variable that makes user errors show their traceback (like ``--verbose``).
+VERBOSE_ENV = "BLUEEDIT_VERBOSE"
+
+#: Files that mark a directory as a saved model (or a previous ``blueedit edit`` output).
+MODEL_MARKERS = ("config.json", "edits.json", "model.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin")
+
+
+class OutputPathError(ValueError):
+    """``--output`` cannot be written, or would replace something without ``--overwrite``."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_dir(output: str | Path, overwrite: bool = False) -> Path:
+    """Check ``--output`` before any slow work; return it as a resolved path.
+
+    Refused: an existing file; a directory holding a saved model (unless ``overwrite``); any
+    other non-empty directory (even with ``overwrite``: it is not ours to delete); a location
+    where the process cannot create files (probed by creating one).
+    """
+    out = Path(output).expanduser().absolute()
+    if out.is_file() or (out.exists() and not out.is_dir()):
+        raise OutputPathError(f"--output {str(output)!r} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        is_model = any((out / m).exists() for m in MODEL_MARKERS)
+        if not is_model:
+            raise OutputPathError(f"--output {str(output)!r} is a non-empty directory that is not a saved model; "
+                                  "choose a new or empty directory")
+        if not overwrite:
+            raise OutputPathError(f"--output {str(output)!r} already holds a model; pass --overwrite to replace it")
+    parent = _nearest_existing(out.parent)
+    if not parent.is_dir():
+        raise OutputPathError(f"--output {str(output)!r}: {parent} is not a directory")
+    try:  # the edited model is written beside the target and renamed: that directory must be writable
+        fd, probe = tempfile.mkstemp(prefix=".blueedit-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputPathError(f"--output {str(output)!r}: cannot write in {parent} ({e.strerror or e})") from None
+    return out
 
 
 class EditTrainer(Trainer):
@@ -27,6 +89,7 @@ class EditTrainer(Trainer):
         output: str,
         datamodule: EditDataModule | None = None,
         ckpt_path: str | None = None,
+        overwrite: bool = False,
     ) -> Path:
         """Apply the edits in ``edits`` (JSON/JSONL, the user format) and save to ``output``.
 
@@ -34,43 +97,116 @@ class EditTrainer(Trainer):
             model: the editing module.
             edits: path of the edit records.
             output: directory for the edited model (``save_pretrained`` of model and tokenizer)
-                and ``edits.json``.
+                and ``edits.json``; written to a temporary directory beside it and renamed into
+                place at the end, so it never holds a half-written model.
             datamodule: its ``dataset`` is replaced by ``edits``; ``edits_per_round`` is kept.
             ckpt_path: resume an interrupted edit from this checkpoint.
+            overwrite: replace ``output`` when it already holds a model.
         """
         if not Path(edits).is_file():
             raise FileNotFoundError(f"--edits {edits!r}: no such file")
+        check_output_dir(output, overwrite)
         dm = datamodule or EditDataModule()
-        dm.dataset, dm.format, dm.num_edits, dm._requests = edits, "auto", None, None
+        if dm.dataset != edits or dm._requests is None:
+            dm.dataset, dm.format, dm.num_edits, dm._requests = edits, "auto", None, None
         dm.setup("fit")  # validates every record before anything is loaded onto the model
         self.fit(model, datamodule=dm, ckpt_path=ckpt_path)
         if self.is_global_zero:  # every rank holds the same weights; one writes them
-            save_edited_model(model, dm, output)
+            try:
+                save_edited_model(model, dm, output, overwrite=overwrite)
+            except Exception as e:
+                raise OSError(f"writing the edited model to {output} failed ({type(e).__name__}: {e}); "
+                              f"{self._rescue(model)}") from e
         self.strategy.barrier("blueedit-edit-saved")
         return Path(output)
 
+    def _rescue(self, module: EditingModule) -> str:
+        """Say where the editing survives when the model could not be saved: the last checkpoint
+        of a checkpoint callback, else a checkpoint written now (only the edited matrices and the
+        editor state, tens of MB for small models)."""
+        callback = self.checkpoint_callback
+        last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        if last and Path(last).is_file():
+            return f"the run's last checkpoint is {last}: resume with --ckpt_path {last}"
+        path = Path(self.default_root_dir) / f"edit-rescue-{uuid.uuid4().hex[:8]}.ckpt"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.strategy.checkpoint_io.save_checkpoint(self._checkpoint_connector.dump_checkpoint(), path)
+        except Exception as e:
+            return f"saving a rescue checkpoint to {path} failed too ({e}); the edits are lost"
+        return f"the edits are saved in the checkpoint {path}: resume with --ckpt_path {path}"
 
-def save_edited_model(module: EditingModule, datamodule: EditDataModule, output: str | Path) -> Path:
-    """``save_pretrained`` of the edited model and tokenizer, plus ``edits.json``."""
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    module.lm.save_pretrained(out)
-    module.tokenizer.save_pretrained(out)
-    record = {
-        "base_model": module.model_spec.name_or_path,
-        "method": module.hp.method,
-        "strategy": module.hp.strategy,
-        "layers": module.hp.edited_layers,
-        "critical_layers": list(module.hp.layers),
-        "rounds": [
-            {"index": r.index, "case_ids": r.case_ids, "seconds": r.seconds,
-             "update_norms": {str(k): v for k, v in r.update_norms.items()}}
-            for r in module.reports
-        ],
-        "requests": [r.to_dict() for r in datamodule.requests],
-    }
-    (out / "edits.json").write_text(json.dumps(record, indent=1, default=str))
+
+def save_edited_model(module: EditingModule, datamodule: EditDataModule, output: str | Path,
+                      overwrite: bool = False) -> Path:
+    """``save_pretrained`` of the edited model and tokenizer, plus ``edits.json``, written to a
+    temporary directory beside ``output`` and renamed into place: ``output`` is either absent, the
+    old model (``overwrite``) or the complete new one, never a half-written one."""
+    out = Path(output).expanduser().absolute()
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    old = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
+        module.lm.save_pretrained(tmp)
+        module.tokenizer.save_pretrained(tmp)
+        record = {
+            "base_model": module.model_spec.name_or_path,
+            "method": module.hp.method,
+            "strategy": module.hp.strategy,
+            "layers": module.hp.edited_layers,
+            "critical_layers": list(module.hp.layers),
+            "rounds": [
+                {"index": r.index, "case_ids": r.case_ids, "seconds": r.seconds,
+                 "update_norms": {str(k): v for k, v in r.update_norms.items()}}
+                for r in module.reports
+            ],
+            "requests": [r.to_dict() for r in datamodule.requests],
+        }
+        (tmp / "edits.json").write_text(json.dumps(record, indent=1, default=str))
+        if out.exists():
+            if not overwrite and any(out.iterdir()):
+                raise OutputPathError(f"--output {str(output)!r} appeared while editing; pass --overwrite to replace it")
+            out.rename(old)
+            print(f"replacing the model in {out} (--overwrite)")
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _known_general_tasks() -> tuple[str, ...]:
+    from blueedit.evaluation.general import TASKS
+
+    return tuple(TASKS)
+
+
+def check_callbacks(callbacks: Any) -> None:
+    """Options of the project's callbacks that can be checked without the model (task names)."""
+    for cb in callbacks or []:
+        class_path = str(getattr(cb, "class_path", "") or "")
+        if class_path.rsplit(".", 1)[-1] != "GeneralCapability":
+            continue
+        init = getattr(cb, "init_args", None)
+        tasks = init.get("tasks") if init is not None else None
+        if tasks is None:
+            continue
+        known = _known_general_tasks()
+        bad = [t for t in tasks if t not in known]
+        if bad:
+            raise ValueError(f"GeneralCapability tasks {bad} are unknown; known tasks: {', '.join(known)}")
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    if isinstance(value, dict):
+        return dict(value)
+    return dict(vars(value))
 
 
 class BlueEditCLI(LightningCLI):
@@ -83,6 +219,75 @@ class BlueEditCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.data_dir", "model.data_dir")
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "edit":  # write a Lightning checkpoint only when asked
+            parser.set_defaults({"trainer.enable_checkpointing": False})
+        return parser
+
+    def before_instantiate_classes(self) -> None:
+        """Check what can be checked before the model is loaded (which takes minutes for 8B)."""
+        self._preloaded = None
+        sub = self.subcommand
+        if sub not in ("fit", "edit"):
+            return
+        cfg = self.config[sub]
+        check_callbacks(cfg.get("trainer", {}).get("callbacks"))
+        model_cfg = _as_dict(cfg.get("model"))
+        from blueedit.models.loading import ModelSpec, check_model_source
+
+        spec = ModelSpec(**_as_dict(model_cfg.get("model"))) if model_cfg.get("model") is not None else ModelSpec()
+        data_cfg = _as_dict(cfg.get("data"))
+        if sub == "edit":
+            edits = cfg.get("edits")
+            if not edits or not Path(edits).is_file():
+                raise FileNotFoundError(f"--edits {edits!r}: no such file")
+            check_output_dir(cfg.get("output"), bool(cfg.get("overwrite")))
+            data_cfg.update(dataset=edits, format="auto", num_edits=None)
+        dm = EditDataModule(**data_cfg)
+        dm.setup("fit")  # every record parsed and validated
+        check_model_source(spec)
+        effective_prompt_limit(model_cfg.get("max_prompt_tokens", 512), None)
+        self._cheap_model_checks(spec, model_cfg, dm)
+        self._preloaded = (data_cfg, dm._requests)
+
+    @staticmethod
+    def _cheap_model_checks(spec, model_cfg: dict[str, Any], dm: EditDataModule) -> None:
+        """With a local model directory at hand (no download, no conversion), check prompt lengths
+        and the editing layers against its tokenizer and config now; otherwise the module checks
+        them after loading, still before statistics and editing."""
+        from blueedit.models.loading import context_length, default_cache_dir, local_model_dir
+
+        cache = model_cfg.get("cache_dir") or _as_dict(model_cfg.get("stats")).get("cache_dir") or default_cache_dir()
+        directory = local_model_dir(spec, cache)
+        if directory is None:
+            return
+        from transformers import AutoConfig, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+            config = AutoConfig.from_pretrained(directory)
+            context = context_length(config)
+        except Exception as e:  # the full load reports real problems with the model directory
+            log.debug("prompt lengths are checked after loading: %s", e)
+            return
+        limit = effective_prompt_limit(model_cfg.get("max_prompt_tokens", 512), context)
+        check_prompt_lengths(dm.requests, tokenizer, limit, source="the edit records")
+        n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+        layers = _as_dict(model_cfg.get("editing")).get("layers")
+        if isinstance(n_layers, int) and layers:
+            bad = [l for l in layers if not 0 <= int(l) < n_layers]
+            if bad:
+                raise ValueError(f"editing.layers {bad} out of range: the model has blocks 0..{n_layers - 1}")
+
+    def after_instantiate_classes(self) -> None:
+        preloaded = getattr(self, "_preloaded", None)
+        dm = self.datamodule
+        if preloaded is not None and isinstance(dm, EditDataModule):  # already read and validated
+            data_cfg, requests = preloaded
+            dm.dataset, dm.format, dm.num_edits = data_cfg["dataset"], data_cfg["format"], data_cfg["num_edits"]
+            dm._requests = requests
+
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,
@@ -91,6 +296,12 @@ TRAINER_DEFAULTS = {
     "use_distributed_sampler": False,
     "log_every_n_steps": 1,
 }
+
+#: Exceptions that are the user's to fix: one line and exit status 2, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    EditRecordError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+    FileExistsError, PermissionError, CorpusUnavailable,
+)
 
 
 def run_cli(args: list[str] | None = None) -> BlueEditCLI:
@@ -107,9 +318,27 @@ def run_cli(args: list[str] | None = None) -> BlueEditCLI:
     )
 
 
+def _user_message(e: BaseException) -> str:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(str(message).split()) or type(e).__name__
+
+
 def main(args: list[str] | None = None) -> None:
-    """The ``blueedit`` console script (exit status 0 on success)."""
-    run_cli(args)
+    """The ``blueedit`` console script: exit status 0 on success, 2 for a bad record or option
+    (one line on stderr; ``--verbose`` or ``BLUEEDIT_VERBOSE=1`` re-raises with the traceback)."""
+    verbose = os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    argv = sys.argv if args is None else args
+    if "--verbose" in argv:
+        verbose = True
+        argv[:] = [a for a in argv if a != "--verbose"]
+    try:
+        run_cli(args)
+    except USER_ERRORS as e:
+        if verbose:
+            raise
+        print(f"blueedit: error: {_user_message(e)} (--verbose or {VERBOSE_ENV}=1 for the traceback)",
+              file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import logging
 import warnings
 from contextlib import nullcontext
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +16,33 @@ import torch
 from blueedit import distributed
 from blueedit.data.corpus import (
     CorpusUnavailable,
+    corpus_files,
     corpus_fingerprint,
     load_corpus_texts,
     model_sampled_texts,
     resolve_corpus_source,
 )
-from blueedit.data.datamodule import EditRound, RoundDataset
-from blueedit.data.records import EditRequest
+from blueedit.data.datamodule import EditRound, ResumeMismatchError, RoundDataset, describe_differences
+from blueedit.data.records import EditRequest, check_prompt_lengths, effective_prompt_limit
 from blueedit.editing.editor import EditHParams, Editor, EditorState, RoundReport
 from blueedit.editing.statistics import StatisticsCache, StatsSpec
 from blueedit.editing.targets import generate_context_templates
-from blueedit.evaluation.editing_metrics import EvaluationResult, evaluate_requests
+from blueedit.evaluation.editing_metrics import EDIT_KINDS, EvaluationResult, evaluate_requests, record_values
+from blueedit.evaluation.generation import (
+    GenerationSpec,
+    References,
+    generation_records,
+    generation_summary,
+    load_references,
+)
 from blueedit.models.adapters import ModelAdapter
-from blueedit.models.loading import ModelSpec, default_cache_dir, load_model_and_tokenizer, model_fingerprint
+from blueedit.models.loading import (
+    ModelSpec,
+    context_length,
+    default_cache_dir,
+    load_model_and_tokenizer,
+    model_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +68,19 @@ class EditingModule(L.LightningModule):
         stats: the corpus and size of the key statistics ``C_0``.
         evaluate: evaluate the edited records before and after editing (``metrics.json``).
         eval_batch_size: prompts per forward pass in evaluation.
+        generation_metrics: also report fluency (and consistency, when the reference texts are
+            available) of top-5 sampled generations from the records' generation prompts, pre and
+            post in ``metrics.json`` and in ``validate`` / ``test`` (``docs/algorithms.md`` §8).
+            Slow: 100 tokens per generation prompt.
+        generation: how the generation metrics are computed (sampling, number of records,
+            reference texts); see :class:`~blueedit.evaluation.generation.GenerationSpec`.
         data_dir: benchmark data directory (linked from ``data.data_dir`` by the CLI).
         cache_dir: cache root for converted models and statistics.
         debug: after every round, check that the edited weights are bit-identical on every rank
             (a checksum all-gather; useful under DDP).
+        max_prompt_tokens: the longest text (prompt with its target, paraphrase, neighborhood or
+            generation prompt) a record may have, in tokens, checked before any slow work; never
+            more than the model's context. ``null``: the model's context only.
     """
 
     def __init__(
@@ -66,9 +90,12 @@ class EditingModule(L.LightningModule):
         stats: StatsSpec | None = None,
         evaluate: bool = True,
         eval_batch_size: int = 32,
+        generation_metrics: bool = False,
+        generation: GenerationSpec | None = None,
         data_dir: str | None = None,
         cache_dir: str | None = None,
         debug: bool = False,
+        max_prompt_tokens: int | None = 512,
     ) -> None:
         super().__init__()
         self.model_spec = model or ModelSpec()
@@ -77,9 +104,18 @@ class EditingModule(L.LightningModule):
         self.stats_spec = stats or StatsSpec()
         self.evaluate = evaluate
         self.eval_batch_size = eval_batch_size
+        self.generation_metrics = generation_metrics
+        self.generation = generation or GenerationSpec()
+        self.generation.validate()
+        if generation_metrics and self.generation.attribute_snippets is not None:
+            if not Path(self.generation.attribute_snippets).expanduser().is_file():
+                raise FileNotFoundError(f"generation.attribute_snippets: {self.generation.attribute_snippets} not found")
+        self._references: References | None | bool = False  # False: not loaded yet
         self.data_dir = data_dir
         self.cache_dir = Path(cache_dir or self.stats_spec.cache_dir or default_cache_dir()).expanduser()
         self.debug = debug
+        effective_prompt_limit(max_prompt_tokens, None)  # validates it before the model is loaded
+        self.max_prompt_tokens = max_prompt_tokens
         self.automatic_optimization = False
         lm, self.tokenizer = load_model_and_tokenizer(self.model_spec, self.cache_dir)
         if self.model_spec.device_map is None:
@@ -91,6 +127,7 @@ class EditingModule(L.LightningModule):
         self._round_counter = torch.nn.Parameter(torch.zeros(()))  # placeholder for the optimizer
         self.editor: Editor | None = None
         self._pending_state: EditorState | None = None
+        self._finalized = False  # post-processing (PRUNE) applied; a rescue checkpoint may hold it
         self.reports: list[RoundReport] = []
         self.pre_metrics: dict[str, Any] | None = None
         self.post_metrics: dict[str, Any] | None = None
@@ -117,33 +154,84 @@ class EditingModule(L.LightningModule):
         for key, w in state_dict.items():
             self.adapter.set_w_out(int(key.split(".")[1]), w)
 
+    #: Settings that change speed, not results: they may differ when resuming.
+    RESUMABLE_SETTINGS = frozenset({"editing.key_batch_size", "stats.batch_size", "stats.cache_dir"})
+
+    def settings_fingerprint(self) -> dict[str, Any]:
+        """The settings that decide the edit: the model, the editing hyperparameters and the
+        statistics; saved in checkpoints and compared on resume."""
+        def plain(obj: Any) -> Any:
+            return json.loads(json.dumps(asdict(obj), default=str))
+
+        settings = {"model": {"name_or_path": self.model_spec.name_or_path, "gguf_file": self.model_spec.gguf_file,
+                              "revision": self.model_spec.revision, "dtype": self.model_spec.dtype},
+                    "editing": plain(self.hp), "stats": plain(self.stats_spec)}
+        for dotted in self.RESUMABLE_SETTINGS:
+            group, key = dotted.split(".", 1)
+            settings[group].pop(key, None)
+        return settings
+
+    def _check_resume_settings(self, saved: dict[str, Any] | None) -> None:
+        if saved is None:
+            warnings.warn("the checkpoint records no settings (written by an older blueedit); resuming unchecked",
+                          stacklevel=2)
+            return
+        differences = describe_differences(saved, self.settings_fingerprint())
+        if differences:
+            where = f" {self._trainer.ckpt_path}" if self._trainer is not None and self._trainer.ckpt_path else ""
+            raise ResumeMismatchError(f"the checkpoint{where} was written with other settings; refusing to resume: "
+                                      + "; ".join(differences))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["blueedit"] = {
+            "settings": self.settings_fingerprint(),
             "editor": self.editor.state.to_dict() if self.editor else None,
             "pre_metrics": self.pre_metrics,
             "reports": [r.__dict__ for r in self.reports],
+            "finalized": self._finalized,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("blueedit", {})
+        self._check_resume_settings(saved.get("settings"))
         if saved.get("editor"):
             self._pending_state = EditorState.from_dict(saved["editor"])
             if self.editor is not None:
                 self.editor.state = EditorState.from_dict(saved["editor"], self.editor.device)
         self.pre_metrics = saved.get("pre_metrics")
         self.reports = [RoundReport(**r) for r in saved.get("reports", [])]
+        self._finalized = bool(saved.get("finalized", False))
 
     # -- setup: statistics, templates, editor -------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage != "fit" or self.editor is not None:
             return
+        self.check_prompt_lengths()
         if self.model_spec.device_map is None and self.trainer is not None:
             self.lm.to(self.trainer.strategy.root_device)
+        # Lightning restores a checkpoint's (edited) weights after this hook: C_0 and its cache key
+        # are computed on the pretrained weights
         mom2 = self.key_statistics(self.hp.edited_layers)
         templates = generate_context_templates(self.lm, self.tokenizer)
         self.editor = Editor(self.lm, self.tokenizer, self.adapter, self.hp, mom2, templates)
         if self._pending_state is not None:
             self.editor.state = EditorState.from_dict(self._pending_state.to_dict(), self.editor.device)
+
+    @property
+    def prompt_limit(self) -> int | None:
+        """``max_prompt_tokens`` capped by the model's context length."""
+        return effective_prompt_limit(self.max_prompt_tokens, context_length(self.lm.config))
+
+    def check_prompt_lengths(self) -> None:
+        """Fail, naming the record, when a text of the data module's records is over
+        :attr:`prompt_limit` (before statistics and editing)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "requests"):
+            return
+        check_prompt_lengths(dm.requests, self.tokenizer, self.prompt_limit, source="the edit records")
+        if self.evaluate and getattr(dm, "eval_dataset", None) is not None:
+            check_prompt_lengths(dm.eval_requests(), self.tokenizer, self.prompt_limit,
+                                 source="the evaluation records")
 
     def corpus_source(self) -> str:
         """The resolved statistics corpus; ``auto`` without a Wikipedia sample in the data
@@ -172,7 +260,11 @@ class EditingModule(L.LightningModule):
                 return model_sampled_texts(self.lm, self.tokenizer, num_samples=spec.num_samples,
                                            max_new_tokens=spec.max_length, seed=0, batch_size=64)
         else:
-            corpus_id = corpus_fingerprint(source, spec.num_samples, MIN_CHARS)
+            try:
+                files = corpus_files(source, self.data_dir)
+            except CorpusUnavailable as e:
+                raise CorpusUnavailable(f"stats.corpus: {e}") from e
+            corpus_id = corpus_fingerprint(source, spec.num_samples, MIN_CHARS, files=files)
 
             def texts():
                 try:
@@ -193,10 +285,11 @@ class EditingModule(L.LightningModule):
     def _round_for_step(self, batch: EditRound, batch_idx: int) -> EditRound:
         """The round this step must apply.
 
-        Resuming from a mid-epoch checkpoint, Lightning continues ``batch_idx`` after the rounds
-        already done (and runs only the remaining number of steps) but restarts a non-resumable
-        dataloader at its first round; the round it hands over is then not round ``batch_idx``,
-        so that round is taken from the loader's dataset instead.
+        The data module's :class:`~blueedit.data.datamodule.RoundLoader` is resumable, so after a
+        resume the round handed over is round ``batch_idx``. A checkpoint written without the
+        loader's state (older blueedit) restarts the loader at its first round while Lightning
+        continues ``batch_idx``; that round is then taken from the loader's dataset instead (the
+        callbacks still see the round the loader handed over).
         """
         if batch.index == batch_idx or self._trainer is None:
             return batch
@@ -226,7 +319,9 @@ class EditingModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         assert self.editor is not None
-        self.editor.finalize()
+        if not self._finalized:
+            self.editor.finalize()
+            self._finalized = True
         if self.evaluate:
             self.post_metrics = self.run_evaluation().to_dict()
             self.write_metrics()
@@ -240,17 +335,47 @@ class EditingModule(L.LightningModule):
     def run_evaluation(self, requests: list[EditRequest] | None = None) -> EvaluationResult:
         """Evaluate ``requests`` (default: the data module's evaluation records) on the model as
         it is now. Under DDP each rank scores its shard; the metrics are synchronized through
-        torchmetrics and the per-record results gathered, so every rank returns the same result."""
+        torchmetrics and the per-record results gathered, so every rank returns the same result.
+        With ``generation_metrics`` each record also gets its generations, ``fluency`` and
+        (with reference texts) ``consistency``, and the metrics their means over records."""
         requests = self.eval_requests() if requests is None else requests
         _, world = distributed.rank_and_world()
         with self.editor.evaluation_weights() if self.editor is not None else nullcontext():
             if world == 1 or len(requests) < world:
-                return evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size)
+                res = evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size)
+                self._add_generation(res, requests)
+                return res
             local = distributed.shard(requests)
             res = evaluate_requests(self.lm, self.tokenizer, local, batch_size=self.eval_batch_size, sync=True)
+            self._add_generation(res, local)
         res.records = distributed.gather_objects(res.records, len(requests))
         res.num_records = len(requests)
+        if self.generation_metrics:
+            res.metrics.update(generation_summary(res.records))
         return res
+
+    def references(self) -> References | None:
+        """The consistency reference texts, loaded once (``None`` when not available)."""
+        if self._references is False:
+            data_dir = self.data_dir
+            if data_dir is None and self._trainer is not None:
+                dm = getattr(self.trainer, "datamodule", None)
+                data_dir = getattr(dm, "resolved_data_dir", None) if dm is not None else None
+            self._references = load_references(self.generation, data_dir)
+        return self._references  # type: ignore[return-value]
+
+    def _generation_records(self, requests: list[EditRequest], prompt_offset: int = 0) -> list[dict[str, Any]]:
+        spec = self.generation if prompt_offset == 0 else replace(self.generation, num_records=None)
+        return generation_records(self.lm, self.tokenizer, requests, spec, self.references(), prompt_offset)
+
+    def _add_generation(self, res: EvaluationResult, requests: list[EditRequest]) -> None:
+        """Merge the generation metrics of ``requests`` into ``res`` (its records and metrics)."""
+        if not self.generation_metrics:
+            return
+        by_position = self._generation_records(requests)
+        for rec, gen in zip(res.records, by_position):
+            rec.update({k: v for k, v in gen.items() if k != "case_id"})
+        res.metrics.update(generation_summary(by_position))
 
     def write_metrics(self) -> Path | None:
         """``metrics.json`` (pre/post per metric, per-record results) in the run's log directory,
@@ -289,15 +414,14 @@ class EditingModule(L.LightningModule):
 
     # -- validate / test: evaluate the loaded (e.g. saved, edited) model ------------------------
     def _eval_meters(self, stage: str) -> dict:
-        """Accumulators for ``stage`` (``val``/``test``), created fresh at each epoch start."""
-        from blueedit.evaluation.metrics import MeanValue, SuccessRate
+        """Accumulators for ``stage`` (``val``/``test``), created fresh at each epoch start: one
+        mean over records per metric name (``docs/algorithms.md`` §8: per record, then over records)."""
+        from blueedit.evaluation.metrics import MeanValue
 
-        kinds = ("efficacy", "generalization", "specificity")
-        meters = torch.nn.ModuleDict({k: SuccessRate() for k in kinds})
-        meters.update({f"{k}_margin": MeanValue() for k in kinds})
-        meters.update({f"{k}_acc": MeanValue() for k in kinds})  # zsRE: per-record accuracy in %
+        names = list(EDIT_KINDS) + [f"{k}_margin" for k in EDIT_KINDS]
+        meters = torch.nn.ModuleDict({n: MeanValue() for n in names})
         setattr(self, f"_{stage}_meters", meters)
-        self._eval_state = {"kind": None, "num_records": 0, "records": []}
+        self._eval_state = {"kind": None, "num_records": 0, "records": [], "generation": []}
         return meters
 
     def _eval_step(self, batch: EditRound, stage: str) -> None:
@@ -311,37 +435,41 @@ class EditingModule(L.LightningModule):
         st["num_records"] += res.num_records
         st["records"].extend(res.records)
         for rec in res.records:
-            for k in ("efficacy", "generalization", "specificity"):
-                v = rec.get(k)
-                if v is None or (isinstance(v, list) and not v):
-                    continue
-                if res.kind == "zsre":
-                    meters[f"{k}_acc"].update(torch.tensor([100.0 * float(v)], dtype=torch.float64))
-                    continue
-                vals = v if isinstance(v, list) else [v]
-                meters[k].update(torch.tensor(vals, dtype=torch.bool))
-                m = rec.get(f"{k}_margin")
-                ms = m if isinstance(m, list) else [m]
-                meters[f"{k}_margin"].update(torch.tensor([x for x in ms if x is not None], dtype=torch.float64))
+            for name, value in record_values(rec, res.kind).items():
+                meters[name].update(torch.tensor([value], dtype=torch.float64))
+        if self.generation_metrics:  # the first ``generation.num_records`` records of the epoch
+            done = st["generation"]
+            limit = self.generation.num_records
+            chosen = requests if limit is None else requests[: max(0, limit - len(done))]
+            offset = sum(len(g["generations"]) for g in done)  # prompt index of the epoch: the seed stream
+            st["generation"].extend(self._generation_records(chosen, offset))
 
     def _eval_epoch_end(self, stage: str) -> dict[str, float]:
         meters = getattr(self, f"_{stage}_meters", None)
-        st = getattr(self, "_eval_state", None) or {"kind": None, "num_records": 0, "records": []}
+        st = getattr(self, "_eval_state", None) or {"kind": None, "num_records": 0, "records": [], "generation": []}
         metrics: dict[str, float] = {}
         if meters is not None:
-            kinds = ("efficacy", "generalization", "specificity")
-            names = [f"{k}_acc" for k in kinds] if st["kind"] == "zsre" else list(kinds) + [f"{k}_margin" for k in kinds]
+            names = list(EDIT_KINDS) if st["kind"] == "zsre" else list(EDIT_KINDS) + [f"{k}_margin" for k in EDIT_KINDS]
             for name in names:
                 m = meters[name]
-                value = float(m.compute()) if m.update_count > 0 else float("nan")
-                metrics[name.removesuffix("_acc")] = value
+                metrics[name] = float(m.compute()) if m.update_count > 0 else float("nan")
+        if self.generation_metrics:
+            metrics.update(generation_summary(st.get("generation") or []))
+        if self._trainer is None:  # called directly (no trainer): just the numbers
+            setattr(self, f"_{stage}_meters", None)
+            return metrics
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, sync_dist=False)
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) if self.trainer is not None else None
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if out_dir is not None and self.trainer.is_global_zero:
             out_dir.mkdir(parents=True, exist_ok=True)
+            records = st["records"]
+            if self.generation_metrics:  # generations of the first records, beside their scores
+                gens = st["generation"]
+                records = [{**r, **{k: v for k, v in gens[i].items() if k != "case_id"}} if i < len(gens) else r
+                           for i, r in enumerate(records)]
             payload = {"stage": stage, "model": self.model_spec.name_or_path, "kind": st["kind"],
-                       "num_records": st["num_records"], "metrics": metrics, "records": st["records"]}
+                       "num_records": st["num_records"], "metrics": metrics, "records": records}
             path = out_dir / "eval_metrics.json"
             path.write_text(json.dumps(payload, indent=1, default=str))
             print(f"{stage} metrics written to {path}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))

@@ -1,4 +1,4 @@
-"""Hidden-state drift on a fixed probe set of known, unedited facts (ALGORITHM.md section 7).
+"""Hidden-state drift on a fixed probe set of known, unedited facts (docs/algorithms.md §8).
 
 Probes are the first ``num_probes`` records of ROME's ``known_1000.json``. Each probe's template
 is its ``prompt`` with the subject replaced by ``{}`` (so it ends right before the attribute:

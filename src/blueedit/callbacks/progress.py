@@ -13,7 +13,7 @@ import torch
 from blueedit.callbacks._common import evaluation_context, log_to_loggers, resolve_data_dir
 from blueedit.data.corpus import CorpusUnavailable, load_corpus_texts
 from blueedit.evaluation.editing_metrics import evaluate_requests
-from blueedit.evaluation.general import DEFAULT_TASKS, evaluate_general, perplexity
+from blueedit.evaluation.general import DEFAULT_TASKS, TASKS, evaluate_general, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,11 @@ class GeneralCapability(L.Callback):
                  perplexity_texts: int = 20, batch_size: int = 16, data_dir: str | None = None) -> None:
         if every_n_rounds < 1:
             raise ValueError(f"every_n_rounds must be >= 1, got {every_n_rounds}")
+        if isinstance(tasks, str):
+            tasks = [tasks]
+        unknown = [t for t in tasks if t not in TASKS]  # before any path is built from a name
+        if unknown:
+            raise ValueError(f"GeneralCapability tasks {unknown} are unknown; known tasks: {', '.join(TASKS)}")
         self.every_n_rounds = every_n_rounds
         self.tasks = list(tasks)
         self.num_examples = num_examples

@@ -1,4 +1,4 @@
-"""Weight shift error (ALGORITHM.md section 6) measured during real editing rounds.
+"""Weight shift error (docs/algorithms.md §9) measured during real editing rounds.
 
 For every layer ``l`` a diagnosed round writes, just before the write (through
 :attr:`blueedit.editing.editor.Editor.on_layer`, on the model as it is at that moment):
@@ -116,7 +116,7 @@ def layer_diagnostics(editor: Editor, step: LayerStep, contribution: bool = True
 
 
 class WeightShiftError(L.Callback):
-    """Measure the weight shift error of every written layer during editing (ALGORITHM.md 6).
+    """Measure the weight shift error of every written layer during editing (docs/algorithms.md §9).
 
     Every ``every_n_rounds``-th round (round index ``% every_n_rounds == 0``) each layer's write is
     preceded by :func:`layer_diagnostics`: an extra target optimization at that layer plus one

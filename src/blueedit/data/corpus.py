@@ -23,6 +23,7 @@ texts from the model itself, a cheap stand-in for its pre-training distribution.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import itertools
@@ -41,7 +42,9 @@ from blueedit.data.formats import DATA_DIR_ENV, data_file, resolve_data_dir
 __all__ = [
     "CORPUS_SOURCES",
     "CorpusUnavailable",
+    "corpus_files",
     "corpus_fingerprint",
+    "file_identity",
     "load_corpus_texts",
     "model_sampled_texts",
     "resolve_corpus_source",
@@ -209,15 +212,45 @@ def load_corpus_texts(
     return texts
 
 
-def corpus_fingerprint(source: str, num_samples: int, min_chars: int, *, seed: int | None = None) -> str:
+def corpus_files(source: str, data_dir: str | Path | None = None) -> list[Path]:
+    """The local files a resolved corpus ``source`` is read from (none for Hub sources)."""
+    if source == "wikipedia-sample":
+        return [_data_file(data_dir, WIKIPEDIA_SAMPLE, source)]
+    if source == "wikitext-2":
+        return [_data_file(data_dir, rel, source) for rel in WIKITEXT2_FILES]
+    return []
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_identity(path: str | Path) -> str:
+    """The SHA-256 of a file's content (memoized per path, size and modification time): the same
+    text copied elsewhere has the same identity, a changed file a different one."""
+    st = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def corpus_fingerprint(source: str, num_samples: int, min_chars: int, *, seed: int | None = None,
+                       files: Iterable[str | Path] = ()) -> str:
     """A short, stable, file-name-safe key for statistics computed on a corpus.
 
-    Pass the resolved source (see :func:`resolve_corpus_source`), and ``seed`` when it changes the
-    texts (Hub sources, model-sampled texts).
+    Pass the resolved source (see :func:`resolve_corpus_source`), ``seed`` when it changes the
+    texts (Hub sources, model-sampled texts), and the corpus ``files`` (see :func:`corpus_files`),
+    whose content identities enter the key.
     """
     parts: list[Any] = [source, int(num_samples), int(min_chars)]
     if seed is not None:
         parts.append(int(seed))
+    identities = [file_identity(f) for f in files]
+    if identities:
+        parts.append(identities)
     digest = hashlib.sha1(json.dumps(parts).encode("utf-8")).hexdigest()[:8]
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", source).strip("-") or "corpus"
     return f"{name}_n{num_samples}_c{min_chars}_{digest}"

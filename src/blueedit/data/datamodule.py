@@ -4,10 +4,14 @@ One "batch" of the training loop is one :class:`EditRound`: the ``edits_per_roun
 are edited together (MEMIT / AlphaEdit batch editing); successive rounds are sequential editing.
 Rounds must come in order and every rank must see every round (all ranks hold the same model and
 apply the same update), so the loader uses :class:`RoundSampler`, which Lightning never replaces.
+The loader is a :class:`RoundLoader`: it has ``state_dict`` / ``load_state_dict``, so a run resumed
+from a mid-epoch checkpoint continues at the next round (Lightning's resumable-loader protocol).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +23,25 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from blueedit.data.formats import default_data_dir, load_requests
 from blueedit.data.records import EditRequest
 
-__all__ = ["EditDataModule", "EditRound", "RoundDataset", "RoundSampler"]
+__all__ = ["EditDataModule", "EditRound", "ResumeMismatchError", "RoundDataset", "RoundLoader", "RoundSampler",
+           "describe_differences"]
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint was written by a run with another data stream or other settings."""
+
+
+def describe_differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"<key>: <saved> in the checkpoint, <now> now"`` for every (nested) entry that differs."""
+    out: list[str] = []
+    for key in sorted(set(saved) | set(now), key=str):
+        a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(describe_differences(a, b, name + "."))
+        elif a != b:
+            out.append(f"{name}: {a!r} in the checkpoint, {b!r} now")
+    return out
 
 
 @dataclass
@@ -61,19 +83,21 @@ class RoundDataset(Dataset[EditRound]):
 
 
 class RoundSampler(DistributedSampler):
-    """Yields ``0 .. n-1`` in order, on every rank.
+    """Yields ``start .. n-1`` in order, on every rank (``start`` is 0 unless a resume set it).
 
     It subclasses :class:`~torch.utils.data.DistributedSampler` only so that Lightning, which wraps
     any other sampler in a ``DistributedSamplerWrapper`` under DDP (splitting the rounds between
-    ranks), leaves it as it is. It behaves as a single-replica sequential sampler.
+    ranks), leaves it as it is. It behaves as a single-replica sequential sampler. Its length is
+    always ``n``, the rounds of the whole epoch, which is what Lightning counts steps against.
     """
 
     def __init__(self, dataset: Dataset[Any]) -> None:
         super().__init__(dataset, num_replicas=1, rank=0, shuffle=False, drop_last=False)
         self._length = len(dataset)  # type: ignore[arg-type]
+        self.start = 0
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self._length))
+        return iter(range(self.start, self._length))
 
     def __len__(self) -> int:
         return self._length
@@ -82,6 +106,43 @@ class RoundSampler(DistributedSampler):
 def _identity(item: EditRound) -> EditRound:
     """Collate function that passes an :class:`EditRound` through unchanged (picklable)."""
     return item
+
+
+class RoundLoader(DataLoader):
+    """The rounds of a :class:`RoundDataset`, one per batch, in order, resumable mid-epoch.
+
+    ``state_dict()`` is ``{"next_round": i}``: the rounds handed to the consumer so far in this
+    epoch (counted on the consumer's side, so worker prefetching does not count). Lightning saves
+    it in every checkpoint and, when resuming, calls ``load_state_dict`` before iterating: the
+    next iteration then starts at round ``i`` instead of round 0, so ``batch_idx``, the round
+    and every callback agree. Iterations after that one start at 0 again.
+    """
+
+    def __init__(self, dataset: RoundDataset, num_workers: int = 0) -> None:
+        super().__init__(dataset, batch_size=None, sampler=RoundSampler(dataset), collate_fn=_identity,
+                         num_workers=num_workers)
+        self._next_round = 0
+        self._resume_at = 0
+
+    def __iter__(self) -> Iterator[EditRound]:
+        start, self._resume_at = self._resume_at, 0
+        self.sampler.start = start
+        self._next_round = start
+        try:
+            for item in super().__iter__():
+                self._next_round += 1
+                yield item
+        finally:
+            self.sampler.start = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next_round": self._next_round}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        start = int(state_dict.get("next_round", 0))
+        if not 0 <= start <= len(self.sampler):
+            raise ValueError(f"round loader state: next_round {start} outside 0..{len(self.sampler)}")
+        self._resume_at = start
 
 
 class EditDataModule(L.LightningDataModule):
@@ -151,6 +212,39 @@ class EditDataModule(L.LightningDataModule):
                 zsre_target=self.zsre_target,
             )
 
+    # -- resume safety: the checkpoint records the stream it was cut from ------------------------
+    def stream_fingerprint(self) -> dict[str, Any]:
+        """What decides which records go into which round: the source and its options, the number
+        of records, ``edits_per_round``, and the SHA-256 of the records in order (so the same file
+        name with other content, or another order, is told apart)."""
+        digest = hashlib.sha256()
+        for r in self.requests:
+            digest.update(json.dumps(r.to_dict(), sort_keys=True, default=str).encode())
+        return {
+            "dataset": self.dataset, "format": self.format, "zsre_target": self.zsre_target,
+            "num_edits": self.num_edits, "edits_per_round": self.edits_per_round,
+            "num_records": len(self.requests), "records_sha256": digest.hexdigest(),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the :meth:`stream_fingerprint`."""
+        return {"stream": self.stream_fingerprint()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to resume a checkpoint cut from another data stream (it would skip records of
+        this one and mix edits of both); the error names what differs."""
+        saved = state_dict.get("stream")
+        if saved is None:
+            return
+        now = self.stream_fingerprint()
+        differences = describe_differences({k: v for k, v in saved.items() if k != "records_sha256"},
+                                           {k: v for k, v in now.items() if k != "records_sha256"}, "data.")
+        if not differences and saved.get("records_sha256") != now["records_sha256"]:
+            differences = [f"the edit records of data.dataset {self.dataset!r} differ in content or order"]
+        if differences:
+            raise ResumeMismatchError("the checkpoint comes from another data stream; refusing to resume: "
+                                      + "; ".join(differences))
+
     @property
     def requests(self) -> list[EditRequest]:
         """All edit requests, in editing order (loaded on first use)."""
@@ -176,18 +270,11 @@ class EditDataModule(L.LightningDataModule):
             )
         return self._eval_requests
 
-    def _rounds_loader(self, requests: list[EditRequest], per_batch: int) -> DataLoader[EditRound]:
+    def _rounds_loader(self, requests: list[EditRequest], per_batch: int) -> RoundLoader:
         """``requests`` as :class:`EditRound` batches of ``per_batch``, in order, on every rank."""
-        dataset = RoundDataset(requests, per_batch)
-        return DataLoader(
-            dataset,
-            batch_size=None,
-            sampler=RoundSampler(dataset),
-            collate_fn=_identity,
-            num_workers=self.num_workers,
-        )
+        return RoundLoader(RoundDataset(requests, per_batch), num_workers=self.num_workers)
 
-    def train_dataloader(self) -> DataLoader[EditRound]:
+    def train_dataloader(self) -> RoundLoader:
         """One :class:`EditRound` per step, in order, unbatched, on every rank."""
         return self._rounds_loader(self.requests, self.edits_per_round)
 

@@ -12,7 +12,8 @@ Formats (``detect_format`` tells them apart from the first record):
 ``zsre``
     MEND / ROME zsRE: ``subject``, ``src`` (a question holding the subject), ``answers``, ``alt``,
     ``rephrase``, ``loc`` and ``loc_ans``. Like the MEMIT / AlphaEdit / BLUE code, the new target is
-    ``answers[0]`` by default; ``zsre_target="alt"`` edits towards ``alt`` instead.
+    ``answers[0]`` by default; ``zsre_target="alt"`` edits towards ``alt`` instead. The neighborhood
+    (locality) prompt is ``loc + "?"``, as the published loader writes it.
 ``user``
     The project's format, one object per edit: ``prompt`` (with ``{}``), ``subject``,
     ``target_new``, and optionally ``target_true``, ``paraphrases``, ``neighborhood``,
@@ -45,7 +46,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from blueedit.data.records import EditRecordError, EditRequest, validate_request
+from blueedit.data.records import EditRecordError, EditRequest, check_unique_case_ids, validate_request
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -168,6 +169,9 @@ def from_counterfact(record: Any, index: int) -> EditRequest:
             f"{where}: 'requested_rewrite' must be an object, got {type(rewrite).__name__}"
         )
     target_true = _target_str(rewrite.get("target_true"), where, "requested_rewrite.target_true")
+    new = rewrite.get("target_new")
+    new_id = new.get("id") if isinstance(new, Mapping) else None
+    relation_id = rewrite.get("relation_id")
     req = EditRequest(
         case_id=case_id,
         prompt=_field(rewrite, "prompt", where, "counterfact"),
@@ -180,6 +184,8 @@ def from_counterfact(record: Any, index: int) -> EditRequest:
         neighborhood=_string_list(rec.get("neighborhood_prompts")),
         generation_prompts=_string_list(rec.get("generation_prompts")),
         source="counterfact",
+        relation_id=None if relation_id is None else str(relation_id),
+        target_new_id=None if new_id is None else str(new_id),
     )
     return validate_request(req, index)
 
@@ -246,7 +252,9 @@ def from_zsre(record: Any, index: int, *, target: str = "answers") -> EditReques
     neighborhood: Any = ()
     neighborhood_targets: Any = ()
     if rec.get("loc") is not None:
-        neighborhood = (rec["loc"],)
+        # the locality prompt as the published zsRE loader writes it: the NQ question plus "?"
+        # (docs/algorithms.md §8); its answer is scored token by token after it
+        neighborhood = (str(rec["loc"]) + "?",)
         neighborhood_targets = (_field(rec, "loc_ans", where, "zsre"),)
     req = EditRequest(
         case_id=case_id,
@@ -451,7 +459,8 @@ def load_requests(
         zsre_target: ``answers`` or ``alt``, the zsRE field used as the new target.
 
     Raises:
-        EditRecordError: a record is malformed (the message names its index, ``case_id`` and field).
+        EditRecordError: a record is malformed (the message names its index, ``case_id`` and field),
+            two records share a ``case_id``, or the source holds no records.
         FileNotFoundError: the file, or the data directory for a benchmark name, is missing.
         ValueError: a bad option.
     """
@@ -489,4 +498,6 @@ def load_requests(
                 stacklevel=2,
             )
         records = records[:num_edits]
-    return convert_records(records, format, zsre_target=zsre_target)
+    if not records:
+        raise EditRecordError(f"edit data source {source!r} holds no edit records")
+    return check_unique_case_ids(convert_records(records, format, zsre_target=zsre_target), repr(source))

@@ -25,6 +25,9 @@ class EditRequest:
         neighborhood_targets: the answer of each neighborhood prompt; empty means ``target_true``
             (CounterFact), one per prompt otherwise (zsRE's ``loc_ans``).
         generation_prompts: filled prompts for fluency / consistency generations.
+        relation_id: the relation's Wikidata id (CounterFact ``relation_id``, e.g. ``"P103"``);
+            with ``target_new_id`` it finds the consistency reference texts about ``o*``.
+        target_new_id: the Wikidata id of ``target_new`` (CounterFact ``target_new.id``).
         source: the format it was read from (``counterfact``, ``counterfact-easyedit``, ``zsre``, ``user``).
     """
 
@@ -38,6 +41,8 @@ class EditRequest:
     neighborhood_targets: tuple[str, ...] = field(default_factory=tuple)
     generation_prompts: tuple[str, ...] = field(default_factory=tuple)
     source: str = "user"
+    relation_id: str | None = None
+    target_new_id: str | None = None
 
     @property
     def filled_prompt(self) -> str:
@@ -75,8 +80,11 @@ def validate_request(req: EditRequest, index: int | None = None) -> EditRequest:
     """Check one request and return it; raise :class:`EditRecordError` naming the record otherwise.
 
     Rules: ``prompt`` is a string with exactly one ``{}``; ``subject`` and ``target_new`` are
-    non-empty strings; ``target_true`` is a string or ``None``; the list fields hold strings;
-    ``neighborhood_targets`` is empty or as long as ``neighborhood``.
+    non-empty strings; ``target_true`` is a string or ``None`` and, except for zsRE records, differs
+    from ``target_new`` (an edit towards what the model should already say is a mistake in the
+    data; zsRE's ``alt`` is a label, not the model's belief, and equals the answer in a few
+    published records); the list fields hold strings; ``neighborhood_targets`` is empty or as long
+    as ``neighborhood``.
     """
     where = _where(index, req.case_id)
     for name in ("prompt", "subject", "target_new"):
@@ -88,6 +96,11 @@ def validate_request(req: EditRequest, index: int | None = None) -> EditRequest:
     if req.target_true is not None and not isinstance(req.target_true, str):
         raise EditRecordError(
             f"{where}: 'target_true' must be a string or null, got {type(req.target_true).__name__}"
+        )
+    if (req.source != "zsre" and isinstance(req.target_true, str)
+            and req.target_true.strip() == req.target_new.strip()):
+        raise EditRecordError(
+            f"{where}: 'target_new' equals 'target_true' ({req.target_new!r}); an edit must change the answer"
         )
     n_slots = req.prompt.count("{}")
     if n_slots == 0:
@@ -113,3 +126,54 @@ def validate_request(req: EditRequest, index: int | None = None) -> EditRequest:
 def validate_requests(requests: list[EditRequest]) -> list[EditRequest]:
     """Validate a whole batch before anything is edited (a round is atomic)."""
     return [validate_request(r, i) for i, r in enumerate(requests)]
+
+
+def check_unique_case_ids(requests: list[EditRequest], source: str = "the edit records") -> list[EditRequest]:
+    """Raise :class:`EditRecordError` when two requests share a ``case_id``: per-record results
+    (``metrics.json``, ``edits.json``) are keyed by it, so duplicates could not be told apart.
+    Records without an explicit ``case_id`` get their row index, which is unique."""
+    first: dict[str, int] = {}
+    for i, r in enumerate(requests):
+        key = repr(r.case_id)
+        if key in first:
+            raise EditRecordError(
+                f"{source}: edit records {first[key]} and {i} share case_id={r.case_id!r}; "
+                "give every record its own case_id"
+            )
+        first[key] = i
+    return requests
+
+
+def effective_prompt_limit(max_prompt_tokens: int | None, context: int | None) -> int | None:
+    """The prompt-length limit in force: ``max_prompt_tokens`` capped by the model's context
+    ``context`` (either may be ``None``: no limit from that side)."""
+    if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int)
+                                          or max_prompt_tokens < 1):
+        raise ValueError(f"model.max_prompt_tokens must be a positive integer or null, got {max_prompt_tokens!r}")
+    limits = [n for n in (max_prompt_tokens, context) if n is not None]
+    return min(limits) if limits else None
+
+
+def check_prompt_lengths(requests: list[EditRequest], tokenizer, limit: int | None,
+                         source: str = "edit records", option: str = "model.max_prompt_tokens") -> None:
+    """Raise :class:`EditRecordError` naming the first record whose text is longer than ``limit``
+    tokens: the rewrite prompt with its new target, a paraphrase, a neighborhood or a generation
+    prompt. (A 5,000-token prompt otherwise runs for many minutes and tens of GB before failing.)"""
+    if limit is None or not requests:
+        return
+    texts: list[str] = []
+    where: list[tuple[int, str]] = []
+    for i, r in enumerate(requests):
+        texts.append(f"{r.filled_prompt} {r.target_new}")
+        where.append((i, "prompt"))
+        for name in ("paraphrases", "neighborhood", "generation_prompts"):
+            for j, t in enumerate(getattr(r, name)):
+                texts.append(t)
+                where.append((i, f"{name}[{j}]"))
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    for (i, name), x in zip(where, ids):
+        if len(x) > limit:
+            raise EditRecordError(
+                f"{source}: {_where(i, requests[i].case_id)}: '{name}' is {len(x)} tokens, over the limit of "
+                f"{limit} tokens (raise {option}, or shorten the record)"
+            )

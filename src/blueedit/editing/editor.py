@@ -46,6 +46,17 @@ class EditHParams:
         key_batch_size: prompts per forward pass when reading keys and hidden states.
         autocast: ``bfloat16`` or ``float16`` to run the model's forward passes under
             :func:`torch.autocast` (δ, losses and solves stay float32/float64); ``None``: off.
+        compute_dtype: ``bfloat16`` or ``float16``: run every forward/backward pass of a round
+            (target optimization, keys, current values) on a copy of the model in that dtype,
+            while the edited weights, δ, the losses and the solves stay float32/float64 and
+            every update is written into the original weights (and mirrored into the copy).
+            On CPUs with AMX / AVX-512 BF16 this is about twice as fast as float32. The copy uses
+            eager attention on the CPU (PyTorch's fused CPU attention backward is slow in bf16).
+            ``None``: the model's own dtype, no copy.
+        max_batch_tokens: memory budget of the target optimization: a round's requests are
+            split into micro-batches of at most this many padded prompt positions, run forward
+            and backward one after the other before each Adam step (same result as one batch).
+            ``None``: one batch.
         use_history: include the edit history ``H`` in the MEMIT/PRUNE/RECT solve (the published
             ``MEMIT_seq``; the default). ``False`` is the published plain ``MEMIT``, which solves
             with ``λ C_0 + K Kᵀ`` only. AlphaEdit always uses ``H``.
@@ -65,6 +76,8 @@ class EditHParams:
     optimize: bool = True
     key_batch_size: int = 64
     autocast: str | None = None
+    compute_dtype: str | None = None
+    max_batch_tokens: int | None = 2048
     use_history: bool = True
     prune_base: str = "original"
 
@@ -75,6 +88,10 @@ class EditHParams:
             raise ValueError(f"editing.strategy {self.strategy!r} is not one of {STRATEGIES}")
         if not self.layers:
             raise ValueError("editing.layers is empty")
+        if self.compute_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"editing.compute_dtype {self.compute_dtype!r} must be null, 'float32', 'bfloat16' or 'float16'")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise ValueError(f"editing.max_batch_tokens must be a positive number of tokens or null, got {self.max_batch_tokens}")
         if self.prune_base not in ("original", "current"):
             raise ValueError(f"editing.prune_base {self.prune_base!r} must be 'original' or 'current'")
         if self.target.v_num_grad_steps < 1:
@@ -182,7 +199,34 @@ class Editor:
         #: Optional diagnostic called with a :class:`LayerStep` before each layer's write
         #: (on the model as it is at that moment); used by the weight-shift-error callback.
         self.on_layer: Callable[[LayerStep], None] | None = None
+        self.compute_model, self.compute_adapter = self._compute_copy()
         self._init_state()
+
+    def _compute_copy(self):
+        """The model the forward passes run on: the model itself, or a copy in
+        ``editing.compute_dtype`` whose edited layers mirror the original's (:meth:`_sync`)."""
+        if self.hp.compute_dtype is None:
+            return self.model, self.adapter
+        dtype = getattr(torch, self.hp.compute_dtype)
+        if next(self.model.parameters()).dtype == dtype:
+            return self.model, self.adapter
+        if getattr(self.model, "hf_device_map", None):
+            raise ValueError("editing.compute_dtype cannot copy a model dispatched with model.device_map; "
+                             "load the model in that dtype instead (model.dtype)")
+        import copy
+
+        work = copy.deepcopy(self.model).to(dtype)
+        work.requires_grad_(False)
+        work.eval()
+        if self.device.type == "cpu" and dtype != torch.float32 and hasattr(work, "set_attn_implementation"):
+            work.set_attn_implementation("eager")
+        return work, ModelAdapter(work, layout=self.adapter.layout)
+
+    def _sync(self, layers) -> None:
+        """Mirror the original's ``W_out`` of ``layers`` into the compute copy."""
+        if self.compute_model is not self.model:
+            for l in layers:
+                self.compute_adapter.set_w_out(l, self.adapter.get_w_out(l))
 
     def _init_state(self) -> None:
         for l in self.hp.edited_layers:
@@ -217,14 +261,15 @@ class Editor:
         idx = distributed.shard_indices(len(requests))
         local = [requests[i] for i in idx]
         d = self.adapter.hidden_size()
-        args = (self.model, self.adapter, self.tokenizer, local, layer, self.state.context_templates, self.hp.target)
+        args = (self.compute_model, self.compute_adapter, self.tokenizer, local, layer, self.state.context_templates,
+                self.hp.target)
         if not local:
             empty = torch.zeros(0, d, device=self.device)
             res = TargetResult(empty, empty, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0))
         else:
             with torch.enable_grad(), self.autocast():
                 if self.hp.optimize:
-                    res = optimize_targets(*args, fast=True)
+                    res = optimize_targets(*args, fast=True, max_batch_tokens=self.hp.max_batch_tokens)
                 else:
                     res = optimize_targets_one_by_one(*args, fast=False)
         if distributed.is_distributed():
@@ -249,7 +294,8 @@ class Editor:
         each rank reads its shard and the columns are gathered back in request order."""
         local = distributed.shard(requests)
         with self.autocast():
-            keys, hidden = fact_states(self.model, self.adapter, self.tokenizer, local, self.state.context_templates,
+            keys, hidden = fact_states(self.compute_model, self.compute_adapter, self.tokenizer, local,
+                                       self.state.context_templates,
                                        key_layers, hidden_layers, batch_size=self.hp.key_batch_size)
         if distributed.is_distributed():
             n = len(requests)
@@ -264,6 +310,7 @@ class Editor:
         if not torch.isfinite(delta).all():
             raise solvers.SolveError(f"update of layer {layer} has non-finite values")
         self.adapter.add_to_w_out(layer, delta)
+        self._sync([layer])
         report.update_norms[layer] = float(torch.linalg.matrix_norm(delta))
 
     def edit_round(self, requests: list[EditRequest], index: int | None = None) -> RoundReport:
@@ -279,6 +326,7 @@ class Editor:
             raise EditRoundError(f"round {index}: the editor was finalized (post-processing applied); "
                                  "no further rounds can be added")
         try:
+            self._sync(self.hp.edited_layers)  # the weights may have been set from outside (resume)
             if self.hp.strategy == "distribute":
                 self._distribute(requests, report)
             else:
@@ -309,6 +357,7 @@ class Editor:
             sparse = solvers.rect_sparsify(full, w0.to(full.device), self.hp.rect_keep)
             self.adapter.set_w_out(l, w0)
             self.adapter.add_to_w_out(l, sparse)
+            self._sync([l])
             report.update_norms[l] = float(torch.linalg.matrix_norm(sparse))
 
     def _record_target(self, layer: int, res: TargetResult, report: RoundReport) -> None:

@@ -96,6 +96,14 @@ def _rows(tokenizer, requests: list[EditRequest], templates: list[str], kl_promp
     return rows
 
 
+def cache_argument(model) -> str:
+    """The name of the key/value cache argument of ``model.forward``: ``cache`` in transformers 5
+    (which deprecates ``past_key_values``), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class _PrefixCache:
     """Key/value states of every row's tokens *before* its fact token, computed once per round.
 
@@ -108,6 +116,7 @@ class _PrefixCache:
         from transformers import DynamicCache
 
         device = next(model.parameters()).device
+        self.cache_arg = cache_argument(model)
         self.P = max(len(p) for p in prefixes)
         self.lengths = torch.tensor([len(p) for p in prefixes], device=device)
         if self.P == 0:
@@ -119,7 +128,7 @@ class _PrefixCache:
         cache = DynamicCache()
         with torch.no_grad(), traced(adapter, stop_after=loss_layer):
             try:
-                model(**batch.model_inputs(), past_key_values=cache, use_cache=True)
+                model(**batch.model_inputs(), **{cache_argument(model): cache}, use_cache=True)
             except _StopForward:
                 pass
         self.layers = [(layer.keys, layer.values) for layer in cache.layers[: loss_layer + 1]]
@@ -132,7 +141,7 @@ class _PrefixCache:
         pos = (self.lengths[rows].unsqueeze(1) + suffix.position_ids)
         inputs = {"input_ids": suffix.input_ids, "attention_mask": mask, "position_ids": pos}
         if self.layers is not None:
-            inputs["past_key_values"] = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in self.layers])
+            inputs[self.cache_arg] = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in self.layers])
             inputs["use_cache"] = True
         return inputs
 
@@ -220,6 +229,52 @@ def _length_groups(lengths: list[int], min_saving: float = 0.15) -> list[list[in
     return [order[:best_k], order[best_k:]]
 
 
+def request_chunks(costs: list[tuple[int, int]], max_batch_tokens: int | None) -> list[list[int]]:
+    """Split requests, in order, into micro-batches under a token budget.
+
+    ``costs[i] = (rows, length)``: request ``i`` contributes ``rows`` prompts whose longest is
+    ``length`` tokens. A micro-batch of requests costs ``Σ rows × max length`` padded positions;
+    consecutive requests are added while that stays ``≤ max_batch_tokens`` (a request above the
+    budget on its own gets a micro-batch of its own). ``None``: one batch with every request.
+    """
+    if max_batch_tokens is None:
+        return [list(range(len(costs)))] if costs else []
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    n_rows = longest = 0
+    for i, (rows, length) in enumerate(costs):
+        n2, l2 = n_rows + rows, max(longest, length)
+        if cur and n2 * l2 > max_batch_tokens:
+            chunks.append(cur)
+            cur, n2, l2 = [], rows, length
+        cur.append(i)
+        n_rows, longest = n2, l2
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+class _Chunk:
+    """One micro-batch of requests: its rows, their prefix cache and their length groups."""
+
+    def __init__(self, req: list[int], rows: list[_Row], model, adapter, pad: int, device, layer: int,
+                 loss_layer: int, fast: bool):
+        wanted = set(req)
+        self.req = torch.tensor(req, dtype=torch.long, device=device)
+        idx = [k for k, r in enumerate(rows) if r.request in wanted]
+        self.rows = torch.tensor(idx, dtype=torch.long, device=device)
+        self.local = torch.full((len(rows),), -1, dtype=torch.long, device=device)
+        self.local[self.rows] = torch.arange(len(idx), device=device)
+        self.prefix = None
+        if fast:  # suffixes from the fact token on (fact token = suffix position 0), in length groups
+            self.prefix = _PrefixCache(model, adapter, [rows[k].ids[: rows[k].fact] for k in idx], pad, loss_layer)
+            lengths = [len(rows[k].ids) - rows[k].fact + max(len(rows[k].target) - 1, 0) for k in idx]
+            self.groups = [_RowGroup([idx[j] for j in g], rows, pad, device, _BlockReplay(adapter, layer, loss_layer))
+                           for g in _length_groups(lengths)]
+        else:
+            self.groups = [_RowGroup(idx, rows, pad, device, None)]
+
+
 def optimize_targets(
     model,
     adapter: ModelAdapter,
@@ -230,6 +285,7 @@ def optimize_targets(
     hp: TargetHParams,
     *,
     fast: bool = True,
+    max_batch_tokens: int | None = None,
 ) -> TargetResult:
     """Optimize one δ per request at the output of block ``layer``, all requests jointly.
 
@@ -244,7 +300,13 @@ def optimize_targets(
     ``L_i < early_stop_loss``, and projecting δ_i into ``‖δ_i‖ ≤ clamp_norm_factor · ‖h_init,i‖``
     after each step. The losses are independent, so the batched result equals the one-by-one loop
     (up to floating-point round-off): finished requests are dropped from the batch and their δ
-    frozen. Target log-probs are read at ``loss_layer`` through the final norm and ``lm_head``.
+    frozen. Target log-probs are read at ``loss_layer`` through the final norm and ``lm_head``
+    (docs/algorithms.md, "Target hidden states").
+
+    ``max_batch_tokens`` bounds memory: the requests are split into micro-batches of at most that
+    many padded prompt positions (:func:`request_chunks`); each step runs forward and backward
+    one micro-batch at a time, accumulating the (disjoint) gradients of δ, then takes one Adam
+    step, so the result equals one batch. ``None``: a single batch.
 
     ``fast`` (the default) runs each step on the suffixes only, from the fact token on, over a
     key/value cache of the prefixes computed once (:class:`_PrefixCache`); after the first step
@@ -255,6 +317,8 @@ def optimize_targets(
     loss_layer = adapter.num_layers - 1 if hp.loss_layer is None else hp.loss_layer
     if not layer <= loss_layer < adapter.num_layers:
         raise ValueError(f"target.loss_layer {loss_layer} must lie in [{layer}, {adapter.num_layers - 1}]")
+    if max_batch_tokens is not None and max_batch_tokens < 1:
+        raise ValueError(f"editing.max_batch_tokens must be positive or null, got {max_batch_tokens}")
     device = next(model.parameters()).device
     side = getattr(tokenizer, "padding_side", "right") or "right"
     pad = pad_token_id(tokenizer)
@@ -271,14 +335,16 @@ def optimize_targets(
         if r.target:
             tids_all[k, : len(r.target)] = torch.tensor(r.target, device=device)
             tmask_all[k, : len(r.target)] = 1
-    prefix = None
-    if fast:  # suffixes from the fact token on (fact token = suffix position 0), in length groups
-        prefix = _PrefixCache(model, adapter, [r.ids[: r.fact] for r in rows], pad, loss_layer)
-        lengths = [len(r.ids) - r.fact + max(len(r.target) - 1, 0) for r in rows]
-        groups = [_RowGroup(idx, rows, pad, device, _BlockReplay(adapter, layer, loss_layer))
-                  for idx in _length_groups(lengths)]
-    else:
-        groups = [_RowGroup(list(range(len(rows))), rows, pad, device, None)]
+
+    def row_length(r: _Row) -> int:
+        return (len(r.ids) - r.fact if fast else len(r.ids)) + max(len(r.target) - 1, 0)
+
+    costs = [(0, 0)] * n_req
+    for r in rows:
+        n, m = costs[r.request]
+        costs[r.request] = (n + 1, max(m, row_length(r)))
+    chunks = [_Chunk(c, rows, model, adapter, pad, device, layer, loss_layer, fast)
+              for c in request_chunks(costs, max_batch_tokens)]
 
     delta = torch.nn.Parameter(torch.zeros(n_req, d, device=device, dtype=torch.float32))
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -286,16 +352,16 @@ def optimize_targets(
     steps = torch.zeros(n_req, dtype=torch.long, device=device)
     last_loss = torch.full((n_req,), float("nan"), device=device)
     h_init = torch.zeros(n_req, d, device=device)
-    kl_init = None
+    kl_init: torch.Tensor | None = None  # [n_req, V] log P_init at each KL prompt's fact token
 
-    def run_group(g: _RowGroup, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_group(ch: _Chunk, g: _RowGroup, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs at the read positions (``[n, J, V]``) and ``h^layer`` at the fact token of
-        the global rows ``sel`` (all in group ``g``)."""
+        the global rows ``sel`` (all in group ``g`` of chunk ``ch``)."""
         row_req = row_req_all[sel]
         if fast:
             lsel = g.local[sel]
             batch = g.suffixes.select(lsel)
-            inputs = prefix.inputs(sel, batch)
+            inputs = ch.prefix.inputs(ch.local[sel], batch)
         else:
             sel_rows = [rows[k] for k in sel.tolist()]
             batch = pad_batch([r.ids for r in sel_rows], [r.fact for r in sel_rows],
@@ -304,15 +370,15 @@ def optimize_targets(
         fact = batch.fact_index
         ar = torch.arange(sel.numel(), device=device)
 
-        def inject(h: torch.Tensor) -> torch.Tensor:
-            return h + torch.zeros_like(h).index_put((ar, fact), delta[row_req].to(h.dtype))
+        def inject(h: torch.Tensor) -> torch.Tensor:  # h + δ at each row's fact token (out of place)
+            return h.index_put((ar, fact), delta[row_req].to(h.dtype), accumulate=True)
 
         replay = g.replay
         with traced(adapter, edit_layer=layer, edit_fn=inject, hidden_layers=[loss_layer],
                     stop_after=loss_layer if fast else None) as tr:
             try:
                 if replay is not None and replay.calls:
-                    replay.run(lsel, g.size, inputs.get("past_key_values"))
+                    replay.run(lsel, g.size, inputs.get(ch.prefix.cache_arg))
                     logits = None
                 else:
                     with replay.capturing() if replay is not None else nullcontext():
@@ -333,30 +399,32 @@ def optimize_targets(
             logp = torch.log_softmax(gather_positions(logits, read).float(), dim=-1)
         return logp, gather_positions(tr.hidden[layer], fact)
 
-    for it in range(hp.v_num_grad_steps):
+    def chunk_loss(ch: _Chunk, it: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(requests, loss)`` of the chunk's active requests (in request order) at step ``it``."""
+        nonlocal kl_init
         row_active = active[row_req_all]
-        if not row_active.any():
-            break
         sels, logps, hfacts = [], [], []
-        for g in groups:
+        for g in ch.groups:
             sel = g.rows[row_active[g.rows]]
             if sel.numel():
-                logp_g, hfact_g = run_group(g, sel)
+                logp_g, hfact_g = run_group(ch, g, sel)
                 sels.append(sel)
                 logps.append(logp_g)
                 hfacts.append(hfact_g)
+        if not sels:
+            return None
         sel = torch.cat(sels)
         logp = torch.cat(logps)
         row_req, is_kl = row_req_all[sel], is_kl_all[sel]
+        act_idx = ch.req[active[ch.req]]
         if it == 0:
             where = torch.full((len(rows),), -1, dtype=torch.long, device=device)
             where[sel] = torch.arange(sel.numel(), device=device)
-            h_init = torch.cat(hfacts)[where[bare_row]].detach().float()
+            h_init[act_idx] = torch.cat(hfacts)[where[bare_row[act_idx]]].detach().float()
 
         tmask = tmask_all[sel]
         tok_logp = logp.gather(-1, tids_all[sel].unsqueeze(-1)).squeeze(-1) * tmask
         nll_row = -tok_logp.sum(1) / tmask.sum(1).clamp(min=1)
-        act_idx = active.nonzero().flatten()
         local = torch.full((n_req,), -1, dtype=torch.long, device=device)
         local[act_idx] = torch.arange(act_idx.numel(), device=device)
         rw = ~is_kl
@@ -365,25 +433,39 @@ def optimize_targets(
         kl_rows = is_kl.nonzero().flatten()
         kl_rows = kl_rows[torch.argsort(row_req[kl_rows])]  # one KL row per active request, in request order
         kl_logp = logp[kl_rows, 0]
-        if kl_init is None:
-            kl_init = kl_logp.detach()
+        if it == 0:
+            if kl_init is None:
+                kl_init = torch.zeros(n_req, kl_logp.shape[-1], device=device)
+            kl_init[act_idx] = kl_logp.detach()
         kl_ref = kl_init[act_idx]
         kl = (kl_logp.exp() * (kl_logp - kl_ref)).sum(-1)  # KL(P_δ ‖ P_init): edited distribution first
 
         wd = hp.v_weight_decay * delta[act_idx].norm(dim=1) / h_init[act_idx].norm(dim=1).pow(2)
-        loss = nll + hp.kl_factor * kl + wd
-        last_loss[act_idx] = loss.detach()
+        return act_idx, nll + hp.kl_factor * kl + wd
 
-        done = loss.detach() < hp.early_stop_loss
-        if it == hp.v_num_grad_steps - 1:  # the last evaluation takes no step
+    for it in range(hp.v_num_grad_steps):
+        if not active.any():
             break
-        active[act_idx[done]] = False
-        if done.all():
-            break
-        still = act_idx[~done]
-        frozen = delta.detach().clone()
+        last = it == hp.v_num_grad_steps - 1  # the last evaluation takes no step
         opt.zero_grad()
-        loss[~done].sum().backward()
+        still_parts = []
+        for ch in chunks:
+            out = chunk_loss(ch, it)
+            if out is None:
+                continue
+            act_idx, loss = out
+            last_loss[act_idx] = loss.detach()
+            if last:
+                continue
+            done = loss.detach() < hp.early_stop_loss
+            active[act_idx[done]] = False
+            if not done.all():
+                still_parts.append(act_idx[~done])
+                loss[~done].sum().backward()  # frees this micro-batch's activations
+        if last or not still_parts:
+            break
+        still = torch.cat(still_parts)
+        frozen = delta.detach().clone()
         opt.step()
         with torch.no_grad():
             mask = torch.zeros(n_req, dtype=torch.bool, device=device)

@@ -1,10 +1,13 @@
 """Consistency of generations (ROME's "reference score"): TF-IDF cosine to reference texts.
 
-A :class:`TfidfModel` is fitted on a corpus of ``D`` documents: the vocabulary is the ``N`` most
-frequent words (total count, ties broken alphabetically) and, with ``df(w)`` the number of
-documents containing ``w``,
+See ``docs/algorithms.md`` §8 (Evaluation). A :class:`TfidfModel` is either the published
+statistics (``idf.npy`` and ``tfidf_vocab.json``, :meth:`TfidfModel.from_published`) or fitted on
+a corpus of ``D`` documents: the vocabulary is the ``N`` most frequent words (total count, ties
+broken alphabetically) and, with ``df(w)`` the number of documents containing ``w``,
 
-    idf(w) = log(D / df(w)).
+    idf(w) = ln((1 + D) / (1 + df(w))) + 1
+
+(scikit-learn's smoothed idf, with which the published statistics were computed).
 
 A text becomes ``v_w = tf(w) · idf(w)`` with ``tf(w)`` the raw count of ``w`` in the text, and
 
@@ -62,7 +65,8 @@ class TfidfModel:
 
     @classmethod
     def fit(cls, texts: Iterable[str], max_features: int = 50_000) -> "TfidfModel":
-        """Fit on documents ``texts``: top-``max_features`` words by count, ``idf = log(D / df)``."""
+        """Fit on documents ``texts``: top-``max_features`` words by count,
+        ``idf = ln((1 + D) / (1 + df)) + 1``."""
         counts: Counter[str] = Counter()
         df: Counter[str] = Counter()
         n_docs = 0
@@ -76,12 +80,29 @@ class TfidfModel:
         top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max_features]
         words = sorted(w for w, _ in top)
         vocab = {w: i for i, w in enumerate(words)}
-        idf = torch.tensor([math.log(n_docs / df[w]) for w in words], dtype=torch.float64)
+        idf = torch.tensor([math.log((1 + n_docs) / (1 + df[w])) + 1.0 for w in words], dtype=torch.float64)
+        return cls(vocab, idf)
+
+    @classmethod
+    def from_published(cls, directory: str | Path) -> "TfidfModel":
+        """The published TF-IDF statistics: ``idf.npy`` (``[V]`` idf values) and
+        ``tfidf_vocab.json`` (word -> column) in ``directory``."""
+        import numpy as np
+
+        d = Path(directory)
+        idf_path, vocab_path = d / "idf.npy", d / "tfidf_vocab.json"
+        for path in (idf_path, vocab_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"TF-IDF statistics file {path} not found")
+        vocab = {str(w): int(i) for w, i in json.loads(vocab_path.read_text(encoding="utf-8")).items()}
+        idf = torch.from_numpy(np.asarray(np.load(idf_path), dtype=np.float64))
+        if idf.ndim != 1 or (vocab and max(vocab.values()) >= idf.numel()):
+            raise ValueError(f"{idf_path} holds {tuple(idf.shape)} idf values for a vocabulary of {len(vocab)} words")
         return cls(vocab, idf)
 
     def transform(self, texts: Sequence[str]) -> torch.Tensor:
         """``[N, V]`` dense TF-IDF vectors ``v[i, w] = count_i(w) · idf(w)``."""
-        out = torch.zeros(len(texts), len(self.vocab), dtype=torch.float64)
+        out = torch.zeros(len(texts), self.idf.numel(), dtype=torch.float64)
         for i, text in enumerate(texts):
             for word, c in Counter(tfidf_tokenize(text)).items():
                 j = self.vocab.get(word)

@@ -1,22 +1,28 @@
 """Editing metrics: CounterFact efficacy / generalization / specificity and zsRE token accuracy.
 
+See ``docs/algorithms.md`` §8 (Evaluation). Every metric is averaged per record first and then
+over records, as the published summary (``experiments/summarize.py``) does.
+
 CounterFact (ROME/MEMIT convention). With ``NLL(y | x)`` the mean-token negative log-likelihood
-of target ``y`` after prompt ``x`` and ``P(y | x) = exp(-NLL(y | x))``:
+of target ``y`` after prompt ``x`` and ``P(y | x) = exp(-NLL(y | x))``, for record ``r``:
 
-    efficacy       = 100 · mean_records  1[NLL(o* | rewrite) < NLL(o | rewrite)]
-    generalization = 100 · mean_{all paraphrase prompts}  1[NLL(o* | p) < NLL(o | p)]
-    specificity    = 100 · mean_{all neighborhood prompts} 1[NLL(a | n) < NLL(o* | n)]
+    eff_r  = 1[NLL(o* | rewrite) < NLL(o | rewrite)]
+    gen_r  = mean_{paraphrases p of r}    1[NLL(o* | p) < NLL(o | p)]
+    spec_r = mean_{neighborhood n of r}   1[NLL(a | n) < NLL(o* | n)]
 
-where ``a`` is the neighborhood answer (``o`` unless the record gives ``neighborhood_targets``).
-The ``*_margin`` versions average ``P(o* | x) - P(o | x)`` (rewrite, paraphrases) and
-``P(a | n) - P(o* | n)`` (neighborhood) instead of the indicator.
+    efficacy = 100 · mean_r eff_r,  generalization = 100 · mean_r gen_r,  specificity = 100 · mean_r spec_r
+
+where ``a`` is the neighborhood answer (``o`` unless the record gives ``neighborhood_targets``)
+and a record without prompts of a kind does not count for that kind. The ``*_margin`` versions
+average ``P(o* | x) - P(o | x)`` (rewrite, paraphrases) and ``P(a | n) - P(o* | n)``
+(neighborhood) the same way (per record, then over records) instead of the indicator.
 
 zsRE (MEMIT convention): ``acc(y | x)`` is the teacher-forced top-1 token accuracy of ``y``
 after ``x``; for each record the token hits of all its prompts of one kind are pooled, and
 
     efficacy       = 100 · mean_records acc(o* | rewrite)
     generalization = 100 · mean_records acc(o* | paraphrases)
-    specificity    = 100 · mean_records acc(loc_ans | loc prompt)
+    specificity    = 100 · mean_records acc(loc_ans | loc + "?")
 
 Every prompt of every record is scored in one flat list (see :mod:`.scoring`), so a whole
 evaluation costs ``ceil(#pairs / batch_size)`` forward passes.
@@ -32,10 +38,19 @@ from torch import nn
 
 from blueedit.data.records import EditRequest
 from blueedit.editing.tokens import tokenize_target
-from blueedit.evaluation.metrics import MeanValue, SuccessRate
+from blueedit.evaluation.metrics import MeanValue
 from blueedit.evaluation.scoring import score_continuations
 
-__all__ = ["EvaluationResult", "evaluate_counterfact", "evaluate_zsre", "evaluate_requests"]
+__all__ = [
+    "EvaluationResult",
+    "EDIT_KINDS",
+    "record_values",
+    "evaluate_counterfact",
+    "evaluate_zsre",
+    "evaluate_requests",
+]
+
+EDIT_KINDS: tuple[str, ...] = ("efficacy", "generalization", "specificity")
 
 
 @dataclass
@@ -81,7 +96,7 @@ class _PairList:
         return len(self.prompts) - 1
 
 
-def _value(metric: SuccessRate | MeanValue) -> float:
+def _value(metric: MeanValue) -> float:
     """The metric's value as a float; ``nan`` when it was never updated (no such prompts).
 
     A metric made with ``sync_on_compute`` is always computed, so every process joins the sync.
@@ -96,6 +111,54 @@ def _meters(cls, kinds, sync: bool, model: nn.Module) -> dict:
     over all processes at ``compute`` (torchmetrics synchronization, for sharded evaluation)."""
     device = next(model.parameters()).device if sync else torch.device("cpu")
     return {k: cls(sync_on_compute=sync).to(device) for k in kinds}
+
+
+def _mean(values: list) -> float | None:
+    return float(sum(float(v) for v in values)) / len(values) if values else None
+
+
+def record_values(rec: dict[str, Any], kind: str) -> dict[str, float]:
+    """The per-record values that are averaged over records, from one entry of
+    :attr:`EvaluationResult.records`.
+
+    CounterFact (``kind="counterfact"``): ``efficacy`` = ``100 · eff_r``, ``generalization`` /
+    ``specificity`` = ``100 ·`` the mean of the record's per-prompt successes, and the matching
+    ``*_margin`` means (probability differences, not scaled). zsRE: ``100 ·`` the record's pooled
+    token accuracy of each kind. A kind the record has no prompt for is absent.
+    """
+    out: dict[str, float] = {}
+    for name in EDIT_KINDS:
+        v = rec.get(name)
+        if kind == "zsre":
+            if v is not None:
+                out[name] = 100.0 * float(v)
+            continue
+        values = v if isinstance(v, list) else ([] if v is None else [v])
+        m = _mean(values)
+        if m is None:
+            continue
+        out[name] = 100.0 * m
+        mv = rec.get(f"{name}_margin")
+        margins = mv if isinstance(mv, list) else ([] if mv is None else [mv])
+        mm = _mean(margins)
+        if mm is not None:
+            out[f"{name}_margin"] = mm
+    return out
+
+
+def _metric_names(kind: str) -> list[str]:
+    return list(EDIT_KINDS) + ([] if kind == "zsre" else [f"{k}_margin" for k in EDIT_KINDS])
+
+
+def _aggregate(records: list[dict[str, Any]], kind: str, sync: bool, model: nn.Module) -> dict[str, float]:
+    """``mean over records`` of :func:`record_values` for every metric name (``nan`` when no
+    record has it); with ``sync`` the sums are reduced over all processes."""
+    names = _metric_names(kind)
+    meters = _meters(MeanValue, names, sync, model)
+    for rec in records:
+        for name, value in record_values(rec, kind).items():
+            meters[name].update(torch.tensor([value], dtype=torch.float64))
+    return {name: _value(meters[name]) for name in names}
 
 
 @torch.no_grad()
@@ -141,21 +204,14 @@ def evaluate_counterfact(
     nll = scores.mean_nll.double()  # [n_pairs]
     prob = torch.exp(-nll)
 
-    kinds = ("efficacy", "generalization", "specificity")
-    rate = _meters(SuccessRate, kinds, sync, model)
-    margin = _meters(MeanValue, kinds, sync, model)
     records: list[dict[str, Any]] = []
     for req, plan in zip(requests, plans):
         rec: dict[str, Any] = {"case_id": req.case_id}
         # kind -> [(success, margin, nll of first, nll of second)] in prompt order
-        per: dict[str, list[tuple[bool, float, float, float]]] = {k: [] for k in kinds}
+        per: dict[str, list[tuple[bool, float, float, float]]] = {k: [] for k in EDIT_KINDS}
         for kind, _, ia, ib in plan:
             outcome = (bool(nll[ia] < nll[ib]), float(prob[ia] - prob[ib]), float(nll[ia]), float(nll[ib]))
             per[kind].append(outcome)
-        for kind in kinds:
-            if per[kind]:
-                rate[kind].update(torch.tensor([o[0] for o in per[kind]], dtype=torch.bool))
-                margin[kind].update(torch.tensor([o[1] for o in per[kind]], dtype=torch.float64))
         eff = per["efficacy"][0] if per["efficacy"] else None
         rec["efficacy"] = eff[0] if eff else None
         rec["efficacy_margin"] = eff[1] if eff else None
@@ -166,11 +222,7 @@ def evaluate_counterfact(
             rec[f"{kind}_margin"] = [o[1] for o in per[kind]]
         records.append(rec)
 
-    metrics: dict[str, float] = {}
-    for kind in kinds:
-        metrics[kind] = _value(rate[kind])
-    for kind in kinds:
-        metrics[f"{kind}_margin"] = _value(margin[kind])
+    metrics = _aggregate(records, "counterfact", sync, model)
     skipped = {"no_target_true": skipped_true} if skipped_true else {}
     return EvaluationResult(metrics, records, "counterfact", len(requests), skipped)
 
@@ -200,23 +252,19 @@ def evaluate_zsre(
         plans.append(plan)
 
     scores = score_continuations(model, tokenizer, pairs.prompts, pairs.continuations, batch_size=batch_size)
-    kinds = ("efficacy", "generalization", "specificity")
-    acc = _meters(MeanValue, kinds, sync, model)
     records: list[dict[str, Any]] = []
     for req, plan in zip(requests, plans):
         rec: dict[str, Any] = {"case_id": req.case_id}
-        for kind in kinds:
+        for kind in EDIT_KINDS:
             idx = plan[kind]
             if not idx:
                 rec[kind] = None
                 continue
             hits = torch.cat([scores.correct[i] for i in idx]).double()  # pooled token hits
-            a = float(hits.mean())
-            acc[kind].update(torch.tensor([100.0 * a], dtype=torch.float64))
-            rec[kind] = a
+            rec[kind] = float(hits.mean())
             rec[f"{kind}_per_prompt"] = [float(scores.correct[i].double().mean()) for i in idx]
         records.append(rec)
-    metrics = {k: _value(acc[k]) for k in kinds}
+    metrics = _aggregate(records, "zsre", sync, model)
     return EvaluationResult(metrics, records, "zsre", len(requests))
 
 

@@ -1,4 +1,6 @@
-"""Fluency of generations: weighted n-gram entropy (ROME/MEMIT), and batched greedy generation.
+"""Fluency of generations: weighted n-gram entropy (ROME/MEMIT), top-k sampled and greedy generation.
+
+See ``docs/algorithms.md`` §8 (Evaluation).
 
 For a text with word n-grams ``g`` occurring ``c(g)`` times, ``f(g) = c(g) / Σ c`` and
 
@@ -11,14 +13,25 @@ weights ``w = (2/3, 4/3)``:
 
 and the fluency of a set of generations is ``100 · mean_texts E(text)`` (published tables print
 the ×100 value, e.g. ~620 for an unedited GPT-J). Repetitive, degenerate text has low entropy.
+
+The published generations (:func:`generate_sampled`) are top-``k`` sampled (``k = 5``) until a
+row holds ``max_length = 100`` tokens counting the prompt's own tokens: at each step the model's
+next-token distribution is restricted to its ``k`` most likely tokens and renormalized,
+
+    p'(t) = p(t) / Σ_{u ∈ top_k} p(u)   for t ∈ top_k,   0 otherwise,
+
+and one token is drawn from ``p'``. Generation does not stop at EOS (special tokens are dropped
+when decoding), and the texts are NFKD-normalized with blank lines joined, as published.
 Words come from a small regex tokenizer that mimics ``nltk.word_tokenize`` on ordinary prose
 (words, numbers with inner ``.``/``,``, contractions split as ``n't``/``'s``, punctuation alone).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
@@ -28,7 +41,15 @@ from torch import nn
 from blueedit.editing.tokens import encode_prompt, pad_batch, pad_token_id
 from blueedit.evaluation.scoring import model_device
 
-__all__ = ["word_tokenize", "ngram_entropy", "text_ngram_entropy", "fluency_score", "generate_greedy"]
+__all__ = [
+    "word_tokenize",
+    "ngram_entropy",
+    "text_ngram_entropy",
+    "fluency_score",
+    "generate_greedy",
+    "generate_sampled",
+    "sample_top_k",
+]
 
 NGRAM_ORDERS: tuple[int, ...] = (2, 3)
 NGRAM_WEIGHTS: tuple[float, ...] = (2.0 / 3.0, 4.0 / 3.0)
@@ -183,4 +204,113 @@ def generate_greedy(
                 else:
                     text = tokenizer.decode(row, skip_special_tokens=True)
             out.append(text)
+    return out
+
+
+def sample_top_k(logits: torch.Tensor, k: int, uniform: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row from the renormalized top-``k`` distribution by inverse CDF.
+
+    Args:
+        logits: ``[B, V]`` next-token logits.
+        k: how many of the most likely tokens stay (``k >= 1``; clipped to ``V``).
+        uniform: ``[B]`` numbers in ``[0, 1)``, one per row (the only randomness).
+
+    Returns:
+        ``[B]`` token ids: with ``q`` the top-``k`` probabilities in decreasing order, renormalized
+        to sum 1, row ``b`` gets the ``j``-th top token for the smallest ``j`` with
+        ``q_1 + ... + q_j > uniform[b]``.
+    """
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    probs = torch.softmax(logits.float(), dim=-1)  # [B, V]
+    top_p, top_i = torch.topk(probs, min(k, probs.shape[-1]), dim=-1)  # [B, k], decreasing
+    q = top_p / top_p.sum(-1, keepdim=True)
+    cdf = q.cumsum(-1)  # [B, k]
+    u = uniform.to(device=cdf.device, dtype=cdf.dtype).unsqueeze(-1)  # [B, 1]
+    j = (cdf <= u).sum(-1).clamp(max=q.shape[-1] - 1)  # [B]
+    return top_i.gather(-1, j.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def _sampling_loop(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    steps: int,
+    top_k: int,
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """``steps`` top-``k`` sampled tokens for left-padded ``[B, T]`` inputs: ``[B, steps]``.
+
+    Hugging Face models reuse their key/value cache; any other model is re-run on the whole
+    sequence at each step. Row ``b`` draws its uniforms from ``generators[b]`` only.
+    """
+    use_cache = _is_hf_generator(model)
+    # transformers 5 names the cache argument and output ``cache``; 4.x ``past_key_values``
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ids, mask = input_ids, attention_mask
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    past = None
+    step_ids, step_pos = ids, position_ids
+    new: list[torch.Tensor] = []
+    for _ in range(steps):
+        if use_cache:
+            kwargs = {cache_arg: past} if past is not None else {}
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **kwargs)
+            past = out[cache_arg] if cache_arg in out else out.past_key_values
+        else:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids)
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])  # [B]
+        nxt = sample_top_k(out.logits[:, -1], top_k, u)  # [B]
+        new.append(nxt)
+        step_pos = position_ids[:, -1:] + 1
+        step_ids = nxt[:, None]
+        ids = torch.cat([ids, step_ids], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position_ids = torch.cat([position_ids, step_pos], dim=1)
+    if not new:
+        return ids[:, :0]
+    return torch.stack(new, dim=1)
+
+
+def _published_text(text: str) -> str:
+    """The published clean-up of a generated text: NFKD normalization, blank lines joined."""
+    return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+
+
+@torch.no_grad()
+def generate_sampled(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_length: int = 100,
+    top_k: int = 5,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[str]:
+    """Top-``k`` sampled texts of ``max_length`` tokens counting the prompt, as published.
+
+    Each returned text is the decoded prompt plus continuation (special tokens dropped,
+    NFKD-normalized, blank lines joined). A prompt already ``max_length`` tokens long or longer
+    is returned as it is. The draws of prompt ``i`` come from its own ``torch.Generator``
+    seeded with ``seed + i``, so the result depends on ``seed`` and the prompts only (not on
+    ``batch_size``, up to float rounding of padded batches) and the global random state is
+    left untouched.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    device = model_device(model)
+    pad_id = pad_token_id(tokenizer)
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        encoded = [encode_prompt(tokenizer, p, None)[0] for p in chunk]
+        budgets = [max(0, max_length - len(e)) for e in encoded]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        batch = pad_batch(encoded, [-1] * len(chunk), pad_id=pad_id, padding_side="left").to(device)
+        new_ids = _sampling_loop(model, batch.input_ids, batch.attention_mask, max(budgets), top_k, generators)
+        for prompt_ids, row, budget in zip(encoded, new_ids.tolist(), budgets):
+            text = tokenizer.decode(prompt_ids + row[:budget], skip_special_tokens=True)
+            out.append(_published_text(text))
     return out

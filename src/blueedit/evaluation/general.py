@@ -1,5 +1,8 @@
 """General capability after editing: zero-shot GLUE-style tasks, MMLU, and perplexity.
 
+See ``docs/algorithms.md`` §8 ("General capability") and §10 for how this differs from the
+published GLUE scripts.
+
 Zero-shot classification. Each example ``i`` becomes a prompt ``x_i`` and each class ``k`` a
 label word ``w_k`` (``" positive"``, ``" Yes"``, ``" True"``, ``" A"`` ...). With ``y^k`` the
 tokens of ``w_k``, the class score is the label word's log-likelihood

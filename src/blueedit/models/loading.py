@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -116,6 +117,69 @@ def forget_gguf_origin(model) -> None:
         model.is_quantized = False
 
 
+def looks_local(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` is meant as a local path rather than a hub id (``org/name``): it
+    starts with ``/``, ``./``, ``../`` or ``~``, has more than one ``/``, ends with ``.gguf``,
+    or exists on disk."""
+    name = name_or_path
+    return (name.startswith(("/", "./", "../", "~")) or name in (".", "..") or name.count("/") > 1
+            or name.endswith(".gguf") or Path(name).expanduser().exists())
+
+
+def check_model_source(spec: ModelSpec) -> None:
+    """Fail fast, naming the option, when ``model.name_or_path`` is a local path that does not
+    exist (instead of transformers' "Repo id must be in the form ..." after a hub lookup)."""
+    name = spec.name_or_path
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model.name_or_path must be a non-empty string, got {name!r}")
+    if name in PACKAGED_MODELS:
+        resolve_packaged(name)
+        return
+    if not looks_local(name):
+        return
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"model.name_or_path {name!r}: no such file")
+        return
+    if not path.exists():
+        raise FileNotFoundError(f"model.name_or_path {name!r}: no such directory")
+    if not path.is_dir():
+        raise NotADirectoryError(f"model.name_or_path {name!r} is a file, not a model directory (or a .gguf file)")
+    if spec.gguf_file is not None and not (path / spec.gguf_file).is_file():
+        raise FileNotFoundError(f"model.gguf_file {spec.gguf_file!r}: no such file in {path}")
+    if spec.gguf_file is None and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.name_or_path {name!r} has no config.json: not a Hugging Face model directory")
+
+
+def local_model_dir(spec: ModelSpec, cache_dir: str | Path | None = None) -> Path | None:
+    """The local Hugging Face directory the model would be loaded from without converting or
+    downloading anything (a local directory, or an already de-quantized GGUF); else ``None``."""
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    source, gguf = spec.name_or_path, spec.gguf_file
+    try:
+        packaged = resolve_packaged(source)
+    except FileNotFoundError:
+        return None
+    if packaged:
+        source, gguf = packaged
+    elif source.endswith(".gguf") and Path(source).is_file():
+        source, gguf = str(Path(source).parent), Path(source).name
+    if not Path(source).expanduser().is_dir():
+        return None
+    directory = _gguf_cache_dir(source, gguf, cache) if gguf else Path(source).expanduser()
+    return directory if (directory / "config.json").is_file() else None
+
+
+def context_length(config) -> int | None:
+    """The model's maximum sequence length from its config, when it states one."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path | None = None):
     """Load ``(model, tokenizer)`` in eval mode with gradients off for every parameter.
 
@@ -125,6 +189,7 @@ def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path | None = Non
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_source(spec)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     dtype = parse_dtype(spec.dtype)
     source, gguf = spec.name_or_path, spec.gguf_file
@@ -163,7 +228,90 @@ def load_model_and_tokenizer(spec: ModelSpec, cache_dir: str | Path | None = Non
 
 
 def model_fingerprint(spec: ModelSpec) -> str:
-    """A short stable name of the model for cache keys (not of its edited state)."""
+    """A short, readable label of the model *name* (a cache directory name).
+
+    It says nothing about the weights: two different models copied to the same path get the same
+    label. Cache keys therefore use :func:`model_content_fingerprints` as well.
+    """
     base = spec.name_or_path.rstrip("/").replace("/", "--")
     extra = f"|{spec.gguf_file}|{spec.revision}"
     return f"{Path(base).name}-{hashlib.sha256((spec.name_or_path + extra).encode()).hexdigest()[:8]}"
+
+
+#: Config entries that name where a model came from rather than what it computes.
+_VOLATILE_CONFIG_KEYS = frozenset({"_name_or_path", "name_or_path", "transformers_version", "_commit_hash",
+                                   "_attn_implementation_autoset", "_attn_implementation_internal"})
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and raw bytes (moved to the CPU one tensor at a time)."""
+    t = t.detach()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.is_meta:  # offloaded by accelerate: nothing to read
+        h.update(b"meta")
+    elif t.numel():
+        h.update(memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of what a tokenizer does: the full serialization of a fast tokenizer (vocabulary,
+    merges, normalizer, pre- and post-processor; not the padding and truncation settings, which
+    calls change), else its class, vocabulary and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        text = json.dumps(state, sort_keys=True)
+    else:
+        text = json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()),
+                           getattr(tokenizer, "special_tokens_map", {})], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_content_fingerprints(model, tokenizer, layers: list[int], *, blocks: str,
+                               skip_modules: list | tuple = ()) -> dict[int, str]:
+    """A fingerprint of what the model computes up to each layer in ``layers``.
+
+    The key statistics ``C_0^l`` depend on the tokenizer, the config and every weight up to block
+    ``l`` (embeddings, blocks ``0..l``), not on the deeper blocks, the final norm or the LM head. So
+    the fingerprint of layer ``l`` is the SHA-256 of: the model class, its config (minus the
+    entries naming its origin), :func:`tokenizer_fingerprint`, the digest of every parameter and
+    buffer outside the blocks (except those of ``skip_modules``, unless shared with the input
+    embeddings), and the digests of blocks ``0..l``. Two copies of one model anywhere give the
+    same fingerprints; any changed weight that ``C_0^l`` depends on changes them.
+
+    Cost: one pass over those weights (about 1 GB/s on one CPU core).
+    """
+    prefix = blocks + "."
+    keep = {id(p) for p in model.get_input_embeddings().parameters()} if model.get_input_embeddings() else set()
+    skip = {id(t) for m in skip_modules for t in list(m.parameters()) + list(m.buffers())} - keep
+    deepest = max(layers)
+    outside = hashlib.sha256()
+    per_block: dict[int, hashlib._Hash] = {}
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    seen: set[int] = set()
+    for name, t in named:
+        if id(t) in seen or id(t) in skip:
+            continue
+        seen.add(id(t))
+        if name.startswith(prefix):
+            index = int(name[len(prefix):].split(".", 1)[0])
+            if index > deepest:
+                continue
+            h = per_block.setdefault(index, hashlib.sha256())
+        else:
+            h = outside
+        h.update(f"{name}:{tensor_digest(t)};".encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    base = hashlib.sha256(json.dumps([type(model).__name__, config, tokenizer_fingerprint(tokenizer),
+                                      outside.hexdigest()], sort_keys=True, default=str).encode())
+    out: dict[int, str] = {}
+    running = base
+    for index in range(deepest + 1):
+        running = running.copy()
+        running.update(per_block[index].hexdigest().encode() if index in per_block else b"-")
+        if index in layers:
+            out[index] = running.hexdigest()
+    return out

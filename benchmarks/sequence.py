@@ -1,0 +1,526 @@
+"""The long-sequence benchmark: ``blueedit fit`` over N edits, metrics of everything edited so far.
+
+For each ``METHOD:STRATEGY`` of ``--runs`` this runs ``blueedit fit`` (the CLI entry point, in this
+process: LightningCLI, ``EditingModule``, ``EditDataModule``) on the base ``--config`` with:
+
+- ``--dataset`` (``counterfact_eval`` or ``zsre_eval``), ``--num-edits`` N in rounds of
+  ``--edits-per-round`` E;
+- ``SequenceEvaluation``: efficacy / generalization / specificity of all records edited so far,
+  every ``--eval-every`` K edits (and before editing, on all N records);
+- ``GeneralCapability`` (GLUE-style subset + perplexity) every ``--general-every`` edits,
+  ``HiddenStateDrift`` every round, ``WeightShiftError`` every ``--wse-every`` edits;
+- a ``ModelCheckpoint`` after every round (``last.ckpt``) in the run's work directory
+  ``<workdir>/<name>/<method>_<strategy>`` (default workdir ``~/.cache/blueedit/sequence``).
+
+Running the same command again continues an interrupted run from its ``last.ckpt``
+(``--ckpt_path``; the round loader, the editor state and every callback's history are restored, so
+the curve continues and the final weights are the ones of an uninterrupted run), and skips runs
+that finished (their ``runs/<run>.json`` exists in the results directory). A run's work directory
+remembers its command; a different command for the same run is refused (``--restart`` starts it
+over).
+
+Written under ``--out``/``<name>`` (default ``benchmarks/results/<name>``), assembled from the
+finished runs' histories:
+
+- ``runs/<method>_<strategy>.json``: the run's histories (sequence metrics, general capability,
+  drift, weight shift error, per-round seconds and update norms) and its command;
+- ``sequence.csv``: one row per run × checkpoint (in edits) × metric;
+- ``curves.png``: metric against edits, one line per method × strategy;
+- ``table.md``: pre-edit and final values per run, and the time it took.
+
+Example (the paper's protocol, CounterFact, MEMIT vs MEMIT + BLUE)::
+
+    python benchmarks/sequence.py --name counterfact_memit --num-edits 1000 \\
+        --runs memit:distribute memit:boundary
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import gc
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+DEFAULT_CONFIG = "configs/smollm2-135m/memit.yaml"
+DEFAULT_WORKDIR = "~/.cache/blueedit/sequence"
+SEQUENCE_METRICS = ("efficacy", "generalization", "specificity")
+CALLBACKS = {
+    "sequence": "blueedit.callbacks.sequence.SequenceEvaluation",
+    "general": "blueedit.callbacks.progress.GeneralCapability",
+    "drift": "blueedit.callbacks.drift.HiddenStateDrift",
+    "weight_shift": "blueedit.callbacks.weight_shift.WeightShiftError",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", help="results / work subdirectory (default: <dataset>_<N>x<E>)")
+    p.add_argument("--runs", nargs="+", default=["memit:distribute", "memit:boundary"], metavar="METHOD:STRATEGY")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="base blueedit config (relative to the repository)")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="blueedit config overrides, e.g. model.editing.target.v_num_grad_steps=20")
+    p.add_argument("--dataset", default="counterfact_eval", help="counterfact_eval, zsre_eval or a records file")
+    p.add_argument("--num-edits", type=int, default=1000)
+    p.add_argument("--edits-per-round", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=100, help="edits between evaluations of all edited records")
+    p.add_argument("--general-every", type=int, default=500, help="edits between general-capability runs (0: off)")
+    p.add_argument("--general-tasks", nargs="+", default=None, help="GLUE-style tasks (default: all)")
+    p.add_argument("--general-examples", type=int, default=50)
+    p.add_argument("--general-perplexity-texts", type=int, default=20)
+    p.add_argument("--drift-every", type=int, default=None, help="edits between drift measurements "
+                   "(default: every round; 0: off)")
+    p.add_argument("--drift-probes", type=int, default=50)
+    p.add_argument("--wse-every", type=int, default=1000,
+                   help="diagnose the weight shift error of rounds 0, n, 2n, ... with n = this / E rounds (0: off); "
+                        "a diagnosed round costs one extra target optimization per edited layer")
+    p.add_argument("--wse-contribution", action="store_true", help="also the contribution scores")
+    p.add_argument("--data-dir", default=None, help="benchmark data (default $BLUEEDIT_DATA_DIR or ../shared/data)")
+    p.add_argument("--workdir", default=None, help=f"checkpoints and logs (default {DEFAULT_WORKDIR}), outside the repo")
+    p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"), help="results root ('' : none)")
+    p.add_argument("--restart", action="store_true", help="discard the runs' work directories and start over")
+    p.add_argument("--report-only", action="store_true", help="only re-assemble CSV / PNG / table from runs/*.json")
+    p.add_argument("--report-partial", action="store_true",
+                   help="with --report-only: also report unfinished runs from their last checkpoint (marked partial)")
+    p.add_argument("--stop-after-rounds", type=int, default=None,
+                   help="(tests) stop each run after this many rounds, as an interruption would")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    for spec in args.runs:
+        if spec.count(":") != 1:
+            p.error(f"--runs {spec!r}: expected METHOD:STRATEGY, e.g. memit:boundary")
+    for o in args.overrides:
+        if "=" not in o:
+            p.error(f"--set {o!r}: expected KEY=VALUE")
+    for opt in ("num_edits", "edits_per_round", "eval_every"):
+        if getattr(args, opt) < 1:
+            p.error(f"--{opt.replace('_', '-')} must be >= 1")
+    args.name = args.name or f"{Path(args.dataset).stem}_{args.num_edits}x{args.edits_per_round}"
+    return args
+
+
+def run_key(spec: str) -> str:
+    method, strategy = spec.split(":")
+    return f"{method}_{strategy}"
+
+
+def every_rounds(every_edits: int, edits_per_round: int) -> int:
+    """A number of edits as a number of rounds, at least 1."""
+    return max(1, math.ceil(every_edits / edits_per_round))
+
+
+def run_config(args: argparse.Namespace, spec: str, run_dir: Path, data_dir: Path) -> dict[str, Any]:
+    """The generated part of the run's blueedit config (layered over ``--config``)."""
+    method, strategy = spec.split(":")
+    E = args.edits_per_round
+    callbacks: list[dict[str, Any]] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(run_dir / "checkpoints"), "save_last": True, "save_top_k": 0,
+                       "every_n_train_steps": 1}},
+        {"class_path": CALLBACKS["sequence"], "init_args": {"every_n_edits": args.eval_every}},
+    ]
+    if args.general_every > 0:
+        init = {"every_n_rounds": every_rounds(args.general_every, E), "num_examples": args.general_examples,
+                "perplexity_texts": args.general_perplexity_texts}
+        if args.general_tasks:
+            init["tasks"] = list(args.general_tasks)
+        callbacks.append({"class_path": CALLBACKS["general"], "init_args": init})
+    drift_every = E if args.drift_every is None else args.drift_every
+    if drift_every > 0:
+        callbacks.append({"class_path": CALLBACKS["drift"],
+                          "init_args": {"num_probes": args.drift_probes,
+                                        "every_n_rounds": every_rounds(drift_every, E)}})
+    if args.wse_every > 0:
+        callbacks.append({"class_path": CALLBACKS["weight_shift"],
+                          "init_args": {"every_n_rounds": every_rounds(args.wse_every, E),
+                                        "contribution": bool(args.wse_contribution)}})
+    return {
+        "trainer": {
+            "default_root_dir": str(run_dir),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(run_dir), "name": "logs", "flush_logs_every_n_steps": 1}},
+            "callbacks": callbacks,
+        },
+        "model": {"editing": {"method": method, "strategy": strategy}, "evaluate": False},
+        "data": {"dataset": args.dataset, "data_dir": str(data_dir), "num_edits": args.num_edits,
+                 "edits_per_round": E},
+    }
+
+
+def run_identity(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
+    """What must not change between the invocations that make one run: the base config as given,
+    the overrides and the generated config without its paths (the work and data directories may
+    move to another machine)."""
+    cfg = json.loads(json.dumps(config))
+    cfg["trainer"].pop("default_root_dir", None)
+    cfg["trainer"]["logger"]["init_args"].pop("save_dir", None)
+    cfg["data"].pop("data_dir", None)
+    for cb in cfg["trainer"]["callbacks"]:
+        cb["init_args"].pop("dirpath", None)
+    config_path = Path(args.config).expanduser().resolve()
+    try:
+        config_name = config_path.relative_to(C.REPO).as_posix()
+    except ValueError:
+        config_name = str(config_path)
+    return {"config": config_name, "overrides": list(args.overrides), "generated": cfg}
+
+
+def _find(callbacks, class_path: str):
+    name = class_path.rsplit(".", 1)[1]
+    return next((c for c in callbacks if type(c).__name__ == name), None)
+
+
+def run_one(args: argparse.Namespace, spec: str, work_root: Path, data_dir: Path) -> dict[str, Any] | None:
+    """Run (or continue) one method × strategy; its history dict when it finished, else ``None``."""
+    key = run_key(spec)
+    run_dir = work_root / key
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir, key):
+        if args.restart:
+            for child in run_dir.iterdir():
+                if child.name != LOCK_NAME:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        return _run_locked(args, spec, key, run_dir, data_dir)
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, key: str):
+    """Hold an exclusive lock on the run's work directory (two processes must not continue the
+    same run); the operating system releases it when the process dies."""
+    import fcntl
+
+    with (run_dir / LOCK_NAME).open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            raise SystemExit(f"run {key} in {run_dir} is being run by another process (pid {f.read().strip() or '?'})")
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_locked(args: argparse.Namespace, spec: str, key: str, run_dir: Path, data_dir: Path) -> dict[str, Any] | None:
+    from blueedit.cli import run_cli
+
+    config = run_config(args, spec, run_dir, data_dir)
+    base = Path(args.config)
+    base = base if base.is_absolute() else (C.REPO / base)
+    if not base.is_file():
+        raise FileNotFoundError(f"--config {args.config!r}: no such file")
+    identity = run_identity(args, config)
+    ident_path = run_dir / "command.json"
+    if ident_path.is_file():
+        before = json.loads(ident_path.read_text())
+        if before != identity:
+            raise SystemExit(f"run {key} in {run_dir} was started with a different command "
+                             f"(see {ident_path}); pass --restart to start it over, or another --name / --workdir")
+    else:
+        ident_path.write_text(json.dumps(identity, indent=1))
+    gen_path = run_dir / "sequence.yaml"
+    gen_path.write_text(json.dumps(config, indent=1))  # JSON is YAML
+    cli_args = ["fit", "--config", str(base), "--config", str(gen_path)]
+    cli_args += [f"--{o}" for o in args.overrides]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        cli_args += ["--ckpt_path", str(last)]
+        print(f"[sequence] {key}: resuming from {last}", flush=True)
+    else:
+        print(f"[sequence] {key}: starting in {run_dir}", flush=True)
+    if args.stop_after_rounds is not None:
+        cli_args += [f"--trainer.max_steps={args.stop_after_rounds}"]
+    t0 = time.perf_counter()
+    argv0 = sys.argv
+    try:
+        sys.argv = argv0[:1]  # LightningCLI reads ``args``; keep it from also seeing this script's options
+        with warnings.catch_warnings():
+            # manual optimization: the "pre-optimization state" ModelCheckpoint asks about does not exist
+            warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
+            cli = run_cli(cli_args)
+    finally:
+        sys.argv = argv0
+    wall = time.perf_counter() - t0
+    module, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    if module.editor is None or module.editor.state.rounds_done < dm.num_rounds:
+        done = 0 if module.editor is None else module.editor.state.rounds_done
+        print(f"[sequence] {key}: stopped after {done}/{dm.num_rounds} rounds; run the same command to continue",
+              flush=True)
+        return None
+    cbs = trainer.callbacks
+    hist = {name: (getattr(_find(cbs, path), "history", None)) for name, path in CALLBACKS.items()}
+    record = {
+        "run": key, "name": args.name, "method": module.hp.method, "strategy": module.hp.strategy,
+        "layers": list(module.hp.layers), "dataset": args.dataset, "num_edits": len(dm.requests),
+        "edits_per_round": dm.edits_per_round, "eval_every": args.eval_every,
+        "command": "python benchmarks/sequence.py " + " ".join(args.argv),
+        "blueedit_args": cli_args[:cli_args.index("--ckpt_path")] if "--ckpt_path" in cli_args else cli_args,
+        "rounds": [{"index": r.index, "seconds": r.seconds, "num_edits": len(r.case_ids),
+                    "update_norms": {str(k): v for k, v in r.update_norms.items()}} for r in module.reports],
+        "edit_seconds": sum(r.seconds for r in module.reports),
+        "last_wall_seconds": wall,
+        "work_dir": str(run_dir),
+        "versions": C.versions(),
+        **hist,
+    }
+    (run_dir / "history.json").write_text(json.dumps(record, indent=1, default=str))
+    return record
+
+
+def partial_record(args: argparse.Namespace, spec: str, run_dir: Path) -> dict[str, Any] | None:
+    """The record of an unfinished run, read from its ``last.ckpt``: the callbacks' histories and
+    the rounds done so far (``partial: true``; ``num_edits`` counts the edits done)."""
+    import torch
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return None
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    states = ckpt.get("callbacks", {})
+
+    def history(path: str):
+        name = path.rsplit(".", 1)[1]
+        for key, state in states.items():
+            if key.split("{")[0] == name and isinstance(state, dict):
+                return state.get("history")
+        return None
+
+    reports = (ckpt.get("blueedit") or {}).get("reports") or []
+    method, strategy = spec.split(":")
+    done = sum(len(r["case_ids"]) for r in reports)
+    return {
+        "run": run_key(spec), "name": args.name, "method": method, "strategy": strategy, "dataset": args.dataset,
+        "num_edits": done, "edits_per_round": args.edits_per_round, "eval_every": args.eval_every,
+        "partial": True, "planned_edits": args.num_edits,
+        "command": "python benchmarks/sequence.py " + " ".join(a for a in args.argv
+                                                              if a not in ("--report-only", "--report-partial")),
+        "rounds": [{"index": r["index"], "seconds": r["seconds"], "num_edits": len(r["case_ids"]),
+                    "update_norms": {str(k): v for k, v in r["update_norms"].items()}} for r in reports],
+        "edit_seconds": sum(r["seconds"] for r in reports),
+        "work_dir": str(run_dir), "versions": C.versions(),
+        **{name: history(path) for name, path in CALLBACKS.items()},
+    }
+
+
+# -- results ----------------------------------------------------------------------------------
+def _nan_to_none(v: Any) -> Any:
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One CSV row per checkpoint (in edits) × metric of one run."""
+    E, N = record["edits_per_round"], record["num_edits"]
+    base = {"method": record["method"], "strategy": record["strategy"], "dataset": record["dataset"],
+            "edits_per_round": E}
+
+    def edits_after(round_index: int) -> int:
+        return 0 if round_index < 0 else min((round_index + 1) * E, N)
+
+    rows = []
+
+    def add(round_index: int, metric: str, value: Any) -> None:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return
+        rows.append({**base, "edits": edits_after(round_index), "round": round_index, "metric": metric,
+                     "value": float(value)})
+
+    for h in record.get("sequence") or []:
+        for m, v in h["metrics"].items():
+            add(h["round"], m, v)
+    for h in record.get("general") or []:
+        tasks = h.get("tasks") or {}
+        for t, m in tasks.items():
+            add(h["round"], f"general/{t}", m.get("main"))
+        if tasks:
+            add(h["round"], "general/mean", sum(m["main"] for m in tasks.values()) / len(tasks))
+        add(h["round"], "general/perplexity", h.get("perplexity"))
+    for h in record.get("drift") or []:
+        for m in ("l2", "relative", "cosine", "probe_accuracy"):
+            add(h["round"], f"drift/{m}", h.get(m))
+    wse = record.get("weight_shift") or []
+    for h in wse:
+        for m in ("relative", "frobenius", "cosine", "distance"):
+            add(h["round"], f"weight_shift/{m}/layer{h['layer']}", h["metrics"].get(m))
+    for r in sorted({h["round"] for h in wse}):
+        rel = [h["metrics"]["relative"] for h in wse if h["round"] == r and not math.isnan(h["metrics"]["relative"])]
+        if rel:
+            add(r, "weight_shift/relative/mean", sum(rel) / len(rel))
+    for r in record.get("rounds") or []:
+        for l, n in r["update_norms"].items():
+            add(r["index"], f"update_norm/layer{l}", n)
+    rows.sort(key=lambda row: (row["edits"], row["round"], row["metric"]))
+    return rows
+
+
+CSV_FIELDS = ["method", "strategy", "dataset", "edits_per_round", "edits", "round", "metric", "value"]
+
+
+def write_csv(records: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    rows = [row for rec in records for row in rows_of(rec)]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    return rows
+
+
+def _label(rec: dict[str, Any]) -> str:
+    blue = " + BLUE" if rec["strategy"] == "boundary" else ""
+    return f"{rec['method'].upper() if rec['method'] != 'alphaedit' else 'AlphaEdit'}{blue}"
+
+
+PANELS = [
+    ("efficacy", "Efficacy (%)"),
+    ("generalization", "Generalization (%)"),
+    ("specificity", "Specificity (%)"),
+    ("fluency", "Fluency (generation entropy)"),
+    ("consistency", "Consistency (TF-IDF)"),
+    ("general/mean", "General capability (mean of tasks)"),
+    ("drift/relative", "Hidden-state drift (relative)"),
+    ("weight_shift/relative/mean", "Weight shift error (relative, mean over layers)"),
+]
+
+
+def plot_curves(records: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Metric against edits, one line per method × strategy (the paper's figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(m, t) for m, t in PANELS if any(r["metric"] == m for r in rows)]
+    cols = 3
+    nrows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
+    for ax, (metric, ylabel) in zip(axes.flat, panels):
+        for rec in records:
+            pts = sorted((r["edits"], r["value"]) for r in rows_of(rec) if r["metric"] == metric
+                         and (r["round"] >= 0 or not metric in SEQUENCE_METRICS))
+            if not pts:
+                continue
+            style = "-" if rec["strategy"] == "boundary" else "--"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=3, label=_label(rec))
+        ax.set_xlabel("edits")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=max(1, len(labels)), frameon=False)
+    fig.suptitle(title, y=0.995, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(records: list[dict[str, Any]], title: str) -> str:
+    """Pre-edit and final value per run of the editing metrics, general capability and drift."""
+    fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
+    cols = [("efficacy", "Eff."), ("generalization", "Gen."), ("specificity", "Spe."),
+            ("general/mean", "General"), ("general/perplexity", "PPL"), ("drift/probe_accuracy", "Probe acc."),
+            ("weight_shift/relative/mean", "WSE rel.")]
+    lines = [f"### {title}", "",
+             "| method | strategy | edits | " + " | ".join(c[1] for c in cols) + " | edit time | s / edit |",
+             "|---|---|---:|" + "---:|" * len(cols) + "---:|---:|"]
+    for rec in records:
+        rows = rows_of(rec)
+        pre = {r["metric"]: r["value"] for r in rows if r["round"] == -1}
+        last_round = max((r["round"] for r in rows), default=-1)
+        final: dict[str, float] = {}
+        for r in rows:  # the last value of each metric
+            final[r["metric"]] = r["value"]
+        secs = rec["edit_seconds"]
+        cells = []
+        for m, _ in cols:
+            cells.append(f"{fmt(pre.get(m))} → {fmt(final.get(m))}" if m in pre else fmt(final.get(m)))
+        edits = f"{rec['num_edits']} of {rec['planned_edits']} (partial)" if rec.get("partial") else rec["num_edits"]
+        lines.append(f"| {rec['method']} | {rec['strategy']} | {edits} | " + " | ".join(cells)
+                     + f" | {secs / 3600:.2f} h | {secs / max(1, rec['num_edits']):.2f} |")
+        del last_round
+    lines += ["", "Pre-edit → after the last edit (all edited records). Eff./Gen./Spe.: % (CounterFact: "
+              "success rates; zsRE: token accuracy). General: mean headline metric of the GLUE-style tasks. "
+              "WSE: relative weight shift error, mean over layers, of the last diagnosed round. "
+              "Edit time: the rounds' editing time (evaluations excluded)."]
+    return "\n".join(lines)
+
+
+def assemble(out_dir: Path, title: str) -> dict[str, Any]:
+    """CSV, PNG and markdown table from ``out_dir/runs/*.json``."""
+    records = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*.json"))]
+    order = {"distribute": 0, "boundary": 1}
+    records.sort(key=lambda r: (r["method"], order.get(r["strategy"], 2), r["strategy"]))
+    if not records:
+        return {"records": [], "rows": []}
+    rows = write_csv(records, out_dir / "sequence.csv")
+    plot_curves(records, rows, out_dir / "curves.png", title)
+    table = markdown_table(records, title)
+    (out_dir / "table.md").write_text(table + "\n")
+    print(table)
+    return {"records": records, "rows": rows, "table": table}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else C.default_data_dir()
+    work_root = Path(args.workdir or DEFAULT_WORKDIR).expanduser() / args.name
+    out_dir = Path(args.out) / args.name if args.out else None
+    title = (f"{args.name}: {args.dataset}, {args.num_edits} edits, {args.edits_per_round} per round, "
+             f"config {args.config}")
+    finished, pending = [], []
+    if not args.report_only:
+        for spec in args.runs:
+            key = run_key(spec)
+            done_path = out_dir / "runs" / f"{key}.json" if out_dir else None
+            if (done_path is not None and done_path.is_file() and not args.restart
+                    and not json.loads(done_path.read_text()).get("partial")):
+                print(f"[sequence] {key}: finished ({done_path}), skipped", flush=True)
+                finished.append(key)
+                continue
+            record = run_one(args, spec, work_root, data_dir)
+            gc.collect()  # the run's model and Trainer are garbage now
+            if record is None:
+                pending.append(key)
+                continue
+            finished.append(key)
+            if done_path is not None:
+                done_path.parent.mkdir(parents=True, exist_ok=True)
+                done_path.write_text(json.dumps(record, indent=1, default=str))
+    result: dict[str, Any] = {"finished": finished, "pending": pending, "out_dir": str(out_dir) if out_dir else None,
+                              "work_root": str(work_root)}
+    if args.report_only and args.report_partial and out_dir is not None:
+        for spec in args.runs:
+            done_path = out_dir / "runs" / f"{run_key(spec)}.json"
+            if done_path.is_file() and not json.loads(done_path.read_text()).get("partial"):
+                continue
+            record = partial_record(args, spec, work_root / run_key(spec))
+            if record is not None:
+                done_path.parent.mkdir(parents=True, exist_ok=True)
+                done_path.write_text(json.dumps(record, indent=1, default=str))
+                print(f"[sequence] {run_key(spec)}: partial, {record['num_edits']} of {args.num_edits} edits", flush=True)
+    if out_dir is not None and (out_dir / "runs").is_dir():
+        result.update(assemble(out_dir, title))
+    return result
+
+
+if __name__ == "__main__":
+    main()

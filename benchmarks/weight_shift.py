@@ -1,0 +1,243 @@
+"""Claim (b): the weight shift error against layer distance, batch size and sequence length.
+
+The weight shift error of a written layer ``l`` (``docs/algorithms.md``, section 6; the
+``WeightShiftError`` callback) compares the update ``Δ^l`` the editor writes with the update
+``Δ^{l*}`` it would write with a target optimized at ``l`` itself; ``relative`` is
+``‖Δ^{l*} − Δ^l‖_F / ‖Δ^{l*}‖_F``. Under ``distribute`` the target is optimized once, at the last
+critical layer ``L``, so the error is expected to grow with the distance ``L − l``; under BLUE
+(``boundary``) each written layer has its own target, so the error is zero up to round-off.
+
+This script
+
+1. runs ``benchmarks/sequence.py`` (unless ``--figures-only``; the runs are resumable and skipped
+   when finished, like every ``sequence.py`` run), with no diagnostics but the weight shift error:
+
+   - per batch size E of ``--batch-sizes``, ``<name>_e<E>``: ``--batch-rounds`` rounds of E edits
+     (default 1), the first round diagnosed;
+   - ``<name>_seq``: ``--sequence-edits`` edits in rounds of ``--sequence-batch-size``, a round
+     diagnosed every ``--sequence-wse-every`` edits;
+
+2. reads the ``WeightShiftError`` histories of those runs, and of the finished ``sequence.py``
+   results named by ``--from`` (e.g. the long runs), and writes under ``--out``/``<name>``:
+
+   - ``wse_vs_distance.png``: relative error per written layer against ``L − l`` (mean over the
+     diagnosed rounds of the runs at ``--distance-batch-size``), one line per method × strategy;
+   - ``wse_vs_batch_size.png``: relative error (mean over layers) of the first diagnosed round
+     (round 0, the unedited model) against the batch size E;
+   - ``wse_vs_sequence.png``: relative error (mean over layers) against the number of edits
+     made before the diagnosed round, one line per method × strategy × E;
+   - ``weight_shift.csv``: every point of the three figures.
+
+A diagnosed round costs one extra target optimization per edited layer: about 6× a ``distribute``
+round and 2× a ``boundary`` round with five critical layers.
+
+Example::
+
+    python benchmarks/weight_shift.py --name wse_counterfact --batch-sizes 10 50 100 \\
+        --sequence-batch-size 10 --sequence-edits 200 --sequence-wse-every 50 --from counterfact_memit
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+
+def _sequence_module():
+    spec = importlib.util.spec_from_file_location("bench_sequence_for_wse", Path(__file__).with_name("sequence.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", default="weight_shift", help="figures under <out>/<name>; runs named <name>_e<E>")
+    p.add_argument("--batch-sizes", nargs="*", type=int, default=[10, 50, 100])
+    p.add_argument("--batch-rounds", type=int, default=1, help="rounds per batch-size run (the first is diagnosed)")
+    p.add_argument("--sequence-batch-size", type=int, default=10, help="E of the sequence-length run (0: no run)")
+    p.add_argument("--sequence-edits", type=int, default=200)
+    p.add_argument("--sequence-wse-every", type=int, default=50)
+    p.add_argument("--distance-batch-size", type=int, default=None,
+                   help="the E whose runs give the distance figure (default: the largest of --batch-sizes)")
+    p.add_argument("--from", dest="sources", nargs="*", default=[],
+                   help="more finished sequence.py result names whose weight shift histories are plotted")
+    p.add_argument("--figures-only", action="store_true", help="do not run anything; plot what exists")
+    p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"))
+    args, rest = p.parse_known_args(argv)
+    return args, rest
+
+
+def run_all(args: argparse.Namespace, rest: list[str]) -> list[str]:
+    """The batch-size runs and the sequence-length run; returns their result names."""
+    seq = _sequence_module()
+    jobs = [(f"{args.name}_e{E}", E, E * args.batch_rounds, E * args.batch_rounds) for E in args.batch_sizes]
+    if args.sequence_batch_size > 0:
+        jobs.append((f"{args.name}_seq", args.sequence_batch_size, args.sequence_edits, args.sequence_wse_every))
+    for name, E, N, wse_every in jobs:
+        if not args.figures_only:
+            seq.main(["--name", name, "--num-edits", str(N), "--edits-per-round", str(E), "--eval-every", str(N),
+                      "--general-every", "0", "--drift-every", "0", "--wse-every", str(wse_every),
+                      "--out", args.out, *rest])
+    return [job[0] for job in jobs]
+
+
+def load_records(out_root: Path, names: list[str]) -> list[dict[str, Any]]:
+    records = []
+    for name in names:
+        runs = out_root / name / "runs"
+        for p in sorted(runs.glob("*.json")) if runs.is_dir() else []:
+            rec = json.loads(p.read_text())
+            if rec.get("weight_shift"):
+                records.append(rec)
+    return records
+
+
+def points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run × diagnosed round × layer: relative error, distance ``L − l`` (``L`` the
+    last critical layer) and the edits made before the round."""
+    rows = []
+    for rec in records:
+        last = max(rec["layers"])
+        for h in rec["weight_shift"]:
+            rel = h["metrics"].get("relative")
+            if rel is None or (isinstance(rel, float) and math.isnan(rel)):
+                continue
+            rows.append({"source": rec["name"], "method": rec["method"], "strategy": rec["strategy"],
+                         "edits_per_round": rec["edits_per_round"], "round": h["round"],
+                         "edits_before": h["round"] * rec["edits_per_round"], "layer": h["layer"],
+                         "distance": last - h["layer"], "relative": float(rel),
+                         "frobenius": float(h["metrics"].get("frobenius", float("nan"))),
+                         "cosine": float(h["metrics"].get("cosine", float("nan")))})
+    return rows
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _label(method: str, strategy: str) -> str:
+    name = "AlphaEdit" if method == "alphaedit" else method.upper()
+    return name + (" + BLUE" if strategy == "boundary" else "")
+
+
+def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None) -> list[dict[str, Any]]:
+    """The three figures and their points (returned, and written as ``weight_shift.csv``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series = sorted({(r["method"], r["strategy"]) for r in rows}, key=lambda s: (s[0], s[1] != "distribute"))
+    fig_rows: list[dict[str, Any]] = []
+
+    def style(strategy: str) -> str:
+        return "-" if strategy == "boundary" else "--"
+
+    # 1. against layer distance
+    Es = sorted({r["edits_per_round"] for r in rows})
+    E_d = distance_E if distance_E in Es else (max(Es) if Es else None)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for m, s in series:
+        sel = [r for r in rows if (r["method"], r["strategy"]) == (m, s) and r["edits_per_round"] == E_d]
+        ds = sorted({r["distance"] for r in sel})
+        ys = [_mean([r["relative"] for r in sel if r["distance"] == d]) for d in ds]
+        for d, y in zip(ds, ys):
+            fig_rows.append({"figure": "distance", "method": m, "strategy": s, "edits_per_round": E_d, "x": d, "y": y})
+        if ds:
+            ax.plot(ds, ys, style(s), marker="o", label=_label(m, s))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer distance L − l (L: last critical layer)")
+    ax.set_ylabel("weight shift error (relative)")
+    ax.set_title(f"Weight shift error vs layer distance ({E_d} edits / round)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "wse_vs_distance.png", dpi=110)
+    plt.close(fig)
+
+    # 2. against batch size: round 0 (the unedited model), mean over layers
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for m, s in series:
+        xs, ys = [], []
+        for E in Es:
+            sel = [r["relative"] for r in rows
+                   if (r["method"], r["strategy"]) == (m, s) and r["edits_per_round"] == E and r["round"] == 0]
+            if sel:
+                xs.append(E)
+                ys.append(_mean(sel))
+                fig_rows.append({"figure": "batch_size", "method": m, "strategy": s, "edits_per_round": E,
+                                 "x": E, "y": ys[-1]})
+        if xs:
+            ax.plot(xs, ys, style(s), marker="o", label=_label(m, s))
+    if Es:
+        ax.set_xticks(Es)
+    ax.set_xlabel("edits per round (batch size)")
+    ax.set_ylabel("weight shift error (relative, mean over layers)")
+    ax.set_title("Weight shift error vs batch size (first round)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "wse_vs_batch_size.png", dpi=110)
+    plt.close(fig)
+
+    # 3. against sequence length: edits before the diagnosed round, mean over layers
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for m, s in series:
+        for E in Es:
+            sel = [r for r in rows if (r["method"], r["strategy"]) == (m, s) and r["edits_per_round"] == E]
+            xs = sorted({r["edits_before"] for r in sel})
+            # a long run may hold the same (E, edits) point as a batch-size run: average them
+            ys = [_mean([r["relative"] for r in sel if r["edits_before"] == x]) for x in xs]
+            for x, y in zip(xs, ys):
+                fig_rows.append({"figure": "sequence", "method": m, "strategy": s, "edits_per_round": E,
+                                 "x": x, "y": y})
+            if len(xs) > 0:
+                ax.plot(xs, ys, style(s), marker="o", label=f"{_label(m, s)}, {E} / round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("edits made before the diagnosed round")
+    ax.set_ylabel("weight shift error (relative, mean over layers)")
+    ax.set_title("Weight shift error vs sequence length", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "wse_vs_sequence.png", dpi=110)
+    plt.close(fig)
+
+    with (out_dir / "weight_shift.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["figure", "method", "strategy", "edits_per_round", "x", "y"])
+        w.writeheader()
+        w.writerows(fig_rows)
+    return fig_rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args, rest = parse_args(argv)
+    names = run_all(args, rest)
+    out_root = Path(args.out)
+    records = load_records(out_root, names + list(args.sources))
+    rows = points(records)
+    if not rows:
+        print("[weight_shift] no finished run with a weight shift history yet", flush=True)
+        return {"rows": [], "figure_rows": []}
+    distance_E = args.distance_batch_size or max(args.batch_sizes or [args.sequence_batch_size])
+    fig_rows = figures(rows, out_root / args.name, distance_E)
+    print(f"[weight_shift] {len(rows)} diagnosed layer writes from {len(records)} runs -> {out_root / args.name}")
+    return {"rows": rows, "figure_rows": fig_rows}
+
+
+if __name__ == "__main__":
+    main()

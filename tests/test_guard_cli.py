@@ -1,0 +1,260 @@
+"""``blueedit edit`` checks everything it can before the slow work, writes atomically, and
+reports user errors as one line with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import blueedit.module
+from blueedit.cli import check_output_dir, main
+from blueedit.data.formats import load_requests
+from blueedit.data.records import EditRecordError, check_prompt_lengths
+from conftest import make_model, make_tokenizer
+from test_module import RECORDS
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    make_model("llama").save_pretrained(root / "tiny-llama")
+    make_tokenizer().save_pretrained(root / "tiny-llama")
+    (root / "edits.json").write_text(json.dumps(RECORDS))
+    return root
+
+
+def _args(root: Path, run: Path, *extra: str, edits: str | None = None, output: str | None = None,
+          model: str | None = None) -> list[str]:
+    return [
+        "edit",
+        f"--model.model.name_or_path={model or root / 'tiny-llama'}",
+        "--model.editing.layers=[1,2,3]", "--model.editing.strategy=boundary",
+        "--model.editing.target.v_num_grad_steps=3",
+        "--model.stats.corpus=model-samples", "--model.stats.num_samples=4", "--model.stats.max_length=32",
+        f"--model.stats.cache_dir={root / 'cache'}", "--model.evaluate=false",
+        "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={run}", "--data.edits_per_round=2",
+        f"--edits={edits or root / 'edits.json'}", f"--output={output or run / 'edited'}",
+        *extra,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _argv(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["blueedit"])  # arguments come from main(args)
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Counts model loads (the weights are loaded only through this function)."""
+    calls = []
+    real = blueedit.module.load_model_and_tokenizer
+
+    def counting(*a, **k):
+        calls.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(blueedit.module, "load_model_and_tokenizer", counting)
+    return calls
+
+
+def _fails(args, capsys, loads, match: str, seconds: float = 20.0) -> str:
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    elapsed = time.perf_counter() - t0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2
+    assert not loads, "the model was loaded before the error"
+    assert elapsed < seconds, elapsed
+    last = err[-1]
+    assert last.startswith("blueedit: error: ") and match in last, err
+    assert "Traceback" not in "\n".join(err)
+    return last
+
+
+def _write(tmp_path, records) -> str:
+    path = tmp_path / "bad.json"
+    path.write_text(records if isinstance(records, str) else json.dumps(records))
+    return str(path)
+
+
+R0, R1 = RECORDS[0], RECORDS[1]
+
+
+@pytest.mark.parametrize("records, match", [
+    ("[{not json", "not valid JSON"),
+    ([], "holds no edit records"),
+    ([R0, {**R1, "target_new": "Dutch"}], "edit record 1 (case_id=1): 'target_new' equals 'target_true'"),
+    ([R0, {**R1, "case_id": 0}], "edit records 0 and 1 share case_id=0"),
+    ([R0, {k: v for k, v in R1.items() if k != "subject"}], "edit record 1 (case_id=1): missing field 'subject'"),
+    ([R0, {**R1, "prompt": "word " * 600 + "{} is"}], "edit record 1 (case_id=1): 'prompt' is"),
+])
+def test_bad_edit_file_fails_before_the_model_is_loaded(tiny, tmp_path, capsys, loads, records, match):
+    _fails(_args(tiny, tmp_path, edits=_write(tmp_path, records)), capsys, loads, match)
+    assert not (tmp_path / "edited").exists()
+
+
+def test_output_checks_fail_before_the_model_is_loaded(tiny, tmp_path, capsys, loads):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    _fails(_args(tiny, tmp_path, output=str(a_file)), capsys, loads, "is a file")
+    model_dir = tmp_path / "old-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    _fails(_args(tiny, tmp_path, output=str(model_dir)), capsys, loads, "pass --overwrite")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    _fails(_args(tiny, tmp_path, "--overwrite=true", output=str(other)), capsys, loads, "not a saved model")
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def _read_only_dir(tmp_path) -> Path:
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o555)
+        return d / "edited"
+    return Path("/sys/blueedit-test/edited")  # root writes anywhere but here
+
+
+def test_read_only_output_fails_before_the_model_is_loaded(tiny, tmp_path, capsys, loads):
+    target = _read_only_dir(tmp_path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (target.parent / "probe").write_text("x")
+        pytest.skip("no read-only location available")
+    except OSError:
+        pass
+    _fails(_args(tiny, tmp_path, output=str(target)), capsys, loads, "cannot write in")
+
+
+def test_missing_model_directory_is_named(tiny, tmp_path, capsys, loads):
+    _fails(_args(tiny, tmp_path, model=str(tmp_path / "no-such-model")), capsys, loads, "no such directory")
+
+
+def test_unknown_general_capability_task_fails_before_loading(tiny, tmp_path, capsys, loads):
+    args = _args(tiny, tmp_path, "--trainer.callbacks+=blueedit.callbacks.progress.GeneralCapability",
+                 "--trainer.callbacks.tasks=[sst2,../../etc/passwd]")
+    _fails(args, capsys, loads, "GeneralCapability tasks ['../../etc/passwd'] are unknown")
+    from blueedit.callbacks.progress import GeneralCapability
+
+    with pytest.raises(ValueError, match="unknown"):
+        GeneralCapability(tasks=["sst2", "nope"])
+
+
+def test_verbose_shows_the_traceback(tiny, tmp_path, loads, monkeypatch):
+    monkeypatch.setenv("BLUEEDIT_VERBOSE", "1")
+    with pytest.raises(EditRecordError, match="holds no edit records"):
+        main(_args(tiny, tmp_path, edits=_write(tmp_path, [])))
+    monkeypatch.delenv("BLUEEDIT_VERBOSE")
+    with pytest.raises(EditRecordError):
+        main(_args(tiny, tmp_path, "--verbose", edits=_write(tmp_path, [])))
+
+
+def test_prompt_length_limit_names_the_record(tiny):
+    tok = make_tokenizer()
+    reqs = load_requests(str(tiny / "edits.json"))
+    check_prompt_lengths(reqs, tok, 64)
+    with pytest.raises(EditRecordError, match=r"edit record 0 \(case_id=0\): 'prompt' is \d+ tokens, over the limit of 5"):
+        check_prompt_lengths(reqs, tok, 5)
+
+
+def test_module_checks_prompt_lengths_before_statistics(tiny, tmp_path, monkeypatch):
+    """Without a cheap tokenizer (e.g. a hub model), the module checks after loading, before C_0."""
+    import lightning as L
+
+    from test_module import _data, _module
+
+    module = _module(tiny)
+    module.max_prompt_tokens = 5
+    monkeypatch.setattr(module, "key_statistics", lambda *a: pytest.fail("statistics before the check"))
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(EditRecordError, match="over the limit of 5 tokens"):
+        trainer.fit(module, datamodule=_data(tiny))  # tiny is laid out like test_module's workdir
+
+
+def test_check_output_dir_accepts_new_and_empty(tmp_path):
+    assert check_output_dir(tmp_path / "new" / "deeper") == (tmp_path / "new" / "deeper").absolute()
+    (tmp_path / "empty").mkdir()
+    check_output_dir(tmp_path / "empty")
+
+
+def _w_out(model_dir: Path) -> dict[int, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    sd = load_file(str(model_dir / "model.safetensors"))
+    return {l: sd[f"model.layers.{l}.mlp.down_proj.weight"] for l in range(6)}
+
+
+def test_edit_writes_no_checkpoint_unless_asked_and_overwrites_only_when_told(tiny, tmp_path, capsys):
+    out = tmp_path / "edited"
+    main(_args(tiny, tmp_path / "run", output=str(out)))
+    assert (out / "edits.json").is_file() and (out / "model.safetensors").is_file()
+    assert not list((tmp_path / "run").rglob("*.ckpt")), "a checkpoint was written without being asked for"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directories left behind"
+    first = _w_out(out)
+    capsys.readouterr()
+    main(_args(tiny, tmp_path / "run2", "--overwrite=true", "--trainer.enable_checkpointing=true", output=str(out)))
+    assert "replacing the model in" in capsys.readouterr().out
+    assert list((tmp_path / "run2").rglob("*.ckpt")), "checkpointing was asked for"
+    for l, w in _w_out(out).items():
+        assert torch.equal(w, first[l]), l
+
+
+def test_interrupted_save_leaves_no_half_written_model_and_names_the_checkpoint(tiny, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    reference = tmp_path / "reference"
+    main(_args(tiny, tmp_path / "run0", output=str(reference)))
+    real = PreTrainedModel.save_pretrained
+
+    def dies_halfway(self, directory, *a, **k):
+        real(self, directory, *a, **k)
+        Path(directory, "model.safetensors").write_bytes(b"half")  # a torn write, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", dies_halfway)
+    out = tmp_path / "edited"
+    with pytest.raises(OSError, match="No space left on device") as exc:
+        main(_args(tiny, tmp_path / "run", output=str(out)))
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real)
+    assert not out.exists(), "a half-written model is in place"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".edited")], "temporary directory left behind"
+    message = str(exc.value)
+    assert "--ckpt_path" in message
+    ckpt = message.rsplit("--ckpt_path ", 1)[1].split()[0]
+    assert Path(ckpt).is_file()
+    # the editing is not lost: resuming from the checkpoint saves the same model
+    main(_args(tiny, tmp_path / "run", f"--ckpt_path={ckpt}", output=str(out)))
+    for l, w in _w_out(out).items():
+        assert torch.equal(w, _w_out(reference)[l]), l
+
+
+@pytest.mark.parametrize("option, match", [
+    ("--model.editing.method=foo", "editing.method 'foo' is not one of"),
+    ("--model.editing.layers=[4,5,6]", "editing.layers [6] out of range: the model has blocks 0..5"),
+    ("--model.max_prompt_tokens=0", "model.max_prompt_tokens must be a positive integer"),
+])
+def test_bad_option_is_one_line_and_status_2(tiny, tmp_path, capsys, loads, option, match):
+    _fails(_args(tiny, tmp_path, option), capsys, loads, match)
+
+
+def test_resume_from_another_run_is_one_line_and_status_2(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    main(_args(tiny, run, "--trainer.enable_checkpointing=true", output=str(tmp_path / "a")))
+    ckpt = next(run.rglob("*.ckpt"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(_args(tiny, run, f"--ckpt_path={ckpt}", "--data.edits_per_round=3", output=str(tmp_path / "b")))
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "refusing to resume" in last and "data.edits_per_round: 2 in the checkpoint, 3 now" in last
+    assert not (tmp_path / "b").exists()

@@ -1,0 +1,63 @@
+"""Resume refuses to mix runs: another data stream or other settings is an error naming them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from blueedit.data.datamodule import EditDataModule, ResumeMismatchError
+from test_module import RECORDS, _StopAfterRound, _data, _fit, _module, workdir  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def checkpoint(workdir, tmp_path_factory):  # noqa: F811
+    ckpt = tmp_path_factory.mktemp("resume") / "mid.ckpt"
+    _fit(_module(workdir), _data(workdir), callbacks=[_StopAfterRound(ckpt, batch_idx=0)])
+    assert ckpt.is_file()
+    return ckpt
+
+
+def _resume(module, data, ckpt):
+    return _fit(module, data, ckpt_path=str(ckpt))
+
+
+def test_resume_with_another_dataset_fails(workdir, checkpoint, tmp_path):  # noqa: F811
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(list(reversed(RECORDS))))  # same records, another order
+    data = EditDataModule(dataset=str(other), format="user", edits_per_round=2)
+    with pytest.raises(ResumeMismatchError, match="data.dataset"):
+        _resume(_module(workdir), data, checkpoint)
+    same_name = workdir / "edits.json"
+    original = same_name.read_text()
+    try:  # the same file name with other content
+        same_name.write_text(json.dumps(RECORDS[:1] + [{**RECORDS[1], "target_new": "German"}] + RECORDS[2:]))
+        with pytest.raises(ResumeMismatchError, match="differ in content or order"):
+            _resume(_module(workdir), _data(workdir), checkpoint)
+    finally:
+        same_name.write_text(original)
+
+
+def test_resume_with_other_rounds_fails(workdir, checkpoint):  # noqa: F811
+    data = EditDataModule(dataset=str(workdir / "edits.json"), format="user", edits_per_round=3)
+    with pytest.raises(ResumeMismatchError, match="data.edits_per_round: 2 in the checkpoint, 3 now"):
+        _resume(_module(workdir), data, checkpoint)
+    with pytest.raises(ResumeMismatchError, match="data.num_edits: None in the checkpoint, 4 now"):
+        _resume(_module(workdir), _data(workdir, num_edits=4), checkpoint)
+
+
+def test_resume_with_other_settings_fails(workdir, checkpoint):  # noqa: F811
+    module = _module(workdir)
+    module.hp.mom2_update_weight = 100.0
+    with pytest.raises(ResumeMismatchError, match=r"editing.mom2_update_weight: 1500.0 in the checkpoint, 100.0 now"):
+        _resume(module, _data(workdir), checkpoint)
+    module = _module(workdir, strategy="distribute")
+    with pytest.raises(ResumeMismatchError, match="editing.strategy: 'boundary' in the checkpoint, 'distribute' now"):
+        _resume(module, _data(workdir), checkpoint)
+
+
+def test_resume_with_the_same_stream_and_a_speed_setting_changed(workdir, checkpoint):  # noqa: F811
+    module = _module(workdir)
+    module.hp.key_batch_size = 3  # changes speed, not results
+    trainer = _resume(module, _data(workdir), checkpoint)
+    assert trainer.global_step == 3 and module.editor.state.rounds_done == 3
