@@ -519,20 +519,24 @@ def _common_edits(by_side: dict[str, dict]) -> int | None:
 
 
 def update_agreement(a: dict, b: dict) -> dict | None:
-    """The largest relative difference between two runs' per-round updates over the rounds both
-    finished and the layers both edited: of ``‖ΔW‖`` and of the fingerprint ``⟨ΔW, R_l⟩``."""
+    """How far apart two runs' per-round updates are, over the rounds both finished and the layers
+    both edited: the largest difference of ``‖ΔW_l‖`` and of the fingerprint ``⟨ΔW_l, R_l⟩``, each
+    relative to the round's largest update norm ``max_l ‖ΔW_l‖`` (a layer whose update is nearly
+    zero, as BLUE's last layer once its first layer has done the edit, would otherwise divide
+    round-off by zero)."""
     n = min(len(a.get("update_norms") or []), len(b.get("update_norms") or []))
     if n == 0:
         return None
     worst_norm = worst_fp = 0.0
     for i in range(n):
-        for l, va in a["update_norms"][i].items():
-            if l not in b["update_norms"][i]:
+        na, nb = a["update_norms"][i], b["update_norms"][i]
+        scale = max([abs(v) for v in na.values()] + [1e-30])
+        for l, va in na.items():
+            if l not in nb:
                 continue
-            vb = b["update_norms"][i][l]
-            worst_norm = max(worst_norm, abs(va - vb) / max(abs(va), 1e-30))
+            worst_norm = max(worst_norm, abs(va - nb[l]) / scale)
             fa, fb = a["update_fingerprints"][i][l], b["update_fingerprints"][i][l]
-            worst_fp = max(worst_fp, abs(fa - fb) / max(abs(fa), 1e-30))
+            worst_fp = max(worst_fp, abs(fa - fb) / scale)
     return {"rounds": n, "norm": worst_norm, "fingerprint": worst_fp}
 
 
@@ -603,9 +607,10 @@ def render(results: dict) -> str:
         if len(by_side) == 2:
             agree = update_agreement(by_side["published"], by_side["blueedit"])
             if agree:
-                notes.append(f"{pair.published}: per-round weight updates ΔW over {agree['rounds']} round(s), "
-                             f"largest relative difference between the two sides: {agree['norm']:.1e} in ‖ΔW‖, "
-                             f"{agree['fingerprint']:.1e} in ⟨ΔW, R⟩ (a fixed random R per layer).")
+                notes.append(f"{pair.published}: per-round weight updates ΔW_l over {agree['rounds']} round(s), "
+                             f"largest difference between the two sides relative to the round's largest ‖ΔW_l‖: "
+                             f"{agree['norm']:.1e} in ‖ΔW_l‖, {agree['fingerprint']:.1e} in ⟨ΔW_l, R_l⟩ (a fixed "
+                             f"random R_l per layer).")
     return "\n".join([head, "", markdown_table(results["runs"], results.get("pre_edit_by_edits")),
                       "", *[f"- {n}" for n in notes]])
 

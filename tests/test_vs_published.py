@@ -115,6 +115,13 @@ def test_table_compares_after_the_same_number_of_edits():
     assert "80.00" not in table
     ours["update_norms"] = [{"4": 1.1}]
     assert abs(vs.update_agreement(published, ours)["norm"] - 0.1) < 1e-12
+    # relative to the round's largest update: a near-zero layer's round-off does not count as 100 %
+    published.update(update_norms=[{"4": 10.0, "8": 1e-6}], update_fingerprints=[{"4": 3.0, "8": 1e-6}])
+    ours.update(update_norms=[{"4": 10.0, "8": 2e-6}], update_fingerprints=[{"4": 3.0, "8": -1e-6}])
+    agree = vs.update_agreement(published, ours)
+    assert agree["norm"] < 1e-6 and agree["fingerprint"] < 1e-6
+    ours["update_fingerprints"] = [{"4": 4.0, "8": 1e-6}]
+    assert abs(vs.update_agreement(published, ours)["fingerprint"] - 0.1) < 1e-12
 
 
 @pytest.mark.skipif(not PUBLISHED, reason=NO_CHECKOUT)
