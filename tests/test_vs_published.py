@@ -1,0 +1,163 @@
+"""benchmarks/vs_published.py: argument checks, blueedit's side on a tiny random Llama, and the
+published side when a checkout of github.com/xpq-tech/BLUE is given in $BLUEEDIT_PUBLISHED_BLUE."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from blueedit.data.records import EditRequest
+from conftest import REPO, _CORPUS, make_model, make_tokenizer
+
+REQUESTS = [
+    EditRequest(1, "{} plays the", "Toko Yasuda", "violin", "guitar",
+                paraphrases=("Toko Yasuda is a musician. Toko Yasuda plays the",),
+                neighborhood=("Danielle Darrieux plays the",)),
+    EditRequest(2, "The mother tongue of {} is", "Thomas Joannes Stieltjes", "French", "Dutch",
+                paraphrases=("Thomas Joannes Stieltjes spoke",), neighborhood=("The mother tongue of Danielle Darrieux is",)),
+    EditRequest(3, "{} is in", "The Eiffel Tower", "Rome", "Paris",
+                paraphrases=("Where is The Eiffel Tower? It is in",), neighborhood=("Berlin is in",)),
+]
+TINY = ["--layers", "1,2,3", "--num-edits", "3", "--edits-per-round", "2", "--steps", "3", "--stats-samples", "4",
+        "--stats-max-length", "32"]
+PUBLISHED = os.environ.get("BLUEEDIT_PUBLISHED_BLUE")
+NO_CHECKOUT = ("the published side needs a checkout of github.com/xpq-tech/BLUE: set BLUEEDIT_PUBLISHED_BLUE "
+               "to its path")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_vs_published", REPO / "benchmarks" / "vs_published.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_arguments(tmp_path, capsys):
+    vs = _load()
+    args = vs.build_parser().parse_args(["--published", "x"])
+    assert (args.num_edits, args.edits_per_round, args.methods) == (100, 25, "memit,memit_blue,alphaedit,alphaedit_blue")
+    with pytest.raises(SystemExit):  # the published side needs --published
+        vs.main(["--methods", "memit"])
+    assert "--published PATH is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a directory that is not the published checkout
+        vs.main(["--published", str(tmp_path)])
+    assert "missing memit/memit_seq_main.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        vs.main(["--sides", "blueedit", "--methods", "memit,rome"])
+    assert "--methods" in capsys.readouterr().err
+    defaults = vs.alphaedit_defaults()  # read from configs/smollm2-135m/alphaedit.yaml
+    assert defaults["L2"] > 0 and 0 < defaults["nullspace_threshold"] < 1
+
+
+def test_module_layout_of_llama():
+    from blueedit.models.adapters import ModelAdapter
+
+    layout = _load().module_layout(ModelAdapter(make_model("llama")))
+    assert layout == {"rewrite_module_tmp": "model.layers.{}.mlp.down_proj", "layer_module_tmp": "model.layers.{}",
+                      "mlp_module_tmp": "model.layers.{}.mlp", "attn_module_tmp": "model.layers.{}.self_attn",
+                      "ln_f_module": "model.norm", "lm_head_module": "lm_head"}
+
+
+def test_published_projection_annihilates_kept_directions():
+    vs = _load()
+    torch.manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(6, 6))
+    S = torch.tensor([5.0, 2.0, 1.0, 1e-3, 1e-4, 0.0])
+    C0 = U @ torch.diag(S) @ U.T
+    P = vs.published_projection(C0, 1e-2)
+    small = U[:, 3:]
+    assert torch.allclose(P, small @ small.T, atol=1e-5)  # the span of the three small directions
+    assert torch.allclose(P @ C0, torch.zeros(6, 6), atol=1e-3)
+
+
+def test_blueedit_side_on_tiny_model(tmp_path):
+    vs = _load()
+    model, tok = make_model("llama"), make_tokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tmp_path / "vs"
+    res = vs.main(TINY + ["--sides", "blueedit", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+                  model=model, tokenizer=tok, requests=REQUESTS, texts=_CORPUS[:4])
+    assert [(r["pair"], r["side"]) for r in res["runs"]] == [
+        ("memit", "blueedit"), ("memit_blue", "blueedit"), ("alphaedit", "blueedit"), ("alphaedit_blue", "blueedit")]
+    for r in res["runs"]:
+        assert "error" not in r, r.get("traceback")
+        assert r["seconds_per_edit"] > 0 and r["cpu_seconds_per_edit"] > 0 and len(r["round_cpu_seconds"]) == 2
+        assert all(0 <= r[k] <= 100 for k in vs.METRICS)
+    assert res["runs"][1]["edited_layers"] == [1, 3] and res["runs"][0]["edited_layers"] == [1, 2, 3]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored
+    assert "blueedit: memit (boundary)" in res["table"]
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["runs"][0]["pair"] == "memit" and out.with_suffix(".md").is_file()
+    assert [e["edits"] for e in saved["runs"][0]["per_round"]] == [3]  # evaluated after the last round only
+
+
+def test_table_compares_after_the_same_number_of_edits():
+    vs = _load()
+
+    def run(side, per_round):
+        return {"pair": "memit", "side": side, "update_norms": [{"4": 1.0}], "update_fingerprints": [{"4": 2.0}],
+                "per_round": [{"edits": n, "seconds": 10.0 * n, "efficacy": e, "generalization": e,
+                               "specificity": 50.0} for n, e in per_round]}
+
+    published = run("published", [(25, 90.0)])  # stopped after one round
+    ours = run("blueedit", [(25, 92.0), (50, 80.0)])
+    pre = {"25": {"efficacy": 10.0, "generalization": 20.0, "specificity": 60.0}, "50": {"efficacy": 5.0}}
+    table = vs.markdown_table([published, ours], pre)
+    assert "| MEMIT_seq | difference (blueedit − published) | 25 | +2.00 | +2.00 | +0.00 | 1.00x faster | - |" in table
+    assert "| MEMIT_seq | unedited model | 25 | 10.00 | 20.00 | 60.00 | - | - |" in table
+    assert "80.00" not in table
+    ours["update_norms"] = [{"4": 1.1}]
+    assert abs(vs.update_agreement(published, ours)["norm"] - 0.1) < 1e-12
+    # relative to the round's largest update: a near-zero layer's round-off does not count as 100 %
+    published.update(update_norms=[{"4": 10.0, "8": 1e-6}], update_fingerprints=[{"4": 3.0, "8": 1e-6}])
+    ours.update(update_norms=[{"4": 10.0, "8": 2e-6}], update_fingerprints=[{"4": 3.0, "8": -1e-6}])
+    agree = vs.update_agreement(published, ours)
+    assert agree["norm"] < 1e-6 and agree["fingerprint"] < 1e-6
+    ours["update_fingerprints"] = [{"4": 4.0, "8": 1e-6}]
+    assert abs(vs.update_agreement(published, ours)["fingerprint"] - 0.1) < 1e-12
+
+
+@pytest.mark.skipif(not PUBLISHED, reason=NO_CHECKOUT)
+def test_published_side_on_tiny_model(tmp_path):
+    """Both sides, MEMIT and AlphaEdit with BLUE, on a tiny Llama; then --merge of two partial files."""
+    vs = _load()
+    model, tok = make_model("llama"), make_tokenizer()
+    common = TINY + ["--methods", "memit,alphaedit_blue", "--published", PUBLISHED,
+                     "--cache-dir", str(tmp_path / "cache"), "--published-log", str(tmp_path / "published.log")]
+    res = vs.main(common + ["--eval-every-round", "--out", str(tmp_path / "both")], model=model, tokenizer=tok, requests=REQUESTS,
+                  texts=_CORPUS[:4])
+    runs = {(r["pair"], r["side"]): r for r in res["runs"]}
+    assert set(runs) == {("memit", "published"), ("memit", "blueedit"),
+                         ("alphaedit_blue", "published"), ("alphaedit_blue", "blueedit")}
+    for r in runs.values():
+        assert "error" not in r, r.get("traceback")
+        assert all(0 <= r[k] <= 100 for k in vs.METRICS)
+    pub, ours = runs[("memit", "published")], runs[("memit", "blueedit")]
+    assert pub["edited_layers"] == ours["edited_layers"] == [1, 2, 3]
+    assert runs[("alphaedit_blue", "published")]["edited_layers"] == [1, 3]
+    assert all(v > 0 for v in pub["update_norms"][0].values())  # the published code did edit
+    for pair in ("memit", "alphaedit_blue"):  # same data, same C_0, same templates: the same updates
+        a, b = runs[(pair, "published")]["update_norms"], runs[(pair, "blueedit")]["update_norms"]
+        assert len(a) == len(b) == 2
+        for ra, rb in zip(a, b):
+            assert ra.keys() == rb.keys()
+            assert all(abs(ra[l] - rb[l]) <= 1e-3 * ra[l] for l in ra), (pair, ra, rb)
+    assert [e["edits"] for e in pub["per_round"]] == [2, 3] and pub["complete"]
+    assert set(res["pre_edit_by_edits"]) == {"2", "3"} and "| MEMIT_seq | unedited model | 3 |" in res["table"]
+    tc = res["tokenization"]
+    assert tc["prompts"] == 3 * (len(res["context_templates"]) + 1)
+    assert tc["token_ids_differ"] == 0 and tc["fact_index_differs"] == 0, tc["examples"]
+    agree = vs.update_agreement(pub, ours)
+    assert agree["rounds"] == 2 and agree["norm"] < 1e-3 and agree["fingerprint"] < 1e-3
+    assert "difference (blueedit − published)" in res["table"]
+    assert (tmp_path / "published.log").stat().st_size > 0
+    merged = vs.main(["--merge", str(tmp_path / "both.json"), str(tmp_path / "both.json"),
+                      "--out", str(tmp_path / "merged")])
+    assert len(merged["runs"]) == 4 and Path(tmp_path / "merged.md").is_file()
