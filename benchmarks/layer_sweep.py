@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     hps = []
     for layers in windows:  # all options checked before any slow work
         hp = EditingConfig(method=args.method, strategy=args.strategy, layers=layers, mom2_update_weight=args.lam,
-                         target=TargetConfig(v_lr=args.v_lr, v_num_grad_steps=args.steps))
-        hp.validate()
+                           target=TargetConfig(v_lr=args.v_lr, v_num_grad_steps=args.steps))  # validated on creation
         hps.append(hp)
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else C.default_data_dir()
     if requests is None:

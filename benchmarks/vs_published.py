@@ -323,8 +323,8 @@ def tokenization_check(pub: Published, tok, requests, templates: list[str], limi
     optimization (each context template + the target's tokens but the last, and the KL prompt),
     compare the published token ids (the filled text tokenized whole, as its ``compute_z`` does) and
     fact-token index (its ``get_words_idxs_in_templates``, subject's last token) with blueedit's
-    (:func:`~blueedit.editing.tokens.encode_prompt` + the target ids)."""
-    from blueedit.editing.tokens import encode_prompt, tokenize_target
+    (:func:`~blueedit.models.tokens.encode_prompt` + the target ids)."""
+    from blueedit.models.tokens import encode_prompt, tokenize_target
 
     words_idxs = importlib.import_module("rome.repr_tools").get_words_idxs_in_templates
     ids_differ, fact_differ, examples, prompts = 0, 0, [], 0
@@ -454,12 +454,12 @@ def run_published(pub: Published, pair: Pair, args, model, tok, adapter, mom2, t
 def run_blueedit(pair: Pair, args, model, tok, adapter, mom2, templates, rounds, loss_layer: int,
                  rec: Recorder) -> None:
     """blueedit's :class:`~blueedit.editing.editor.Editor` over the same rounds."""
-    from blueedit.editing.editor import EditHParams, Editor
-    from blueedit.editing.targets import TargetHParams
+    from blueedit.editing.editor import EditingConfig, Editor
+    from blueedit.editing.targets import TargetConfig
 
-    target = TargetHParams(v_num_grad_steps=args.steps, v_lr=args.v_lr, v_weight_decay=args.weight_decay,
+    target = TargetConfig(v_num_grad_steps=args.steps, v_lr=args.v_lr, v_weight_decay=args.weight_decay,
                            kl_factor=args.kl_factor, clamp_norm_factor=args.clamp, loss_layer=loss_layer)
-    hp = EditHParams(method=pair.method, strategy=pair.strategy, layers=C.parse_int_list(args.layers),
+    hp = EditingConfig(method=pair.method, strategy=pair.strategy, layers=C.parse_int_list(args.layers),
                      mom2_update_weight=args.lam, nullspace_threshold=args.nullspace_threshold, L2=args.L2,
                      target=target)
     rec.run["edited_layers"] = hp.edited_layers
@@ -662,7 +662,7 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     """
     from blueedit.editing.targets import generate_context_templates
     from blueedit.models.adapters import ModelAdapter
-    from blueedit.models.loading import ModelSpec, load_model_and_tokenizer, model_fingerprint
+    from blueedit.models.loading import ModelConfig, load_model_and_tokenizer, model_fingerprint
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -688,7 +688,7 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
 
     given_model = model is not None
     if not given_model:
-        spec = ModelSpec(name_or_path=args.model, dtype=args.dtype)
+        spec = ModelConfig(name_or_path=args.model, dtype=args.dtype)
         model, tokenizer = load_model_and_tokenizer(spec, args.cache_dir)
         model.to(device)
         model_id = model_fingerprint(spec)
