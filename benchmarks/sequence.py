@@ -297,7 +297,7 @@ def partial_record(args: argparse.Namespace, spec: str, run_dir: Path) -> dict[s
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         return None
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
     states = ckpt.get("callbacks", {})
 
     def history(path: str):
