@@ -413,8 +413,10 @@ class EditingModule(L.LightningModule):
         path.write_text(json.dumps(summary, indent=1, default=str))
         log_to_loggers(self.trainer, {f"{when}/{n}": v[when] for n, v in summary["metrics"].items()
                                       for when in ("pre", "post") if v[when] is not None})
-        self.print(metrics_table(summary))
-        self.print(f"metrics written to {path}")
+        # plain print (this method runs on rank zero only): after fit the progress bars are closed,
+        # and LightningModule.print through a closed TQDM bar prints nothing
+        print(metrics_table(summary))
+        print(f"metrics written to {path}")
         from blueedit.evaluation.reports import write_report
 
         try:
