@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from blueedit import distributed
+from blueedit import carry, distributed
 from blueedit.callbacks._common import log_to_loggers
 from blueedit.data.corpus import (
     CorpusUnavailable,
@@ -134,6 +134,14 @@ class EditingModule(L.LightningModule):
             object.__setattr__(self, "lm", lm)
         self.adapter = ModelAdapter(self.lm, **self.model_spec.layout_overrides())
         self.adapter.check_layers(self.hp.layers)
+        #: the editor state of an edited model directory this run continues (``blueedit.carry``)
+        self.carried: carry.Continuation | None = None
+        if carry.has_state(self.model_spec.name_or_path):
+            self.carried = carry.load_continuation(self.model_spec.name_or_path, self.settings_fingerprint())
+        #: rounds done before this run, in the directory it continues (its round indices start there)
+        self.carried_rounds = self.carried.state.rounds_done if self.carried is not None else 0
+        self.stats_keys: dict[int, str] = {}
+        self.stats_model_id: str | None = None
         # Editing writes closed-form updates, never an optimizer step; Lightning's manual
         # optimization still needs an optimizer, whose step() advances global_step (one per round),
         # so checkpoints, loggers and callbacks count rounds. This parameter is that optimizer's.
@@ -229,9 +237,22 @@ class EditingModule(L.LightningModule):
             self.lm.to(self.trainer.strategy.root_device)
         # Lightning restores a checkpoint's (edited) weights after this hook: C_0 and its cache key
         # are computed on the pretrained weights
-        mom2 = self.key_statistics(self.hp.edited_layers)
-        templates = generate_context_templates(self.lm, self.tokenizer)
-        self.editor = Editor(self.lm, self.tokenizer, self.adapter, self.hp, mom2, templates)
+        if self.carried is None:
+            mom2 = self.key_statistics(self.hp.edited_layers)
+            templates = generate_context_templates(self.lm, self.tokenizer)
+            self.editor = Editor(self.lm, self.tokenizer, self.adapter, self.hp, mom2, templates)
+        else:  # continuing an edited model directory: C_0 of its base weights, its history and templates
+            directory = self.model_spec.name_or_path
+            original = carry.prepare_continuation(self.carried, self.lm, self.tokenizer, self.adapter, directory)
+            with carry.base_weights(self.adapter, original):
+                mom2 = self.key_statistics(self.hp.edited_layers, model_id=self.carried.meta.get("stats_model_id"))
+            saved_keys = {int(l): k for l, k in self.carried.meta.get("stats_keys", {}).items()}
+            if saved_keys and saved_keys != self.stats_keys:
+                raise carry.CarryError(f"{directory} was edited with other key statistics C_0 (cache keys "
+                                       f"{saved_keys}, now {self.stats_keys}): check stats.* and the data directory")
+            state = self.carried.state
+            self.editor = Editor(self.lm, self.tokenizer, self.adapter, self.hp, mom2, state.context_templates,
+                                 state=EditorState.from_dict(state.to_dict(), next(self.lm.parameters()).device))
         if self._pending_state is not None:
             self.editor.state = EditorState.from_dict(self._pending_state.to_dict(), self.editor.device)
 
@@ -266,8 +287,10 @@ class EditingModule(L.LightningModule):
             )
             return "model-samples"
 
-    def key_statistics(self, layers: list[int]) -> dict[int, torch.Tensor]:
-        """``C_0^l`` for ``layers``, from the on-disk cache or collected in one pass."""
+    def key_statistics(self, layers: list[int], model_id: str | None = None) -> dict[int, torch.Tensor]:
+        """``C_0^l`` for ``layers``, from the on-disk cache or collected in one pass (on the model
+        as it is: the caller puts the base weights in). ``model_id``: the cache's directory name
+        (default: from ``model.name_or_path``). Records the cache keys in :attr:`stats_keys`."""
         spec = self.stats_spec
         source = self.corpus_source()
         if source == "model-samples":
@@ -291,12 +314,21 @@ class EditingModule(L.LightningModule):
                                              min_chars=MIN_CHARS)
                 except CorpusUnavailable as e:
                     raise CorpusUnavailable(f"stats.corpus: {e}") from e
-        cache = StatisticsCache(self.cache_dir, model_fingerprint(self.model_spec), progress=True)
+        self.stats_model_id = model_id or model_fingerprint(self.model_spec)
+        cache = StatisticsCache(self.cache_dir, self.stats_model_id, progress=True)
         stats = cache.get_or_collect(self.lm, self.adapter, self.tokenizer, layers, spec, corpus_id, texts,
                                      single_pass=self.hp.optimize)
+        self.stats_keys = dict(cache.keys)
         return {l: s.mom2 for l, s in stats.items()}
 
     # -- the editing loop ---------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Continuing an edited model directory, this run's rounds are numbered after its rounds
+        (callbacks and checkpoints see one run)."""
+        if self.carried_rounds and isinstance(batch, EditRound) and self.trainer.training:
+            batch = replace(batch, index=batch.index + self.carried_rounds)
+        return batch
+
     def on_train_start(self) -> None:
         if self.evaluate and self.pre_metrics is None:
             self.pre_metrics = self.run_evaluation().to_dict()

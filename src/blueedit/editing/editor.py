@@ -18,6 +18,7 @@ from blueedit.config import Dtype, check_choice
 from blueedit.data.records import EditRecordError, EditRequest, validate_requests
 from blueedit.editing import solvers
 from blueedit.editing.targets import TargetConfig, TargetResult, fact_states, optimize_targets, optimize_targets_one_by_one
+from blueedit.editing.updates import LayerUpdate, RoundUpdates
 from blueedit.models.tokens import tokenize_target
 from blueedit.models.adapters import ModelAdapter
 
@@ -146,8 +147,10 @@ class RoundReport:
 @dataclass
 class EditorState:
     """Everything a resumed run needs besides the weights: edit history ``H^l`` (float32),
-    AlphaEdit projections ``P^l``, the original weights ``W_0^l`` (PRUNE), rounds done, and the
-    context templates."""
+    AlphaEdit projections ``P^l``, the weights ``W_0^l`` before the first round (PRUNE's
+    original weights; kept for every method), rounds done, the context templates, and each
+    round's update as low-rank factors (:mod:`blueedit.editing.updates`: what ``blueedit
+    revert`` undoes)."""
 
     history: dict[int, torch.Tensor] = field(default_factory=dict)
     projection: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -156,6 +159,8 @@ class EditorState:
     context_templates: list[str] = field(default_factory=list)
     #: post-processing (PRUNE's restraint) has been written into the weights
     finalized: bool = False
+    #: per finished round, its update of each edited layer
+    updates: list[RoundUpdates] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -165,13 +170,17 @@ class EditorState:
             "rounds_done": self.rounds_done,
             "context_templates": list(self.context_templates),
             "finalized": self.finalized,
+            "updates": [{str(l): {"left": u.left.cpu(), "right": None if u.right is None else u.right.cpu(),
+                                  "keys": u.keys.cpu()} for l, u in r.items()} for r in self.updates],
         }
 
     @classmethod
     def from_dict(cls, d: dict, device: torch.device | str = "cpu") -> "EditorState":
         conv = lambda m: {int(k): v.to(device) for k, v in m.items()}  # noqa: E731
+        updates = [{int(l): LayerUpdate(u["left"], u["right"], u["keys"]) for l, u in r.items()}
+                   for r in d.get("updates", [])]
         return cls(conv(d["history"]), conv(d["projection"]), conv(d["original"]), int(d["rounds_done"]),
-                   list(d["context_templates"]), bool(d.get("finalized", False)))
+                   list(d["context_templates"]), bool(d.get("finalized", False)), updates)
 
 
 class Editor:
@@ -202,6 +211,8 @@ class Editor:
         #: target optimization (fast path); used by the round progress bar.
         self.on_target_step: Callable[[int, int, float], None] | None = None
         self.compute_model, self.compute_adapter = self._compute_copy()
+        #: the factors of the round in progress, per layer (see :meth:`solve`)
+        self._factors: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._init_state()
 
     def _compute_copy(self):
@@ -236,7 +247,7 @@ class Editor:
             self.state.history.setdefault(l, torch.zeros(dk, dk, device=self.device))
             if self.hp.method == "alphaedit" and l not in self.state.projection:
                 self.state.projection[l] = solvers.nullspace_projection(self.mom2[l], self.hp.nullspace_threshold).float()
-            if self.hp.method == "prune" and l not in self.state.original:
+            if l not in self.state.original:  # W_0: PRUNE's original weights, and where revert replays from
                 self.state.original[l] = self.adapter.get_w_out(l).cpu()
 
     # -- one round -------------------------------------------------------------------------
@@ -286,12 +297,20 @@ class Editor:
         return res
 
     def solve(self, layer: int, residuals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """The method's update ``ΔW^layer`` (``[d, d_k]``, float64) for ``R`` (``[d, B]``), ``K`` (``[d_k, B]``)."""
+        """The method's update ``ΔW^layer`` (``[d, d_k]``, float64) for ``R`` (``[d, B]``), ``K`` (``[d_k, B]``).
+
+        Its rank-``B`` factors are kept for the round's entry in :attr:`EditorState.updates`."""
         H = self.state.history[layer]
         if self.hp.method == "alphaedit":
-            return solvers.alphaedit_update(residuals, keys, self.state.projection[layer], H, self.hp.L2)
-        return solvers.memit_update(residuals, keys, self.mom2[layer], H if self.hp.use_history else None,
-                                    self.hp.mom2_update_weight)
+            left, right = solvers.alphaedit_factors(residuals, keys, self.state.projection[layer], H, self.hp.L2)
+        else:
+            left, right = solvers.memit_factors(residuals, keys, self.mom2[layer], H if self.hp.use_history else None,
+                                                self.hp.mom2_update_weight)
+        delta = left @ right
+        if not torch.isfinite(delta).all():
+            raise solvers.SolveError(f"update of layer {layer} has non-finite values")
+        self._factors[layer] = (left.cpu(), right.cpu())
+        return delta
 
     def fact_states(self, requests: list[EditRequest], key_layers: list[int], hidden_layers: list[int]):
         """Keys ``K^l`` (``[d_k, B]``) and values ``h^l`` (``[d, B]``) at the fact tokens of
@@ -331,6 +350,7 @@ class Editor:
         if self.state.finalized:
             raise EditRoundError(f"round {index}: the editor was finalized (post-processing applied); "
                                  "no further rounds can be added")
+        self._factors = {}
         try:
             self._sync(self.hp.edited_layers)  # the weights may have been set from outside (resume)
             if self.hp.strategy == "distribute":
@@ -350,6 +370,9 @@ class Editor:
             ids = [r.case_id for r in requests]
             raise EditRoundError(f"round {index} (case_ids {ids}) failed, model left unchanged: {e}") from e
         self.state.history.update(new_history)
+        self.state.updates.append({l: LayerUpdate(*self._factors[l], keys[l].detach().cpu())
+                                   for l in self.hp.edited_layers})
+        self._factors = {}
         self.state.rounds_done = index + 1
         report.seconds = time.perf_counter() - t0
         return report
@@ -364,6 +387,8 @@ class Editor:
             self.adapter.set_w_out(l, w0)
             self.adapter.add_to_w_out(l, sparse)
             self._sync([l])
+            # not low rank: kept whole, in the precision the write adds it in (so replaying it is exact)
+            self._factors[l] = (sparse.to(torch.promote_types(w0.dtype, torch.float32)).cpu(), None)
             report.update_norms[l] = float(torch.linalg.matrix_norm(sparse))
 
     def _record_target(self, layer: int, res: TargetResult, report: RoundReport) -> None:
@@ -399,14 +424,8 @@ class Editor:
         restraint is applied exactly once)."""
         if self.hp.method != "prune" or self.state.finalized:
             return {}
-        out = {}
-        for l in self.hp.edited_layers:
-            w0, w = self.state.original[l], self.adapter.get_w_out(l).cpu()
-            restrained = solvers.prune_restrain(w0, w)
-            if self.hp.prune_base == "current":  # published: W + restrain(W − W_0)
-                restrained = (w.double() + (restrained.double() - w0.double())).to(w.dtype)
-            out[l] = restrained
-        return out
+        return {l: solvers.prune_postprocess(self.state.original[l], self.adapter.get_w_out(l).cpu(), self.hp.prune_base)
+                for l in self.hp.edited_layers}
 
     @contextmanager
     def evaluation_weights(self):
