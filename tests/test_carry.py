@@ -249,3 +249,37 @@ def test_revert_is_atomic(edited, tmp_path, monkeypatch):
         carry.revert(edited, 1)
     assert {p.name: p.read_bytes() for p in edited.iterdir()} == before
     assert not [p for p in edited.parent.iterdir() if p.name.startswith(".")]
+
+
+# -- see the edit: greedy generations before and after, side by side -----------------------------------
+def test_generate_shows_before_and_after_side_by_side(tiny, edited, tmp_path, capsys):
+    from blueedit.data.records import EditRequest
+    from blueedit.evaluation.fluency import generate_greedy
+    from blueedit.models.loading import ModelConfig, load_model_and_tokenizer
+
+    out = tmp_path / "gen"
+    capsys.readouterr()
+    main(["generate", str(edited), "--max_new_tokens", "5", f"--output_dir={out}", "--device=cpu"])
+    printed = capsys.readouterr().out
+    assert "| case_id | kind | prompt | expected | before | after |" in printed
+    rows = json.loads((out / "generations.json").read_text())["rows"]
+    requests = [EditRequest.from_dict(r) for r in RECORDS[:4]]
+    # the rewrite prompt, its paraphrase and its neighborhood prompt, for each of the 4 edited records
+    assert [(r["case_id"], r["kind"]) for r in rows] == [
+        (q.case_id, k) for q in requests for k in ("rewrite", "paraphrase", "neighborhood")]
+    assert rows[0]["prompt"] == "Toko Yasuda plays the" and rows[0]["expected"] == "violin"
+    assert rows[2]["expected"] == "guitar"  # the neighborhood keeps the true answer
+    prompts = [r["prompt"] for r in rows]
+    # oracle: the base and the edited model each loaded on their own and decoded greedily
+    for name, path in (("before", tiny / "tiny-llama"), ("after", edited)):
+        model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(path)))
+        expected = generate_greedy(model, tok, prompts, max_new_tokens=5, include_prompt=False)
+        assert [r[name] for r in rows] == expected, name
+    assert any(r["before"] != r["after"] for r in rows), "the edit changed no continuation"
+    md = (out / "generations.md").read_text()
+    assert md.count("\n| ") == len(rows) + 1
+    # --base loads the model before editing instead of rebuilding it: the same table
+    main(["generate", str(edited), "--max_new_tokens", "5", f"--output_dir={tmp_path / 'gen2'}",
+          f"--base={tiny / 'tiny-llama'}", "--device=cpu"])
+    assert json.loads((tmp_path / "gen2" / "generations.json").read_text())["rows"] == rows
+    _fails(["generate", str(tiny / "tiny-llama")], capsys, "holds no editor state")

@@ -449,6 +449,11 @@ def main(args: list[str] | None = None) -> None:
 
             revert_main(rest[1:])
             return
+        if rest and rest[0] == "generate":
+            from blueedit.evaluation.side_by_side import generate_main
+
+            generate_main(rest[1:])
+            return
         run_cli(args)
     except USER_ERRORS as e:
         if verbose:
