@@ -2,7 +2,10 @@
 
 - ``blueedit fit --config CONFIG``: a sequential editing experiment, evaluated before and after.
 - ``blueedit edit --config CONFIG --edits FILE --output DIR``: apply the edits in FILE and save
-  the edited model as a Hugging Face directory with ``edits.json``.
+  the edited model as a Hugging Face directory with ``edits.json`` and its editor state
+  (:mod:`blueedit.carry`); ``edit`` / ``fit`` on such a directory continue its editing.
+- ``blueedit revert DIR --rounds K`` (:func:`blueedit.carry.revert`) and ``blueedit generate DIR``
+  (:mod:`blueedit.evaluation.side_by_side`) are plain commands beside the Lightning ones.
 
 Everything that can be checked without the model is checked before it is loaded (the records,
 the output directory, the model path, callback options); a bad record or option prints one line
@@ -381,7 +384,8 @@ DESCRIPTION = (
     "blueedit: locate-then-edit knowledge editing of Hugging Face causal LMs (MEMIT, AlphaEdit, PRUNE, "
     "RECT), with BLUE (editing.strategy: boundary) as a switch on each. `fit` runs a sequential editing "
     "experiment evaluated before and after, `edit` applies your edits and saves the edited model, "
-    "`validate` / `test` evaluate a (saved) model. Start from a config: "
+    "`validate` / `test` evaluate a (saved) model; `revert DIR --rounds K` undoes a saved model's last rounds and "
+    "`generate DIR` shows greedy generations before and after its edits. Start from a config: "
     "blueedit fit --config configs/quickstart.yaml; `blueedit fit --help` lists the editing options."
 )
 
