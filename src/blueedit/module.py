@@ -17,18 +17,11 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from blueedit import distributed
 from blueedit.callbacks._common import log_to_loggers
-from blueedit.data.corpus import (
-    CorpusUnavailable,
-    corpus_files,
-    corpus_fingerprint,
-    load_corpus_texts,
-    resolve_corpus_source,
-)
 from blueedit.data.datamodule import EditRound, ResumeMismatchError, describe_differences
 from blueedit.data.records import EditRequest, check_prompt_lengths, effective_prompt_limit
 from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport
-from blueedit.editing.statistics import StatisticsCache, StatsConfig
-from blueedit.editing.targets import generate_context_templates
+from blueedit.editing.setup import build_editor
+from blueedit.editing.statistics import StatsConfig
 from blueedit.evaluation.editing_metrics import EDIT_KINDS, EvaluationResult, evaluate_requests, record_values
 from blueedit.evaluation.generation import (
     GenerationMetricsConfig,
@@ -45,12 +38,9 @@ from blueedit.models.loading import (
     load_model_and_tokenizer,
     model_fingerprint,
 )
-from blueedit.models.sampling import model_sampled_texts
 
 
 log = logging.getLogger(__name__)
-
-MIN_CHARS = 200
 
 
 class EditingModule(L.LightningModule):
@@ -227,13 +217,13 @@ class EditingModule(L.LightningModule):
         self.check_prompt_lengths()
         if self.model_spec.device_map is None and self.trainer is not None:
             self.lm.to(self.trainer.strategy.root_device)
-        # Lightning restores a checkpoint's (edited) weights after this hook: C_0 and its cache key
-        # are computed on the pretrained weights
-        mom2 = self.key_statistics(self.hp.edited_layers)
-        templates = generate_context_templates(self.lm, self.tokenizer)
-        self.editor = Editor(self.lm, self.tokenizer, self.adapter, self.hp, mom2, templates)
-        if self._pending_state is not None:
-            self.editor.state = EditorState.from_dict(self._pending_state.to_dict(), self.editor.device)
+        # Lightning restores a checkpoint's (edited) weights after this hook: C_0, its cache key and
+        # the context templates are computed on the pretrained weights
+        self.editor = build_editor(
+            self.lm, self.tokenizer, self.hp, self.stats_spec, model_id=model_fingerprint(self.model_spec),
+            adapter=self.adapter, data_dir=self.data_dir, cache_dir=self.cache_dir, state=self._pending_state,
+            progress=self._trainer is None or self._trainer.is_global_zero,
+        )
 
     @property
     def prompt_limit(self) -> int | None:
@@ -250,51 +240,6 @@ class EditingModule(L.LightningModule):
         if self.evaluate and getattr(dm, "eval_dataset", None) is not None:
             check_prompt_lengths(dm.eval_requests(), self.tokenizer, self.prompt_limit,
                                  source="the evaluation records")
-
-    def corpus_source(self) -> str:
-        """The resolved statistics corpus; ``auto`` without a Wikipedia sample in the data
-        directory falls back to text sampled from the model itself, with a warning."""
-        if self.stats_spec.corpus == "model-samples":
-            return "model-samples"
-        try:
-            return resolve_corpus_source(self.stats_spec.corpus, self.data_dir)
-        except CorpusUnavailable as e:
-            warnings.warn(
-                f"{e}. C_0 is estimated on text sampled from the model itself (offline fallback); set "
-                "data.data_dir or stats.corpus for the published statistics",
-                stacklevel=2,
-            )
-            return "model-samples"
-
-    def key_statistics(self, layers: list[int]) -> dict[int, torch.Tensor]:
-        """``C_0^l`` for ``layers``, from the on-disk cache or collected in one pass."""
-        spec = self.stats_spec
-        source = self.corpus_source()
-        if source == "model-samples":
-            corpus_id = corpus_fingerprint(f"model-samples-{spec.max_length}", spec.num_samples, 0, seed=0)
-
-            def texts():
-                # one large batch: generation is latency-bound (one decode step per token)
-                return model_sampled_texts(self.lm, self.tokenizer, num_samples=spec.num_samples,
-                                           max_new_tokens=spec.max_length, seed=0, batch_size=64,
-                                           progress=self._trainer is not None and self._trainer.is_global_zero)
-        else:
-            try:
-                files = corpus_files(source, self.data_dir)
-            except CorpusUnavailable as e:
-                raise CorpusUnavailable(f"stats.corpus: {e}") from e
-            corpus_id = corpus_fingerprint(source, spec.num_samples, MIN_CHARS, files=files)
-
-            def texts():
-                try:
-                    return load_corpus_texts(source, data_dir=self.data_dir, num_samples=spec.num_samples,
-                                             min_chars=MIN_CHARS)
-                except CorpusUnavailable as e:
-                    raise CorpusUnavailable(f"stats.corpus: {e}") from e
-        cache = StatisticsCache(self.cache_dir, model_fingerprint(self.model_spec), progress=True)
-        stats = cache.get_or_collect(self.lm, self.adapter, self.tokenizer, layers, spec, corpus_id, texts,
-                                     single_pass=self.hp.optimize)
-        return {l: s.mom2 for l, s in stats.items()}
 
     # -- the editing loop ---------------------------------------------------------------------
     def on_train_start(self) -> None:
