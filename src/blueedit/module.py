@@ -22,7 +22,7 @@ from blueedit.data.records import EditRequest, check_prompt_lengths, effective_p
 from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport
 from blueedit.editing.setup import build_editor
 from blueedit.editing.statistics import StatsConfig
-from blueedit.evaluation.editing_metrics import EDIT_KINDS, EvaluationResult, evaluate_requests, record_values
+from blueedit.evaluation.editing_metrics import EvaluationResult, edit_metrics, evaluate_requests, evaluation_kind
 from blueedit.evaluation.generation import (
     GenerationMetricsConfig,
     References,
@@ -371,30 +371,29 @@ class EditingModule(L.LightningModule):
         return path
 
     # -- validate / test: evaluate the loaded (e.g. saved, edited) model ------------------------
-    def _eval_meters(self, stage: str) -> dict:
-        """Accumulators for ``stage`` (``val``/``test``), created fresh at each epoch start: one
-        mean over records per metric name (``docs/algorithms.md`` §8: per record, then over records)."""
-        from blueedit.evaluation.metrics import mean_meter
-
-        names = list(EDIT_KINDS) + [f"{k}_margin" for k in EDIT_KINDS]
-        meters = torch.nn.ModuleDict({n: mean_meter() for n in names})
-        setattr(self, f"_{stage}_meters", meters)
+    def _eval_meters(self, stage: str) -> None:
+        """Fresh accumulators for ``stage`` (``val``/``test``) at each epoch start; the metric
+        collection itself is made at the first batch, when the records' kind is known."""
+        setattr(self, f"_{stage}_meters", None)
         self._eval_state = {"kind": None, "num_records": 0, "records": [], "generation": []}
-        return meters
 
     def _eval_step(self, batch: EditRound, stage: str) -> None:
-        meters = getattr(self, f"_{stage}_meters", None) or self._eval_meters(stage)
         requests = list(batch.requests)
         if not requests:
             return
-        res = evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size)
+        if getattr(self, "_eval_state", None) is None:
+            self._eval_meters(stage)
+        kind = evaluation_kind(requests)
+        meters = getattr(self, f"_{stage}_meters", None)
+        if meters is None:  # one mean per metric over every record of the epoch (docs/algorithms.md §8)
+            meters = edit_metrics(kind)
+            setattr(self, f"_{stage}_meters", meters)
+        res = evaluate_requests(self.lm, self.tokenizer, requests, kind=kind, batch_size=self.eval_batch_size,
+                                metrics=meters)
         st = self._eval_state
         st["kind"] = res.kind
         st["num_records"] += res.num_records
         st["records"].extend(res.records)
-        for rec in res.records:
-            for name, value in record_values(rec, res.kind).items():
-                meters[name].update(torch.tensor([value], dtype=torch.float64))
         if self.generation_metrics:  # the first ``generation.num_records`` records of the epoch
             done = st["generation"]
             limit = self.generation.num_records
@@ -405,21 +404,16 @@ class EditingModule(L.LightningModule):
     def _eval_epoch_end(self, stage: str) -> dict[str, float]:
         meters = getattr(self, f"_{stage}_meters", None)
         st = getattr(self, "_eval_state", None) or {"kind": None, "num_records": 0, "records": [], "generation": []}
-        metrics: dict[str, float] = {}
-        if meters is not None:
-            names = list(EDIT_KINDS) if st["kind"] == "zsre" else list(EDIT_KINDS) + [f"{k}_margin" for k in EDIT_KINDS]
-            for name in names:
-                m = meters[name]
-                metrics[name] = float(m.compute()) if m.update_count > 0 else float("nan")
+        metrics: dict[str, float] = meters.results() if meters is not None else {}
         if self.generation_metrics:
             metrics.update(generation_summary(st.get("generation") or []))
+        self._eval_state = None
+        setattr(self, f"_{stage}_meters", None)
         if self._trainer is None:  # called directly (no trainer): just the numbers
-            setattr(self, f"_{stage}_meters", None)
             return metrics
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, sync_dist=False)
         self._write_eval_metrics(Path(self.trainer.log_dir or self.trainer.default_root_dir), stage, st, metrics)
-        setattr(self, f"_{stage}_meters", None)
         return metrics
 
     @rank_zero_only
