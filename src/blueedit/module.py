@@ -222,7 +222,7 @@ class EditingModule(L.LightningModule):
         self.editor = build_editor(
             self.lm, self.tokenizer, self.hp, self.stats_spec, model_id=model_fingerprint(self.model_spec),
             adapter=self.adapter, data_dir=self.data_dir, cache_dir=self.cache_dir, state=self._pending_state,
-            progress=self._trainer is None or self._trainer.is_global_zero,
+            progress=self._progress_label("setup") is not None,
         )
 
     @property
@@ -244,7 +244,7 @@ class EditingModule(L.LightningModule):
     # -- the editing loop ---------------------------------------------------------------------
     def on_train_start(self) -> None:
         if self.evaluate and self.pre_metrics is None:
-            self.pre_metrics = self.run_evaluation().to_dict()
+            self.pre_metrics = self.run_evaluation(progress=self._progress_label("evaluation before editing")).to_dict()
 
     def training_step(self, batch: EditRound, batch_idx: int) -> None:
         assert self.editor is not None
@@ -275,7 +275,7 @@ class EditingModule(L.LightningModule):
             self.editor.finalize()
             self._finalized = True
         if self.evaluate:
-            self.post_metrics = self.run_evaluation().to_dict()
+            self.post_metrics = self.run_evaluation(progress=self._progress_label("evaluation after editing")).to_dict()
             self.write_metrics()
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -283,22 +283,32 @@ class EditingModule(L.LightningModule):
         dm = self.trainer.datamodule if self.trainer is not None else None
         return dm.eval_requests() if dm is not None else []
 
+    def _progress_label(self, label: str) -> str | None:
+        """``label`` when this process shows progress bars (rank zero, the trainer's bar on)."""
+        trainer = self._trainer
+        if trainer is None or not trainer.is_global_zero or trainer.progress_bar_callback is None:
+            return None
+        return label
+
     @torch.no_grad()
-    def run_evaluation(self, requests: list[EditRequest] | None = None) -> EvaluationResult:
+    def run_evaluation(self, requests: list[EditRequest] | None = None, progress: str | None = None) -> EvaluationResult:
         """Evaluate ``requests`` (default: the data module's evaluation records) on the model as
         it is now. Under DDP each rank scores its shard; the metrics are synchronized through
         torchmetrics and the per-record results gathered, so every rank returns the same result.
         With ``generation_metrics`` each record also gets its generations, ``fluency`` and
-        (with reference texts) ``consistency``, and the metrics their means over records."""
+        (with reference texts) ``consistency``, and the metrics their means over records.
+        ``progress``: a progress bar over the scored prompts with this description."""
         requests = self.eval_requests() if requests is None else requests
         _, world = distributed.rank_and_world()
         with self.editor.evaluation_weights() if self.editor is not None else nullcontext():
             if world == 1 or len(requests) < world:
-                res = evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size)
+                res = evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size,
+                                        progress=progress)
                 self._add_generation(res, requests)
                 return res
             local = distributed.shard(requests)
-            res = evaluate_requests(self.lm, self.tokenizer, local, batch_size=self.eval_batch_size, sync=True)
+            res = evaluate_requests(self.lm, self.tokenizer, local, batch_size=self.eval_batch_size, sync=True,
+                                    progress=progress)
             self._add_generation(res, local)
         res.records = distributed.gather_objects(res.records, len(requests))
         res.num_records = len(requests)
