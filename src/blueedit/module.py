@@ -17,19 +17,12 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from blueedit import carry, distributed
 from blueedit.callbacks._common import log_to_loggers
-from blueedit.data.corpus import (
-    CorpusUnavailable,
-    corpus_files,
-    corpus_fingerprint,
-    load_corpus_texts,
-    resolve_corpus_source,
-)
 from blueedit.data.datamodule import EditRound, ResumeMismatchError, describe_differences
 from blueedit.data.records import EditRequest, check_prompt_lengths, effective_prompt_limit
 from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport
-from blueedit.editing.statistics import StatisticsCache, StatsConfig
-from blueedit.editing.targets import generate_context_templates
-from blueedit.evaluation.editing_metrics import EDIT_KINDS, EvaluationResult, evaluate_requests, record_values
+from blueedit.editing.setup import build_editor, cached_key_statistics
+from blueedit.editing.statistics import StatsConfig
+from blueedit.evaluation.editing_metrics import EvaluationResult, edit_metrics, evaluate_requests, evaluation_kind
 from blueedit.evaluation.generation import (
     GenerationMetricsConfig,
     References,
@@ -45,12 +38,9 @@ from blueedit.models.loading import (
     load_model_and_tokenizer,
     model_fingerprint,
 )
-from blueedit.models.sampling import model_sampled_texts
 
 
 log = logging.getLogger(__name__)
-
-MIN_CHARS = 200
 
 
 class EditingModule(L.LightningModule):
@@ -140,8 +130,10 @@ class EditingModule(L.LightningModule):
             self.carried = carry.load_continuation(self.model_spec.name_or_path, self.settings_fingerprint())
         #: rounds done before this run, in the directory it continues (its round indices start there)
         self.carried_rounds = self.carried.state.rounds_done if self.carried is not None else 0
+        #: the statistics cache's directory name and the key of each layer's ``C_0`` (saved with the model)
+        self.stats_model_id = (self.carried.meta.get("stats_model_id") if self.carried is not None else None) \
+            or model_fingerprint(self.model_spec)
         self.stats_keys: dict[int, str] = {}
-        self.stats_model_id: str | None = None
         # Editing writes closed-form updates, never an optimizer step; Lightning's manual
         # optimization still needs an optimizer, whose step() advances global_step (one per round),
         # so checkpoints, loggers and callbacks count rounds. This parameter is that optimizer's.
@@ -235,26 +227,27 @@ class EditingModule(L.LightningModule):
         self.check_prompt_lengths()
         if self.model_spec.device_map is None and self.trainer is not None:
             self.lm.to(self.trainer.strategy.root_device)
-        # Lightning restores a checkpoint's (edited) weights after this hook: C_0 and its cache key
-        # are computed on the pretrained weights
-        if self.carried is None:
-            mom2 = self.key_statistics(self.hp.edited_layers)
-            templates = generate_context_templates(self.lm, self.tokenizer)
-            self.editor = Editor(self.lm, self.tokenizer, self.adapter, self.hp, mom2, templates)
-        else:  # continuing an edited model directory: C_0 of its base weights, its history and templates
-            directory = self.model_spec.name_or_path
-            original = carry.prepare_continuation(self.carried, self.lm, self.tokenizer, self.adapter, directory)
-            with carry.base_weights(self.adapter, original):
-                mom2 = self.key_statistics(self.hp.edited_layers, model_id=self.carried.meta.get("stats_model_id"))
-            saved_keys = {int(l): k for l, k in self.carried.meta.get("stats_keys", {}).items()}
-            if saved_keys and saved_keys != self.stats_keys:
-                raise carry.CarryError(f"{directory} was edited with other key statistics C_0 (cache keys "
-                                       f"{saved_keys}, now {self.stats_keys}): check stats.* and the data directory")
-            state = self.carried.state
-            self.editor = Editor(self.lm, self.tokenizer, self.adapter, self.hp, mom2, state.context_templates,
-                                 state=EditorState.from_dict(state.to_dict(), next(self.lm.parameters()).device))
-        if self._pending_state is not None:
-            self.editor.state = EditorState.from_dict(self._pending_state.to_dict(), self.editor.device)
+        # Lightning restores a checkpoint's (edited) weights after this hook: C_0, its cache key and
+        # the context templates are computed on the pretrained weights
+        progress = self._progress_label("setup") is not None
+        state, templates, original = self._pending_state, None, {}
+        if self.carried is not None:  # continuing an edited model directory: its base weights, history, templates
+            original = carry.prepare_continuation(self.carried, self.lm, self.tokenizer, self.adapter,
+                                                  self.model_spec.name_or_path)
+            state, templates = state or self.carried.state, self.carried.state.context_templates
+        keys: dict[int, str] = {}
+        with carry.base_weights(self.adapter, original):  # C_0 of the base weights, never of edited ones
+            mom2 = cached_key_statistics(self.lm, self.tokenizer, self.hp.edited_layers, self.stats_spec,
+                                         model_id=self.stats_model_id, adapter=self.adapter, data_dir=self.data_dir,
+                                         cache_dir=self.cache_dir, single_pass=self.hp.optimize, progress=progress,
+                                         cache_keys=keys)
+        saved_keys = {int(l): k for l, k in self.carried.meta.get("stats_keys", {}).items()} if self.carried else {}
+        if saved_keys and saved_keys != keys:
+            raise carry.CarryError(f"{self.model_spec.name_or_path} was edited with other key statistics C_0 (cache "
+                                   f"keys {saved_keys}, now {keys}): check stats.* and the data directory")
+        self.stats_keys = keys
+        self.editor = build_editor(self.lm, self.tokenizer, self.hp, self.stats_spec, adapter=self.adapter,
+                                   mom2=mom2, context_templates=templates, state=state, progress=progress)
 
     @property
     def prompt_limit(self) -> int | None:
@@ -272,55 +265,6 @@ class EditingModule(L.LightningModule):
             check_prompt_lengths(dm.eval_requests(), self.tokenizer, self.prompt_limit,
                                  source="the evaluation records")
 
-    def corpus_source(self) -> str:
-        """The resolved statistics corpus; ``auto`` without a Wikipedia sample in the data
-        directory falls back to text sampled from the model itself, with a warning."""
-        if self.stats_spec.corpus == "model-samples":
-            return "model-samples"
-        try:
-            return resolve_corpus_source(self.stats_spec.corpus, self.data_dir)
-        except CorpusUnavailable as e:
-            warnings.warn(
-                f"{e}. C_0 is estimated on text sampled from the model itself (offline fallback); set "
-                "data.data_dir or stats.corpus for the published statistics",
-                stacklevel=2,
-            )
-            return "model-samples"
-
-    def key_statistics(self, layers: list[int], model_id: str | None = None) -> dict[int, torch.Tensor]:
-        """``C_0^l`` for ``layers``, from the on-disk cache or collected in one pass (on the model
-        as it is: the caller puts the base weights in). ``model_id``: the cache's directory name
-        (default: from ``model.name_or_path``). Records the cache keys in :attr:`stats_keys`."""
-        spec = self.stats_spec
-        source = self.corpus_source()
-        if source == "model-samples":
-            corpus_id = corpus_fingerprint(f"model-samples-{spec.max_length}", spec.num_samples, 0, seed=0)
-
-            def texts():
-                # one large batch: generation is latency-bound (one decode step per token)
-                return model_sampled_texts(self.lm, self.tokenizer, num_samples=spec.num_samples,
-                                           max_new_tokens=spec.max_length, seed=0, batch_size=64,
-                                           progress=self._trainer is not None and self._trainer.is_global_zero)
-        else:
-            try:
-                files = corpus_files(source, self.data_dir)
-            except CorpusUnavailable as e:
-                raise CorpusUnavailable(f"stats.corpus: {e}") from e
-            corpus_id = corpus_fingerprint(source, spec.num_samples, MIN_CHARS, files=files)
-
-            def texts():
-                try:
-                    return load_corpus_texts(source, data_dir=self.data_dir, num_samples=spec.num_samples,
-                                             min_chars=MIN_CHARS)
-                except CorpusUnavailable as e:
-                    raise CorpusUnavailable(f"stats.corpus: {e}") from e
-        self.stats_model_id = model_id or model_fingerprint(self.model_spec)
-        cache = StatisticsCache(self.cache_dir, self.stats_model_id, progress=True)
-        stats = cache.get_or_collect(self.lm, self.adapter, self.tokenizer, layers, spec, corpus_id, texts,
-                                     single_pass=self.hp.optimize)
-        self.stats_keys = dict(cache.keys)
-        return {l: s.mom2 for l, s in stats.items()}
-
     # -- the editing loop ---------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Continuing an edited model directory, this run's rounds are numbered after its rounds
@@ -331,7 +275,7 @@ class EditingModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         if self.evaluate and self.pre_metrics is None:
-            self.pre_metrics = self.run_evaluation().to_dict()
+            self.pre_metrics = self.run_evaluation(progress=self._progress_label("evaluation before editing")).to_dict()
 
     def training_step(self, batch: EditRound, batch_idx: int) -> None:
         assert self.editor is not None
@@ -362,7 +306,7 @@ class EditingModule(L.LightningModule):
             self.editor.finalize()
             self._finalized = True
         if self.evaluate:
-            self.post_metrics = self.run_evaluation().to_dict()
+            self.post_metrics = self.run_evaluation(progress=self._progress_label("evaluation after editing")).to_dict()
             self.write_metrics()
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -370,22 +314,32 @@ class EditingModule(L.LightningModule):
         dm = self.trainer.datamodule if self.trainer is not None else None
         return dm.eval_requests() if dm is not None else []
 
+    def _progress_label(self, label: str) -> str | None:
+        """``label`` when this process shows progress bars (rank zero, the trainer's bar on)."""
+        trainer = self._trainer
+        if trainer is None or not trainer.is_global_zero or trainer.progress_bar_callback is None:
+            return None
+        return label
+
     @torch.no_grad()
-    def run_evaluation(self, requests: list[EditRequest] | None = None) -> EvaluationResult:
+    def run_evaluation(self, requests: list[EditRequest] | None = None, progress: str | None = None) -> EvaluationResult:
         """Evaluate ``requests`` (default: the data module's evaluation records) on the model as
         it is now. Under DDP each rank scores its shard; the metrics are synchronized through
         torchmetrics and the per-record results gathered, so every rank returns the same result.
         With ``generation_metrics`` each record also gets its generations, ``fluency`` and
-        (with reference texts) ``consistency``, and the metrics their means over records."""
+        (with reference texts) ``consistency``, and the metrics their means over records.
+        ``progress``: a progress bar over the scored prompts with this description."""
         requests = self.eval_requests() if requests is None else requests
         _, world = distributed.rank_and_world()
         with self.editor.evaluation_weights() if self.editor is not None else nullcontext():
             if world == 1 or len(requests) < world:
-                res = evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size)
+                res = evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size,
+                                        progress=progress)
                 self._add_generation(res, requests)
                 return res
             local = distributed.shard(requests)
-            res = evaluate_requests(self.lm, self.tokenizer, local, batch_size=self.eval_batch_size, sync=True)
+            res = evaluate_requests(self.lm, self.tokenizer, local, batch_size=self.eval_batch_size, sync=True,
+                                    progress=progress)
             self._add_generation(res, local)
         res.records = distributed.gather_objects(res.records, len(requests))
         res.num_records = len(requests)
@@ -458,30 +412,29 @@ class EditingModule(L.LightningModule):
         return path
 
     # -- validate / test: evaluate the loaded (e.g. saved, edited) model ------------------------
-    def _eval_meters(self, stage: str) -> dict:
-        """Accumulators for ``stage`` (``val``/``test``), created fresh at each epoch start: one
-        mean over records per metric name (``docs/algorithms.md`` §8: per record, then over records)."""
-        from blueedit.evaluation.metrics import mean_meter
-
-        names = list(EDIT_KINDS) + [f"{k}_margin" for k in EDIT_KINDS]
-        meters = torch.nn.ModuleDict({n: mean_meter() for n in names})
-        setattr(self, f"_{stage}_meters", meters)
+    def _eval_meters(self, stage: str) -> None:
+        """Fresh accumulators for ``stage`` (``val``/``test``) at each epoch start; the metric
+        collection itself is made at the first batch, when the records' kind is known."""
+        setattr(self, f"_{stage}_meters", None)
         self._eval_state = {"kind": None, "num_records": 0, "records": [], "generation": []}
-        return meters
 
     def _eval_step(self, batch: EditRound, stage: str) -> None:
-        meters = getattr(self, f"_{stage}_meters", None) or self._eval_meters(stage)
         requests = list(batch.requests)
         if not requests:
             return
-        res = evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size)
+        if getattr(self, "_eval_state", None) is None:
+            self._eval_meters(stage)
+        kind = evaluation_kind(requests)
+        meters = getattr(self, f"_{stage}_meters", None)
+        if meters is None:  # one mean per metric over every record of the epoch (docs/algorithms.md §8)
+            meters = edit_metrics(kind)
+            setattr(self, f"_{stage}_meters", meters)
+        res = evaluate_requests(self.lm, self.tokenizer, requests, kind=kind, batch_size=self.eval_batch_size,
+                                metrics=meters)
         st = self._eval_state
         st["kind"] = res.kind
         st["num_records"] += res.num_records
         st["records"].extend(res.records)
-        for rec in res.records:
-            for name, value in record_values(rec, res.kind).items():
-                meters[name].update(torch.tensor([value], dtype=torch.float64))
         if self.generation_metrics:  # the first ``generation.num_records`` records of the epoch
             done = st["generation"]
             limit = self.generation.num_records
@@ -492,21 +445,16 @@ class EditingModule(L.LightningModule):
     def _eval_epoch_end(self, stage: str) -> dict[str, float]:
         meters = getattr(self, f"_{stage}_meters", None)
         st = getattr(self, "_eval_state", None) or {"kind": None, "num_records": 0, "records": [], "generation": []}
-        metrics: dict[str, float] = {}
-        if meters is not None:
-            names = list(EDIT_KINDS) if st["kind"] == "zsre" else list(EDIT_KINDS) + [f"{k}_margin" for k in EDIT_KINDS]
-            for name in names:
-                m = meters[name]
-                metrics[name] = float(m.compute()) if m.update_count > 0 else float("nan")
+        metrics: dict[str, float] = meters.results() if meters is not None else {}
         if self.generation_metrics:
             metrics.update(generation_summary(st.get("generation") or []))
+        self._eval_state = None
+        setattr(self, f"_{stage}_meters", None)
         if self._trainer is None:  # called directly (no trainer): just the numbers
-            setattr(self, f"_{stage}_meters", None)
             return metrics
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, sync_dist=False)
         self._write_eval_metrics(Path(self.trainer.log_dir or self.trainer.default_root_dir), stage, st, metrics)
-        setattr(self, f"_{stage}_meters", None)
         return metrics
 
     @rank_zero_only
