@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from blueedit import carry
-from blueedit.cli import main
+from blueedit.cli import main, run_cli
 from blueedit.editing import solvers
 from blueedit.editing.updates import LayerUpdate, add_update, replay_history, replay_weights
 from conftest import make_model, make_tokenizer
@@ -145,6 +145,19 @@ def test_two_sittings_equal_one_run_and_revert_undoes_rounds(tiny, tmp_path, cap
     _edit(tiny, first, "r4-6.json", second, method, strategy)           # sitting 2 on its output: round 2
     _assert_close_dirs(second, one_run)
     assert json.loads((second / "edits.json").read_text())["base_model"] == str(base)
+    # `fit` on the first sitting's output continues the same way
+    cli = run_cli(["fit", f"--model.model.name_or_path={first}", f"--model.editing.method={method}",
+                   f"--model.editing.strategy={strategy}", "--model.editing.layers=[1,2,3]",
+                   "--model.editing.target.v_num_grad_steps=3", "--model.stats.corpus=model-samples",
+                   "--model.stats.num_samples=4", "--model.stats.max_length=32",
+                   f"--model.stats.cache_dir={tiny / 'cache'}", "--model.evaluate=false", "--trainer.accelerator=cpu",
+                   "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                   "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path / 'fit'}",
+                   "--data.edits_per_round=2", f"--data.dataset={tiny / 'r4-6.json'}"])
+    assert cli.model.editor.state.rounds_done == 3 and [r.index for r in cli.model.reports] == [2]
+    reference = _model_tensors(one_run)
+    for l in (1, 2, 3):
+        assert torch.equal(cli.model.adapter.get_w_out(l), reference[f"model.layers.{l}.mlp.down_proj.weight"]), l
 
     # revert 1 of 3 rounds == the two-round model; 2 of 3 == the one-round model
     one_round = tmp_path / "one-round"
