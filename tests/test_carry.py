@@ -296,3 +296,15 @@ def test_generate_shows_before_and_after_side_by_side(tiny, edited, tmp_path, ca
           f"--base={tiny / 'tiny-llama'}", "--device=cpu"])
     assert json.loads((tmp_path / "gen2" / "generations.json").read_text())["rows"] == rows
     _fails(["generate", str(tiny / "tiny-llama")], capsys, "holds no editor state")
+
+
+def test_state_without_every_rounds_updates_is_not_saved(tmp_path):
+    """A run resumed from a checkpoint of an older blueedit lacks the earlier rounds' updates: its
+    state is refused (the model is still saved, with a warning), never saved as if complete."""
+    from types import SimpleNamespace
+
+    ed = _editor("memit", "boundary")
+    ed.edit_round(REQUESTS[:1], 0)
+    ed.state.updates = []
+    with pytest.raises(carry.CarryError, match="updates of 0 of its 1 rounds"):
+        carry.save_state(tmp_path, SimpleNamespace(editor=ed, adapter=ed.adapter))

@@ -217,6 +217,9 @@ def save_state(directory: str | Path, module) -> dict[str, Any]:
     directory = Path(directory)
     editor = module.editor
     state, adapter = editor.state, module.adapter
+    if len(state.updates) != state.rounds_done:
+        raise CarryError(f"the editor holds the updates of {len(state.updates)} of its {state.rounds_done} rounds "
+                         "(resumed from a checkpoint written by an older blueedit)")
     carried = getattr(module, "carried_meta", None)
     if carried is not None:
         base_name, base_fp = carried["base_model"], carried["base_fingerprint"]

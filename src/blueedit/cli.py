@@ -178,7 +178,11 @@ def save_edited_model(module: EditingModule, datamodule: EditDataModule, output:
         if getattr(module, "editor", None) is not None:  # what `edit` on this directory and `revert` need
             from blueedit import carry
 
-            print(carry.describe_saved(carry.save_state(tmp, module)))
+            try:
+                print(carry.describe_saved(carry.save_state(tmp, module)))
+            except carry.CarryError as e:  # the model itself is fine: save it without the state
+                warnings.warn(f"{e}: the editor state is not saved; {out} cannot be continued or reverted",
+                              stacklevel=2)
         if out.exists():
             if not overwrite and any(out.iterdir()):
                 raise OutputPathError(f"--output {str(output)!r} appeared while editing; pass --overwrite to replace it")
