@@ -258,7 +258,7 @@ def describe_saved(summary: dict[str, Any]) -> str:
 
 
 # -- continuing -----------------------------------------------------------------------------------
-def working_weights(state: EditorState, prune_base: str) -> dict[int, torch.Tensor]:
+def working_weights(state: EditorState) -> dict[int, torch.Tensor]:
     """The weights of the edited layers the next round starts from: ``W_0`` plus every round's
     update (for PRUNE: before its restraint, which the last round of the whole run applies)."""
     return {l: replay_weights(w0, state.updates, l) for l, w0 in state.original.items()}
@@ -267,7 +267,7 @@ def working_weights(state: EditorState, prune_base: str) -> dict[int, torch.Tens
 def saved_weights(state: EditorState, prune_base: str) -> dict[int, torch.Tensor]:
     """The weights DIR holds for this state: :func:`working_weights`, restrained once when the
     state was finalized (PRUNE)."""
-    work = working_weights(state, prune_base)
+    work = working_weights(state)
     if state.finalized:
         return {l: solvers.prune_postprocess(state.original[l], w, prune_base) for l, w in work.items()}
     return work
@@ -303,8 +303,9 @@ def load_continuation(directory: str | Path, settings_now: dict[str, Any]) -> Co
 
 def prepare_continuation(cont: Continuation, model, tokenizer, adapter, directory) -> dict[int, torch.Tensor]:
     """Check the loaded model is DIR's (its edited matrices are what the state rebuilds, and with
-    ``W_0`` put back it is the base model), then write the working weights (PRUNE: unrestrained)
-    into it. Returns ``W_0`` for the caller to put back while it reads ``C_0``."""
+    ``W_0`` put back it is the base model); for a finalized PRUNE state write the unrestrained
+    weights into it (the others continue from DIR's weights as they are). Returns ``W_0`` for the
+    caller to put back while it reads ``C_0``."""
     state, meta = cont.state, cont.meta
     layers = sorted(state.original)
     current = {l: adapter.get_w_out(l).cpu() for l in layers}
@@ -316,9 +317,10 @@ def prepare_continuation(cont: Continuation, model, tokenizer, adapter, director
         raise CarryError(f"{directory}: with the edited layers put back to W_0 the model is not the base model "
                          f"{meta['base_model']!r} it was edited from (its fingerprint differs): its other weights, "
                          "config or tokenizer were changed")
-    for l, w in working_weights(state, prune_base).items():
-        adapter.set_w_out(l, w)
-    state.finalized = False  # PRUNE's restraint is applied again after the last round of this sitting
+    if state.finalized:  # PRUNE: continue from the unrestrained weights; the restraint is applied again at the end
+        for l, w in working_weights(state).items():
+            adapter.set_w_out(l, w)
+        state.finalized = False
     return state.original
 
 
