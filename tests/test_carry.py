@@ -308,3 +308,12 @@ def test_state_without_every_rounds_updates_is_not_saved(tmp_path):
     ed.state.updates = []
     with pytest.raises(carry.CarryError, match="updates of 0 of its 1 rounds"):
         carry.save_state(tmp_path, SimpleNamespace(editor=ed, adapter=ed.adapter))
+
+
+def test_settings_added_later_compare_with_their_defaults():
+    """A directory saved before a setting existed was edited with its default value."""
+    carry.check_settings("D", {"editing": {"method": "memit"}}, {"editing": {"method": "memit", "use_history": True}})
+    with pytest.raises(carry.CarryError, match="editing.use_history: True in D, False now"):
+        carry.check_settings("D", {"editing": {"method": "memit"}},
+                             {"editing": {"method": "memit", "use_history": False}})
+    carry.check_settings("D", {"editing": {"target": {"v_lr": 0.5}}}, {"editing": {"target": {"v_lr": 0.1}}})

@@ -166,7 +166,16 @@ def check_settings(directory: str | Path, saved: dict[str, Any], now: dict[str, 
     """Refuse, naming every difference, to continue ``DIR`` with settings that change the saved
     state or ``C_0`` (method, strategy, layers, λ, ..., the statistics, the model's dtype).
     ``saved``/``now``: ``{"model": ..., "editing": ..., "stats": ...}`` as plain values."""
-    a, b = _flatten(json.loads(json.dumps(saved, default=str))), _flatten(json.loads(json.dumps(now, default=str)))
+    from dataclasses import asdict
+
+    from blueedit.editing.editor import EditingConfig
+    from blueedit.editing.statistics import StatsConfig
+
+    plain = lambda d: _flatten(json.loads(json.dumps(d, default=str)))  # noqa: E731
+    a, b = plain(saved), plain(now)
+    # a setting added to blueedit after DIR was saved had its default value then
+    defaults = plain({"editing": asdict(EditingConfig()), "stats": asdict(StatsConfig())})
+    a = {**{k: v for k, v in defaults.items() if k in b}, **a}
     diffs = [f"{k}: {a.get(k, '<absent>')!r} in {directory}, {b.get(k, '<absent>')!r} now"
              for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
     if diffs:
