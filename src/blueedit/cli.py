@@ -3,6 +3,7 @@
 - ``blueedit fit --config CONFIG``: a sequential editing experiment, evaluated before and after.
 - ``blueedit edit --config CONFIG --edits FILE --output DIR``: apply the edits in FILE and save
   the edited model as a Hugging Face directory with ``edits.json``.
+- ``blueedit locate --model MODEL``: causal tracing to find the critical layers (:mod:`blueedit.locate`).
 
 Everything that can be checked without the model is checked before it is loaded (the records,
 the output directory, the model path, callback options); a bad record or option prints one line
@@ -414,7 +415,13 @@ def main(args: list[str] | None = None) -> None:
         verbose = True
         argv[:] = [a for a in argv if a != "--verbose"]
     try:
-        run_cli(args)
+        rest = argv[1:] if args is None else argv
+        if rest and rest[0] == "locate":  # not a Lightning loop: its own parser
+            from blueedit.locate import main as locate_main
+
+            locate_main(rest[1:])
+        else:
+            run_cli(args)
     except USER_ERRORS as e:
         if verbose:
             raise
