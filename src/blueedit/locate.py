@@ -1,4 +1,4 @@
-"""Locate the critical layers ℛ of a model by causal tracing (docs/algorithms.md §9).
+"""Locate the critical layers ℛ of a model by causal tracing (docs/algorithms.md §11).
 
 Causal tracing as in ROME (Meng et al. 2022, "Locating and Editing Factual Associations in GPT",
 https://arxiv.org/abs/2202.05262, §2.1), for any architecture a :class:`ModelAdapter` knows.
@@ -172,9 +172,9 @@ def lambda_for_width(d_k: int) -> float:
     figures (SmolLM2 1536 → 1500; Gemma 3 270M 2048 → 2000; Llama-3-8B 14336 → 14000, published
     15000; GPT-J 16384 → 16000, published 15000).
 
-    Why proportional: ``C_0 = E[k kᵀ]`` is a per-key average while ``K_1 K_1ᵀ`` sums over the
-    batch; their trace ratio grows with the number of key directions ``d_k`` a key spreads over, so
-    keeping ``λ C_0`` comparable with the new keys' term needs ``λ ∝ d_k``.
+    Why proportional: along a new key ``k`` the solve's ``K Kᵀ`` weighs about ``‖k‖² ≈ tr C_0`` and
+    ``λ C_0`` about ``λ tr C_0 / d_k`` (its mean eigenvalue), so the balance depends on ``λ / d_k``
+    (docs/algorithms.md §11; a rule of thumb, not a measured optimum).
     """
     if d_k < 1:
         raise ValueError(f"MLP width must be positive, got {d_k}")
