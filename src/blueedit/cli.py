@@ -353,7 +353,8 @@ DESCRIPTION = (
     "blueedit: locate-then-edit knowledge editing of Hugging Face causal LMs (MEMIT, AlphaEdit, PRUNE, "
     "RECT), with BLUE (editing.strategy: boundary) as a switch on each. `fit` runs a sequential editing "
     "experiment evaluated before and after, `edit` applies your edits and saves the edited model, "
-    "`validate` / `test` evaluate a (saved) model. Start from a config: "
+    "`validate` / `test` evaluate a (saved) model, `locate` finds a model's critical layers by causal tracing "
+    "and writes a config (`blueedit locate --help`). Start from a config: "
     "blueedit fit --config configs/quickstart.yaml; `blueedit fit --help` lists the editing options."
 )
 
