@@ -312,3 +312,77 @@ def test_locate_command_errors_before_loading(saved_tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["locate", "--model", str(d), "--records", str(facts), "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "--all-facts" in capsys.readouterr().err
+
+
+# -- the benchmark scripts (smoke runs) -------------------------------------------------------
+
+def _bench(name):
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_locate_shapes_writes_configs_that_parse(tmp_path, monkeypatch, data_dir):
+    """benchmarks/locate_shapes.py on one architecture (SmolLM2's tokenizer from the package when
+    installed, else the tiny one): the four configs parse through the CLI with the traced layers."""
+    bench = _bench("locate_shapes")
+    import blueedit.models.loading as loading
+
+    tok_dir = tmp_path / "tok"
+    make_tokenizer().save_pretrained(tok_dir)
+    monkeypatch.setattr(loading, "local_model_dir", lambda spec, cache=None: tok_dir)
+    bench.main(["--only", "gemma3-1b", "--num-facts", "2", "--samples", "1", "--hidden", "32",
+                "--out", str(tmp_path / "out"), "--configs", str(tmp_path / "configs")])
+    summary = json.loads((tmp_path / "out" / "gemma3-1b" / "summary.json").read_text())
+    assert summary["random_weights"] and summary["num_layers"] == 26 and summary["mom2_update_weight"] == 6900
+    import blueedit.module
+    from blueedit.cli import run_cli
+
+    monkeypatch.setattr(blueedit.module, "load_model_and_tokenizer",
+                        lambda spec, cache_dir=None: (make_model("llama", n_layer=26), make_tokenizer()))
+    monkeypatch.setattr("sys.argv", ["blueedit"])
+    for tag in ("memit", "memit_blue", "alphaedit", "alphaedit_blue"):
+        path = tmp_path / "configs" / "gemma3-1b" / f"{tag}.yaml"
+        assert "RANDOM WEIGHTS" in path.read_text()
+        cli = run_cli(["--config", str(path), f"--trainer.default_root_dir={tmp_path}"], run=False)
+        assert cli.model.hp.layers == summary["layers"] and cli.model.hp.target.loss_layer == 25
+        assert cli.model.model_spec.name_or_path == "google/gemma-3-1b-it"
+
+
+def test_chat_template_benchmark_smoke(tmp_path, monkeypatch):
+    bench = _bench("chat_template")
+    from test_chat import CHATML
+    from test_module import RECORDS
+
+    model_dir = tmp_path / "tiny"
+    make_model("llama", n_layer=10).save_pretrained(model_dir)
+    tok = make_tokenizer()
+    tok.chat_template = CHATML
+    tok.save_pretrained(model_dir)
+    (tmp_path / "edits.json").write_text(json.dumps(RECORDS[:4]))
+    from conftest import REPO
+
+    config = (REPO / "configs" / "smollm2-135m" / "memit.yaml").read_text()
+    for real, tiny in [("name_or_path: smollm2-135m", f"name_or_path: {model_dir}"),
+                       ("corpus: wikipedia-sample", "corpus: model-samples"), ("num_samples: 300", "num_samples: 4"),
+                       ("v_num_grad_steps: 25", "v_num_grad_steps: 2"),
+                       ("dataset: counterfact", f"dataset: {tmp_path / 'edits.json'}")]:
+        assert real in config
+        config = config.replace(real, tiny)
+    (tmp_path / "cfg.yaml").write_text(config)
+    monkeypatch.setattr("sys.argv", ["blueedit"])
+    results = bench.main(["--config", str(tmp_path / "cfg.yaml"), "--edits", "4", "--edits-per-round", "2",
+                          "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+                          f"--override=--model.stats.cache_dir={tmp_path / 'cache'}"])
+    assert set(results) == {"plain", "chat template"}
+    assert results["chat template"]["example_prompt"].startswith("<s>user\n")
+    assert results["plain"]["example_prompt"] == "Toko Yasuda plays the"
+    assert "| chat template | plain |" in (tmp_path / "out.md").read_text()
