@@ -133,7 +133,6 @@ def main(argv=None) -> None:
             f"  benchmarks/results/locate/shapes/{shape.name}/): a placeholder from the shape, not from stored "
             f"facts; re-run `blueedit locate --model {shape.hub_id}` on the real weights.",
             f"λ = d_k ({shape.intermediate}) to 2 significant figures; loss layer: the last block.",
-            "model.chat_template: true puts the prompts in the model's chat template (instruct models).",
         ]
         for method in ("memit", "alphaedit"):
             for blue in (False, True):
@@ -142,7 +141,6 @@ def main(argv=None) -> None:
                                      header=[h.replace("{tag}", tag) for h in header], paper=True, v_lr=shape.v_lr)
                 text = text.replace("# Run: blueedit fit --config <this file>",
                                     f"# Run: blueedit fit --config configs/{shape.name}/{tag}.yaml")
-                text = text.replace(f"    dtype: bfloat16\n", "    dtype: bfloat16\n    chat_template: false\n", 1)
                 text = text.replace(f"runs/{Path(shape.hub_id).name}/", f"runs/{shape.name}/")
                 path = Path(args.configs) / shape.name / f"{tag}.yaml"
                 path.parent.mkdir(parents=True, exist_ok=True)

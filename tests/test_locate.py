@@ -386,3 +386,22 @@ def test_chat_template_benchmark_smoke(tmp_path, monkeypatch):
     assert results["chat template"]["example_prompt"].startswith("<s>user\n")
     assert results["plain"]["example_prompt"] == "Toko Yasuda plays the"
     assert "| chat template | plain |" in (tmp_path / "out.md").read_text()
+
+
+def test_locate_command_with_the_chat_template(saved_tiny, tmp_path, capsys):
+    from blueedit.cli import main
+    from test_chat import CHATML
+
+    d, facts = saved_tiny
+    tok = make_tokenizer()
+    tok.chat_template = CHATML
+    tok.save_pretrained(d)
+    out = tmp_path / "out"
+    main(["locate", "--model", str(d), "--records", str(facts), "--all-facts", "--num-facts", "1",
+          "--window-size", "3", "--chat-template", "--out", str(out), "--samples", "1"])
+    trace = json.loads((out / "facts.jsonl").read_text().splitlines()[0])
+    assert trace["prompt"] == "<s>user\nDanielle Darrieux spoke</s>\n<s>assistant\n"
+    b, e = trace["subject_tokens"]
+    ids = tok(trace["prompt"])["input_ids"]
+    assert tok.decode(ids[b:e]).strip() == "Danielle Darrieux"
+    assert "chat_template: true" in (out / "memit.yaml").read_text()

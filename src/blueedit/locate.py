@@ -475,7 +475,7 @@ def plot(result: LocateResult, path: Path) -> Path | None:
 
 def render_config(result: LocateResult, *, name_or_path: str, method: str = "memit", blue: bool = False,
                   dtype: str = "float32", header: Sequence[str] = (), paper: bool = False,
-                  v_lr: float | None = None) -> str:
+                  v_lr: float | None = None, chat_template: bool = False) -> str:
     """A complete ``blueedit fit`` config (YAML text) with ℛ, the loss layer and λ of ``result``.
 
     ``paper=False``: a quick run (20 CounterFact edits in rounds of 10, ``C_0`` from the packaged
@@ -493,6 +493,7 @@ def render_config(result: LocateResult, *, name_or_path: str, method: str = "mem
         "trainer:", "  accelerator: auto", "  devices: 1",
         f"  default_root_dir: runs/{Path(name_or_path).name or 'model'}/{tag}",
         "model:", "  model:", f"    name_or_path: {name_or_path}", f"    dtype: {dtype}",
+        f"    chat_template: {'true' if chat_template else 'false'}  # true: prompts in the model's chat template",
         "  editing:", f"    method: {method}", f"    strategy: {strategy}",
         f"    layers: [{', '.join(str(l) for l in result.layers)}]",
         f"    mom2_update_weight: {result.mom2_update_weight:g}  # λ = d_k ({result.mlp_width}) to 2 significant figures",
@@ -614,6 +615,8 @@ def build_parser():
     p.add_argument("--noise-scale", type=float, default=3.0, help="noise std as a multiple of the embeddings' std")
     p.add_argument("--window", type=int, default=1, help="layers restored around each traced layer (ROME: 10)")
     p.add_argument("--window-size", type=int, default=5, help="|ℛ|: consecutive layers recommended")
+    p.add_argument("--chat-template", action="store_true",
+                   help="trace the prompts in the tokenizer's chat template (and write model.chat_template: true)")
     p.add_argument("--method", default="memit", choices=["memit", "alphaedit"], help="method of the written config")
     p.add_argument("--blue", action="store_true", help="write the config with BLUE (strategy: boundary)")
     p.add_argument("--out", default="locate", help="directory for trace.csv, trace.png, summary.json and the config")
@@ -654,6 +657,12 @@ def main(argv: Sequence[str] | None = None) -> LocateResult:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     adapter = ModelAdapter(model)
+    if args.chat_template:
+        from dataclasses import replace
+
+        from blueedit.models.chat import chat_wrap
+
+        facts = [replace(f, template=chat_wrap(tokenizer, f.template)) for f in facts]
     if args.window_size > adapter.num_layers:
         raise ValueError(f"--window-size {args.window_size}: the model has {adapter.num_layers} layers")
     print(f"tracing up to {args.num_facts} {'' if args.all_facts else 'known '}facts of {records} "
@@ -674,6 +683,7 @@ def main(argv: Sequence[str] | None = None) -> LocateResult:
     config = out / f"{tag}.yaml"
     config.write_text(render_config(
         result, name_or_path=args.model, method=args.method, blue=args.blue, dtype=args.dtype,
+        chat_template=args.chat_template,
         header=[f"{args.model}, {tag}: written by blueedit locate ({s['facts']} facts, {args.samples} noise "
                 f"samples, noise {args.noise_scale:g}σ, window {args.window})",
                 f"layers: the {args.window_size} consecutive layers where the MLP indirect effect peaks early; "
