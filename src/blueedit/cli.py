@@ -6,6 +6,7 @@
   (:mod:`blueedit.carry`); ``edit`` / ``fit`` on such a directory continue its editing.
 - ``blueedit revert DIR --rounds K`` (:func:`blueedit.carry.revert`) and ``blueedit generate DIR``
   (:mod:`blueedit.evaluation.side_by_side`) are plain commands beside the Lightning ones.
+- ``blueedit locate --model MODEL``: causal tracing to find the critical layers (:mod:`blueedit.locate`).
 
 Everything that can be checked without the model is checked before it is loaded (the records,
 the output directory, the model path, callback options); a bad record or option prints one line
@@ -388,8 +389,9 @@ DESCRIPTION = (
     "blueedit: locate-then-edit knowledge editing of Hugging Face causal LMs (MEMIT, AlphaEdit, PRUNE, "
     "RECT), with BLUE (editing.strategy: boundary) as a switch on each. `fit` runs a sequential editing "
     "experiment evaluated before and after, `edit` applies your edits and saves the edited model, "
-    "`validate` / `test` evaluate a (saved) model; `revert DIR --rounds K` undoes a saved model's last rounds and "
-    "`generate DIR` shows greedy generations before and after its edits. Start from a config: "
+    "`validate` / `test` evaluate a (saved) model; `revert DIR --rounds K` undoes a saved model's last rounds, "
+    "`generate DIR` shows greedy generations before and after its edits, `locate` finds a model's critical "
+    "layers by causal tracing and writes a config (`blueedit locate --help`). Start from a config: "
     "blueedit fit --config configs/quickstart.yaml; `blueedit fit --help` lists the editing options."
 )
 
@@ -452,6 +454,7 @@ def main(args: list[str] | None = None) -> None:
         argv[:] = [a for a in argv if a != "--verbose"]
     try:
         rest = list(argv[1:] if args is None else args)
+        # plain commands beside the Lightning ones, each with its own parser
         if rest and rest[0] == "revert":
             from blueedit.carry import revert_main
 
@@ -461,6 +464,11 @@ def main(args: list[str] | None = None) -> None:
             from blueedit.evaluation.side_by_side import generate_main
 
             generate_main(rest[1:])
+            return
+        if rest and rest[0] == "locate":
+            from blueedit.locate import main as locate_main
+
+            locate_main(rest[1:])
             return
         run_cli(args)
     except USER_ERRORS as e:

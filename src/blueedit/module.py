@@ -31,6 +31,7 @@ from blueedit.evaluation.generation import (
     load_references,
 )
 from blueedit.models.adapters import ModelAdapter
+from blueedit.models.chat import chat_requests, has_chat_template
 from blueedit.models.loading import (
     ModelConfig,
     context_length,
@@ -122,6 +123,9 @@ class EditingModule(L.LightningModule):
             self.lm = lm  # a submodule: Lightning moves it to the strategy's device
         else:  # dispatched over several devices by accelerate: keep Lightning from moving it
             object.__setattr__(self, "lm", lm)
+        if self.model_spec.chat_template and not has_chat_template(self.tokenizer):
+            raise ValueError(f"model.chat_template is true but the tokenizer of {self.model_spec.name_or_path!r} "
+                             "has no chat template")
         self.adapter = ModelAdapter(self.lm, **self.model_spec.layout_overrides())
         self.adapter.check_layers(self.hp.layers)
         #: the editor state of an edited model directory this run continues (``blueedit.carry``)
@@ -184,6 +188,8 @@ class EditingModule(L.LightningModule):
         settings = {"model": {"name_or_path": self.model_spec.name_or_path, "gguf_file": self.model_spec.gguf_file,
                               "revision": self.model_spec.revision, "dtype": self.model_spec.dtype},
                     "editing": plain(self.hp), "stats": plain(self.stats_spec)}
+        if self.model_spec.chat_template:  # only when on: older checkpoints stay resumable
+            settings["model"]["chat_template"] = True
         for dotted in self.RESUMABLE_SETTINGS:
             group, key = dotted.split(".", 1)
             settings[group].pop(key, None)
@@ -260,10 +266,18 @@ class EditingModule(L.LightningModule):
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None or not hasattr(dm, "requests"):
             return
-        check_prompt_lengths(dm.requests, self.tokenizer, self.prompt_limit, source="the edit records")
+        check_prompt_lengths(self.as_prompted(dm.requests), self.tokenizer, self.prompt_limit,
+                             source="the edit records")
         if self.evaluate and getattr(dm, "eval_dataset", None) is not None:
-            check_prompt_lengths(dm.eval_requests(), self.tokenizer, self.prompt_limit,
+            check_prompt_lengths(self.as_prompted(dm.eval_requests()), self.tokenizer, self.prompt_limit,
                                  source="the evaluation records")
+
+    def as_prompted(self, requests: list[EditRequest]) -> list[EditRequest]:
+        """``requests`` as the model is prompted with them: in the chat template with
+        ``model.chat_template``, else unchanged."""
+        if not self.model_spec.chat_template:
+            return list(requests)
+        return chat_requests(self.tokenizer, list(requests))
 
     # -- the editing loop ---------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -281,7 +295,7 @@ class EditingModule(L.LightningModule):
         assert self.editor is not None
         if batch.index < self.editor.state.rounds_done:  # already applied before a resume
             return None
-        report = self.editor.edit_round(batch.requests, batch.index)
+        report = self.editor.edit_round(self.as_prompted(batch.requests), batch.index)
         self.reports.append(report)
         if self.debug:  # every rank must hold bit-identical weights after every round
             digest = distributed.assert_same_on_all_ranks(
@@ -329,7 +343,7 @@ class EditingModule(L.LightningModule):
         With ``generation_metrics`` each record also gets its generations, ``fluency`` and
         (with reference texts) ``consistency``, and the metrics their means over records.
         ``progress``: a progress bar over the scored prompts with this description."""
-        requests = self.eval_requests() if requests is None else requests
+        requests = self.as_prompted(self.eval_requests() if requests is None else requests)
         _, world = distributed.rank_and_world()
         with self.editor.evaluation_weights() if self.editor is not None else nullcontext():
             if world == 1 or len(requests) < world:
@@ -419,7 +433,7 @@ class EditingModule(L.LightningModule):
         self._eval_state = {"kind": None, "num_records": 0, "records": [], "generation": []}
 
     def _eval_step(self, batch: EditRound, stage: str) -> None:
-        requests = list(batch.requests)
+        requests = self.as_prompted(batch.requests)
         if not requests:
             return
         if getattr(self, "_eval_state", None) is None:
