@@ -317,3 +317,28 @@ def test_settings_added_later_compare_with_their_defaults():
         carry.check_settings("D", {"editing": {"method": "memit"}},
                              {"editing": {"method": "memit", "use_history": False}})
     carry.check_settings("D", {"editing": {"target": {"v_lr": 0.5}}}, {"editing": {"target": {"v_lr": 0.1}}})
+
+
+def test_side_by_side_feeds_wrapped_prompts_and_shows_the_plain_ones():
+    from blueedit.data.records import EditRequest
+    from blueedit.evaluation.side_by_side import markdown, side_by_side
+
+    req = EditRequest.from_dict({**RECORDS[0], "neighborhood_targets": ["drums"]})
+    seen = {}
+
+    def model(name):
+        def fn(prompts):
+            seen[name] = list(prompts)
+            return [f"{name}:{p}" for p in prompts]
+        return fn
+
+    rows = side_by_side([req], model("before"), model("after"), wrap=lambda p: f"<user>{p}</user>")
+    assert seen["before"] == seen["after"] == ["<user>Toko Yasuda plays the</user>",
+                                               "<user>Toko Yasuda is known for playing the</user>",
+                                               "<user>Danielle Darrieux plays the</user>"]
+    assert [r["prompt"] for r in rows] == ["Toko Yasuda plays the", "Toko Yasuda is known for playing the",
+                                           "Danielle Darrieux plays the"]
+    assert [r["expected"] for r in rows] == ["violin", "violin", "drums"]
+    assert rows[0]["before"] == "before:<user>Toko Yasuda plays the</user>"
+    table = markdown(rows, width=20).splitlines()
+    assert len(table) == 5 and all(line.count(" | ") == 5 for line in table[2:])

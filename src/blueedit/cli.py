@@ -343,8 +343,10 @@ class BlueEditCLI(LightningCLI):
         editing = _as_dict(model_cfg.get("editing")) or asdict(EditingConfig())
         stats = _as_dict(model_cfg.get("stats")) or asdict(StatsConfig())
         now = {"model": {"dtype": spec.dtype}, "editing": editing, "stats": stats}
+        if getattr(spec, "chat_template", False):
+            now["model"]["chat_template"] = True
         saved = dict(header["meta"]["settings"])
-        saved["model"] = {"dtype": saved.get("model", {}).get("dtype")}
+        saved["model"] = {k: v for k, v in saved.get("model", {}).items() if k in ("dtype", "chat_template")}
         carry.check_settings(spec.name_or_path, saved, now)
 
     @staticmethod
