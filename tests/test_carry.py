@@ -342,3 +342,35 @@ def test_side_by_side_feeds_wrapped_prompts_and_shows_the_plain_ones():
     assert rows[0]["before"] == "before:<user>Toko Yasuda plays the</user>"
     table = markdown(rows, width=20).splitlines()
     assert len(table) == 5 and all(line.count(" | ") == 5 for line in table[2:])
+
+
+def test_revert_sharded_gpt2(tiny, tmp_path, monkeypatch):
+    """GPT-2 stores W_out transposed (Conv1D) and big models are saved in shards: revert finds each
+    edited matrix in its shard and writes it back in the stored orientation."""
+    from transformers import PreTrainedModel
+
+    real = PreTrainedModel.save_pretrained
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained",
+                        lambda self, d, *a, **k: real(self, d, *a, **{**k, "max_shard_size": "40KB"}))
+    gpt2 = tmp_path / "tiny-gpt2"
+    make_model("gpt2").save_pretrained(gpt2)
+    make_tokenizer().save_pretrained(gpt2)
+    two, one = tmp_path / "two", tmp_path / "one"
+    _edit(tiny, gpt2, "r0-4.json", two, "memit", "distribute")
+    _edit(tiny, gpt2, "r0-2.json", one, "memit", "distribute")
+    index = json.loads((two / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1
+    _, meta = carry.read_state(two)
+    assert meta["weights"]["1"]["transposed"] and meta["weights"]["1"]["name"] == "transformer.h.1.mlp.c_proj.weight"
+    main(["revert", str(two), "--rounds", "1"])
+
+    def tensors(d):
+        from safetensors.torch import load_file
+
+        out = {}
+        for f in sorted(set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values())):
+            out.update(load_file(str(d / f)))
+        return out
+
+    a, b = tensors(two), tensors(one)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
