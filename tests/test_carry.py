@@ -374,3 +374,13 @@ def test_revert_sharded_gpt2(tiny, tmp_path, monkeypatch):
 
     a, b = tensors(two), tensors(one)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_continue_in_place(tiny, tmp_path):
+    """`edit` on DIR with --output DIR --overwrite continues it in place (swapped in atomically)."""
+    one_run, work = tmp_path / "one", tmp_path / "work"
+    _edit(tiny, tiny / "tiny-llama", "r0-6.json", one_run, "memit", "boundary")
+    _edit(tiny, tiny / "tiny-llama", "r0-4.json", work, "memit", "boundary")
+    _edit(tiny, work, "r4-6.json", work, "memit", "boundary", "--overwrite=true")
+    _assert_close_dirs(work, one_run)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

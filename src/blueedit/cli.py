@@ -156,7 +156,6 @@ def save_edited_model(module: EditingModule, datamodule: EditDataModule, output:
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
-    old = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir()
         module.lm.save_pretrained(tmp)
@@ -187,12 +186,14 @@ def save_edited_model(module: EditingModule, datamodule: EditDataModule, output:
         if out.exists():
             if not overwrite and any(out.iterdir()):
                 raise OutputPathError(f"--output {str(output)!r} appeared while editing; pass --overwrite to replace it")
-            out.rename(old)
+            from blueedit.carry import replace_directory
+
             print(f"replacing the model in {out} (--overwrite)")  # the caller runs this on rank zero only
-        tmp.rename(out)
+            replace_directory(tmp, out)  # an atomic swap where the system has one
+        else:
+            tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
