@@ -436,9 +436,9 @@ def revert(directory: str | Path, rounds: int) -> dict[str, Any]:
         if edits.is_file():
             record = json.loads(edits.read_text())
             kept_rounds = list(record.get("rounds", []))[:keep]
-            kept_ids = {json.dumps(c) for r in kept_rounds for c in r.get("case_ids", [])}
             record["rounds"] = kept_rounds
-            record["requests"] = [q for q in record.get("requests", []) if json.dumps(q.get("case_id")) in kept_ids]
+            # the requests are listed in the order the rounds edited them (case ids may repeat across sittings)
+            record["requests"] = list(record.get("requests", []))[: sum(len(r.get("case_ids", [])) for r in kept_rounds)]
             (tmp / "edits.json").write_text(json.dumps(record, indent=1, default=str))
         replace_directory(tmp, directory)
     finally:
