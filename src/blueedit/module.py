@@ -26,7 +26,7 @@ from blueedit.data.corpus import (
 )
 from blueedit.data.datamodule import EditRound, ResumeMismatchError, describe_differences
 from blueedit.data.records import EditRequest, check_prompt_lengths, effective_prompt_limit
-from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport
+from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport, check_stream_options
 from blueedit.editing.statistics import StatisticsCache, StatsConfig
 from blueedit.editing.targets import generate_context_templates
 from blueedit.evaluation.editing_metrics import EDIT_KINDS, EvaluationResult, evaluate_requests, record_values
@@ -225,6 +225,7 @@ class EditingModule(L.LightningModule):
         if stage != "fit" or self.editor is not None:
             return
         self.check_prompt_lengths()
+        total_rounds = self.check_stream_options()
         if self.model_spec.device_map is None and self.trainer is not None:
             self.lm.to(self.trainer.strategy.root_device)
         # Lightning restores a checkpoint's (edited) weights after this hook: C_0 and its cache key
@@ -234,6 +235,18 @@ class EditingModule(L.LightningModule):
         self.editor = Editor(self.lm, self.tokenizer, self.adapter, self.hp, mom2, templates)
         if self._pending_state is not None:
             self.editor.state = EditorState.from_dict(self._pending_state.to_dict(), self.editor.device)
+        if total_rounds is not None:
+            self.editor.set_total_rounds(total_rounds)
+
+    def check_stream_options(self) -> int | None:
+        """The stream's number of rounds (HSE's ``n``), after checking HSE's options against the
+        edit records (``target_true`` for forgetting, ``n`` for the ``inverse`` schedule) before
+        any slow work."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        requests = dm.requests if dm is not None and hasattr(dm, "requests") else []
+        total = dm.num_rounds if dm is not None and hasattr(dm, "num_rounds") else None
+        check_stream_options(self.hp, requests, total)
+        return total
 
     @property
     def prompt_limit(self) -> int | None:
