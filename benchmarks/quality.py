@@ -1,5 +1,9 @@
-"""The paper's comparison on one model: {memit, alphaedit, prune, rect} × {distribute, boundary}
-(BLUE), sequential editing rounds, efficacy / generalization / specificity (and fluency).
+"""The paper's comparison on one model: {memit, alphaedit, prune, rect, pmet, hse} × {distribute,
+boundary} (BLUE), sequential editing rounds, efficacy / generalization / specificity (and fluency).
+
+``pmet`` runs with PMET's published top-1 exit (``top1_nll_factor`` 0.1); ``hse`` is MEMIT with
+HSE's options :data:`blueedit.editing.hse.PRESET` (as ``configs/smollm2-135m/hse.yaml``).
+``--combine`` assembles one table from the JSON files of separate runs.
 
 The model is loaded once; the edited layers' original ``W_out`` are kept on the CPU and restored
 before each run, and one cached ``C_0`` (``--cache-dir``, shared with ``blueedit fit``) serves every
@@ -7,6 +11,7 @@ run. ``--dev`` searches λ / v_lr on ``counterfact_dev`` and prints the best set
 
     python benchmarks/quality.py                       # 100 edits, rounds of 10, 8 runs
     python benchmarks/quality.py --dev --edits 20 --lams 1500,5000 --v-lrs 0.1,0.5 --methods memit
+    python benchmarks/quality.py --combine out/memit_distribute.json out/pmet_distribute.json --out out/table
 """
 
 from __future__ import annotations
@@ -63,7 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache-dir", default=None, help="statistics and converted-model cache (default ~/.cache/blueedit)")
     p.add_argument("--out", default="benchmarks/results/quality", help="writes <out>.json and <out>.md ('' to skip)")
+    p.add_argument("--combine", nargs="+", default=None, metavar="RUN.json",
+                   help="only assemble one table (pre-edit row of the first file, then every run) from result files")
     return p
+
+
+def method_presets() -> dict[str, tuple[str, dict]]:
+    """Benchmark method names that are an engine method with fixed options: ``pmet`` with its
+    published top-1 exit, ``hse`` = MEMIT + HSE's options. Other names are engine methods as is."""
+    from blueedit.editing import hse
+
+    return {"pmet": ("pmet", {"top1_nll_factor": 0.1}),
+            "hse": ("memit", {**hse.PRESET["editing"], **hse.PRESET["target"]})}
 
 
 # -- hyperparameters -----------------------------------------------------------------------------
@@ -108,6 +124,8 @@ def make_hparams(args, method: str, strategy: str, overrides: dict[str, dict], g
     target_keys = {f.name for f in fields(TargetConfig)}
     values = {"mom2_update_weight": args.lam, "L2": args.L2, "nullspace_threshold": args.nullspace_threshold,
               "v_lr": args.v_lr, "v_num_grad_steps": args.steps}
+    engine_method, preset = method_presets().get(method, (method, {}))
+    values.update(preset)
     for scope in ("*", method, f"{method}:{strategy}"):
         values.update(overrides.get(scope, {}))
     values.update(grid or {})
@@ -121,12 +139,17 @@ def make_hparams(args, method: str, strategy: str, overrides: dict[str, dict], g
             raise SystemExit(f"unknown hyperparameter {k!r}; EditingConfig: {sorted(edit_keys)}, "
                              f"TargetConfig: {sorted(target_keys)}")
     edit_kw.setdefault("layers", C.parse_int_list(args.layers))
-    hp = EditingConfig(method=method, strategy=strategy, target=TargetConfig(**target_kw), **edit_kw)
+    hp = EditingConfig(method=engine_method, strategy=strategy, target=TargetConfig(**target_kw), **edit_kw)
     return hp
 
 
 def hparams_summary(hp) -> dict:
-    return {"lam": hp.mom2_update_weight, "v_lr": hp.target.v_lr, "steps": hp.target.v_num_grad_steps,
+    t = hp.target
+    return {"lam": hp.mom2_update_weight, "v_lr": t.v_lr, "steps": t.v_num_grad_steps,
+            "compute_dtype": hp.compute_dtype, "top1_nll_factor": t.top1_nll_factor,
+            "forget_weight": t.forget_weight, "fisher_weight": t.fisher_weight,
+            "fisher_estimator": t.fisher_estimator if t.fisher_weight > 0 else None,
+            "history_schedule": hp.history_schedule,
             "L2": hp.L2 if hp.method == "alphaedit" else None,
             "nullspace_threshold": hp.nullspace_threshold if hp.method == "alphaedit" else None,
             "rect_keep": hp.rect_keep if hp.method == "rect" else None, "layers": hp.edited_layers}
@@ -182,11 +205,12 @@ def evaluate(model, tok, requests, args, generation_prompts: list[str]) -> dict:
     return out
 
 
-def run_one(args, hp, model, tok, adapter, mom2, templates, requests, generation_prompts) -> dict:
+def run_one(args, hp, model, tok, adapter, mom2, templates, requests, generation_prompts, name: str | None = None) -> dict:
     from blueedit.editing.editor import Editor
 
-    editor = Editor(model, tok, adapter, hp, {l: mom2[l] for l in hp.edited_layers}, templates)
     rounds = [requests[i : i + args.edits_per_round] for i in range(0, len(requests), args.edits_per_round)]
+    editor = Editor(model, tok, adapter, hp, {l: mom2[l] for l in hp.edited_layers}, templates,
+                    total_rounds=len(rounds))
     steps = []
     with C.timed(args.device) as t:
         for i, chunk in enumerate(rounds):
@@ -194,7 +218,7 @@ def run_one(args, hp, model, tok, adapter, mom2, templates, requests, generation
             for v in report.target_steps.values():
                 steps += list(v)
         editor.finalize()
-    out = {"method": hp.method, "strategy": hp.strategy, "hparams": hparams_summary(hp), "seconds": t["seconds"],
+    out = {"method": name or hp.method, "strategy": hp.strategy, "hparams": hparams_summary(hp), "seconds": t["seconds"],
            "rounds": len(rounds), "mean_target_steps": sum(steps) / max(len(steps), 1)}
     out.update(evaluate(model, tok, requests, args, generation_prompts))
     out["score"] = sum(out[k] for k in METRICS) / len(METRICS)
@@ -232,6 +256,8 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     from blueedit.models.loading import ModelConfig, load_model_and_tokenizer, model_fingerprint
 
     args = build_parser().parse_args(argv)
+    if args.combine:
+        return combine(args, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = args.dataset or ("counterfact_dev" if args.dev else "counterfact_eval")
@@ -298,7 +324,7 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
             for l, w in original.items():
                 adapter.set_w_out(l, w)
             try:
-                run = run_one(args, hp, model, tokenizer, adapter, mom2, templates, requests, generation_prompts)
+                run = run_one(args, hp, model, tokenizer, adapter, mom2, templates, requests, generation_prompts, m)
             except Exception as e:  # one failed run (e.g. a solve) should not lose the others
                 run = {"method": m, "strategy": s, "hparams": hparams_summary(hp), "seconds": None,
                        "error": f"{type(e).__name__}: {e}", **{k: float("nan") for k in METRICS},
@@ -338,6 +364,29 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
         out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
         out.with_suffix(".md").write_text(results["table"] + "\n")
         print(f"results written to {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return results
+
+
+def combine(args, argv) -> dict:
+    """One table from the result files of separate runs (e.g. one run per method, each under the
+    shared lock): the first file's pre-edit row, then every file's runs, in the order given."""
+    files = [json.loads(Path(f).read_text()) for f in args.combine]
+    first = files[0]
+    fluency = any("fluency" in r for f in files for r in f["runs"])
+    rows = [first["pre_edit"]] + [r for f in files for r in f["runs"]]
+    per = first["config"]["edits_per_round"]
+    lines = [f"{first['model']}, {first['dataset']}, {first['num_edits']} edits in rounds of {per}, C_0 from "
+             f"{first['config']['stats_samples']} {first['config']['stats_corpus']} texts", "",
+             markdown_table(rows, fluency, False)]
+    results = {"command": C.command_line("quality.py", argv), "sources": list(args.combine),
+               "commands": [f["command"] for f in files], "pre_edit": first["pre_edit"],
+               "runs": [r for f in files for r in f["runs"]], "table": "\n".join(lines)}
+    print(results["table"])
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+        out.with_suffix(".md").write_text(results["table"] + "\n")
     return results
 
 

@@ -259,3 +259,17 @@ def test_resume_is_identical(strategy):
     assert resumed.state.rounds_done == straight.state.rounds_done == 3
     with pytest.raises(ValueError, match="3 rounds"):
         resumed.set_total_rounds(5)
+
+
+def test_hse_configs_set_the_preset():
+    """configs/smollm2-135m/hse*.yaml are MEMIT with exactly the options of ``hse.PRESET`` (what the
+    benchmarks run as ``hse``)."""
+    import yaml
+
+    from conftest import REPO
+
+    for name, strategy in (("hse", "distribute"), ("hse_blue", "boundary")):
+        cfg = yaml.safe_load((REPO / "configs" / "smollm2-135m" / f"{name}.yaml").read_text())["model"]["editing"]
+        assert cfg["method"] == "memit" and cfg["strategy"] == strategy
+        assert {k: cfg[k] for k in hse.PRESET["editing"]} == hse.PRESET["editing"]
+        assert {k: cfg["target"][k] for k in hse.PRESET["target"]} == hse.PRESET["target"]
