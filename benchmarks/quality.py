@@ -73,14 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def method_presets() -> dict[str, tuple[str, dict]]:
-    """Benchmark method names that are an engine method with fixed options: ``pmet`` with its
-    published top-1 exit, ``hse`` = MEMIT + HSE's options. Other names are engine methods as is."""
-    from blueedit.editing import hse
-
-    return {"pmet": ("pmet", {"top1_nll_factor": 0.1}),
-            "hse": ("memit", {**hse.PRESET["editing"], **hse.PRESET["target"]})}
-
 
 # -- hyperparameters -----------------------------------------------------------------------------
 def _coerce(value):
@@ -124,8 +116,8 @@ def make_hparams(args, method: str, strategy: str, overrides: dict[str, dict], g
     target_keys = {f.name for f in fields(TargetConfig)}
     values = {"mom2_update_weight": args.lam, "L2": args.L2, "nullspace_threshold": args.nullspace_threshold,
               "v_lr": args.v_lr, "v_num_grad_steps": args.steps}
-    engine_method, preset = method_presets().get(method, (method, {}))
-    values.update(preset)
+    engine_method, preset_edit, preset_target = C.method_presets().get(method, (method, {}, {}))
+    values.update({**preset_edit, **preset_target})
     for scope in ("*", method, f"{method}:{strategy}"):
         values.update(overrides.get(scope, {}))
     values.update(grid or {})

@@ -273,3 +273,34 @@ def test_hse_configs_set_the_preset():
         assert cfg["method"] == "memit" and cfg["strategy"] == strategy
         assert {k: cfg[k] for k in hse.PRESET["editing"]} == hse.PRESET["editing"]
         assert {k: cfg["target"][k] for k in hse.PRESET["target"]} == hse.PRESET["target"]
+
+
+def test_checkpoint_settings_leave_out_default_new_options(monkeypatch):
+    """A run with the new options at their defaults has the settings fingerprint of a run written
+    before they existed (so older checkpoints still resume); a set option is part of it."""
+    import blueedit.module as bm
+    from blueedit.module import EditingModule
+
+    monkeypatch.setattr(bm, "load_model_and_tokenizer", lambda spec, cache_dir=None: (make_model("llama"),
+                                                                                       make_tokenizer()))
+    plain = EditingModule(editing=EditingConfig(layers=list(LAYERS)), evaluate=False).settings_fingerprint()
+    assert "history_schedule" not in plain["editing"] and "forget_weight" not in plain["editing"]["target"]
+    assert "top1_nll_factor" not in plain["editing"]["target"]
+    on = EditingModule(editing=EditingConfig(layers=list(LAYERS), history_schedule="inverse",
+                                             target=TargetConfig(forget_weight=0.5)), evaluate=False)
+    fp = on.settings_fingerprint()
+    assert fp["editing"]["history_schedule"] == "inverse" and fp["editing"]["target"]["forget_weight"] == 0.5
+
+
+def test_sequence_benchmark_runs_presets():
+    """benchmarks/sequence.py accepts ``pmet`` and ``hse`` runs and writes their options into the
+    generated config."""
+    from test_benchmarks import _load
+
+    seq = _load("sequence")
+    cfg = seq.editing_config("hse", "boundary")
+    assert cfg["method"] == "memit" and cfg["strategy"] == "boundary"
+    assert cfg["history_schedule"] == "inverse" and cfg["target"] == hse.PRESET["target"]
+    assert seq.editing_config("pmet", "distribute") == {"method": "pmet", "strategy": "distribute",
+                                                        "target": {"top1_nll_factor": 0.1}}
+    assert seq.editing_config("memit", "distribute") == {"method": "memit", "strategy": "distribute"}

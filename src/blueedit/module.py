@@ -174,6 +174,9 @@ class EditingModule(L.LightningModule):
 
     #: Settings that change speed, not results: they may differ when resuming.
     RESUMABLE_SETTINGS = frozenset({"editing.key_batch_size", "stats.batch_size", "stats.cache_dir"})
+    LATER_OPTIONS = {"editing.history_schedule": "constant", "editing.target.forget_weight": 0.0,
+                     "editing.target.fisher_weight": 0.0, "editing.target.fisher_estimator": "diagonal",
+                     "editing.target.top1_nll_factor": None, "editing.target.top1_kl_stop": 0.01}
 
     def settings_fingerprint(self) -> dict[str, Any]:
         """The settings that decide the edit: the model, the editing hyperparameters and the
@@ -187,6 +190,15 @@ class EditingModule(L.LightningModule):
         for dotted in self.RESUMABLE_SETTINGS:
             group, key = dotted.split(".", 1)
             settings[group].pop(key, None)
+        # options added later (PMET's exit, HSE) are left out at their defaults, so checkpoints
+        # written before they existed still resume
+        for dotted, default in self.LATER_OPTIONS.items():
+            *path, key = dotted.split(".")
+            d = settings
+            for p in path:
+                d = d.get(p, {})
+            if key in d and d[key] == default:
+                del d[key]
         return settings
 
     def _check_resume_settings(self, saved: dict[str, Any] | None) -> None:
