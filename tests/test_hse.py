@@ -203,7 +203,7 @@ def test_fit_fails_early_without_target_true(tmp_path, monkeypatch):
     model, tok = make_model("llama"), make_tokenizer()
     monkeypatch.setattr(bm, "load_model_and_tokenizer", lambda spec, cache_dir=None: (model, tok))
     called = []
-    monkeypatch.setattr(EditingModule, "key_statistics", lambda self, layers: called.append(layers))
+    monkeypatch.setattr(bm, "build_editor", lambda *a, **k: called.append(a))
     path = tmp_path / "edits.json"
     import json
 
