@@ -72,6 +72,8 @@ def build_parser():
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache-dir", default=None, help="statistics and converted-model cache (default ~/.cache/blueedit)")
     p.add_argument("--out", default="benchmarks/results/quality", help="writes <out>.json and <out>.md ('' to skip)")
+    p.add_argument("--no-pre-edit", action="store_true",
+                   help="skip the evaluation of the unedited model (e.g. runs to be --combine'd with one that has it)")
     p.add_argument("--combine", nargs="+", default=None, metavar="RUN.json",
                    help="only assemble one table (pre-edit row of the first file, then every run) from result files")
     return p
@@ -243,10 +245,13 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
                       f"(eigenvalues {v['min_eig']:.2e} .. {v['max_eig']:.2e})", flush=True)
 
     pre = {"method": "pre-edit", "strategy": "-", "hparams": None, "seconds": None}
-    pre.update(evaluate(model, tokenizer, requests, args, generation_prompts))
+    if args.no_pre_edit:
+        pre.update({k: float("nan") for k in METRICS})
+    else:
+        pre.update(evaluate(model, tokenizer, requests, args, generation_prompts))
+        print("pre-edit: " + ", ".join(f"{k} {pre[k]:.2f}" for k in METRICS), flush=True)
     pre["score"] = sum(pre[k] for k in METRICS) / len(METRICS)
     results["pre_edit"] = pre
-    print("pre-edit: " + ", ".join(f"{k} {pre[k]:.2f}" for k in METRICS), flush=True)
 
     try:
         for (m, s, _), hp in all_hps.items():
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
         for l, w in original.items():
             adapter.set_w_out(l, w)
 
-    rows = [pre] + results["runs"]
+    rows = ([] if args.no_pre_edit else [pre]) + results["runs"]
     table = markdown_table(rows, args.fluency, args.dev)
     lines = [f"{results['model']}, {dataset}, {len(requests)} edits in rounds of {args.edits_per_round}, "
              f"C_0 from {stats.num_samples} {stats.corpus} texts", "", table]

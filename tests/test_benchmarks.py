@@ -92,7 +92,8 @@ def test_quality_benchmark_pmet_hse_and_combine(tmp_path):
         out = tmp_path / m
         res = quality.main(["--layers", "1,2,3", "--edits", "3", "--edits-per-round", "2", "--steps", "2",
                             "--methods", m, "--strategies", "distribute,boundary",
-                            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+                            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+                           + (["--no-pre-edit"] if m == "hse" else []),
                            model=model, tokenizer=tok, requests=REQUESTS, texts=_CORPUS[:4])
         assert [(r["method"], r["strategy"]) for r in res["runs"]] == [(m, "distribute"), (m, "boundary")]
         for r in res["runs"]:
@@ -108,7 +109,8 @@ def test_quality_benchmark_pmet_hse_and_combine(tmp_path):
     comb = quality.main(["--combine", *files, "--out", str(tmp_path / "table")])
     assert [r["method"] for r in comb["runs"]] == ["pmet", "pmet", "hse", "hse"]
     table = (tmp_path / "table.md").read_text()
-    assert "| pre-edit |" in table and "| hse | boundary |" in table and "| pmet | distribute |" in table
+    assert table.count("| pre-edit |") == 1 and "| hse | boundary |" in table and "| pmet | distribute |" in table
+    assert not math.isnan(comb["pre_edit"]["efficacy"])  # from the first file
 
 
 def test_quality_dev_grid_picks_best(tmp_path):
