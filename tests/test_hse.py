@@ -304,3 +304,16 @@ def test_sequence_benchmark_runs_presets():
     assert seq.editing_config("pmet", "distribute") == {"method": "pmet", "strategy": "distribute",
                                                         "target": {"top1_nll_factor": 0.1}}
     assert seq.editing_config("memit", "distribute") == {"method": "memit", "strategy": "distribute"}
+
+
+def test_weight_shift_diagnostics_leave_the_fisher_state_alone():
+    """The diagnostic's extra target optimizations do not count as the round's Fisher estimate."""
+    from blueedit.callbacks.weight_shift import layer_diagnostics
+
+    tp = TargetConfig(v_num_grad_steps=2, v_lr=0.5, fisher_weight=1.0)
+    plain, probed = _editor("distribute", target=tp), _editor("distribute", target=tp)
+    probed.on_layer = lambda step: layer_diagnostics(probed, step, contribution=False)
+    plain.edit_round(REQUESTS[:2])
+    probed.edit_round(REQUESTS[:2])
+    assert sorted(probed.state.fisher) == sorted(plain.state.fisher) == [3]
+    assert torch.equal(probed.state.fisher[3], plain.state.fisher[3])

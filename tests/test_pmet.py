@@ -164,3 +164,21 @@ def test_pmet_fast_path_equals_reference_path(arch):
 def test_pmet_rejects_fisher_penalty():
     with pytest.raises(ValueError, match="fisher_weight"):
         EditingConfig(method="pmet", target=TargetConfig(fisher_weight=1.0))
+
+
+def test_pmet_weight_shift_error_is_measured_in_the_mlp_output_space():
+    """The weight-shift-error diagnostic uses PMET's residual space: under BLUE the applied update
+    is the ideal one (zero error), under distribute the early layers' is not."""
+    from blueedit.callbacks.weight_shift import layer_diagnostics
+
+    for strategy in ("boundary", "distribute"):
+        ed = _pmet_editor(strategy, steps=4)
+        seen = []
+        ed.on_layer = lambda step: seen.append((step.layer, layer_diagnostics(ed, step, contribution=False)))
+        ed.edit_round(REQUESTS[:2])
+        assert [l for l, _ in seen] == ed.hp.edited_layers
+        for l, m in seen:
+            if strategy == "boundary":
+                assert m["relative"] < 1e-4 and m["cosine"] > 1 - 1e-4, (strategy, l, m)
+            elif l < LAYERS[-1]:  # a fraction of a residual from L
+                assert m["relative"] > 1e-2, (strategy, l, m)

@@ -312,9 +312,10 @@ class Editor:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=getattr(torch, self.hp.autocast))
 
-    def targets(self, requests: list[EditRequest], layer: int) -> TargetResult:
+    def targets(self, requests: list[EditRequest], layer: int, *, record: bool = True) -> TargetResult:
         """Targets ``z`` at ``layer`` for every request. Under DDP each rank optimizes its shard
-        of the requests and the results are gathered, so every rank holds all targets."""
+        of the requests and the results are gathered, so every rank holds all targets.
+        ``record=False`` (diagnostics) leaves the round's HSE Fisher estimates alone."""
         idx = distributed.shard_indices(len(requests))
         local = [requests[i] for i in idx]
         d = self.adapter.hidden_size()
@@ -346,7 +347,7 @@ class Editor:
                                grad=None if res.grad is None else gather(res.grad))
         if not torch.isfinite(res.z).all():
             raise solvers.SolveError(f"target optimization at layer {layer} produced non-finite values")
-        if res.grad is not None:  # HSE: this round's Fisher at this layer, added to the state after the round
+        if res.grad is not None and record:  # HSE: this round's Fisher at this layer, added after the round
             self._round_fisher[layer] = hse.fisher_estimate(res.grad, tp.fisher_estimator).float()
         return res
 
