@@ -19,7 +19,7 @@ from blueedit import carry, distributed
 from blueedit.callbacks._common import log_to_loggers
 from blueedit.data.datamodule import EditRound, ResumeMismatchError, describe_differences
 from blueedit.data.records import EditRequest, check_prompt_lengths, effective_prompt_limit
-from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport
+from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport, check_stream_options
 from blueedit.editing.setup import build_editor, cached_key_statistics
 from blueedit.editing.statistics import StatsConfig
 from blueedit.evaluation.editing_metrics import EvaluationResult, edit_metrics, evaluate_requests, evaluation_kind
@@ -178,6 +178,9 @@ class EditingModule(L.LightningModule):
 
     #: Settings that change speed, not results: they may differ when resuming.
     RESUMABLE_SETTINGS = frozenset({"editing.key_batch_size", "stats.batch_size", "stats.cache_dir"})
+    LATER_OPTIONS = {"editing.history_schedule": "constant", "editing.target.forget_weight": 0.0,
+                     "editing.target.fisher_weight": 0.0, "editing.target.fisher_estimator": "diagonal",
+                     "editing.target.top1_nll_factor": None, "editing.target.top1_kl_stop": 0.01}
 
     def settings_fingerprint(self) -> dict[str, Any]:
         """The settings that decide the edit: the model, the editing hyperparameters and the
@@ -193,6 +196,15 @@ class EditingModule(L.LightningModule):
         for dotted in self.RESUMABLE_SETTINGS:
             group, key = dotted.split(".", 1)
             settings[group].pop(key, None)
+        # options added later (PMET's exit, HSE) are left out at their defaults, so checkpoints
+        # written before they existed still resume
+        for dotted, default in self.LATER_OPTIONS.items():
+            *path, key = dotted.split(".")
+            d = settings
+            for p in path:
+                d = d.get(p, {})
+            if key in d and d[key] == default:
+                del d[key]
         return settings
 
     def _check_resume_settings(self, saved: dict[str, Any] | None) -> None:
@@ -231,6 +243,7 @@ class EditingModule(L.LightningModule):
         if stage != "fit" or self.editor is not None:
             return
         self.check_prompt_lengths()
+        total_rounds = self.check_stream_options()
         if self.model_spec.device_map is None and self.trainer is not None:
             self.lm.to(self.trainer.strategy.root_device)
         # Lightning restores a checkpoint's (edited) weights after this hook: C_0, its cache key and
@@ -254,6 +267,18 @@ class EditingModule(L.LightningModule):
         self.stats_keys = keys
         self.editor = build_editor(self.lm, self.tokenizer, self.hp, self.stats_spec, adapter=self.adapter,
                                    mom2=mom2, context_templates=templates, state=state, progress=progress)
+        if total_rounds is not None:
+            self.editor.set_total_rounds(total_rounds)
+
+    def check_stream_options(self) -> int | None:
+        """The stream's number of rounds (HSE's ``n``), after checking HSE's options against the
+        edit records (``target_true`` for forgetting, ``n`` for the ``inverse`` schedule) before
+        any slow work."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        requests = dm.requests if dm is not None and hasattr(dm, "requests") else []
+        total = dm.num_rounds if dm is not None and hasattr(dm, "num_rounds") else None
+        check_stream_options(self.hp, requests, total)
+        return total
 
     @property
     def prompt_limit(self) -> int | None:
