@@ -384,3 +384,23 @@ def test_continue_in_place(tiny, tmp_path):
     _edit(tiny, work, "r4-6.json", work, "memit", "boundary", "--overwrite=true")
     _assert_close_dirs(work, one_run)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_hse_fisher_state_is_carried_and_not_reverted(tiny, tmp_path, capsys):
+    """HSE's accumulated Fisher information travels with the saved state, so two sittings equal
+    one run; revert refuses it by name (the Fisher sum is not stored per round)."""
+    base, fisher = tiny / "tiny-llama", "--model.editing.target.fisher_weight=0.5"
+    one_run, first, second = tmp_path / "one", tmp_path / "first", tmp_path / "second"
+    _edit(tiny, base, "r0-6.json", one_run, "memit", "distribute", fisher)
+    _edit(tiny, base, "r0-4.json", first, "memit", "distribute", fisher)
+    _edit(tiny, first, "r4-6.json", second, "memit", "distribute", fisher)
+    _assert_close_dirs(second, one_run)
+    s_one, _ = carry.read_state(one_run)
+    s_two, _ = carry.read_state(second)
+    assert s_one.fisher and set(s_one.fisher) == set(s_two.fisher)
+    for l in s_one.fisher:
+        assert torch.equal(s_one.fisher[l], s_two.fisher[l]), l
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["revert", str(second), "--rounds", "1"])
+    assert "Fisher" in capsys.readouterr().err

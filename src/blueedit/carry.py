@@ -84,7 +84,7 @@ def write_state(path: str | Path, state: EditorState, meta: dict[str, Any]) -> i
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
-    for group in ("history", "projection", "original"):
+    for group in ("history", "projection", "original", "fisher"):
         for l, t in getattr(state, group).items():
             tensors[f"{group}.{l}"] = t.detach().cpu().contiguous()
     for r, updates in enumerate(state.updates):
@@ -98,6 +98,7 @@ def write_state(path: str | Path, state: EditorState, meta: dict[str, Any]) -> i
         "rounds_done": str(state.rounds_done),
         "finalized": json.dumps(state.finalized),
         "context_templates": json.dumps(list(state.context_templates)),
+        "total_rounds": json.dumps(state.total_rounds),
         "meta": json.dumps(meta, default=str),
     }
     save_file(tensors, str(path), metadata=header)
@@ -122,7 +123,8 @@ def read_header(directory: str | Path) -> dict[str, Any]:
         raise CarryError(f"{path} has format {header.get('format')!r}, this blueedit reads {STATE_FORMAT!r}")
     return {"meta": json.loads(header["meta"]), "rounds_done": int(header["rounds_done"]),
             "finalized": json.loads(header["finalized"]),
-            "context_templates": json.loads(header["context_templates"])}
+            "context_templates": json.loads(header["context_templates"]),
+            "total_rounds": json.loads(header.get("total_rounds", "null"))}
 
 
 def read_state(directory: str | Path) -> tuple[EditorState, dict[str, Any]]:
@@ -132,11 +134,11 @@ def read_state(directory: str | Path) -> tuple[EditorState, dict[str, Any]]:
     header = read_header(directory)
     tensors = load_file(str(state_path(directory)))
     state = EditorState(context_templates=header["context_templates"], rounds_done=header["rounds_done"],
-                        finalized=header["finalized"])
+                        finalized=header["finalized"], total_rounds=header["total_rounds"])
     rounds: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
     for name, t in tensors.items():
         parts = name.split(".")
-        if parts[0] in ("history", "projection", "original"):
+        if parts[0] in ("history", "projection", "original", "fisher"):
             getattr(state, parts[0])[int(parts[1])] = t
         elif parts[0] == "round":
             rounds.setdefault(int(parts[1]), {}).setdefault(int(parts[2]), {})[parts[3]] = t
@@ -386,6 +388,9 @@ def revert(directory: str | Path, rounds: int) -> dict[str, Any]:
         raise CarryError(f"revert: {directory} is not a directory")
     state, meta = read_state(directory)
     n = state.rounds_done
+    if state.fisher:
+        raise CarryError(f"revert: {directory} was edited with HSE's Fisher penalty (target.fisher_weight > 0), whose "
+                         "accumulated Fisher information is stored as one sum, not per round; it cannot be reverted")
     if not isinstance(rounds, int) or not 1 <= rounds <= n:
         raise CarryError(f"--rounds {rounds}: {directory} holds {n} rounds; revert 1..{n} of them")
     prune_base = meta.get("prune_base", "original")

@@ -261,8 +261,10 @@ class Editor:
 
     def set_total_rounds(self, n: int) -> None:
         """Record ``n``, the number of rounds of the stream (HSE's schedule). A resumed state keeps
-        its ``n``; a different one is an error (the schedule would change mid-stream)."""
-        if self.state.total_rounds is not None and self.state.total_rounds != int(n):
+        its ``n``; with the ``inverse`` schedule a different one is an error (the schedule would
+        change mid-stream); otherwise ``n`` is only recorded."""
+        if (self.hp.history_schedule == "inverse" and self.state.total_rounds is not None
+                and self.state.total_rounds != int(n)):
             raise ValueError(f"the editor state was written for a stream of {self.state.total_rounds} rounds, "
                              f"this one has {n}: editing.history_schedule would change mid-stream")
         self.state.total_rounds = int(n)
