@@ -155,7 +155,12 @@ def save_edited_model(module: EditingModule, datamodule: EditDataModule, output:
     old = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir()
-        module.lm.save_pretrained(tmp)
+        if module.hp.method == "wise":  # the original weights as a standard model, the side memory beside them
+            from blueedit.editing.wise import save_wise_model
+
+            save_wise_model(module.editor, tmp)
+        else:
+            module.lm.save_pretrained(tmp)
         module.tokenizer.save_pretrained(tmp)
         record = {
             "base_model": module.model_spec.name_or_path,

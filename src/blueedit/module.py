@@ -29,7 +29,14 @@ from blueedit.data.records import EditRequest, check_prompt_lengths, effective_p
 from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport
 from blueedit.editing.statistics import StatisticsCache, StatsConfig
 from blueedit.editing.targets import generate_context_templates
-from blueedit.evaluation.editing_metrics import EDIT_KINDS, EvaluationResult, evaluate_requests, record_values
+from blueedit.editing.wise import WiseEditor, WiseState, irrelevant_inputs, wise_context_templates
+from blueedit.evaluation.editing_metrics import (
+    EDIT_KINDS,
+    EvaluationResult,
+    add_locality,
+    evaluate_requests,
+    record_values,
+)
 from blueedit.evaluation.generation import (
     GenerationMetricsConfig,
     References,
@@ -213,9 +220,10 @@ class EditingModule(L.LightningModule):
         saved = checkpoint.get("blueedit", {})
         self._check_resume_settings(saved.get("settings"))
         if saved.get("editor"):
-            self._pending_state = EditorState.from_dict(saved["editor"])
+            state_cls = WiseState if WiseState.is_wise(saved["editor"]) else EditorState
+            self._pending_state = state_cls.from_dict(saved["editor"])
             if self.editor is not None:
-                self.editor.state = EditorState.from_dict(saved["editor"], self.editor.device)
+                self._adopt_state(state_cls.from_dict(saved["editor"], self.editor.device))
         self.pre_metrics = saved.get("pre_metrics")
         self.reports = [RoundReport(**r) for r in saved.get("reports", [])]
         self._finalized = bool(saved.get("finalized", False))
@@ -227,13 +235,35 @@ class EditingModule(L.LightningModule):
         self.check_prompt_lengths()
         if self.model_spec.device_map is None and self.trainer is not None:
             self.lm.to(self.trainer.strategy.root_device)
-        # Lightning restores a checkpoint's (edited) weights after this hook: C_0 and its cache key
-        # are computed on the pretrained weights
-        mom2 = self.key_statistics(self.hp.edited_layers)
-        templates = generate_context_templates(self.lm, self.tokenizer)
-        self.editor = Editor(self.lm, self.tokenizer, self.adapter, self.hp, mom2, templates)
+        if self.hp.method == "wise":
+            self.editor = self._wise_editor()
+        else:
+            # Lightning restores a checkpoint's (edited) weights after this hook: C_0 and its cache key
+            # are computed on the pretrained weights
+            mom2 = self.key_statistics(self.hp.edited_layers)
+            templates = generate_context_templates(self.lm, self.tokenizer)
+            self.editor = Editor(self.lm, self.tokenizer, self.adapter, self.hp, mom2, templates)
         if self._pending_state is not None:
-            self.editor.state = EditorState.from_dict(self._pending_state.to_dict(), self.editor.device)
+            self._adopt_state(type(self._pending_state).from_dict(self._pending_state.to_dict(), self.editor.device))
+
+    def _adopt_state(self, state) -> None:
+        if isinstance(self.editor, WiseEditor):
+            self.editor.load_state(state)
+        else:
+            self.editor.state = state
+
+    def _wise_editor(self) -> WiseEditor:
+        """The WISE editor: side memory at ``editing.layers[0]``, irrelevant inputs from
+        ``editing.wise.irrelevant_dataset`` (minus the evaluated locality prompts)."""
+        from blueedit.data.formats import load_requests
+
+        cfg = self.hp.wise
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data_dir = self.data_dir or getattr(dm, "resolved_data_dir", None)
+        exclude = {p for r in (self.eval_requests() if dm is not None else []) for p in r.neighborhood}
+        pool = load_requests(cfg.irrelevant_dataset, data_dir=data_dir)
+        templates = wise_context_templates(self.lm, self.tokenizer, cfg.context_lengths)
+        return WiseEditor(self.lm, self.tokenizer, self.adapter, self.hp, templates, irrelevant_inputs(pool, exclude))
 
     @property
     def prompt_limit(self) -> int | None:
@@ -330,7 +360,9 @@ class EditingModule(L.LightningModule):
             self.editor.finalize()
             self._finalized = True
         if self.evaluate:
-            self.post_metrics = self.run_evaluation().to_dict()
+            post = self.run_evaluation()
+            add_locality(post, self.pre_metrics)
+            self.post_metrics = post.to_dict()
             self.write_metrics()
 
     # -- evaluation ---------------------------------------------------------------------------

@@ -17,11 +17,12 @@ from blueedit import distributed
 from blueedit.config import Dtype, check_choice
 from blueedit.data.records import EditRecordError, EditRequest, validate_requests
 from blueedit.editing import solvers
+from blueedit.editing.wise import WiseConfig
 from blueedit.editing.targets import TargetConfig, TargetResult, fact_states, optimize_targets, optimize_targets_one_by_one
 from blueedit.models.tokens import tokenize_target
 from blueedit.models.adapters import ModelAdapter
 
-Method = Literal["memit", "alphaedit", "prune", "rect"]
+Method = Literal["memit", "alphaedit", "prune", "rect", "wise"]
 Strategy = Literal["distribute", "boundary"]
 HalfDtype = Literal["bfloat16", "float16"]
 PruneBase = Literal["original", "current"]
@@ -35,8 +36,9 @@ class EditingConfig:
     """What to edit and how.
 
     Attributes:
-        method: ``memit``, ``alphaedit``, ``prune`` (MEMIT + PRUNE restraint) or ``rect``
-            (MEMIT + RECT sparsification).
+        method: ``memit``, ``alphaedit``, ``prune`` (MEMIT + PRUNE restraint), ``rect``
+            (MEMIT + RECT sparsification) or ``wise`` (WISE side memory at the one layer in
+            ``layers``; its settings are ``wise``, and ``strategy`` does not apply).
         strategy: ``distribute`` (the classic residual distribution over ℛ) or ``boundary``
             (BLUE: update only ``l_1`` and ``l_m``, each with a target optimized at that layer).
         layers: the critical layers ℛ = ``[l_1 .. l_m]``.
@@ -70,6 +72,8 @@ class EditingConfig:
         prune_base: where PRUNE adds the restrained edit: ``original`` (``W_0 + restrain(W − W_0)``,
             the PRUNE paper; the default) or ``current`` (``W + restrain(W − W_0)``, what the
             published BLUE code does).
+        wise: the WISE hyperparameters (:class:`~blueedit.editing.wise.WiseConfig`), used by
+            ``method: wise`` only.
     """
 
     method: Method = "memit"
@@ -87,6 +91,7 @@ class EditingConfig:
     max_batch_tokens: int | None = 2048
     use_history: bool = True
     prune_base: PruneBase = "original"
+    wise: WiseConfig = field(default_factory=WiseConfig)
 
     def __post_init__(self) -> None:
         check_choice("editing.method", self.method, Method)
@@ -100,6 +105,15 @@ class EditingConfig:
             raise ValueError(f"editing.max_batch_tokens must be a positive number of tokens or null, got {self.max_batch_tokens}")
         if list(self.layers) != list(range(self.layers[0], self.layers[0] + len(self.layers))):
             raise ValueError(f"editing.layers {self.layers} must be consecutive and increasing")
+        if self.method == "wise":
+            if self.strategy == "boundary":
+                raise ValueError("editing.strategy 'boundary' (BLUE) does not apply to editing.method 'wise': WISE "
+                                 "trains a side memory at one layer; remove the strategy or set it to 'distribute'")
+            if len(self.layers) != 1:
+                raise ValueError(f"editing.method 'wise' edits one layer: set editing.layers to [L], got {self.layers}")
+            if self.compute_dtype is not None or self.autocast is not None:
+                raise ValueError("editing.compute_dtype / editing.autocast are not supported with editing.method "
+                                 "'wise' (it trains in the model's dtype)")
 
     @property
     def edited_layers(self) -> list[int]:
