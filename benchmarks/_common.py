@@ -3,6 +3,7 @@ initialized), the edit records and the statistics corpus, peak-memory measuremen
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -34,6 +35,131 @@ RANDOM_CONFIGS: dict[str, dict] = {
 def default_data_dir() -> Path:
     """``$BLUEEDIT_DATA_DIR`` or ``../shared/data`` beside the repository."""
     return Path(os.environ.get("BLUEEDIT_DATA_DIR", REPO.parent / "shared" / "data")).expanduser()
+
+
+# -- command lines: jsonargparse over blueedit's config dataclasses --------------------------------
+def benchmark_parser(doc: str, *, shorthands: dict[str, tuple[str, str]] | None = None, stats_defaults=None,
+                     editing_defaults=None):
+    """A jsonargparse parser with the ``--editing.*`` (:class:`EditingConfig`, including
+    ``--editing.target.*``) and ``--stats.*`` (:class:`StatsConfig`) groups, the same dataclasses
+    ``blueedit fit`` reads, so every option is typed and lists its choices.
+
+    ``shorthands``: the script's short flags, ``{"--lam": ("editing.mom2_update_weight", help)}``
+    (kept so existing command lines still work); :func:`benchmark_configs` applies the ones given
+    over the groups. ``stats_defaults`` / ``editing_defaults``: the script's own defaults.
+    """
+    from jsonargparse import ArgumentParser
+
+    from blueedit.editing.editor import EditingConfig
+    from blueedit.editing.statistics import StatsConfig
+
+    p = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_class_arguments(EditingConfig, "editing", help="editing hyperparameters (blueedit's EditingConfig)")
+    p.add_class_arguments(StatsConfig, "stats", help="the C_0 statistics (blueedit's StatsConfig)")
+    defaults = {f"editing.{k}": v for k, v in (editing_defaults or {}).items()}
+    defaults.update({f"stats.{k}": v for k, v in (stats_defaults or {}).items()})
+    if defaults:
+        p.set_defaults(defaults)
+    p.shorthands = dict(shorthands or {})
+    for flag, (target, help_text) in p.shorthands.items():
+        kind = _field_type(target)
+        p.add_argument(flag, type=kind, default=None, help=f"{help_text} (shorthand for --{target})")
+    return p
+
+
+def _field_type(dotted: str):
+    """``int``/``float``/``str`` for a shorthand: comma lists (``layers``) are strings."""
+    from dataclasses import fields
+
+    from blueedit.editing.editor import EditingConfig
+    from blueedit.editing.statistics import StatsConfig
+    from blueedit.editing.targets import TargetConfig
+
+    group, *path = dotted.split(".")
+    cls = {"editing": EditingConfig, "stats": StatsConfig}[group]
+    if path[0] == "target":
+        cls, path = TargetConfig, path[1:]
+    ann = {f.name: f.type for f in fields(cls)}[path[0]]
+    ann = str(ann)
+    if ann.startswith("int"):
+        return int
+    if ann.startswith("float"):
+        return float
+    return str
+
+
+def benchmark_configs(parser, args):
+    """The :class:`EditingConfig` and :class:`StatsConfig` of parsed ``args``: the groups, with
+    the shorthand flags that were given written over them (validated by the dataclasses)."""
+    for flag, (target, _) in parser.shorthands.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is None:
+            continue
+        if target == "editing.layers":
+            value = parse_int_list(value)
+        args[target] = value
+    try:
+        built = parser.instantiate(args)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    return built.editing, built.stats
+
+
+def parse_scoped_overrides(items: list[str], option: str = "--config-overrides") -> dict[str, list[tuple[str, str]]]:
+    """``["alphaedit:boundary.L2=1", "'*.kl_factor=0.1'", ...]`` or one JSON object
+    ``{scope: {key: value}}`` -> ``{scope: [(key, value as text), ...]}``; the values are typed by
+    :func:`scoped_editing_config`."""
+    import json
+
+    out: dict[str, list[tuple[str, str]]] = {}
+    for item in items:
+        item = item.strip()
+        if item.startswith("{"):
+            for scope, kv in json.loads(item).items():
+                out.setdefault(scope, []).extend((k, json.dumps(v)) for k, v in kv.items())
+            continue
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise SystemExit(f"{option} {item!r}: expected SCOPE.KEY=VALUE")
+        lhs, value = item.split("=", 1)
+        scope, key = lhs.split(".", 1)
+        out.setdefault(scope, []).append((key, value))
+    return out
+
+
+def scoped_editing_config(base, method: str, strategy: str, overrides: dict[str, list[tuple[str, str]]],
+                          extra: dict | None = None, option: str = "--config-overrides"):
+    """``base`` (an :class:`EditingConfig`) for one run: ``method`` and ``strategy``, then the
+    overrides of the scopes ``*``, ``method`` and ``method:strategy`` (in that order), then
+    ``extra`` (e.g. a grid point). A key is an :class:`EditingConfig` field or a
+    :class:`TargetConfig` field (``v_lr`` = ``target.v_lr``); jsonargparse parses and checks each
+    value against the field's type (choices included)."""
+    import json
+    from dataclasses import asdict, fields
+
+    from jsonargparse import ArgumentParser
+
+    from blueedit.editing.editor import EditingConfig
+    from blueedit.editing.targets import TargetConfig
+
+    edit_keys = {f.name for f in fields(EditingConfig)}
+    target_keys = {f.name for f in fields(TargetConfig)}
+    items = [(k, v) for scope in ("*", method, f"{method}:{strategy}") for k, v in overrides.get(scope, [])]
+    items += [(k, json.dumps(v)) for k, v in (extra or {}).items()]
+    argv = [f"--editing={json.dumps(asdict(base))}", f"--editing.method={method}", f"--editing.strategy={strategy}"]
+    for key, value in items:
+        if key in edit_keys and key != "target":
+            argv.append(f"--editing.{key}={value}")
+        elif key in target_keys or (key.startswith("target.") and key[7:] in target_keys):
+            argv.append(f"--editing.target.{key.removeprefix('target.')}={value}")
+        else:
+            raise SystemExit(f"{option}: unknown hyperparameter {key!r}; EditingConfig: {sorted(edit_keys - {'target'})}, "
+                             f"TargetConfig: {sorted(target_keys)}")
+    p = ArgumentParser(exit_on_error=False)
+    p.add_class_arguments(EditingConfig, "editing")
+    try:
+        return p.instantiate(p.parse_args(argv)).editing
+    except (argparse.ArgumentError, ValueError, TypeError) as e:
+        raise SystemExit(f"{option} for {method}:{strategy}: {e}") from e
 
 
 def parse_int_list(text: str) -> list[int]:

@@ -18,7 +18,6 @@ choice and the command).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -36,9 +35,20 @@ import quality as Q  # noqa: E402
 METRICS = Q.METRICS
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+SHORTHANDS = {
+    "--method": ("editing.method", "editing method"),
+    "--strategy": ("editing.strategy", "distribute or boundary (BLUE)"),
+    "--lam": ("editing.mom2_update_weight", "λ"),
+    "--v-lr": ("editing.target.v_lr", "target learning rate"),
+    "--steps": ("editing.target.v_num_grad_steps", "target optimization steps"),
+    "--stats-samples": ("stats.num_samples", "texts for C_0"),
+    "--stats-max-length": ("stats.max_length", "tokens per C_0 text"),
+    "--stats-corpus": ("stats.corpus", "C_0 corpus"),
+}
+
+
+def build_parser():
+    p = C.benchmark_parser(__doc__, shorthands=SHORTHANDS, stats_defaults=Q.STATS_DEFAULTS)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dataset", default="counterfact_dev")
     p.add_argument("--edits", type=int, default=20)
@@ -47,14 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidate windows of consecutive layers, e.g. 2-6 4-8 (overrides --starts)")
     p.add_argument("--starts", default="2,4,6", help="first layer of each candidate window")
     p.add_argument("--window-size", type=int, default=5)
-    p.add_argument("--method", default="memit")
-    p.add_argument("--strategy", default="distribute")
-    p.add_argument("--lam", type=float, default=1500.0, help="λ (mom2_update_weight)")
-    p.add_argument("--v-lr", type=float, default=0.5)
-    p.add_argument("--steps", type=int, default=25, help="v_num_grad_steps")
-    p.add_argument("--stats-samples", type=int, default=300)
-    p.add_argument("--stats-max-length", type=int, default=256)
-    p.add_argument("--stats-corpus", default="wikipedia-sample")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
@@ -152,21 +154,24 @@ def write_results(out: Path, results: dict) -> None:
 def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=None, texts=None) -> dict:
     """Run the sweep and return the results dict. ``model``/``tokenizer`` (edited in place, restored
     afterwards), ``requests`` and ``texts`` (the statistics corpus) replace the loaded ones (tests)."""
-    from blueedit.editing.editor import EditingConfig
-    from blueedit.editing.targets import TargetConfig, generate_context_templates
+    from dataclasses import replace
+
+    from blueedit.editing.setup import cached_key_statistics
+    from blueedit.editing.targets import generate_context_templates
     from blueedit.models.adapters import ModelAdapter
     from blueedit.models.loading import ModelConfig, load_model_and_tokenizer, model_fingerprint
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    base, stats = C.benchmark_configs(parser, args)
     args.fluency = False  # read by quality.run_one
     if args.threads:
         torch.set_num_threads(args.threads)
     windows = candidate_windows(args)
-    hps = []
-    for layers in windows:  # all options checked before any slow work
-        hp = EditingConfig(method=args.method, strategy=args.strategy, layers=layers, mom2_update_weight=args.lam,
-                           target=TargetConfig(v_lr=args.v_lr, v_num_grad_steps=args.steps))  # validated on creation
-        hps.append(hp)
+    try:  # all options checked before any slow work
+        hps = [replace(base, layers=layers) for layers in windows]  # validated on creation
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else C.default_data_dir()
     if requests is None:
         from blueedit.data.formats import load_requests
@@ -187,8 +192,9 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     adapter.check_layers(all_layers)
     original = {l: adapter.get_w_out(l).cpu() for l in all_layers}
     with C.timed(args.device) as t_stats:
-        mom2 = Q.key_statistics(args, model, adapter, tokenizer, all_layers, data_dir=data_dir, texts=texts,
-                                model_id=model_id)
+        mom2 = cached_key_statistics(model, tokenizer, all_layers, stats, model_id=model_id, adapter=adapter,
+                                     data_dir=data_dir, cache_dir=args.cache_dir, texts=texts,
+                                     progress=texts is None)
     templates = generate_context_templates(model, tokenizer)
 
     results: dict = {
@@ -196,9 +202,9 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
         "device": C.device_description(args.device), "threads": torch.get_num_threads(),
         "model": args.model if model_id.startswith(args.model.split("/")[-1]) else model_id,
         "dataset": args.dataset, "num_edits": len(requests), "edits_per_round": args.edits_per_round,
-        "method": args.method, "strategy": args.strategy, "lam": args.lam, "v_lr": args.v_lr,
-        "steps": args.steps, "stats_samples": args.stats_samples, "stats_max_length": args.stats_max_length,
-        "stats_corpus": args.stats_corpus if texts is None else "given", "stats_seconds": t_stats["seconds"],
+        "method": base.method, "strategy": base.strategy, "lam": base.mom2_update_weight, "v_lr": base.target.v_lr,
+        "steps": base.target.v_num_grad_steps, "stats_samples": stats.num_samples, "stats_max_length": stats.max_length,
+        "stats_corpus": stats.corpus if texts is None else "given", "stats_seconds": t_stats["seconds"],
         "runs": [],
     }
     pre = Q.evaluate(model, tokenizer, requests, args, [])

@@ -11,12 +11,10 @@ run. ``--dev`` searches λ / v_lr on ``counterfact_dev`` and prints the best set
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -26,31 +24,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 METRICS = ("efficacy", "generalization", "specificity")
-MIN_CHARS = 200  # as blueedit.module.MIN_CHARS, so the statistics cache is shared with `blueedit fit`
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+#: Short flags kept beside the ``--editing.*`` / ``--stats.*`` groups: flag -> (option, help).
+SHORTHANDS = {
+    "--layers": ("editing.layers", "critical layers, comma-separated"),
+    "--lam": ("editing.mom2_update_weight", "λ for every method"),
+    "--v-lr": ("editing.target.v_lr", "target learning rate"),
+    "--steps": ("editing.target.v_num_grad_steps", "target optimization steps"),
+    "--L2": ("editing.L2", "AlphaEdit's ridge α"),
+    "--nullspace-threshold": ("editing.nullspace_threshold", "AlphaEdit's eigenvalue threshold"),
+    "--stats-samples": ("stats.num_samples", "texts for C_0"),
+    "--stats-max-length": ("stats.max_length", "tokens per C_0 text"),
+    "--stats-corpus": ("stats.corpus", "C_0 corpus"),
+}
+STATS_DEFAULTS = {"corpus": "wikipedia-sample", "num_samples": 300, "max_length": 256}
+
+
+def build_parser():
+    p = C.benchmark_parser(__doc__, shorthands=SHORTHANDS, stats_defaults=STATS_DEFAULTS)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dataset", default=None, help="edit records (default counterfact_eval; counterfact_dev with --dev)")
     p.add_argument("--edits", type=int, default=100)
     p.add_argument("--edits-per-round", type=int, default=10)
     p.add_argument("--methods", default="memit,alphaedit,prune,rect")
     p.add_argument("--strategies", default="distribute,boundary")
-    p.add_argument("--layers", default="4,5,6,7,8")
-    p.add_argument("--lam", type=float, default=1500.0, help="λ (mom2_update_weight) for every method")
-    p.add_argument("--v-lr", type=float, default=0.5)
-    p.add_argument("--steps", type=int, default=25, help="v_num_grad_steps")
-    p.add_argument("--L2", type=float, default=10.0, help="AlphaEdit's ridge α")
-    p.add_argument("--nullspace-threshold", type=float, default=2e-2)
     p.add_argument("--config-overrides", nargs="*", default=[], metavar="SCOPE.KEY=VALUE",
                    help="per-run hyperparameters: SCOPE is a method, method:strategy, or '*'; KEY an EditingConfig "
                         "or TargetConfig field (e.g. alphaedit:boundary.L2=1 memit.v_lr=0.3 '*.kl_factor=0.1'); "
                         "or one JSON object {scope: {key: value}}")
-    p.add_argument("--stats-samples", type=int, default=300)
-    p.add_argument("--stats-max-length", type=int, default=256)
-    p.add_argument("--stats-corpus", default="wikipedia-sample")
     p.add_argument("--fluency", action="store_true", help="also fluency of top-5 sampled generations of 100 tokens counting the "
                    "prompt, as published (slow)")
     p.add_argument("--fluency-records", type=int, default=20, help="records whose generation prompts are used")
@@ -66,65 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# -- hyperparameters -----------------------------------------------------------------------------
-def _coerce(value):
-    if isinstance(value, str):
-        low = value.lower()
-        if low in ("true", "false"):
-            return low == "true"
-        if low in ("none", "null"):
-            return None
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
-
-
-def parse_overrides(items: list[str]) -> dict[str, dict]:
-    """``["alphaedit:boundary.L2=1", ...]`` or one JSON object -> ``{scope: {key: value}}``."""
-    out: dict[str, dict] = {}
-    for item in items:
-        item = item.strip()
-        if item.startswith("{"):
-            for scope, kv in json.loads(item).items():
-                out.setdefault(scope, {}).update({k: _coerce(v) for k, v in kv.items()})
-            continue
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise SystemExit(f"--config-overrides {item!r}: expected SCOPE.KEY=VALUE")
-        lhs, value = item.split("=", 1)
-        scope, key = lhs.split(".", 1)
-        out.setdefault(scope, {})[key] = _coerce(value)
-    return out
-
-
-def make_hparams(args, method: str, strategy: str, overrides: dict[str, dict], grid: dict | None = None):
-    """Base values from the command line, then overrides for ``*``, the method, and
-    ``method:strategy`` (in that order), then the ``--dev`` grid point."""
-    from blueedit.editing.editor import EditingConfig
-    from blueedit.editing.targets import TargetConfig
-
-    edit_keys = {f.name for f in fields(EditingConfig)} - {"target"}
-    target_keys = {f.name for f in fields(TargetConfig)}
-    values = {"mom2_update_weight": args.lam, "L2": args.L2, "nullspace_threshold": args.nullspace_threshold,
-              "v_lr": args.v_lr, "v_num_grad_steps": args.steps}
-    for scope in ("*", method, f"{method}:{strategy}"):
-        values.update(overrides.get(scope, {}))
-    values.update(grid or {})
-    edit_kw, target_kw = {}, {}
-    for k, v in values.items():
-        if k in target_keys:
-            target_kw[k] = v
-        elif k in edit_keys:
-            edit_kw[k] = v
-        else:
-            raise SystemExit(f"unknown hyperparameter {k!r}; EditingConfig: {sorted(edit_keys)}, "
-                             f"TargetConfig: {sorted(target_keys)}")
-    edit_kw.setdefault("layers", C.parse_int_list(args.layers))
-    hp = EditingConfig(method=method, strategy=strategy, target=TargetConfig(**target_kw), **edit_kw)
-    return hp
-
-
 def hparams_summary(hp) -> dict:
     return {"lam": hp.mom2_update_weight, "v_lr": hp.target.v_lr, "steps": hp.target.v_num_grad_steps,
             "L2": hp.L2 if hp.method == "alphaedit" else None,
@@ -133,27 +76,6 @@ def hparams_summary(hp) -> dict:
 
 
 # -- statistics ----------------------------------------------------------------------------------
-def key_statistics(args, model, adapter, tok, layers, *, data_dir, texts, model_id) -> dict[int, torch.Tensor]:
-    """``C_0`` from the shared on-disk cache (collected in one pass when missing)."""
-    from blueedit.data.corpus import corpus_fingerprint, load_corpus_texts
-    from blueedit.editing.statistics import StatisticsCache, StatsConfig
-    from blueedit.models.loading import default_cache_dir
-
-    spec = StatsConfig(corpus=args.stats_corpus, num_samples=args.stats_samples, max_length=args.stats_max_length)
-    if texts is not None:
-        corpus_id = corpus_fingerprint("given-texts", len(texts), 0)
-        texts_fn = lambda: list(texts)  # noqa: E731
-    else:
-        corpus_id = corpus_fingerprint(args.stats_corpus, args.stats_samples, MIN_CHARS)
-
-        def texts_fn():
-            return load_corpus_texts(args.stats_corpus, data_dir=data_dir, num_samples=args.stats_samples,
-                                     min_chars=MIN_CHARS)
-    cache = StatisticsCache(Path(args.cache_dir or default_cache_dir()).expanduser(), model_id, progress=texts is None)
-    stats = cache.get_or_collect(model, adapter, tok, layers, spec, corpus_id, texts_fn, single_pass=True)
-    return {l: s.mom2 for l, s in stats.items()}
-
-
 def nullspace_fractions(mom2: dict[int, torch.Tensor], threshold: float) -> dict[int, dict]:
     """Per layer: the fraction of ``C_0``'s eigenvalues below AlphaEdit's threshold (the null-space
     projection's rank / d_k) and the eigenvalue range, so an empty or full projection shows."""
@@ -183,9 +105,9 @@ def evaluate(model, tok, requests, args, generation_prompts: list[str]) -> dict:
 
 
 def run_one(args, hp, model, tok, adapter, mom2, templates, requests, generation_prompts) -> dict:
-    from blueedit.editing.editor import Editor
+    from blueedit.editing.setup import build_editor
 
-    editor = Editor(model, tok, adapter, hp, {l: mom2[l] for l in hp.edited_layers}, templates)
+    editor = build_editor(model, tok, hp, adapter=adapter, mom2=mom2, context_templates=templates)
     rounds = [requests[i : i + args.edits_per_round] for i in range(0, len(requests), args.edits_per_round)]
     steps = []
     with C.timed(args.device) as t:
@@ -227,20 +149,25 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     ``model``/``tokenizer`` (edited in place, restored afterwards), ``requests`` and ``texts`` (the
     statistics corpus) replace the loaded ones (for tests).
     """
+    from blueedit.editing.setup import cached_key_statistics
     from blueedit.editing.targets import generate_context_templates
     from blueedit.models.adapters import ModelAdapter
     from blueedit.models.loading import ModelConfig, load_model_and_tokenizer, model_fingerprint
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    base, stats = C.benchmark_configs(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = args.dataset or ("counterfact_dev" if args.dev else "counterfact_eval")
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else C.default_data_dir()
     methods, strategies = C.parse_str_list(args.methods), C.parse_str_list(args.strategies)
-    overrides = parse_overrides(args.config_overrides)
+    overrides = C.parse_scoped_overrides(args.config_overrides)
     grid = ([{"mom2_update_weight": lam, "v_lr": lr}
              for lam, lr in itertools.product(C.parse_float_list(args.lams), C.parse_float_list(args.v_lrs))]
             if args.dev else [None])
+    all_hps = {(m, s, i): C.scoped_editing_config(base, m, s, overrides, g)  # checked before any slow work
+               for m in methods for s in strategies for i, g in enumerate(grid)}
     if requests is None:
         from blueedit.data.formats import load_requests
 
@@ -259,21 +186,20 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     else:
         model_id = f"given-{type(model).__name__}"
     adapter = ModelAdapter(model)
-    all_hps = {(m, s, i): make_hparams(args, m, s, overrides, g)
-               for m in methods for s in strategies for i, g in enumerate(grid)}
     layers = sorted({l for hp in all_hps.values() for l in hp.edited_layers})
     adapter.check_layers(layers)
     original = {l: adapter.get_w_out(l).cpu() for l in layers}
 
     with C.timed(args.device) as t_stats:
-        mom2 = key_statistics(args, model, adapter, tokenizer, layers, data_dir=data_dir, texts=texts,
-                              model_id=model_id)
+        mom2 = cached_key_statistics(model, tokenizer, layers, stats, model_id=model_id, adapter=adapter,
+                                     data_dir=data_dir, cache_dir=args.cache_dir, texts=texts,
+                                     progress=texts is None)
     thresholds = sorted({hp.nullspace_threshold for hp in all_hps.values() if hp.method == "alphaedit"})
     null = {th: nullspace_fractions({l: mom2[l] for l in layers}, th) for th in thresholds}
     templates = generate_context_templates(model, tokenizer)
 
     results: dict = {
-        "command": C.command_line("quality.py", argv), "config": vars(args), "versions": C.versions(),
+        "command": C.command_line("quality.py", argv), "config": args.as_dict(), "versions": C.versions(),
         "device": C.device_description(args.device), "model": model_id if given_model else args.model,
         "dataset": dataset, "num_edits": len(requests), "stats_seconds": t_stats["seconds"],
         "nullspace": {str(th): {str(l): v for l, v in per.items()} for th, per in null.items()},
@@ -314,7 +240,7 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     rows = [pre] + results["runs"]
     table = markdown_table(rows, args.fluency, args.dev)
     lines = [f"{results['model']}, {dataset}, {len(requests)} edits in rounds of {args.edits_per_round}, "
-             f"C_0 from {args.stats_samples} {args.stats_corpus} texts", "", table]
+             f"C_0 from {stats.num_samples} {stats.corpus} texts", "", table]
     if args.dev:
         best = {}
         for r in results["runs"]:

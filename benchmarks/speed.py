@@ -15,7 +15,6 @@ Prints a Markdown table (reference / optimized ratio per row) and writes JSON to
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -30,7 +29,6 @@ import _common as C  # noqa: E402
 MODES = ("optimized", "reference", "optimized-bf16")
 #: ratio columns of the table: (numerator mode, denominator mode)
 RATIOS = (("reference", "optimized"), ("optimized", "optimized-bf16"), ("reference", "optimized-bf16"))
-MIN_CHARS = 200  # as blueedit.module.MIN_CHARS
 
 #: (key, label, unit formatter) of the table rows.
 ROWS = [
@@ -51,25 +49,31 @@ ROWS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+SHORTHANDS = {
+    "--method": ("editing.method", "editing method"),
+    "--strategy": ("editing.strategy", "distribute or boundary (BLUE)"),
+    "--layers": ("editing.layers", "critical layers, comma-separated"),
+    "--steps": ("editing.target.v_num_grad_steps", "target optimization steps"),
+    "--v-lr": ("editing.target.v_lr", "target learning rate"),
+    "--loss-layer": ("editing.target.loss_layer", "target loss layer (default: the last block)"),
+    "--lam": ("editing.mom2_update_weight", "λ"),
+    "--stats-samples": ("stats.num_samples", "Wikipedia-sample texts for C_0"),
+    "--stats-max-length": ("stats.max_length", "tokens per statistics text"),
+    "--stats-batch-size": ("stats.batch_size", "texts per statistics batch"),
+}
+
+
+def build_parser():
+    """Per-mode settings (``optimize``, ``compute_dtype``, ``max_batch_tokens``, ``autocast``)
+    come from the mode and the options below; the rest from ``--editing.*`` / ``--stats.*``."""
+    p = C.benchmark_parser(__doc__, shorthands=SHORTHANDS,
+                           stats_defaults={"corpus": "wikipedia-sample", "num_samples": 100, "max_length": 256})
     p.add_argument("--model", default="smollm2-135m", help="model to load (ignored with --random-init-config)")
     p.add_argument("--random-init-config", default=None, choices=sorted(C.RANDOM_CONFIGS),
                    help="build a randomly initialized Llama of this shape instead of loading weights")
-    p.add_argument("--method", default="memit", choices=["memit", "alphaedit", "prune", "rect"])
-    p.add_argument("--strategy", default="distribute", choices=["distribute", "boundary"])
-    p.add_argument("--layers", default="4,5,6,7,8", help="critical layers, comma-separated")
     p.add_argument("--dataset", default="counterfact_eval", help="edit records (a load_requests source)")
     p.add_argument("--edits", type=int, default=20, help="number of edit records")
     p.add_argument("--edits-per-round", type=int, default=10)
-    p.add_argument("--stats-samples", type=int, default=100, help="Wikipedia-sample texts for C_0")
-    p.add_argument("--stats-max-length", type=int, default=256, help="tokens per statistics text")
-    p.add_argument("--stats-batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=25, help="target optimization steps (v_num_grad_steps)")
-    p.add_argument("--v-lr", type=float, default=0.5)
-    p.add_argument("--loss-layer", type=int, default=None, help="target.loss_layer (default: the last block)")
-    p.add_argument("--lam", type=float, default=1500.0, help="mom2_update_weight λ")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--autocast", default="none", choices=["none", "bfloat16", "float16"])
     p.add_argument("--compute-dtype", default="none", choices=["none", "float32", "bfloat16", "float16"],
@@ -95,9 +99,11 @@ def _mb(n: int) -> float:
 
 def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tuple[dict, dict[int, torch.Tensor]]:
     """One mode on a fresh model: statistics, editing, memory, metrics."""
-    from blueedit.editing.editor import EditingConfig, Editor
-    from blueedit.editing.statistics import StatisticsCache, StatsConfig
-    from blueedit.editing.targets import TargetConfig, generate_context_templates
+    from dataclasses import replace
+
+    from blueedit.editing.setup import build_editor
+    from blueedit.editing.statistics import StatisticsCache
+    from blueedit.editing.targets import generate_context_templates
     from blueedit.evaluation.editing_metrics import evaluate_requests
     from blueedit.models.adapters import ModelAdapter
 
@@ -106,22 +112,20 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
     adapter = ModelAdapter(model)
     compute = {"optimized": args.compute_dtype, "reference": args.reference_compute_dtype,
                "optimized-bf16": "bfloat16"}[mode]
-    hp = EditingConfig(
-        method=args.method, strategy=args.strategy, layers=C.parse_int_list(args.layers),
-        mom2_update_weight=args.lam, optimize=optimize,
+    hp = replace(
+        args.base, optimize=optimize,
         autocast=None if args.autocast == "none" else args.autocast,
         compute_dtype=None if compute == "none" else compute,
         max_batch_tokens=(args.max_batch_tokens or None) if optimize else None,
-        target=TargetConfig(v_num_grad_steps=args.steps, v_lr=args.v_lr, loss_layer=args.loss_layer),
     )
     adapter.check_layers(hp.layers)
     layers = hp.edited_layers
     out: dict = {"mode": mode, "edited_layers": layers}
 
     # (a) statistics, into a fresh temporary cache so nothing is loaded from disk
-    spec = StatsConfig(corpus="wikipedia-sample", num_samples=args.stats_samples, max_length=args.stats_max_length,
-                     batch_size=args.stats_batch_size, dtype="float32")
-    corpus_id = f"speed-benchmark-n{args.stats_samples}"
+    # (the component itself, timed: not blueedit.editing.setup.cached_key_statistics, which reads the cache)
+    spec = replace(args.stats_config, dtype="float32")
+    corpus_id = f"speed-benchmark-n{spec.num_samples}"
     with tempfile.TemporaryDirectory(prefix="blueedit-speed-") as tmp:
         cache = StatisticsCache(tmp, model_id, checkpoint_every=10**9)
         with C.PeakMemory(args.device) as mem, C.timed(args.device) as t:
@@ -136,7 +140,7 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
     # (b) editing rounds
     with C.timed(args.device) as t_templates:
         templates = generate_context_templates(model, tok)
-    editor = Editor(model, tok, adapter, hp, mom2, templates)
+    editor = build_editor(model, tok, hp, adapter=adapter, mom2=mom2, context_templates=templates)
     rounds = [requests[i : i + args.edits_per_round] for i in range(0, len(requests), args.edits_per_round)]
     round_seconds, steps = [], []
     with C.PeakMemory(args.device) as mem, C.timed(args.device) as t:
@@ -257,7 +261,10 @@ def main(argv: list[str] | None = None, *, make_model=None, requests=None, texts
     ``make_model`` (a function returning a fresh ``(model, tokenizer)``), ``requests`` and
     ``texts`` replace the model, the edit records and the statistics corpus (for tests).
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = args.as_dict()
+    args.base, args.stats_config = C.benchmark_configs(parser, args)
     modes = C.parse_str_list(args.modes)
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -273,8 +280,10 @@ def main(argv: list[str] | None = None, *, make_model=None, requests=None, texts
     if texts is None:
         from blueedit.data.corpus import load_corpus_texts
 
-        texts = load_corpus_texts("wikipedia-sample", data_dir=data_dir, num_samples=args.stats_samples,
-                                  min_chars=MIN_CHARS)
+        from blueedit.editing.setup import MIN_CHARS
+
+        texts = load_corpus_texts(args.stats_config.corpus, data_dir=data_dir,
+                                  num_samples=args.stats_config.num_samples, min_chars=MIN_CHARS)
     if make_model is None:
         make_model = C.model_factory(args.model, random_init=args.random_init_config, device=args.device,
                                      dtype=args.dtype, cache_dir=args.cache_dir,
@@ -283,7 +292,7 @@ def main(argv: list[str] | None = None, *, make_model=None, requests=None, texts
 
     results: dict = {
         "command": C.command_line("speed.py", argv),
-        "config": vars(args),
+        "config": config,
         "versions": C.versions(),
         "device": C.device_description(args.device),
         "model": f"random {args.random_init_config}" if args.random_init_config else args.model,
@@ -306,8 +315,9 @@ def main(argv: list[str] | None = None, *, make_model=None, requests=None, texts
             }
     results["table"] = markdown_table(results)
     print()
-    print(f"{results['model']} on {results['device']}: {args.method} ({args.strategy}), {len(requests)} edits "
-          f"in rounds of {args.edits_per_round}, layers {args.layers}, {args.stats_samples} statistics texts")
+    print(f"{results['model']} on {results['device']}: {args.base.method} ({args.base.strategy}), {len(requests)} "
+          f"edits in rounds of {args.edits_per_round}, layers {args.base.layers}, {args.stats_config.num_samples} "
+          "statistics texts")
     print(results["table"])
     for pair, ch in results["checks"].items():
         print(f"\n{pair}: C_0 max relative difference {ch['c0_max_relative_difference']:.2e}; "

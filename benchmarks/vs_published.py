@@ -36,7 +36,6 @@ the JSON files of partial runs (e.g. the two sides run as separate processes) in
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import json
@@ -56,7 +55,6 @@ import _common as C  # noqa: E402
 
 METRICS = ("efficacy", "generalization", "specificity")
 SIDES = ("published", "blueedit")
-MIN_CHARS = 200  # as blueedit.module.MIN_CHARS, so the statistics cache is shared with `blueedit fit`
 
 
 @dataclass(frozen=True)
@@ -82,9 +80,27 @@ PUBLISHED_FILES = ("memit/memit_seq_main.py", "memit/memit_hparams.py", "AlphaEd
                    "AlphaEdit/AlphaEdit_hparams.py", "util/nethook.py", "globals.yml")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+SHORTHANDS = {
+    "--layers": ("editing.layers", "the critical layers, comma-separated (BLUE edits the first and last)"),
+    "--lam": ("editing.mom2_update_weight", "λ, MEMIT"),
+    "--v-lr": ("editing.target.v_lr", "target learning rate"),
+    "--steps": ("editing.target.v_num_grad_steps", "target optimization steps"),
+    "--loss-layer": ("editing.target.loss_layer", "target loss layer (default: the last block)"),
+    "--kl-factor": ("editing.target.kl_factor", "KL weight"),
+    "--weight-decay": ("editing.target.v_weight_decay", "weight decay of δ"),
+    "--clamp": ("editing.target.clamp_norm_factor", "clamp of ‖δ‖"),
+    "--L2": ("editing.L2", "AlphaEdit's ridge term (default: configs/smollm2-135m/alphaedit.yaml)"),
+    "--nullspace-threshold": ("editing.nullspace_threshold",
+                              "AlphaEdit's threshold (default: configs/smollm2-135m/alphaedit.yaml)"),
+    "--stats-samples": ("stats.num_samples", "texts for C_0"),
+    "--stats-max-length": ("stats.max_length", "tokens per C_0 text"),
+    "--stats-corpus": ("stats.corpus", "C_0 corpus"),
+}
+
+
+def build_parser():
+    p = C.benchmark_parser(__doc__, shorthands=SHORTHANDS, editing_defaults=alphaedit_defaults(),
+                           stats_defaults={"corpus": "wikipedia-sample", "num_samples": 300, "max_length": 256})
     p.add_argument("--published", default=None, metavar="PATH",
                    help="checkout of github.com/xpq-tech/BLUE (required unless --sides blueedit or --merge)")
     p.add_argument("--num-edits", type=int, default=100, help="first N records of --dataset")
@@ -93,21 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sides", default=",".join(SIDES), help="published, blueedit or both")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dataset", default="counterfact_eval")
-    p.add_argument("--layers", default="4,5,6,7,8", help="the critical layers (BLUE edits the first and last)")
-    p.add_argument("--lam", type=float, default=1500.0, help="λ (mom2_update_weight), MEMIT")
-    p.add_argument("--v-lr", type=float, default=0.5)
-    p.add_argument("--steps", type=int, default=25, help="v_num_grad_steps")
-    p.add_argument("--loss-layer", type=int, default=None, help="target loss layer (default: the last block)")
-    p.add_argument("--kl-factor", type=float, default=0.0625)
-    p.add_argument("--weight-decay", type=float, default=0.5, help="v_weight_decay")
-    p.add_argument("--clamp", type=float, default=0.75, help="clamp_norm_factor")
-    p.add_argument("--L2", type=float, default=None,
-                   help="AlphaEdit's ridge term (default: configs/smollm2-135m/alphaedit.yaml)")
-    p.add_argument("--nullspace-threshold", type=float, default=None,
-                   help="AlphaEdit's threshold (default: configs/smollm2-135m/alphaedit.yaml)")
-    p.add_argument("--stats-samples", type=int, default=300)
-    p.add_argument("--stats-max-length", type=int, default=256)
-    p.add_argument("--stats-corpus", default="wikipedia-sample")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -134,7 +135,7 @@ def alphaedit_defaults() -> dict:
     return {"L2": float(ed["L2"]), "nullspace_threshold": float(ed["nullspace_threshold"])}
 
 
-def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[Pair], list[str]]:
+def check_args(parser, args) -> tuple[list[Pair], list[str]]:
     """The pairs and sides asked for; a clear error (before any slow work) for bad options."""
     names = C.parse_str_list(args.methods)
     bad = [n for n in names if n not in PAIRS]
@@ -154,9 +155,9 @@ def check_args(parser: argparse.ArgumentParser, args) -> tuple[list[Pair], list[
                          f"(missing {', '.join(missing)})")
     if args.num_edits < 1 or args.edits_per_round < 1:
         parser.error("--num-edits and --edits-per-round must be >= 1")
-    layers = C.parse_int_list(args.layers)
-    if len(layers) < 2 or layers != list(range(layers[0], layers[0] + len(layers))):
-        parser.error(f"--layers {args.layers!r} must be at least two consecutive increasing layers")
+    layers = args.base.layers
+    if len(layers) < 2:
+        parser.error(f"--layers {layers}: BLUE needs at least two consecutive increasing layers")
     return [PAIRS[n] for n in names], sides
 
 
@@ -186,14 +187,15 @@ class Published:
 
     def hparams(self, pair: Pair, layout: dict, layers: list[int], args, loss_layer: int):
         """The published hyperparameter object for ``pair`` (BLUE: only the boundary layers)."""
+        base, target, stats = args.base, args.base.target, args.stats_config
         kw = dict(model_name=args.model, layers=[layers[0], layers[-1]] if pair.blue else list(layers),
-                  layer_selection="all", fact_token="subject_last", v_num_grad_steps=args.steps, v_lr=args.v_lr,
-                  v_loss_layer=loss_layer, v_weight_decay=args.weight_decay, clamp_norm_factor=args.clamp,
-                  kl_factor=args.kl_factor, mom2_adjustment=True, mom2_update_weight=args.lam,
-                  mom2_dataset=args.stats_corpus, mom2_n_samples=args.stats_samples, mom2_dtype="float32",
-                  blue=pair.blue, **layout)
+                  layer_selection="all", fact_token="subject_last", v_num_grad_steps=target.v_num_grad_steps,
+                  v_lr=target.v_lr, v_loss_layer=loss_layer, v_weight_decay=target.v_weight_decay,
+                  clamp_norm_factor=target.clamp_norm_factor, kl_factor=target.kl_factor, mom2_adjustment=True,
+                  mom2_update_weight=base.mom2_update_weight, mom2_dataset=stats.corpus,
+                  mom2_n_samples=stats.num_samples, mom2_dtype="float32", blue=pair.blue, **layout)
         if pair.method == "alphaedit":
-            return self.AlphaEditHyperParams(nullspace_threshold=args.nullspace_threshold, L2=args.L2, **kw)
+            return self.AlphaEditHyperParams(nullspace_threshold=base.nullspace_threshold, L2=base.L2, **kw)
         return self.MEMITHyperParams(**kw)
 
 
@@ -424,7 +426,7 @@ def run_published(pub: Published, pair: Pair, args, model, tok, adapter, mom2, t
                   loss_layer: int, log, rec: Recorder) -> None:
     """The published sequential-editing loop for ``pair`` (as its driver script runs it)."""
     layout = module_layout(adapter)
-    layers = C.parse_int_list(args.layers)
+    layers = args.base.layers
     hp = pub.hparams(pair, layout, layers, args, loss_layer)
     edited = list(hp.layers)
     rec.run["edited_layers"] = edited
@@ -454,21 +456,19 @@ def run_published(pub: Published, pair: Pair, args, model, tok, adapter, mom2, t
 def run_blueedit(pair: Pair, args, model, tok, adapter, mom2, templates, rounds, loss_layer: int,
                  rec: Recorder) -> None:
     """blueedit's :class:`~blueedit.editing.editor.Editor` over the same rounds."""
-    from blueedit.editing.editor import EditingConfig, Editor
-    from blueedit.editing.targets import TargetConfig
+    from dataclasses import replace
 
-    target = TargetConfig(v_num_grad_steps=args.steps, v_lr=args.v_lr, v_weight_decay=args.weight_decay,
-                           kl_factor=args.kl_factor, clamp_norm_factor=args.clamp, loss_layer=loss_layer)
-    hp = EditingConfig(method=pair.method, strategy=pair.strategy, layers=C.parse_int_list(args.layers),
-                     mom2_update_weight=args.lam, nullspace_threshold=args.nullspace_threshold, L2=args.L2,
-                     target=target)
+    from blueedit.editing.setup import build_editor
+
+    target = replace(args.base.target, loss_layer=loss_layer)
+    hp = replace(args.base, method=pair.method, strategy=pair.strategy, target=target)
     rec.run["edited_layers"] = hp.edited_layers
     rec.run["hparams"] = {"method": hp.method, "strategy": hp.strategy, "layers": hp.layers,
                           "lam": hp.mom2_update_weight, "L2": hp.L2, "nullspace_threshold": hp.nullspace_threshold,
                           **{k: getattr(target, k) for k in ("v_num_grad_steps", "v_lr", "v_weight_decay",
                                                              "kl_factor", "clamp_norm_factor", "loss_layer")}}
     t_setup = time.perf_counter()
-    editor = Editor(model, tok, adapter, hp, {l: mom2[l] for l in hp.edited_layers}, templates)
+    editor = build_editor(model, tok, hp, adapter=adapter, mom2=mom2, context_templates=templates)
     rec.run["setup_seconds"] = time.perf_counter() - t_setup
     steps = []
     for i, chunk in enumerate(rounds):
@@ -668,12 +668,9 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     args = parser.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
+    config = args.as_dict()
+    args.base, args.stats_config = C.benchmark_configs(parser, args)
     pairs, sides = check_args(parser, args)
-    defaults = alphaedit_defaults()
-    if args.L2 is None:
-        args.L2 = defaults["L2"]
-    if args.nullspace_threshold is None:
-        args.nullspace_threshold = defaults["nullspace_threshold"]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -695,30 +692,30 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     else:
         model_id = f"given-{type(model).__name__}"
     adapter = ModelAdapter(model)
-    layers = C.parse_int_list(args.layers)
+    layers = args.base.layers
     adapter.check_layers(layers)
-    loss_layer = adapter.num_layers - 1 if args.loss_layer is None else args.loss_layer
+    loss_layer = adapter.num_layers - 1 if args.base.target.loss_layer is None else args.base.target.loss_layer
     original = {l: adapter.get_w_out(l).cpu() for l in layers}
 
-    import quality as Q  # the shared C_0 cache (the same key as quality.py and `blueedit fit`)
+    from blueedit.editing.setup import cached_key_statistics  # the C_0 cache shared with `blueedit fit`
 
     with C.timed(args.device) as t_stats:
-        stats_args = argparse.Namespace(stats_corpus=args.stats_corpus, stats_samples=args.stats_samples,
-                                        stats_max_length=args.stats_max_length, cache_dir=args.cache_dir)
-        mom2 = Q.key_statistics(stats_args, model, adapter, tokenizer, layers, data_dir=data_dir, texts=texts,
-                                model_id=model_id)
+        mom2 = cached_key_statistics(model, tokenizer, layers, args.stats_config, model_id=model_id, adapter=adapter,
+                                     data_dir=data_dir, cache_dir=args.cache_dir, texts=texts,
+                                     progress=texts is None)
     templates = generate_context_templates(model, tokenizer)
     print(f"C_0 for layers {layers} in {t_stats['seconds']:.1f} s; context templates {templates}", flush=True)
 
     results: dict = {
-        "command": C.command_line("vs_published.py", argv), "config": vars(args), "versions": C.versions(),
+        "command": C.command_line("vs_published.py", argv), "config": config, "versions": C.versions(),
         "device": C.device_description(args.device), "model": model_id if given_model else args.model,
         "dataset": args.dataset, "num_edits": len(requests), "published_checkout": str(pub.root) if pub else None,
-        "setup": {"edits_per_round": args.edits_per_round, "stats_samples": args.stats_samples,
-                  "stats_corpus": args.stats_corpus, "lam": args.lam, "v_lr": args.v_lr, "layers": layers,
-                  "loss_layer": loss_layer, "steps": args.steps, "L2": args.L2,
-                  "nullspace_threshold": args.nullspace_threshold, "kl_factor": args.kl_factor,
-                  "weight_decay": args.weight_decay, "clamp": args.clamp},
+        "setup": {"edits_per_round": args.edits_per_round, "stats_samples": args.stats_config.num_samples,
+                  "stats_corpus": args.stats_config.corpus, "lam": args.base.mom2_update_weight,
+                  "v_lr": args.base.target.v_lr, "layers": layers, "loss_layer": loss_layer,
+                  "steps": args.base.target.v_num_grad_steps, "L2": args.base.L2,
+                  "nullspace_threshold": args.base.nullspace_threshold, "kl_factor": args.base.target.kl_factor,
+                  "weight_decay": args.base.target.v_weight_decay, "clamp": args.base.target.clamp_norm_factor},
         "stats_seconds": t_stats["seconds"], "context_templates": templates, "pre_edit": None,
         "pre_edit_by_edits": None, "runs": [],
     }

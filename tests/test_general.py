@@ -27,6 +27,9 @@ def test_classification_metrics_by_hand():
     assert m["f1"] == pytest.approx(2 / 3)
     assert m["mcc"] == pytest.approx(1 / 6)
     assert classification_metrics([1, 1], [1, 0], binary=True)["mcc"] == 0.0  # constant prediction
+    # torchmetrics alone gives 0.58 here (an epsilon in the zero denominator); GLUE's convention is 0
+    assert classification_metrics([1, 1, 1, 1], [1, 0, 1, 1], binary=True)["mcc"] == 0.0
+    assert classification_metrics([0, 0], [1, 1], binary=True) == {"accuracy": 0.0, "f1": 0.0, "mcc": 0.0}
     assert classification_metrics([2, 0, 3], [2, 1, 3], binary=False) == {"accuracy": pytest.approx(2 / 3)}
 
 

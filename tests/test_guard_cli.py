@@ -174,7 +174,9 @@ def test_module_checks_prompt_lengths_before_statistics(tiny, tmp_path, monkeypa
 
     module = _module(tiny)
     module.max_prompt_tokens = 5
-    monkeypatch.setattr(module, "key_statistics", lambda *a: pytest.fail("statistics before the check"))
+    import blueedit.editing.setup as setup
+
+    monkeypatch.setattr(setup, "cached_key_statistics", lambda *a, **k: pytest.fail("statistics before the check"))
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(EditRecordError, match="over the limit of 5 tokens"):

@@ -17,25 +17,18 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from blueedit import distributed
 from blueedit.callbacks._common import log_to_loggers
-from blueedit.data.corpus import (
-    CorpusUnavailable,
-    corpus_files,
-    corpus_fingerprint,
-    load_corpus_texts,
-    resolve_corpus_source,
-)
 from blueedit.data.datamodule import EditRound, ResumeMismatchError, describe_differences
 from blueedit.data.records import EditRequest, check_prompt_lengths, effective_prompt_limit
 from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport
-from blueedit.editing.statistics import StatisticsCache, StatsConfig
-from blueedit.editing.targets import generate_context_templates
+from blueedit.editing.setup import build_editor
+from blueedit.editing.statistics import StatsConfig
 from blueedit.editing.wise import WiseEditor, WiseState, irrelevant_inputs, wise_context_templates
 from blueedit.evaluation.editing_metrics import (
-    EDIT_KINDS,
     EvaluationResult,
     add_locality,
+    edit_metrics,
     evaluate_requests,
-    record_values,
+    evaluation_kind,
 )
 from blueedit.evaluation.generation import (
     GenerationMetricsConfig,
@@ -52,12 +45,9 @@ from blueedit.models.loading import (
     load_model_and_tokenizer,
     model_fingerprint,
 )
-from blueedit.models.sampling import model_sampled_texts
 
 
 log = logging.getLogger(__name__)
-
-MIN_CHARS = 200
 
 
 class EditingModule(L.LightningModule):
@@ -237,14 +227,16 @@ class EditingModule(L.LightningModule):
             self.lm.to(self.trainer.strategy.root_device)
         if self.hp.method == "wise":
             self.editor = self._wise_editor()
-        else:
-            # Lightning restores a checkpoint's (edited) weights after this hook: C_0 and its cache key
-            # are computed on the pretrained weights
-            mom2 = self.key_statistics(self.hp.edited_layers)
-            templates = generate_context_templates(self.lm, self.tokenizer)
-            self.editor = Editor(self.lm, self.tokenizer, self.adapter, self.hp, mom2, templates)
-        if self._pending_state is not None:
-            self._adopt_state(type(self._pending_state).from_dict(self._pending_state.to_dict(), self.editor.device))
+            if self._pending_state is not None:
+                self.editor.load_state(WiseState.from_dict(self._pending_state.to_dict(), self.editor.device))
+            return
+        # Lightning restores a checkpoint's (edited) weights after this hook: C_0, its cache key and
+        # the context templates are computed on the pretrained weights
+        self.editor = build_editor(
+            self.lm, self.tokenizer, self.hp, self.stats_spec, model_id=model_fingerprint(self.model_spec),
+            adapter=self.adapter, data_dir=self.data_dir, cache_dir=self.cache_dir, state=self._pending_state,
+            progress=self._trainer is None or self._trainer.is_global_zero,
+        )
 
     def _adopt_state(self, state) -> None:
         if isinstance(self.editor, WiseEditor):
@@ -280,51 +272,6 @@ class EditingModule(L.LightningModule):
         if self.evaluate and getattr(dm, "eval_dataset", None) is not None:
             check_prompt_lengths(dm.eval_requests(), self.tokenizer, self.prompt_limit,
                                  source="the evaluation records")
-
-    def corpus_source(self) -> str:
-        """The resolved statistics corpus; ``auto`` without a Wikipedia sample in the data
-        directory falls back to text sampled from the model itself, with a warning."""
-        if self.stats_spec.corpus == "model-samples":
-            return "model-samples"
-        try:
-            return resolve_corpus_source(self.stats_spec.corpus, self.data_dir)
-        except CorpusUnavailable as e:
-            warnings.warn(
-                f"{e}. C_0 is estimated on text sampled from the model itself (offline fallback); set "
-                "data.data_dir or stats.corpus for the published statistics",
-                stacklevel=2,
-            )
-            return "model-samples"
-
-    def key_statistics(self, layers: list[int]) -> dict[int, torch.Tensor]:
-        """``C_0^l`` for ``layers``, from the on-disk cache or collected in one pass."""
-        spec = self.stats_spec
-        source = self.corpus_source()
-        if source == "model-samples":
-            corpus_id = corpus_fingerprint(f"model-samples-{spec.max_length}", spec.num_samples, 0, seed=0)
-
-            def texts():
-                # one large batch: generation is latency-bound (one decode step per token)
-                return model_sampled_texts(self.lm, self.tokenizer, num_samples=spec.num_samples,
-                                           max_new_tokens=spec.max_length, seed=0, batch_size=64,
-                                           progress=self._trainer is not None and self._trainer.is_global_zero)
-        else:
-            try:
-                files = corpus_files(source, self.data_dir)
-            except CorpusUnavailable as e:
-                raise CorpusUnavailable(f"stats.corpus: {e}") from e
-            corpus_id = corpus_fingerprint(source, spec.num_samples, MIN_CHARS, files=files)
-
-            def texts():
-                try:
-                    return load_corpus_texts(source, data_dir=self.data_dir, num_samples=spec.num_samples,
-                                             min_chars=MIN_CHARS)
-                except CorpusUnavailable as e:
-                    raise CorpusUnavailable(f"stats.corpus: {e}") from e
-        cache = StatisticsCache(self.cache_dir, model_fingerprint(self.model_spec), progress=True)
-        stats = cache.get_or_collect(self.lm, self.adapter, self.tokenizer, layers, spec, corpus_id, texts,
-                                     single_pass=self.hp.optimize)
-        return {l: s.mom2 for l, s in stats.items()}
 
     # -- the editing loop ---------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -458,30 +405,29 @@ class EditingModule(L.LightningModule):
         return path
 
     # -- validate / test: evaluate the loaded (e.g. saved, edited) model ------------------------
-    def _eval_meters(self, stage: str) -> dict:
-        """Accumulators for ``stage`` (``val``/``test``), created fresh at each epoch start: one
-        mean over records per metric name (``docs/algorithms.md`` §8: per record, then over records)."""
-        from blueedit.evaluation.metrics import mean_meter
-
-        names = list(EDIT_KINDS) + [f"{k}_margin" for k in EDIT_KINDS]
-        meters = torch.nn.ModuleDict({n: mean_meter() for n in names})
-        setattr(self, f"_{stage}_meters", meters)
+    def _eval_meters(self, stage: str) -> None:
+        """Fresh accumulators for ``stage`` (``val``/``test``) at each epoch start; the metric
+        collection itself is made at the first batch, when the records' kind is known."""
+        setattr(self, f"_{stage}_meters", None)
         self._eval_state = {"kind": None, "num_records": 0, "records": [], "generation": []}
-        return meters
 
     def _eval_step(self, batch: EditRound, stage: str) -> None:
-        meters = getattr(self, f"_{stage}_meters", None) or self._eval_meters(stage)
         requests = list(batch.requests)
         if not requests:
             return
-        res = evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size)
+        if getattr(self, "_eval_state", None) is None:
+            self._eval_meters(stage)
+        kind = evaluation_kind(requests)
+        meters = getattr(self, f"_{stage}_meters", None)
+        if meters is None:  # one mean per metric over every record of the epoch (docs/algorithms.md §8)
+            meters = edit_metrics(kind)
+            setattr(self, f"_{stage}_meters", meters)
+        res = evaluate_requests(self.lm, self.tokenizer, requests, kind=kind, batch_size=self.eval_batch_size,
+                                metrics=meters)
         st = self._eval_state
         st["kind"] = res.kind
         st["num_records"] += res.num_records
         st["records"].extend(res.records)
-        for rec in res.records:
-            for name, value in record_values(rec, res.kind).items():
-                meters[name].update(torch.tensor([value], dtype=torch.float64))
         if self.generation_metrics:  # the first ``generation.num_records`` records of the epoch
             done = st["generation"]
             limit = self.generation.num_records
@@ -492,21 +438,16 @@ class EditingModule(L.LightningModule):
     def _eval_epoch_end(self, stage: str) -> dict[str, float]:
         meters = getattr(self, f"_{stage}_meters", None)
         st = getattr(self, "_eval_state", None) or {"kind": None, "num_records": 0, "records": [], "generation": []}
-        metrics: dict[str, float] = {}
-        if meters is not None:
-            names = list(EDIT_KINDS) if st["kind"] == "zsre" else list(EDIT_KINDS) + [f"{k}_margin" for k in EDIT_KINDS]
-            for name in names:
-                m = meters[name]
-                metrics[name] = float(m.compute()) if m.update_count > 0 else float("nan")
+        metrics: dict[str, float] = meters.results() if meters is not None else {}
         if self.generation_metrics:
             metrics.update(generation_summary(st.get("generation") or []))
+        self._eval_state = None
+        setattr(self, f"_{stage}_meters", None)
         if self._trainer is None:  # called directly (no trainer): just the numbers
-            setattr(self, f"_{stage}_meters", None)
             return metrics
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, sync_dist=False)
         self._write_eval_metrics(Path(self.trainer.log_dir or self.trainer.default_root_dir), stage, st, metrics)
-        setattr(self, f"_{stage}_meters", None)
         return metrics
 
     @rank_zero_only

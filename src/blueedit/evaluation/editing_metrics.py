@@ -46,15 +46,16 @@ from torch import nn
 
 from blueedit.data.records import EditRequest
 from blueedit.models.tokens import tokenize_target
-from torchmetrics.aggregation import MeanMetric
-
-from blueedit.evaluation.metrics import mean_meter
+from blueedit.evaluation.metrics import EditMetrics
 from blueedit.evaluation.scoring import score_continuations
 
 __all__ = [
     "EvaluationResult",
     "EDIT_KINDS",
     "record_values",
+    "metric_names",
+    "edit_metrics",
+    "evaluation_kind",
     "evaluate_counterfact",
     "evaluate_zsre",
     "evaluate_requests",
@@ -108,23 +109,6 @@ class _PairList:
         return len(self.prompts) - 1
 
 
-def _value(metric: MeanMetric) -> float:
-    """The metric's value as a float; ``nan`` when it was never updated (no such prompts).
-
-    A metric made with ``sync_on_compute`` is always computed, so every process joins the sync.
-    """
-    if metric.update_count == 0 and not metric.sync_on_compute:
-        return float("nan")
-    return float(metric.compute().item())
-
-
-def _meters(kinds, sync: bool, model: nn.Module) -> dict:
-    """One mean per kind; with ``sync`` their states live on the model's device and are summed
-    over all processes at ``compute`` (torchmetrics synchronization, for sharded evaluation)."""
-    device = next(model.parameters()).device if sync else torch.device("cpu")
-    return {k: mean_meter(sync).to(device) for k in kinds}
-
-
 def _mean(values: list) -> float | None:
     return float(sum(float(v) for v in values)) / len(values) if values else None
 
@@ -158,24 +142,32 @@ def record_values(rec: dict[str, Any], kind: str) -> dict[str, float]:
     return out
 
 
-def _metric_names(kind: str) -> list[str]:
+def metric_names(kind: str) -> list[str]:
+    """The metric names of an evaluation of ``kind`` (CounterFact adds the ``*_margin`` means)."""
     return list(EDIT_KINDS) + ([] if kind == "zsre" else [f"{k}_margin" for k in EDIT_KINDS])
 
 
-def _aggregate(records: list[dict[str, Any]], kind: str, sync: bool, model: nn.Module) -> dict[str, float]:
+def edit_metrics(kind: str, sync: bool = False, device: torch.device | str = "cpu") -> EditMetrics:
+    """The accumulators of an evaluation of ``kind``: one mean over records per metric name; with
+    ``sync`` their states live on ``device`` (the model's) and are summed over all processes at
+    ``compute`` (sharded evaluation)."""
+    return EditMetrics(metric_names(kind), sync).to(device)
+
+
+def _aggregate(records: list[dict[str, Any]], kind: str, sync: bool, model: nn.Module,
+               metrics: EditMetrics | None) -> dict[str, float]:
     """``mean over records`` of :func:`record_values` for every metric name (``nan`` when no
-    record has it); with ``sync`` the sums are reduced over all processes."""
-    names = _metric_names(kind)
-    meters = _meters(names, sync, model)
-    for rec in records:
-        for name, value in record_values(rec, kind).items():
-            meters[name].update(torch.tensor([value], dtype=torch.float64))
-    return {name: _value(meters[name]) for name in names}
+    record has it), added to ``metrics`` when given (running values over several calls)."""
+    if metrics is None:
+        metrics = edit_metrics(kind, sync, next(model.parameters()).device if sync else "cpu")
+    metrics.update_records(records, lambda rec: record_values(rec, kind))
+    return metrics.results()
 
 
 @torch.no_grad()
 def evaluate_counterfact(
-    model: nn.Module, tokenizer, requests: list[EditRequest], *, batch_size: int = 32, sync: bool = False
+    model: nn.Module, tokenizer, requests: list[EditRequest], *, batch_size: int = 32, sync: bool = False,
+    metrics: EditMetrics | None = None,
 ) -> EvaluationResult:
     """CounterFact efficacy, generalization, specificity (and probability margins), in percent.
 
@@ -236,14 +228,15 @@ def evaluate_counterfact(
                                            if kind == "specificity"]
         records.append(rec)
 
-    metrics = _aggregate(records, "counterfact", sync, model)
+    values = _aggregate(records, "counterfact", sync, model, metrics)
     skipped = {"no_target_true": skipped_true} if skipped_true else {}
-    return EvaluationResult(metrics, records, "counterfact", len(requests), skipped)
+    return EvaluationResult(values, records, "counterfact", len(requests), skipped)
 
 
 @torch.no_grad()
 def evaluate_zsre(
-    model: nn.Module, tokenizer, requests: list[EditRequest], *, batch_size: int = 32, sync: bool = False
+    model: nn.Module, tokenizer, requests: list[EditRequest], *, batch_size: int = 32, sync: bool = False,
+    metrics: EditMetrics | None = None,
 ) -> EvaluationResult:
     """zsRE teacher-forced token accuracy (percent, mean over records of the per-record accuracy).
 
@@ -279,8 +272,13 @@ def evaluate_zsre(
             rec[f"{kind}_per_prompt"] = [float(scores.correct[i].double().mean()) for i in idx]
         rec["neighborhood_predictions"] = [scores.predicted[i].tolist() for i in plan["specificity"]]
         records.append(rec)
-    metrics = _aggregate(records, "zsre", sync, model)
-    return EvaluationResult(metrics, records, "zsre", len(requests))
+    values = _aggregate(records, "zsre", sync, model, metrics)
+    return EvaluationResult(values, records, "zsre", len(requests))
+
+
+def evaluation_kind(requests: list[EditRequest]) -> str:
+    """``"zsre"`` when the records come from zsRE (``requests[0].source``), else ``"counterfact"``."""
+    return "zsre" if requests and requests[0].source == "zsre" else "counterfact"
 
 
 def evaluate_requests(
@@ -290,19 +288,22 @@ def evaluate_requests(
     kind: str = "auto",
     batch_size: int = 32,
     sync: bool = False,
+    metrics: EditMetrics | None = None,
 ) -> EvaluationResult:
     """Dispatch to :func:`evaluate_zsre` or :func:`evaluate_counterfact`.
 
     ``kind="auto"`` picks ``"zsre"`` when ``requests[0].source == "zsre"``, else ``"counterfact"``.
     With ``sync`` (sharded evaluation) the metrics are summed over all processes; every process
-    must call this the same way.
+    must call this the same way. ``metrics`` (from :func:`edit_metrics`): accumulate into this
+    collection, e.g. over the batches of an epoch; the result's metrics are then its running
+    values.
     """
     if kind == "auto":
-        kind = "zsre" if requests and requests[0].source == "zsre" else "counterfact"
+        kind = evaluation_kind(requests)
     if kind == "zsre":
-        return evaluate_zsre(model, tokenizer, requests, batch_size=batch_size, sync=sync)
+        return evaluate_zsre(model, tokenizer, requests, batch_size=batch_size, sync=sync, metrics=metrics)
     if kind in ("counterfact", "counterfact-easyedit"):
-        return evaluate_counterfact(model, tokenizer, requests, batch_size=batch_size, sync=sync)
+        return evaluate_counterfact(model, tokenizer, requests, batch_size=batch_size, sync=sync, metrics=metrics)
     raise ValueError(f"unknown evaluation kind {kind!r}; expected 'auto', 'counterfact' or 'zsre'")
 
 

@@ -182,20 +182,30 @@ def choice_scores(
 
 
 def classification_metrics(pred: Sequence[int], gold: Sequence[int], binary: bool) -> dict[str, float]:
-    """``accuracy`` and, when ``binary``, ``f1`` (class 1) and ``mcc``; ``nan`` for no examples."""
+    """``accuracy`` and, when ``binary``, ``f1`` (class 1) and ``mcc`` (torchmetrics); ``nan`` for
+    no examples.
+
+    MCC is 0 when its denominator is 0 (a constant prediction or a single-class gold set), the
+    convention of the GLUE evaluation (scikit-learn); torchmetrics substitutes a small epsilon
+    there and can return values far from 0.
+    """
+    from torchmetrics.functional.classification import (
+        binary_confusion_matrix,
+        binary_f1_score,
+        binary_matthews_corrcoef,
+    )
+
     n = len(gold)
     if n == 0:
         keys = ("accuracy", "f1", "mcc") if binary else ("accuracy",)
         return {k: float("nan") for k in keys}
-    out = {"accuracy": sum(int(p == g) for p, g in zip(pred, gold)) / n}
+    preds, target = torch.as_tensor(list(pred)), torch.as_tensor(list(gold))
+    out = {"accuracy": float((preds == target).double().mean())}
     if binary:
-        tp = sum(1 for p, g in zip(pred, gold) if p == 1 and g == 1)
-        tn = sum(1 for p, g in zip(pred, gold) if p == 0 and g == 0)
-        fp = sum(1 for p, g in zip(pred, gold) if p == 1 and g == 0)
-        fn = sum(1 for p, g in zip(pred, gold) if p == 0 and g == 1)
-        out["f1"] = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0
-        denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-        out["mcc"] = (tp * tn - fp * fn) / denom if denom else 0.0
+        out["f1"] = float(binary_f1_score(preds, target))
+        (tn, fp), (fn, tp) = binary_confusion_matrix(preds, target).tolist()
+        degenerate = 0 in (tp + fp, tp + fn, tn + fp, tn + fn)
+        out["mcc"] = 0.0 if degenerate else float(binary_matthews_corrcoef(preds, target))
     return out
 
 
