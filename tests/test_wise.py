@@ -163,6 +163,11 @@ def test_padding_does_not_change_the_route(tok):
     with torch.no_grad():
         model(**enc)
     assert editor.wrapper.last_routes.tolist() == [0, -1]
+    padded = editor.wrapper.last_distances[0]
+    for i, text in enumerate([EDIT.filled_prompt, UNRELATED + " and Paris and Rome and Oslo"]):
+        with torch.no_grad():
+            model(**tok(text, return_tensors="pt"))
+        assert float(editor.wrapper.last_distances[0, 0]) == pytest.approx(float(padded[i]), rel=1e-4), text
 
 
 def test_deleting_the_side_memory_restores_the_original_bit_for_bit(tok):

@@ -262,6 +262,7 @@ class SideMemoryLayer(nn.Module):
         self.candidates: list[SideMemory] = []
         self.token_mask: torch.Tensor | None = None  # set by the model's pre-hook (attention mask)
         self.last_routes: torch.Tensor | None = None  # [B] index of the answering memory, -1: original
+        self.last_distances: torch.Tensor | None = None  # [C, B] Δact of each candidate (diagnostics)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -300,6 +301,7 @@ class SideMemoryLayer(nn.Module):
         w0 = self.w_orig()
         dists = torch.stack([activation_distance(keys, c.weight.to(a.device), w0, mask, self.activation, self.bias)
                              for c in self.candidates])  # [C, B]
+        self.last_distances = dists.detach().cpu()
         best = dists.argmax(0)  # [B]
         thresholds = torch.tensor([c.threshold * self.act_ratio for c in self.candidates], device=dists.device)
         routed = dists.gather(0, best[None]).squeeze(0) > thresholds[best]
