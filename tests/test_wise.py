@@ -333,3 +333,39 @@ def test_fit_checkpoint_resume_is_identical(workdir, tmp_path):
     enc = b2.tokenizer([EDIT3.filled_prompt, EDIT.filled_prompt], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.equal(a.lm(**enc).logits, b2.lm(**enc).logits)
+
+
+# -- the CLI: `blueedit edit --output` and the boundary error -----------------------------------------
+def _cli_args(root: Path, run: Path, *extra: str) -> list[str]:
+    return ["edit", f"--model.model.name_or_path={root / 'tiny-llama'}", "--model.model.dtype=float32",
+            "--model.editing.method=wise", f"--model.editing.layers=[{LAYER}]",
+            f"--model.editing.wise.irrelevant_dataset={root / 'irrelevant.json'}",
+            "--model.editing.wise.n_iter=5", "--model.editing.wise.context_lengths=[3]",
+            "--model.editing.wise.shard_size=2", "--model.editing.wise.merge_every=2",
+            f"--model.cache_dir={root / 'cache'}", "--model.evaluate=false", "--trainer.accelerator=cpu",
+            "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={run}",
+            "--data.edits_per_round=1", f"--edits={root / 'edits.json'}", f"--output={run / 'edited'}", *extra]
+
+
+def test_cli_edit_saves_a_model_that_reloads_with_its_side_memory(workdir, tmp_path, monkeypatch, capsys):
+    from blueedit.cli import main
+    from blueedit.editing.wise import SIDE_MEMORY_FILE, SideMemoryLayer
+    from blueedit.models.loading import ModelConfig, load_model_and_tokenizer
+
+    monkeypatch.setattr("sys.argv", ["blueedit"])
+    with pytest.raises(SystemExit) as exc:  # BLUE with WISE: one line, before the model is loaded
+        main(_cli_args(workdir, tmp_path, "--model.editing.strategy=boundary"))
+    assert exc.value.code == 2
+    assert "boundary" in capsys.readouterr().err and not (tmp_path / "edited").exists()
+    main(_cli_args(workdir, tmp_path))
+    out = tmp_path / "edited"
+    saved = torch.load(out / SIDE_MEMORY_FILE, weights_only=True)
+    assert saved["state"]["edits_done"] == 3 and saved["state"]["merges_done"] == 1
+    assert json.loads((out / "edits.json").read_text())["method"] == "wise"
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(out), dtype="float32"), tmp_path / "c")
+    wrapper = ModelAdapter(model).w_out_module(LAYER)
+    assert isinstance(wrapper, SideMemoryLayer) and len(wrapper.candidates) == 1
+    base = make_model("llama")  # the directory's weights are the original ones
+    for k, v in base.state_dict().items():
+        key = k.replace("mlp.down_proj.", "mlp.down_proj.original.") if f"layers.{LAYER}.mlp.down_proj" in k else k
+        assert torch.equal(model.state_dict()[key], v), k
