@@ -18,12 +18,13 @@ from blueedit.config import Dtype, check_choice
 from blueedit.data.records import EditRecordError, EditRequest, validate_requests
 from blueedit.editing import hse, solvers
 from blueedit.editing.pmet import pmet_residuals
+from blueedit.editing.wise import WiseConfig
 from blueedit.editing.targets import TargetConfig, TargetResult, fact_states, optimize_targets, optimize_targets_one_by_one
 from blueedit.editing.updates import LayerUpdate, RoundUpdates
 from blueedit.models.tokens import tokenize_target
 from blueedit.models.adapters import ModelAdapter
 
-Method = Literal["memit", "alphaedit", "prune", "rect", "pmet"]
+Method = Literal["memit", "alphaedit", "prune", "rect", "pmet", "wise"]
 Strategy = Literal["distribute", "boundary"]
 HalfDtype = Literal["bfloat16", "float16"]
 PruneBase = Literal["original", "current"]
@@ -38,8 +39,9 @@ class EditingConfig:
 
     Attributes:
         method: ``memit``, ``alphaedit``, ``prune`` (MEMIT + PRUNE restraint), ``rect``
-            (MEMIT + RECT sparsification) or ``pmet`` (targets at the attention and MLP outputs,
-            the MLP one written with the MEMIT solve, residuals spread by a square root).
+            (MEMIT + RECT sparsification), ``pmet`` (targets at the attention and MLP outputs,
+            the MLP one written with the MEMIT solve, residuals spread by a square root), or ``wise`` (WISE side memory at the one layer in
+            ``layers``; its settings are ``wise``, and ``strategy`` does not apply).
             HSE is MEMIT with the options ``target.forget_weight``, ``target.fisher_weight`` and
             ``history_schedule`` (configs ``hse.yaml``, ``hse_blue.yaml``).
         strategy: ``distribute`` (the classic residual distribution over ℛ) or ``boundary``
@@ -78,6 +80,8 @@ class EditingConfig:
         history_schedule: HSE's parameter replay: the weight ``α_i`` of the history in the solve,
             ``λ C_0 + α_i H + K Kᵀ``: ``constant`` (1, MEMIT) or ``inverse`` (``n / (i − 1)`` in round
             ``i``, ``n`` the number of rounds of the stream; MEMIT-family methods only).
+        wise: the WISE hyperparameters (:class:`~blueedit.editing.wise.WiseConfig`), used by
+            ``method: wise`` only.
     """
 
     method: Method = "memit"
@@ -96,6 +100,7 @@ class EditingConfig:
     use_history: bool = True
     prune_base: PruneBase = "original"
     history_schedule: hse.HistorySchedule = "constant"
+    wise: WiseConfig = field(default_factory=WiseConfig)
 
     def __post_init__(self) -> None:
         check_choice("editing.method", self.method, Method)
@@ -117,6 +122,15 @@ class EditingConfig:
             raise ValueError(f"editing.max_batch_tokens must be a positive number of tokens or null, got {self.max_batch_tokens}")
         if list(self.layers) != list(range(self.layers[0], self.layers[0] + len(self.layers))):
             raise ValueError(f"editing.layers {self.layers} must be consecutive and increasing")
+        if self.method == "wise":
+            if self.strategy == "boundary":
+                raise ValueError("editing.strategy 'boundary' (BLUE) does not apply to editing.method 'wise': WISE "
+                                 "trains a side memory at one layer; remove the strategy or set it to 'distribute'")
+            if len(self.layers) != 1:
+                raise ValueError(f"editing.method 'wise' edits one layer: set editing.layers to [L], got {self.layers}")
+            if self.compute_dtype is not None or self.autocast is not None:
+                raise ValueError("editing.compute_dtype / editing.autocast are not supported with editing.method "
+                                 "'wise' (it trains in the model's dtype)")
 
     @property
     def edited_layers(self) -> list[int]:
