@@ -19,6 +19,7 @@ from blueedit.data.records import EditRecordError, EditRequest, validate_request
 from blueedit.editing import hse, solvers
 from blueedit.editing.pmet import pmet_residuals
 from blueedit.editing.targets import TargetConfig, TargetResult, fact_states, optimize_targets, optimize_targets_one_by_one
+from blueedit.editing.updates import LayerUpdate, RoundUpdates
 from blueedit.models.tokens import tokenize_target
 from blueedit.models.adapters import ModelAdapter
 
@@ -142,6 +143,29 @@ class LayerStep:
     delta: torch.Tensor
 
 
+#: Options added after checkpoints and edited model directories were first written (PMET's exit,
+#: HSE), with their defaults: settings fingerprints leave them out at these values, so that what
+#: older versions saved still compares equal (:func:`drop_default_later_options`).
+LATER_OPTIONS: dict[str, object] = {
+    "editing.history_schedule": "constant", "editing.target.forget_weight": 0.0,
+    "editing.target.fisher_weight": 0.0, "editing.target.fisher_estimator": "diagonal",
+    "editing.target.top1_nll_factor": None, "editing.target.top1_kl_stop": 0.01,
+}
+
+
+def drop_default_later_options(settings: dict) -> dict:
+    """``settings`` (``{"editing": {...}, ...}``, plain values) without the :data:`LATER_OPTIONS`
+    that are at their defaults (in place; returned for convenience)."""
+    for dotted, default in LATER_OPTIONS.items():
+        *path, key = dotted.split(".")
+        d = settings
+        for p in path:
+            d = d.get(p, {}) if isinstance(d, dict) else {}
+        if isinstance(d, dict) and key in d and d[key] == default:
+            del d[key]
+    return settings
+
+
 def check_stream_options(hp: EditingConfig, requests: list[EditRequest], total_rounds: int | None) -> None:
     """Fail before any slow work when HSE's options cannot run on this stream: forgetting needs
     ``target_true`` in every record; the ``inverse`` schedule needs the number of rounds."""
@@ -174,8 +198,10 @@ class RoundReport:
 @dataclass
 class EditorState:
     """Everything a resumed run needs besides the weights: edit history ``H^l`` (float32),
-    AlphaEdit projections ``P^l``, the original weights ``W_0^l`` (PRUNE), rounds done, and the
-    context templates."""
+    AlphaEdit projections ``P^l``, the weights ``W_0^l`` before the first round (PRUNE's
+    original weights; kept for every method), rounds done, the context templates, and each
+    round's update as low-rank factors (:mod:`blueedit.editing.updates`: what ``blueedit
+    revert`` undoes)."""
 
     history: dict[int, torch.Tensor] = field(default_factory=dict)
     projection: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -184,6 +210,8 @@ class EditorState:
     context_templates: list[str] = field(default_factory=list)
     #: post-processing (PRUNE's restraint) has been written into the weights
     finalized: bool = False
+    #: per finished round, its update of each edited layer
+    updates: list[RoundUpdates] = field(default_factory=list)
     #: HSE: per target layer, the sum of the earlier rounds' Fisher estimates ``Σ_j F_j``
     fisher: dict[int, torch.Tensor] = field(default_factory=dict)
     #: HSE: ``n``, the number of rounds of the stream (``history_schedule: inverse``)
@@ -199,15 +227,19 @@ class EditorState:
             "rounds_done": self.rounds_done,
             "context_templates": list(self.context_templates),
             "finalized": self.finalized,
+            "updates": [{str(l): {"left": u.left.cpu(), "right": None if u.right is None else u.right.cpu(),
+                                  "keys": u.keys.cpu()} for l, u in r.items()} for r in self.updates],
         }
 
     @classmethod
     def from_dict(cls, d: dict, device: torch.device | str = "cpu") -> "EditorState":
         conv = lambda m: {int(k): v.to(device) for k, v in m.items()}  # noqa: E731
+        updates = [{int(l): LayerUpdate(u["left"], u["right"], u["keys"]) for l, u in r.items()}
+                   for r in d.get("updates", [])]
         total = d.get("total_rounds")
         return cls(conv(d["history"]), conv(d["projection"]), conv(d["original"]), int(d["rounds_done"]),
-                   list(d["context_templates"]), bool(d.get("finalized", False)), conv(d.get("fisher", {})),
-                   None if total is None else int(total))
+                   list(d["context_templates"]), bool(d.get("finalized", False)), updates,
+                   conv(d.get("fisher", {})), None if total is None else int(total))
 
 
 class Editor:
@@ -241,6 +273,8 @@ class Editor:
         #: target optimization (fast path); used by the round progress bar.
         self.on_target_step: Callable[[int, int, float], None] | None = None
         self.compute_model, self.compute_adapter = self._compute_copy()
+        #: the factors of the round in progress, per layer (see :meth:`solve`)
+        self._factors: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._init_state()
         if total_rounds is not None:
             self.set_total_rounds(total_rounds)
@@ -249,9 +283,10 @@ class Editor:
         self._alpha = 1.0
 
     def set_total_rounds(self, n: int) -> None:
-        """Record ``n``, the number of rounds of the stream (HSE's schedule). A resumed state keeps
-        its ``n``; a different one is an error (the schedule would change mid-stream)."""
-        if self.state.total_rounds is not None and self.state.total_rounds != int(n):
+        """Record ``n``, the number of rounds of the stream (HSE's schedule). Under the ``inverse``
+        schedule a resumed state keeps its ``n``; a different one is an error (the schedule would
+        change mid-stream)."""
+        if self.hp.history_schedule == "inverse" and self.state.total_rounds not in (None, int(n)):
             raise ValueError(f"the editor state was written for a stream of {self.state.total_rounds} rounds, "
                              f"this one has {n}: editing.history_schedule would change mid-stream")
         self.state.total_rounds = int(n)
@@ -288,7 +323,7 @@ class Editor:
             self.state.history.setdefault(l, torch.zeros(dk, dk, device=self.device))
             if self.hp.method == "alphaedit" and l not in self.state.projection:
                 self.state.projection[l] = solvers.nullspace_projection(self.mom2[l], self.hp.nullspace_threshold).float()
-            if self.hp.method == "prune" and l not in self.state.original:
+            if l not in self.state.original:  # W_0: PRUNE's original weights, and where revert replays from
                 self.state.original[l] = self.adapter.get_w_out(l).cpu()
 
     # -- one round -------------------------------------------------------------------------
@@ -352,14 +387,22 @@ class Editor:
         return res
 
     def solve(self, layer: int, residuals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """The method's update ``ΔW^layer`` (``[d, d_k]``, float64) for ``R`` (``[d, B]``), ``K`` (``[d_k, B]``)."""
+        """The method's update ``ΔW^layer`` (``[d, d_k]``, float64) for ``R`` (``[d, B]``), ``K`` (``[d_k, B]``).
+
+        Its rank-``B`` factors are kept for the round's entry in :attr:`EditorState.updates`."""
         H = self.state.history[layer]
         if self.hp.method == "alphaedit":
-            return solvers.alphaedit_update(residuals, keys, self.state.projection[layer], H, self.hp.L2)
-        if self.hp.use_history and self._alpha != 1.0:  # HSE's parameter replay: α_i H
-            H = self._alpha * H.to(torch.float64)
-        return solvers.memit_update(residuals, keys, self.mom2[layer], H if self.hp.use_history else None,
-                                    self.hp.mom2_update_weight)
+            left, right = solvers.alphaedit_factors(residuals, keys, self.state.projection[layer], H, self.hp.L2)
+        else:
+            if self.hp.use_history and self._alpha != 1.0:  # HSE's parameter replay: α_i H
+                H = self._alpha * H.to(torch.float64)
+            left, right = solvers.memit_factors(residuals, keys, self.mom2[layer], H if self.hp.use_history else None,
+                                                self.hp.mom2_update_weight)
+        delta = left @ right
+        if not torch.isfinite(delta).all():
+            raise solvers.SolveError(f"update of layer {layer} has non-finite values")
+        self._factors[layer] = (left.cpu(), right.cpu())
+        return delta
 
     def fact_states(self, requests: list[EditRequest], key_layers: list[int], hidden_layers: list[int],
                     value_layers: list[int] | None = None):
@@ -400,6 +443,7 @@ class Editor:
         if self.state.finalized:
             raise EditRoundError(f"round {index}: the editor was finalized (post-processing applied); "
                                  "no further rounds can be added")
+        self._factors = {}
         self._round_fisher = {}
         self._alpha = hse.history_weight(self.hp.history_schedule, index, self.state.total_rounds)
         try:
@@ -423,6 +467,9 @@ class Editor:
             ids = [r.case_id for r in requests]
             raise EditRoundError(f"round {index} (case_ids {ids}) failed, model left unchanged: {e}") from e
         self.state.history.update(new_history)
+        self.state.updates.append({l: LayerUpdate(*self._factors[l], keys[l].detach().cpu())
+                                   for l in self.hp.edited_layers})
+        self._factors = {}
         for l, F in self._round_fisher.items():  # HSE: Σ_j F_j, used from the next round on
             self.state.fisher[l] = self.state.fisher[l] + F if l in self.state.fisher else F
         self._round_fisher = {}
@@ -440,6 +487,8 @@ class Editor:
             self.adapter.set_w_out(l, w0)
             self.adapter.add_to_w_out(l, sparse)
             self._sync([l])
+            # not low rank: kept whole, in the precision the write adds it in (so replaying it is exact)
+            self._factors[l] = (sparse.to(torch.promote_types(w0.dtype, torch.float32)).cpu(), None)
             report.update_norms[l] = float(torch.linalg.matrix_norm(sparse))
 
     def _record_target(self, layer: int, res: TargetResult, report: RoundReport) -> None:
@@ -498,14 +547,8 @@ class Editor:
         restraint is applied exactly once)."""
         if self.hp.method != "prune" or self.state.finalized:
             return {}
-        out = {}
-        for l in self.hp.edited_layers:
-            w0, w = self.state.original[l], self.adapter.get_w_out(l).cpu()
-            restrained = solvers.prune_restrain(w0, w)
-            if self.hp.prune_base == "current":  # published: W + restrain(W − W_0)
-                restrained = (w.double() + (restrained.double() - w0.double())).to(w.dtype)
-            out[l] = restrained
-        return out
+        return {l: solvers.prune_postprocess(self.state.original[l], self.adapter.get_w_out(l).cpu(), self.hp.prune_base)
+                for l in self.hp.edited_layers}
 
     @contextmanager
     def evaluation_weights(self):

@@ -71,6 +71,9 @@ class ModelConfig:
         device_map: Hugging Face ``device_map`` for models that do not fit one device (``"auto"``).
         revision, trust_remote_code: passed to ``from_pretrained``.
         padding_side: override the tokenizer's padding side (``left``/``right``).
+        chat_template: wrap every prompt (editing and evaluation) in the tokenizer's chat template
+            as the user's message, followed by the assistant's header (instruct models;
+            :mod:`blueedit.models.chat`).
         blocks, w_out, final_norm, lm_head: module paths for architectures that are not detected.
         attn_out: the attention output projection relative to a block (PMET only; e.g.
             ``self_attn.o_proj``), for architectures where it is not found.
@@ -83,6 +86,7 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     padding_side: str | None = None
+    chat_template: bool = False
     blocks: str | None = None
     w_out: str | None = None
     final_norm: str | None = None
