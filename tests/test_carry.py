@@ -310,23 +310,97 @@ def test_state_without_every_rounds_updates_is_not_saved(tmp_path):
         carry.save_state(tmp_path, SimpleNamespace(editor=ed, adapter=ed.adapter))
 
 
-def test_hse_fisher_state_is_carried_and_revert_refuses(tiny, tmp_path, capsys):
-    """HSE's Fisher sum and ``n`` travel in the edited model directory: two sittings equal one run
-    (weights, history, Fisher); ``revert`` refuses the state, naming the option, and changes nothing."""
-    opts = ("--model.editing.target.fisher_weight=10.0", "--model.editing.target.fisher_estimator=full",
-            "--model.editing.target.forget_weight=0.5")
-    base = tiny / "tiny-llama"
+def test_settings_added_later_compare_with_their_defaults():
+    """A directory saved before a setting existed was edited with its default value."""
+    carry.check_settings("D", {"editing": {"method": "memit"}}, {"editing": {"method": "memit", "use_history": True}})
+    with pytest.raises(carry.CarryError, match="editing.use_history: True in D, False now"):
+        carry.check_settings("D", {"editing": {"method": "memit"}},
+                             {"editing": {"method": "memit", "use_history": False}})
+    carry.check_settings("D", {"editing": {"target": {"v_lr": 0.5}}}, {"editing": {"target": {"v_lr": 0.1}}})
+
+
+def test_side_by_side_feeds_wrapped_prompts_and_shows_the_plain_ones():
+    from blueedit.data.records import EditRequest
+    from blueedit.evaluation.side_by_side import markdown, side_by_side
+
+    req = EditRequest.from_dict({**RECORDS[0], "neighborhood_targets": ["drums"]})
+    seen = {}
+
+    def model(name):
+        def fn(prompts):
+            seen[name] = list(prompts)
+            return [f"{name}:{p}" for p in prompts]
+        return fn
+
+    rows = side_by_side([req], model("before"), model("after"), wrap=lambda p: f"<user>{p}</user>")
+    assert seen["before"] == seen["after"] == ["<user>Toko Yasuda plays the</user>",
+                                               "<user>Toko Yasuda is known for playing the</user>",
+                                               "<user>Danielle Darrieux plays the</user>"]
+    assert [r["prompt"] for r in rows] == ["Toko Yasuda plays the", "Toko Yasuda is known for playing the",
+                                           "Danielle Darrieux plays the"]
+    assert [r["expected"] for r in rows] == ["violin", "violin", "drums"]
+    assert rows[0]["before"] == "before:<user>Toko Yasuda plays the</user>"
+    table = markdown(rows, width=20).splitlines()
+    assert len(table) == 5 and all(line.count(" | ") == 5 for line in table[2:])
+
+
+def test_revert_sharded_gpt2(tiny, tmp_path, monkeypatch):
+    """GPT-2 stores W_out transposed (Conv1D) and big models are saved in shards: revert finds each
+    edited matrix in its shard and writes it back in the stored orientation."""
+    from transformers import PreTrainedModel
+
+    real = PreTrainedModel.save_pretrained
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained",
+                        lambda self, d, *a, **k: real(self, d, *a, **{**k, "max_shard_size": "40KB"}))
+    gpt2 = tmp_path / "tiny-gpt2"
+    make_model("gpt2").save_pretrained(gpt2)
+    make_tokenizer().save_pretrained(gpt2)
+    two, one = tmp_path / "two", tmp_path / "one"
+    _edit(tiny, gpt2, "r0-4.json", two, "memit", "distribute")
+    _edit(tiny, gpt2, "r0-2.json", one, "memit", "distribute")
+    index = json.loads((two / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1
+    _, meta = carry.read_state(two)
+    assert meta["weights"]["1"]["transposed"] and meta["weights"]["1"]["name"] == "transformer.h.1.mlp.c_proj.weight"
+    main(["revert", str(two), "--rounds", "1"])
+
+    def tensors(d):
+        from safetensors.torch import load_file
+
+        out = {}
+        for f in sorted(set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values())):
+            out.update(load_file(str(d / f)))
+        return out
+
+    a, b = tensors(two), tensors(one)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_continue_in_place(tiny, tmp_path):
+    """`edit` on DIR with --output DIR --overwrite continues it in place (swapped in atomically)."""
+    one_run, work = tmp_path / "one", tmp_path / "work"
+    _edit(tiny, tiny / "tiny-llama", "r0-6.json", one_run, "memit", "boundary")
+    _edit(tiny, tiny / "tiny-llama", "r0-4.json", work, "memit", "boundary")
+    _edit(tiny, work, "r4-6.json", work, "memit", "boundary", "--overwrite=true")
+    _assert_close_dirs(work, one_run)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_hse_fisher_state_is_carried_and_not_reverted(tiny, tmp_path, capsys):
+    """HSE's accumulated Fisher information travels with the saved state, so two sittings equal
+    one run; revert refuses it by name (the Fisher sum is not stored per round)."""
+    base, fisher = tiny / "tiny-llama", "--model.editing.target.fisher_weight=0.5"
     one_run, first, second = tmp_path / "one", tmp_path / "first", tmp_path / "second"
-    _edit(tiny, base, "r0-6.json", one_run, "memit", "boundary", *opts)
-    _edit(tiny, base, "r0-4.json", first, "memit", "boundary", *opts)
-    _edit(tiny, first, "r4-6.json", second, "memit", "boundary", *opts)
+    _edit(tiny, base, "r0-6.json", one_run, "memit", "distribute", fisher)
+    _edit(tiny, base, "r0-4.json", first, "memit", "distribute", fisher)
+    _edit(tiny, first, "r4-6.json", second, "memit", "distribute", fisher)
     _assert_close_dirs(second, one_run)
-    sa, _ = carry.read_state(one_run)
-    sb, _ = carry.read_state(second)
-    assert sorted(sa.fisher) == sorted(sb.fisher) == [1, 3] and sa.total_rounds == 3
-    for l in sa.fisher:
-        assert sa.fisher[l].shape == (32, 32) and torch.equal(sa.fisher[l], sb.fisher[l]), l
-    before = _model_tensors(one_run)
-    _fails(["revert", str(one_run), "--rounds", "1"], capsys, "fisher_weight")
-    after = _model_tensors(one_run)
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    s_one, _ = carry.read_state(one_run)
+    s_two, _ = carry.read_state(second)
+    assert s_one.fisher and set(s_one.fisher) == set(s_two.fisher)
+    for l in s_one.fisher:
+        assert torch.equal(s_one.fisher[l], s_two.fisher[l]), l
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["revert", str(second), "--rounds", "1"])
+    assert "Fisher" in capsys.readouterr().err

@@ -93,7 +93,7 @@ def layer_diagnostics(editor: Editor, step: LayerStep, contribution: bool = True
     grads = [p.grad for p in params]
     try:
         res = editor.targets(requests, layer, record=False)
-        if editor.hp.method == "pmet":  # PMET's residuals live in the MLP-output space (docs/algorithms.md, "PMET")
+        if editor.hp.method == "pmet":  # PMET's residuals live in the MLP-output space (docs/algorithms.md §14)
             keys, _, current = editor.fact_states(requests, [layer], [], value_layers=[layer])
         else:
             keys, current = editor.fact_states(requests, [layer], [layer])

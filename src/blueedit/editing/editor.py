@@ -18,12 +18,13 @@ from blueedit.config import Dtype, check_choice
 from blueedit.data.records import EditRecordError, EditRequest, validate_requests
 from blueedit.editing import hse, solvers
 from blueedit.editing.pmet import pmet_residuals
+from blueedit.editing.wise import WiseConfig
 from blueedit.editing.targets import TargetConfig, TargetResult, fact_states, optimize_targets, optimize_targets_one_by_one
 from blueedit.editing.updates import LayerUpdate, RoundUpdates
 from blueedit.models.tokens import tokenize_target
 from blueedit.models.adapters import ModelAdapter
 
-Method = Literal["memit", "alphaedit", "prune", "rect", "pmet"]
+Method = Literal["memit", "alphaedit", "prune", "rect", "pmet", "wise"]
 Strategy = Literal["distribute", "boundary"]
 HalfDtype = Literal["bfloat16", "float16"]
 PruneBase = Literal["original", "current"]
@@ -38,8 +39,9 @@ class EditingConfig:
 
     Attributes:
         method: ``memit``, ``alphaedit``, ``prune`` (MEMIT + PRUNE restraint), ``rect``
-            (MEMIT + RECT sparsification) or ``pmet`` (targets at the attention and MLP outputs,
-            the MLP one written with the MEMIT solve, residuals spread by a square root).
+            (MEMIT + RECT sparsification), ``pmet`` (targets at the attention and MLP outputs,
+            the MLP one written with the MEMIT solve, residuals spread by a square root), or ``wise`` (WISE side memory at the one layer in
+            ``layers``; its settings are ``wise``, and ``strategy`` does not apply).
             HSE is MEMIT with the options ``target.forget_weight``, ``target.fisher_weight`` and
             ``history_schedule`` (configs ``hse.yaml``, ``hse_blue.yaml``).
         strategy: ``distribute`` (the classic residual distribution over ℛ) or ``boundary``
@@ -78,6 +80,8 @@ class EditingConfig:
         history_schedule: HSE's parameter replay: the weight ``α_i`` of the history in the solve,
             ``λ C_0 + α_i H + K Kᵀ``: ``constant`` (1, MEMIT) or ``inverse`` (``n / (i − 1)`` in round
             ``i``, ``n`` the number of rounds of the stream; MEMIT-family methods only).
+        wise: the WISE hyperparameters (:class:`~blueedit.editing.wise.WiseConfig`), used by
+            ``method: wise`` only.
     """
 
     method: Method = "memit"
@@ -96,6 +100,7 @@ class EditingConfig:
     use_history: bool = True
     prune_base: PruneBase = "original"
     history_schedule: hse.HistorySchedule = "constant"
+    wise: WiseConfig = field(default_factory=WiseConfig)
 
     def __post_init__(self) -> None:
         check_choice("editing.method", self.method, Method)
@@ -117,6 +122,15 @@ class EditingConfig:
             raise ValueError(f"editing.max_batch_tokens must be a positive number of tokens or null, got {self.max_batch_tokens}")
         if list(self.layers) != list(range(self.layers[0], self.layers[0] + len(self.layers))):
             raise ValueError(f"editing.layers {self.layers} must be consecutive and increasing")
+        if self.method == "wise":
+            if self.strategy == "boundary":
+                raise ValueError("editing.strategy 'boundary' (BLUE) does not apply to editing.method 'wise': WISE "
+                                 "trains a side memory at one layer; remove the strategy or set it to 'distribute'")
+            if len(self.layers) != 1:
+                raise ValueError(f"editing.method 'wise' edits one layer: set editing.layers to [L], got {self.layers}")
+            if self.compute_dtype is not None or self.autocast is not None:
+                raise ValueError("editing.compute_dtype / editing.autocast are not supported with editing.method "
+                                 "'wise' (it trains in the model's dtype)")
 
     @property
     def edited_layers(self) -> list[int]:
@@ -141,29 +155,6 @@ class LayerStep:
     residuals: torch.Tensor
     keys: torch.Tensor
     delta: torch.Tensor
-
-
-#: Options added after checkpoints and edited model directories were first written (PMET's exit,
-#: HSE), with their defaults: settings fingerprints leave them out at these values, so that what
-#: older versions saved still compares equal (:func:`drop_default_later_options`).
-LATER_OPTIONS: dict[str, object] = {
-    "editing.history_schedule": "constant", "editing.target.forget_weight": 0.0,
-    "editing.target.fisher_weight": 0.0, "editing.target.fisher_estimator": "diagonal",
-    "editing.target.top1_nll_factor": None, "editing.target.top1_kl_stop": 0.01,
-}
-
-
-def drop_default_later_options(settings: dict) -> dict:
-    """``settings`` (``{"editing": {...}, ...}``, plain values) without the :data:`LATER_OPTIONS`
-    that are at their defaults (in place; returned for convenience)."""
-    for dotted, default in LATER_OPTIONS.items():
-        *path, key = dotted.split(".")
-        d = settings
-        for p in path:
-            d = d.get(p, {}) if isinstance(d, dict) else {}
-        if isinstance(d, dict) and key in d and d[key] == default:
-            del d[key]
-    return settings
 
 
 def check_stream_options(hp: EditingConfig, requests: list[EditRequest], total_rounds: int | None) -> None:
@@ -283,10 +274,11 @@ class Editor:
         self._alpha = 1.0
 
     def set_total_rounds(self, n: int) -> None:
-        """Record ``n``, the number of rounds of the stream (HSE's schedule). Under the ``inverse``
-        schedule a resumed state keeps its ``n``; a different one is an error (the schedule would
-        change mid-stream)."""
-        if self.hp.history_schedule == "inverse" and self.state.total_rounds not in (None, int(n)):
+        """Record ``n``, the number of rounds of the stream (HSE's schedule). A resumed state keeps
+        its ``n``; with the ``inverse`` schedule a different one is an error (the schedule would
+        change mid-stream); otherwise ``n`` is only recorded."""
+        if (self.hp.history_schedule == "inverse" and self.state.total_rounds is not None
+                and self.state.total_rounds != int(n)):
             raise ValueError(f"the editor state was written for a stream of {self.state.total_rounds} rounds, "
                              f"this one has {n}: editing.history_schedule would change mid-stream")
         self.state.total_rounds = int(n)

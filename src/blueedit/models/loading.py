@@ -15,6 +15,8 @@ from typing import Literal
 
 import torch
 
+from blueedit.models.adapters import ModelAdapter
+
 from blueedit.config import Dtype, check_choice
 
 log = logging.getLogger(__name__)
@@ -294,6 +296,10 @@ def load_model_and_tokenizer(spec: ModelConfig, cache_dir: str | Path | None = N
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     model.requires_grad_(False)
+    if Path(source).is_dir():  # a WISE model saved by `blueedit edit`: re-attach its side memory
+        from blueedit.editing.wise import load_side_memory
+
+        load_side_memory(model, source, ModelAdapter(model, **spec.layout_overrides()))
     return model, tokenizer
 
 
