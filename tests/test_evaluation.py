@@ -255,3 +255,27 @@ def test_validate_steps_average_per_record(tmp_path):
     assert metrics["efficacy"] == pytest.approx(50.0)
     assert metrics["generalization"] == pytest.approx(25.0)  # pooled per prompt: 33.3
     assert metrics["specificity"] == pytest.approx(50.0)  # pooled per prompt: 60
+
+
+def test_evaluation_progress_bar_shows_and_changes_nothing(capsys):
+    tok, model = word_tokenizer(), bigram()
+    quiet = evaluate_counterfact(model, tok, _counterfact_requests(), batch_size=2)
+    assert "scoring" not in capsys.readouterr().err
+    shown = evaluate_counterfact(model, tok, _counterfact_requests(), batch_size=2, progress="scoring the edits")
+    err = capsys.readouterr().err
+    assert "scoring the edits" in err and "prompt" in err  # tqdm writes to stderr
+    assert shown.metrics == quiet.metrics and shown.records == quiet.records
+
+
+def test_edit_metrics_accumulate_over_calls():
+    """One collection over two calls gives the mean over all records (the validate/test epoch)."""
+    from blueedit.evaluation.editing_metrics import edit_metrics
+
+    tok, model = word_tokenizer(), bigram()
+    reqs = _counterfact_requests()
+    whole = evaluate_counterfact(model, tok, reqs).metrics
+    acc = edit_metrics("counterfact")
+    evaluate_counterfact(model, tok, reqs[:1], metrics=acc)
+    running = evaluate_counterfact(model, tok, reqs[1:], metrics=acc).metrics
+    assert running == pytest.approx(whole, nan_ok=True)
+    assert acc.results() == running

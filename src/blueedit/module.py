@@ -15,12 +15,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from blueedit import distributed
+from blueedit import carry, distributed
 from blueedit.callbacks._common import log_to_loggers
 from blueedit.data.datamodule import EditRound, ResumeMismatchError, describe_differences
 from blueedit.data.records import EditRequest, check_prompt_lengths, effective_prompt_limit
-from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport
-from blueedit.editing.setup import build_editor
+from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport, check_stream_options
+from blueedit.editing.setup import build_editor, cached_key_statistics
 from blueedit.editing.statistics import StatsConfig
 from blueedit.editing.wise import WiseEditor, WiseState, irrelevant_inputs, wise_context_templates
 from blueedit.evaluation.editing_metrics import (
@@ -38,6 +38,7 @@ from blueedit.evaluation.generation import (
     load_references,
 )
 from blueedit.models.adapters import ModelAdapter
+from blueedit.models.chat import chat_requests, has_chat_template
 from blueedit.models.loading import (
     ModelConfig,
     context_length,
@@ -129,8 +130,21 @@ class EditingModule(L.LightningModule):
             self.lm = lm  # a submodule: Lightning moves it to the strategy's device
         else:  # dispatched over several devices by accelerate: keep Lightning from moving it
             object.__setattr__(self, "lm", lm)
+        if self.model_spec.chat_template and not has_chat_template(self.tokenizer):
+            raise ValueError(f"model.chat_template is true but the tokenizer of {self.model_spec.name_or_path!r} "
+                             "has no chat template")
         self.adapter = ModelAdapter(self.lm, **self.model_spec.layout_overrides())
         self.adapter.check_layers(self.hp.layers)
+        #: the editor state of an edited model directory this run continues (``blueedit.carry``)
+        self.carried: carry.Continuation | None = None
+        if carry.has_state(self.model_spec.name_or_path):
+            self.carried = carry.load_continuation(self.model_spec.name_or_path, self.settings_fingerprint())
+        #: rounds done before this run, in the directory it continues (its round indices start there)
+        self.carried_rounds = self.carried.state.rounds_done if self.carried is not None else 0
+        #: the statistics cache's directory name and the key of each layer's ``C_0`` (saved with the model)
+        self.stats_model_id = (self.carried.meta.get("stats_model_id") if self.carried is not None else None) \
+            or model_fingerprint(self.model_spec)
+        self.stats_keys: dict[int, str] = {}
         # Editing writes closed-form updates, never an optimizer step; Lightning's manual
         # optimization still needs an optimizer, whose step() advances global_step (one per round),
         # so checkpoints, loggers and callbacks count rounds. This parameter is that optimizer's.
@@ -171,6 +185,9 @@ class EditingModule(L.LightningModule):
 
     #: Settings that change speed, not results: they may differ when resuming.
     RESUMABLE_SETTINGS = frozenset({"editing.key_batch_size", "stats.batch_size", "stats.cache_dir"})
+    LATER_OPTIONS = {"editing.history_schedule": "constant", "editing.target.forget_weight": 0.0,
+                     "editing.target.fisher_weight": 0.0, "editing.target.fisher_estimator": "diagonal",
+                     "editing.target.top1_nll_factor": None, "editing.target.top1_kl_stop": 0.01}
 
     def settings_fingerprint(self) -> dict[str, Any]:
         """The settings that decide the edit: the model, the editing hyperparameters and the
@@ -181,9 +198,20 @@ class EditingModule(L.LightningModule):
         settings = {"model": {"name_or_path": self.model_spec.name_or_path, "gguf_file": self.model_spec.gguf_file,
                               "revision": self.model_spec.revision, "dtype": self.model_spec.dtype},
                     "editing": plain(self.hp), "stats": plain(self.stats_spec)}
+        if self.model_spec.chat_template:  # only when on: older checkpoints stay resumable
+            settings["model"]["chat_template"] = True
         for dotted in self.RESUMABLE_SETTINGS:
             group, key = dotted.split(".", 1)
             settings[group].pop(key, None)
+        # options added later (PMET's exit, HSE) are left out at their defaults, so checkpoints
+        # written before they existed still resume
+        for dotted, default in self.LATER_OPTIONS.items():
+            *path, key = dotted.split(".")
+            d = settings
+            for p in path:
+                d = d.get(p, {})
+            if key in d and d[key] == default:
+                del d[key]
         return settings
 
     def _check_resume_settings(self, saved: dict[str, Any] | None) -> None:
@@ -223,6 +251,7 @@ class EditingModule(L.LightningModule):
         if stage != "fit" or self.editor is not None:
             return
         self.check_prompt_lengths()
+        total_rounds = self.check_stream_options()
         if self.model_spec.device_map is None and self.trainer is not None:
             self.lm.to(self.trainer.strategy.root_device)
         if self.hp.method == "wise":
@@ -232,11 +261,37 @@ class EditingModule(L.LightningModule):
             return
         # Lightning restores a checkpoint's (edited) weights after this hook: C_0, its cache key and
         # the context templates are computed on the pretrained weights
-        self.editor = build_editor(
-            self.lm, self.tokenizer, self.hp, self.stats_spec, model_id=model_fingerprint(self.model_spec),
-            adapter=self.adapter, data_dir=self.data_dir, cache_dir=self.cache_dir, state=self._pending_state,
-            progress=self._trainer is None or self._trainer.is_global_zero,
-        )
+        progress = self._progress_label("setup") is not None
+        state, templates, original = self._pending_state, None, {}
+        if self.carried is not None:  # continuing an edited model directory: its base weights, history, templates
+            original = carry.prepare_continuation(self.carried, self.lm, self.tokenizer, self.adapter,
+                                                  self.model_spec.name_or_path)
+            state, templates = state or self.carried.state, self.carried.state.context_templates
+        keys: dict[int, str] = {}
+        with carry.base_weights(self.adapter, original):  # C_0 of the base weights, never of edited ones
+            mom2 = cached_key_statistics(self.lm, self.tokenizer, self.hp.edited_layers, self.stats_spec,
+                                         model_id=self.stats_model_id, adapter=self.adapter, data_dir=self.data_dir,
+                                         cache_dir=self.cache_dir, single_pass=self.hp.optimize, progress=progress,
+                                         cache_keys=keys)
+        saved_keys = {int(l): k for l, k in self.carried.meta.get("stats_keys", {}).items()} if self.carried else {}
+        if saved_keys and saved_keys != keys:
+            raise carry.CarryError(f"{self.model_spec.name_or_path} was edited with other key statistics C_0 (cache "
+                                   f"keys {saved_keys}, now {keys}): check stats.* and the data directory")
+        self.stats_keys = keys
+        self.editor = build_editor(self.lm, self.tokenizer, self.hp, self.stats_spec, adapter=self.adapter,
+                                   mom2=mom2, context_templates=templates, state=state, progress=progress)
+        if total_rounds is not None:
+            self.editor.set_total_rounds(total_rounds)
+
+    def check_stream_options(self) -> int | None:
+        """The stream's number of rounds (HSE's ``n``), after checking HSE's options against the
+        edit records (``target_true`` for forgetting, ``n`` for the ``inverse`` schedule) before
+        any slow work."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        requests = dm.requests if dm is not None and hasattr(dm, "requests") else []
+        total = dm.num_rounds if dm is not None and hasattr(dm, "num_rounds") else None
+        check_stream_options(self.hp, requests, total)
+        return total
 
     def _adopt_state(self, state) -> None:
         if isinstance(self.editor, WiseEditor):
@@ -248,7 +303,11 @@ class EditingModule(L.LightningModule):
         """The WISE editor: side memory at ``editing.layers[0]``, irrelevant inputs from
         ``editing.wise.irrelevant_dataset`` (minus the evaluated locality prompts)."""
         from blueedit.data.formats import load_requests
+        from blueedit.editing.wise import SideMemoryLayer
 
+        if isinstance(self.adapter.w_out_module(self.hp.layers[0]), SideMemoryLayer):
+            raise ValueError(f"{self.model_spec.name_or_path} already holds a WISE side memory; continuing it is not "
+                             "supported: edit its base model with all the records instead")
         cfg = self.hp.wise
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         data_dir = self.data_dir or getattr(dm, "resolved_data_dir", None)
@@ -268,21 +327,36 @@ class EditingModule(L.LightningModule):
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None or not hasattr(dm, "requests"):
             return
-        check_prompt_lengths(dm.requests, self.tokenizer, self.prompt_limit, source="the edit records")
+        check_prompt_lengths(self.as_prompted(dm.requests), self.tokenizer, self.prompt_limit,
+                             source="the edit records")
         if self.evaluate and getattr(dm, "eval_dataset", None) is not None:
-            check_prompt_lengths(dm.eval_requests(), self.tokenizer, self.prompt_limit,
+            check_prompt_lengths(self.as_prompted(dm.eval_requests()), self.tokenizer, self.prompt_limit,
                                  source="the evaluation records")
 
+    def as_prompted(self, requests: list[EditRequest]) -> list[EditRequest]:
+        """``requests`` as the model is prompted with them: in the chat template with
+        ``model.chat_template``, else unchanged."""
+        if not self.model_spec.chat_template:
+            return list(requests)
+        return chat_requests(self.tokenizer, list(requests))
+
     # -- the editing loop ---------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Continuing an edited model directory, this run's rounds are numbered after its rounds
+        (callbacks and checkpoints see one run)."""
+        if self.carried_rounds and isinstance(batch, EditRound) and self.trainer.training:
+            batch = replace(batch, index=batch.index + self.carried_rounds)
+        return batch
+
     def on_train_start(self) -> None:
         if self.evaluate and self.pre_metrics is None:
-            self.pre_metrics = self.run_evaluation().to_dict()
+            self.pre_metrics = self.run_evaluation(progress=self._progress_label("evaluation before editing")).to_dict()
 
     def training_step(self, batch: EditRound, batch_idx: int) -> None:
         assert self.editor is not None
         if batch.index < self.editor.state.rounds_done:  # already applied before a resume
             return None
-        report = self.editor.edit_round(batch.requests, batch.index)
+        report = self.editor.edit_round(self.as_prompted(batch.requests), batch.index)
         self.reports.append(report)
         if self.debug:  # every rank must hold bit-identical weights after every round
             digest = distributed.assert_same_on_all_ranks(
@@ -307,7 +381,7 @@ class EditingModule(L.LightningModule):
             self.editor.finalize()
             self._finalized = True
         if self.evaluate:
-            post = self.run_evaluation()
+            post = self.run_evaluation(progress=self._progress_label("evaluation after editing"))
             add_locality(post, self.pre_metrics)
             self.post_metrics = post.to_dict()
             self.write_metrics()
@@ -317,22 +391,32 @@ class EditingModule(L.LightningModule):
         dm = self.trainer.datamodule if self.trainer is not None else None
         return dm.eval_requests() if dm is not None else []
 
+    def _progress_label(self, label: str) -> str | None:
+        """``label`` when this process shows progress bars (rank zero, the trainer's bar on)."""
+        trainer = self._trainer
+        if trainer is None or not trainer.is_global_zero or trainer.progress_bar_callback is None:
+            return None
+        return label
+
     @torch.no_grad()
-    def run_evaluation(self, requests: list[EditRequest] | None = None) -> EvaluationResult:
+    def run_evaluation(self, requests: list[EditRequest] | None = None, progress: str | None = None) -> EvaluationResult:
         """Evaluate ``requests`` (default: the data module's evaluation records) on the model as
         it is now. Under DDP each rank scores its shard; the metrics are synchronized through
         torchmetrics and the per-record results gathered, so every rank returns the same result.
         With ``generation_metrics`` each record also gets its generations, ``fluency`` and
-        (with reference texts) ``consistency``, and the metrics their means over records."""
-        requests = self.eval_requests() if requests is None else requests
+        (with reference texts) ``consistency``, and the metrics their means over records.
+        ``progress``: a progress bar over the scored prompts with this description."""
+        requests = self.as_prompted(self.eval_requests() if requests is None else requests)
         _, world = distributed.rank_and_world()
         with self.editor.evaluation_weights() if self.editor is not None else nullcontext():
             if world == 1 or len(requests) < world:
-                res = evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size)
+                res = evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size,
+                                        progress=progress)
                 self._add_generation(res, requests)
                 return res
             local = distributed.shard(requests)
-            res = evaluate_requests(self.lm, self.tokenizer, local, batch_size=self.eval_batch_size, sync=True)
+            res = evaluate_requests(self.lm, self.tokenizer, local, batch_size=self.eval_batch_size, sync=True,
+                                    progress=progress)
             self._add_generation(res, local)
         res.records = distributed.gather_objects(res.records, len(requests))
         res.num_records = len(requests)
@@ -412,7 +496,7 @@ class EditingModule(L.LightningModule):
         self._eval_state = {"kind": None, "num_records": 0, "records": [], "generation": []}
 
     def _eval_step(self, batch: EditRound, stage: str) -> None:
-        requests = list(batch.requests)
+        requests = self.as_prompted(batch.requests)
         if not requests:
             return
         if getattr(self, "_eval_state", None) is None:

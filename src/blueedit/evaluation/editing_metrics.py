@@ -167,7 +167,7 @@ def _aggregate(records: list[dict[str, Any]], kind: str, sync: bool, model: nn.M
 @torch.no_grad()
 def evaluate_counterfact(
     model: nn.Module, tokenizer, requests: list[EditRequest], *, batch_size: int = 32, sync: bool = False,
-    metrics: EditMetrics | None = None,
+    metrics: EditMetrics | None = None, progress: str | None = None,
 ) -> EvaluationResult:
     """CounterFact efficacy, generalization, specificity (and probability margins), in percent.
 
@@ -204,7 +204,8 @@ def evaluate_counterfact(
             plan.append(("specificity", p, pairs.add(p, ids_of(a)), pairs.add(p, new)))
         plans.append(plan)
 
-    scores = score_continuations(model, tokenizer, pairs.prompts, pairs.continuations, batch_size=batch_size)
+    scores = score_continuations(model, tokenizer, pairs.prompts, pairs.continuations, batch_size=batch_size,
+                                 progress=progress)
     nll = scores.mean_nll.double()  # [n_pairs]
     prob = torch.exp(-nll)
 
@@ -236,7 +237,7 @@ def evaluate_counterfact(
 @torch.no_grad()
 def evaluate_zsre(
     model: nn.Module, tokenizer, requests: list[EditRequest], *, batch_size: int = 32, sync: bool = False,
-    metrics: EditMetrics | None = None,
+    metrics: EditMetrics | None = None, progress: str | None = None,
 ) -> EvaluationResult:
     """zsRE teacher-forced token accuracy (percent, mean over records of the per-record accuracy).
 
@@ -258,7 +259,8 @@ def evaluate_zsre(
         }
         plans.append(plan)
 
-    scores = score_continuations(model, tokenizer, pairs.prompts, pairs.continuations, batch_size=batch_size)
+    scores = score_continuations(model, tokenizer, pairs.prompts, pairs.continuations, batch_size=batch_size,
+                                 progress=progress)
     records: list[dict[str, Any]] = []
     for req, plan in zip(requests, plans):
         rec: dict[str, Any] = {"case_id": req.case_id}
@@ -289,6 +291,7 @@ def evaluate_requests(
     batch_size: int = 32,
     sync: bool = False,
     metrics: EditMetrics | None = None,
+    progress: str | None = None,
 ) -> EvaluationResult:
     """Dispatch to :func:`evaluate_zsre` or :func:`evaluate_counterfact`.
 
@@ -296,14 +299,16 @@ def evaluate_requests(
     With ``sync`` (sharded evaluation) the metrics are summed over all processes; every process
     must call this the same way. ``metrics`` (from :func:`edit_metrics`): accumulate into this
     collection, e.g. over the batches of an epoch; the result's metrics are then its running
-    values.
+    values. ``progress``: a progress bar over the scored prompts with this description.
     """
     if kind == "auto":
         kind = evaluation_kind(requests)
     if kind == "zsre":
-        return evaluate_zsre(model, tokenizer, requests, batch_size=batch_size, sync=sync, metrics=metrics)
+        return evaluate_zsre(model, tokenizer, requests, batch_size=batch_size, sync=sync, metrics=metrics,
+                             progress=progress)
     if kind in ("counterfact", "counterfact-easyedit"):
-        return evaluate_counterfact(model, tokenizer, requests, batch_size=batch_size, sync=sync, metrics=metrics)
+        return evaluate_counterfact(model, tokenizer, requests, batch_size=batch_size, sync=sync, metrics=metrics,
+                             progress=progress)
     raise ValueError(f"unknown evaluation kind {kind!r}; expected 'auto', 'counterfact' or 'zsre'")
 
 

@@ -125,6 +125,7 @@ def score_token_ids(
     pad_id: int,
     batch_size: int = 32,
     padding_side: str = "right",
+    progress: str | None = None,
 ) -> ContinuationScores:
     """Like :func:`score_continuations` for prompts that are already token ids.
 
@@ -132,6 +133,7 @@ def score_token_ids(
         prompt_ids: ``N`` non-empty lists of prompt token ids (with BOS when the model wants one).
         continuations: ``N`` non-empty lists of continuation token ids.
         pad_id: the id written into padded slots (masked out, never scored).
+        progress: a progress bar over the pairs with this description (``None``: no bar).
     """
     if len(prompt_ids) != len(continuations):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(continuations)} continuations")
@@ -149,6 +151,11 @@ def score_token_ids(
     device = model_device(model)
     # sort by row length so each chunk pads little; the original order is restored below
     order = sorted(range(n), key=lambda i: (len(prompt_ids[i]) + len(continuations[i]), i))
+    bar = None
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=progress, unit="prompt", leave=False)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         batch = pad_batch(
@@ -169,6 +176,10 @@ def score_token_ids(
             logprobs[i] = lp[row, : lens[row]].clone()
             correct[i] = hit[row, : lens[row]].clone()
             predicted[i] = top[row, : lens[row]].clone()
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
     return ContinuationScores(logprobs, correct, predicted)
 
 
@@ -180,6 +191,7 @@ def score_continuations(
     *,
     batch_size: int = 32,
     padding_side: str | None = None,
+    progress: str | None = None,
 ) -> ContinuationScores:
     """Per-token log-probs and top-1 hits of ``continuations[i]`` after ``prompts[i]``, in one pass.
 
@@ -191,6 +203,7 @@ def score_continuations(
         continuations: ``N`` lists of token ids (e.g. from ``tokenize_target``), each non-empty.
         batch_size: pairs per forward pass.
         padding_side: ``"left"``/``"right"``; defaults to the tokenizer's.
+        progress: a progress bar over the pairs with this description (``None``: no bar).
 
     Returns:
         :class:`ContinuationScores` with float32 / bool CPU tensors in input order.
@@ -209,6 +222,7 @@ def score_continuations(
         pad_id=pad_token_id(tokenizer),
         batch_size=batch_size,
         padding_side=side,
+        progress=progress,
     )
 
 

@@ -73,7 +73,12 @@ class ModelConfig:
         device_map: Hugging Face ``device_map`` for models that do not fit one device (``"auto"``).
         revision, trust_remote_code: passed to ``from_pretrained``.
         padding_side: override the tokenizer's padding side (``left``/``right``).
+        chat_template: wrap every prompt (editing and evaluation) in the tokenizer's chat template
+            as the user's message, followed by the assistant's header (instruct models;
+            :mod:`blueedit.models.chat`).
         blocks, w_out, final_norm, lm_head: module paths for architectures that are not detected.
+        attn_out: the attention output projection relative to a block (PMET only; e.g.
+            ``self_attn.o_proj``), for architectures where it is not found.
     """
 
     name_or_path: str = "smollm2-135m"
@@ -83,10 +88,12 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     padding_side: str | None = None
+    chat_template: bool = False
     blocks: str | None = None
     w_out: str | None = None
     final_norm: str | None = None
     lm_head: str | None = None
+    attn_out: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.dtype, Dtype)
@@ -94,7 +101,8 @@ class ModelConfig:
             check_choice("model.padding_side", self.padding_side, Literal["left", "right"])
 
     def layout_overrides(self) -> dict[str, str | None]:
-        return {"blocks": self.blocks, "w_out": self.w_out, "final_norm": self.final_norm, "lm_head": self.lm_head}
+        return {"blocks": self.blocks, "w_out": self.w_out, "final_norm": self.final_norm, "lm_head": self.lm_head,
+                "attn_out": self.attn_out}
 
 
 def default_cache_dir() -> Path:
