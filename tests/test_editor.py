@@ -222,14 +222,14 @@ def test_failed_solve_rolls_back_the_round(strategy, how, monkeypatch):
     hist = {l: h.clone() for l, h in ed.state.history.items()}
     calls = []
     if how == "solvers":
-        real = solvers.memit_update
+        real = solvers.memit_factors
 
         def fake(residuals, keys, mom2, history, lam):
             calls.append(1)
-            out = real(residuals, keys, mom2, history, lam)
-            return out * float("nan") if len(calls) == 2 else out
+            left, right = real(residuals, keys, mom2, history, lam)
+            return (left * float("nan"), right) if len(calls) == 2 else (left, right)
 
-        monkeypatch.setattr(solvers, "memit_update", fake)
+        monkeypatch.setattr(solvers, "memit_factors", fake)
     else:
         real = ed.solve
 

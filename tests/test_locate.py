@@ -1,4 +1,4 @@
-"""``blueedit locate``: the causal-tracing math (ROME §2.1, docs/algorithms.md §11) on tiny random
+"""``blueedit locate``: the causal-tracing math (ROME §2.1, docs/algorithms.md §12) on tiny random
 models, the window choice on hand-made curves, λ's width rule and the command end to end."""
 
 from __future__ import annotations

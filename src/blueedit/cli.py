@@ -2,7 +2,10 @@
 
 - ``blueedit fit --config CONFIG``: a sequential editing experiment, evaluated before and after.
 - ``blueedit edit --config CONFIG --edits FILE --output DIR``: apply the edits in FILE and save
-  the edited model as a Hugging Face directory with ``edits.json``.
+  the edited model as a Hugging Face directory with ``edits.json`` and its editor state
+  (:mod:`blueedit.carry`); ``edit`` / ``fit`` on such a directory continue its editing.
+- ``blueedit revert DIR --rounds K`` (:func:`blueedit.carry.revert`) and ``blueedit generate DIR``
+  (:mod:`blueedit.evaluation.side_by_side`) are plain commands beside the Lightning ones.
 - ``blueedit locate --model MODEL``: causal tracing to find the critical layers (:mod:`blueedit.locate`).
 
 Everything that can be checked without the model is checked before it is loaded (the records,
@@ -153,34 +156,50 @@ def save_edited_model(module: EditingModule, datamodule: EditDataModule, output:
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
-    old = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir()
-        module.lm.save_pretrained(tmp)
+        if module.hp.method == "wise":  # the original weights as a standard model, the side memory beside them
+            from blueedit.editing.wise import save_wise_model
+
+            save_wise_model(module.editor, tmp)
+        else:
+            module.lm.save_pretrained(tmp)
         module.tokenizer.save_pretrained(tmp)
+        previous = module.carried.record if getattr(module, "carried", None) is not None else {}
         record = {
-            "base_model": module.model_spec.name_or_path,
+            "base_model": previous.get("base_model", module.model_spec.name_or_path),
             "method": module.hp.method,
             "strategy": module.hp.strategy,
             "layers": module.hp.edited_layers,
             "critical_layers": list(module.hp.layers),
-            "rounds": [
+            "rounds": list(previous.get("rounds", [])) + [
                 {"index": r.index, "case_ids": r.case_ids, "seconds": r.seconds,
                  "update_norms": {str(k): v for k, v in r.update_norms.items()}}
                 for r in module.reports
             ],
-            "requests": [r.to_dict() for r in datamodule.requests],
+            "requests": list(previous.get("requests", [])) + [r.to_dict() for r in datamodule.requests],
         }
         (tmp / "edits.json").write_text(json.dumps(record, indent=1, default=str))
+        # what `edit` on this directory and `revert` need (WISE saves its side memory instead)
+        if getattr(module, "editor", None) is not None and module.hp.method != "wise":
+            from blueedit import carry
+
+            try:
+                print(carry.describe_saved(carry.save_state(tmp, module)))
+            except carry.CarryError as e:  # the model itself is fine: save it without the state
+                warnings.warn(f"{e}: the editor state is not saved; {out} cannot be continued or reverted",
+                              stacklevel=2)
         if out.exists():
             if not overwrite and any(out.iterdir()):
                 raise OutputPathError(f"--output {str(output)!r} appeared while editing; pass --overwrite to replace it")
-            out.rename(old)
+            from blueedit.carry import replace_directory
+
             print(f"replacing the model in {out} (--overwrite)")  # the caller runs this on rank zero only
-        tmp.rename(out)
+            replace_directory(tmp, out)  # an atomic swap where the system has one
+        else:
+            tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -245,6 +264,9 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     # Lightning's own use of a torch API that torch now deprecates: nothing a user can act on
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # EditingModule numbers the rounds of a continued model directory in on_before_batch_transfer;
+    # Lightning notes that the module's hook is used rather than the data module's (it has none)
+    warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 
 class BlueEditCLI(LightningCLI):
@@ -307,9 +329,32 @@ class BlueEditCLI(LightningCLI):
         dm = EditDataModule(**data_cfg)
         dm.setup("fit")  # every record parsed and validated
         check_model_source(spec)
+        self._check_continuation(spec, model_cfg)
         effective_prompt_limit(model_cfg.get("max_prompt_tokens", 512), None)
         self._cheap_model_checks(spec, model_cfg, dm)
         self._preloaded = (data_cfg, dm._requests)
+
+    @staticmethod
+    def _check_continuation(spec, model_cfg: dict[str, Any]) -> None:
+        """Continuing an edited model directory: its editor state must fit this run's settings
+        (read from the state file's header, before the model is loaded)."""
+        from dataclasses import asdict
+
+        from blueedit import carry
+        from blueedit.editing.editor import EditingConfig
+        from blueedit.editing.statistics import StatsConfig
+
+        if not carry.has_state(spec.name_or_path):
+            return
+        header = carry.read_header(spec.name_or_path)
+        editing = _as_dict(model_cfg.get("editing")) or asdict(EditingConfig())
+        stats = _as_dict(model_cfg.get("stats")) or asdict(StatsConfig())
+        now = {"model": {"dtype": spec.dtype}, "editing": editing, "stats": stats}
+        if getattr(spec, "chat_template", False):
+            now["model"]["chat_template"] = True
+        saved = dict(header["meta"]["settings"])
+        saved["model"] = {k: v for k, v in saved.get("model", {}).items() if k in ("dtype", "chat_template")}
+        carry.check_settings(spec.name_or_path, saved, now)
 
     @staticmethod
     def _cheap_model_checks(spec, model_cfg: dict[str, Any], dm: EditDataModule) -> None:
@@ -353,8 +398,9 @@ DESCRIPTION = (
     "blueedit: locate-then-edit knowledge editing of Hugging Face causal LMs (MEMIT, AlphaEdit, PRUNE, "
     "RECT), with BLUE (editing.strategy: boundary) as a switch on each. `fit` runs a sequential editing "
     "experiment evaluated before and after, `edit` applies your edits and saves the edited model, "
-    "`validate` / `test` evaluate a (saved) model, `locate` finds a model's critical layers by causal tracing "
-    "and writes a config (`blueedit locate --help`). Start from a config: "
+    "`validate` / `test` evaluate a (saved) model; `revert DIR --rounds K` undoes a saved model's last rounds, "
+    "`generate DIR` shows greedy generations before and after its edits, `locate` finds a model's critical "
+    "layers by causal tracing and writes a config (`blueedit locate --help`). Start from a config: "
     "blueedit fit --config configs/quickstart.yaml; `blueedit fit --help` lists the editing options."
 )
 
@@ -416,13 +462,24 @@ def main(args: list[str] | None = None) -> None:
         verbose = True
         argv[:] = [a for a in argv if a != "--verbose"]
     try:
-        rest = argv[1:] if args is None else argv
-        if rest and rest[0] == "locate":  # not a Lightning loop: its own parser
+        rest = list(argv[1:] if args is None else args)
+        # plain commands beside the Lightning ones, each with its own parser
+        if rest and rest[0] == "revert":
+            from blueedit.carry import revert_main
+
+            revert_main(rest[1:])
+            return
+        if rest and rest[0] == "generate":
+            from blueedit.evaluation.side_by_side import generate_main
+
+            generate_main(rest[1:])
+            return
+        if rest and rest[0] == "locate":
             from blueedit.locate import main as locate_main
 
             locate_main(rest[1:])
-        else:
-            run_cli(args)
+            return
+        run_cli(args)
     except USER_ERRORS as e:
         if verbose:
             raise

@@ -1,4 +1,4 @@
-"""Locate the critical layers ℛ of a model by causal tracing (docs/algorithms.md §11).
+"""Locate the critical layers ℛ of a model by causal tracing (docs/algorithms.md §12).
 
 Causal tracing as in ROME (Meng et al. 2022, "Locating and Editing Factual Associations in GPT",
 https://arxiv.org/abs/2202.05262, §2.1), for any architecture a :class:`ModelAdapter` knows.
@@ -174,7 +174,7 @@ def lambda_for_width(d_k: int) -> float:
 
     Why proportional: along a new key ``k`` the solve's ``K Kᵀ`` weighs about ``‖k‖² ≈ tr C_0`` and
     ``λ C_0`` about ``λ tr C_0 / d_k`` (its mean eigenvalue), so the balance depends on ``λ / d_k``
-    (docs/algorithms.md §11; a rule of thumb, not a measured optimum).
+    (docs/algorithms.md §12; a rule of thumb, not a measured optimum).
     """
     if d_k < 1:
         raise ValueError(f"MLP width must be positive, got {d_k}")

@@ -66,6 +66,7 @@ def cached_key_statistics(
     single_pass: bool = True,
     progress: bool = True,
     checkpoint_every: int = 20,
+    cache_keys: dict[int, str] | None = None,
 ) -> dict[int, torch.Tensor]:
     """``C_0^l`` (``[d_k, d_k]``) for ``layers``, from the on-disk cache or collected in one pass.
 
@@ -78,6 +79,8 @@ def cached_key_statistics(
         single_pass: all layers in one pass (``False``: one pass per layer, the reference mode).
         progress: progress bars for sampling and collecting.
         checkpoint_every: batches between partial saves (resumable collection).
+        cache_keys: when given, filled with the cache key of each layer's entry (what an edited
+            model directory records, :mod:`blueedit.carry`).
     """
     from blueedit.models.loading import default_cache_dir
 
@@ -117,6 +120,8 @@ def cached_key_statistics(
     cache = StatisticsCache(root, model_id, checkpoint_every=checkpoint_every, progress=progress)
     collected = cache.get_or_collect(model, adapter, tokenizer, layers, stats, corpus_id, texts_fn,
                                      single_pass=single_pass)
+    if cache_keys is not None:
+        cache_keys.update(cache.keys)
     return {l: s.mom2 for l, s in collected.items()}
 
 

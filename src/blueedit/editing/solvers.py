@@ -67,8 +67,16 @@ def memit_update(
     Args:
         residuals: ``R``, ``[d, B]``; keys ``K``, ``[d_k, B]``; mom2 ``C_0``; history ``H``.
     """
-    Q = memit_solve_operator(keys, mom2, history, lam)
-    return _check_finite("MEMIT update", _f64(residuals) @ Q)
+    left, right = memit_factors(residuals, keys, mom2, history, lam)
+    return _check_finite("MEMIT update", left @ right)
+
+
+def memit_factors(
+    residuals: torch.Tensor, keys: torch.Tensor, mom2: torch.Tensor, history: torch.Tensor | None, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT's update as rank-``B`` factors: ``(R, Q)`` with ``Q = Kᵀ (λ C_0 + H + K Kᵀ)^{-1}``,
+    so ``ΔW = R Q`` (``R`` ``[d, B]``, ``Q`` ``[B, d_k]``, both float64); see :func:`memit_update`."""
+    return _f64(residuals), memit_solve_operator(keys, mom2, history, lam)
 
 
 def nullspace_projection(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -93,14 +101,23 @@ def alphaedit_update(
     The result lies in the row space of ``P`` (``ΔW = ΔW P`` up to round-off), so keys
     annihilated by ``P`` produce the same output before and after the update.
     """
+    left, right = alphaedit_factors(residuals, keys, projection, history, alpha)
+    return _check_finite("AlphaEdit update", left @ right)
+
+
+def alphaedit_factors(
+    residuals: torch.Tensor, keys: torch.Tensor, projection: torch.Tensor, history: torch.Tensor | None, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit's update as rank-``B`` factors: ``(R, Q)`` with ``Q = ((P (H + K Kᵀ) + α I)^{-1} P K)ᵀ``
+    (``[B, d_k]``), so ``ΔW = R Q`` equals :func:`alphaedit_update`'s
+    ``((P (H + K Kᵀ) + α I)^{-1} P K Rᵀ)ᵀ`` (the solve is linear in its right-hand side)."""
     K, P = _f64(keys), _f64(projection)
     M = K @ K.T
     if history is not None:
         M = M + _f64(history)
     A = P @ M + alpha * torch.eye(P.shape[0], dtype=torch.float64, device=P.device)
-    rhs = P @ K @ _f64(residuals).T  # [d_k, d]
-    X = torch.linalg.solve(A, rhs)
-    return _check_finite("AlphaEdit update", X.T)
+    Y = torch.linalg.solve(A, P @ K)  # [d_k, B]
+    return _f64(residuals), _check_finite("AlphaEdit solve", Y.T)
 
 
 def prune_restrain(original: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
@@ -115,6 +132,16 @@ def prune_restrain(original: torch.Tensor, edited: torch.Tensor) -> torch.Tensor
     sigma = torch.linalg.matrix_norm(W0, ord=2)
     S2 = torch.where(S > sigma, torch.log(S) - torch.log(sigma) + sigma, S)
     return (W0 + (U * S2) @ Vh).to(edited.dtype)
+
+
+def prune_postprocess(original: torch.Tensor, edited: torch.Tensor, base: str = "original") -> torch.Tensor:
+    """The weights PRUNE writes after the last round: ``W_0 + restrain(W − W_0)`` (``base="original"``,
+    the PRUNE paper) or ``W + restrain(W − W_0)`` (``base="current"``, the published BLUE code);
+    see :func:`prune_restrain`. Same dtype as ``edited``."""
+    restrained = prune_restrain(original, edited)
+    if base == "current":
+        restrained = (edited.double() + (restrained.double() - original.double())).to(edited.dtype)
+    return restrained
 
 
 def rect_sparsify(delta: torch.Tensor, weight: torch.Tensor, keep: float = 0.4) -> torch.Tensor:

@@ -247,6 +247,7 @@ class StatisticsCache:
         self.checkpoint_every = checkpoint_every
         self.progress = progress
         self._fingerprints: dict[int, str] = {}
+        self.keys: dict[int, str] = {}
 
     def _path(self, key: str) -> Path:
         return self.dir / f"{key}.safetensors"
@@ -312,6 +313,8 @@ class StatisticsCache:
                              spec.max_length, spec.dtype, spec.max_tokens)
                 for l in layers}
         self._fingerprints = fingerprints
+        #: the cache key of each layer's entry (what an edited model directory records)
+        self.keys = dict(keys)
         out = {l: s for l in layers if (s := self.load(keys[l])) is not None}
         missing = [l for l in layers if l not in out]
         if not missing:

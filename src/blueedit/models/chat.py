@@ -6,7 +6,7 @@ where a chat user meets it: the object is the first thing the assistant says. Th
 ``{}`` is kept through the template (the template never sees it), so the fact token (the last
 subject token) is still found by :func:`blueedit.models.tokens.encode_prompt` from the subject's
 characters in the rendered text. Targets keep their leading space (``tokenize_target``), as in
-plain-prompt runs. See docs/algorithms.md §12.
+plain-prompt runs. See docs/algorithms.md §13.
 """
 
 from __future__ import annotations
