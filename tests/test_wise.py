@@ -369,3 +369,38 @@ def test_cli_edit_saves_a_model_that_reloads_with_its_side_memory(workdir, tmp_p
     for k, v in base.state_dict().items():
         key = k.replace("mlp.down_proj.", "mlp.down_proj.original.") if f"layers.{LAYER}.mlp.down_proj" in k else k
         assert torch.equal(model.state_dict()[key], v), k
+
+
+# -- locality: agreement with the pre-edit model (every method) ----------------------------------------
+def test_locality_pools_answer_positions_and_matches_records_by_case_id():
+    from blueedit.evaluation.editing_metrics import EvaluationResult, add_locality, locality_agreement
+
+    assert locality_agreement([[1, 2, 3], [4]], [[1, 9, 3], [5]]) == pytest.approx(2 / 4)  # pooled, not 1/3+0
+    assert locality_agreement([], []) is None
+    pre = {"records": [{"case_id": "a", "neighborhood_predictions": [[1, 2], [3]]},
+                       {"case_id": "b", "neighborhood_predictions": [[7]]}]}
+    post = EvaluationResult({}, [{"case_id": "b", "neighborhood_predictions": [[7]]},
+                                 {"case_id": "a", "neighborhood_predictions": [[1, 0], [3]]}], "zsre", 2)
+    add_locality(post, pre)
+    assert post.records[0]["locality"] == 1.0 and post.records[1]["locality"] == pytest.approx(2 / 3)
+    assert post.metrics["locality"] == pytest.approx(100 * (1.0 + 2 / 3) / 2)
+
+
+@pytest.mark.parametrize("kind", ["zsre", "counterfact"])
+def test_locality_is_100_unedited_and_drops_when_the_model_changes(tok, kind):
+    from blueedit.evaluation.editing_metrics import add_locality, evaluate_requests
+
+    source = "zsre" if kind == "zsre" else "counterfact"
+    reqs = [EditRequest(i, r.prompt, r.subject, r.target_new, "Paris", (), ("Berlin London Rome", "Google makes"),
+                        ("Madrid Tokyo", "Android"), source=source) for i, r in enumerate([EDIT, EDIT2])]
+    model = make_model("llama")
+    pre = evaluate_requests(model, tok, reqs, kind=kind)
+    same = evaluate_requests(model, tok, reqs, kind=kind)
+    add_locality(same, pre)
+    assert same.metrics["locality"] == 100.0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    changed = evaluate_requests(model, tok, reqs, kind=kind)
+    add_locality(changed, pre.to_dict())
+    assert changed.metrics["locality"] < 100.0

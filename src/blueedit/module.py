@@ -303,7 +303,11 @@ class EditingModule(L.LightningModule):
         """The WISE editor: side memory at ``editing.layers[0]``, irrelevant inputs from
         ``editing.wise.irrelevant_dataset`` (minus the evaluated locality prompts)."""
         from blueedit.data.formats import load_requests
+        from blueedit.editing.wise import SideMemoryLayer
 
+        if isinstance(self.adapter.w_out_module(self.hp.layers[0]), SideMemoryLayer):
+            raise ValueError(f"{self.model_spec.name_or_path} already holds a WISE side memory; continuing it is not "
+                             "supported: edit its base model with all the records instead")
         cfg = self.hp.wise
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         data_dir = self.data_dir or getattr(dm, "resolved_data_dir", None)

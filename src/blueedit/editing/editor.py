@@ -40,8 +40,9 @@ class EditingConfig:
     Attributes:
         method: ``memit``, ``alphaedit``, ``prune`` (MEMIT + PRUNE restraint), ``rect``
             (MEMIT + RECT sparsification), ``pmet`` (targets at the attention and MLP outputs,
-            the MLP one written with the MEMIT solve, residuals spread by a square root), or ``wise`` (WISE side memory at the one layer in
-            ``layers``; its settings are ``wise``, and ``strategy`` does not apply).
+            the MLP one written with the MEMIT solve, residuals spread by a square root) or ``wise``
+            (WISE side memory at the one layer in ``layers``; its settings are ``wise``, and
+            ``strategy`` does not apply).
             HSE is MEMIT with the options ``target.forget_weight``, ``target.fisher_weight`` and
             ``history_schedule`` (configs ``hse.yaml``, ``hse_blue.yaml``).
         strategy: ``distribute`` (the classic residual distribution over ℛ) or ``boundary``
