@@ -10,7 +10,7 @@ Written under ``--out``: ``wise_sweep.json`` and ``wise_sweep.md``.
 
 Example (the choice in ``configs/smollm2-135m/wise.yaml``)::
 
-    python benchmarks/wise_sweep.py --num-edits 20 --settings 18:5:20:10 22:5:20:10 22:2:10:5 26:5:20:10
+    python benchmarks/wise_sweep.py --num-edits 5 --settings 20:5:20:10 24:5:20:10 24:2:10:5
 """
 
 from __future__ import annotations
