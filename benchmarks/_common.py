@@ -381,3 +381,14 @@ def command_line(script: str, argv: list[str] | None) -> str:
 
     args = sys.argv[1:] if argv is None else list(argv)
     return " ".join(shlex.quote(a) for a in ["python", f"benchmarks/{script}", *args])
+
+
+def method_presets() -> dict[str, tuple[str, dict, dict]]:
+    """Benchmark method names that are an engine method with fixed options, as
+    ``name -> (editing.method, editing options, editing.target options)``: ``pmet`` with PMET's
+    published top-1 exit, ``hse`` = MEMIT with HSE's options (``blueedit.editing.hse.PRESET``).
+    Every other name is an engine method as is."""
+    from blueedit.editing import hse
+
+    return {"pmet": ("pmet", {}, {"top1_nll_factor": 0.1}),
+            "hse": ("memit", dict(hse.PRESET["editing"]), dict(hse.PRESET["target"]))}

@@ -1,5 +1,10 @@
-"""The paper's comparison on one model: {memit, alphaedit, prune, rect} × {distribute, boundary}
-(BLUE), sequential editing rounds, efficacy / generalization / specificity (and fluency).
+"""The paper's comparison on one model: {memit, alphaedit, prune, rect, pmet, hse} × {distribute,
+boundary} (BLUE), sequential editing rounds, efficacy / generalization / specificity (and fluency).
+
+``pmet`` runs with PMET's published top-1 exit (``top1_nll_factor`` 0.1); ``hse`` is MEMIT with
+HSE's options :data:`blueedit.editing.hse.PRESET` (as ``configs/smollm2-135m/hse.yaml``);
+``--config-overrides`` scopes use these names. ``--combine`` assembles one table from the JSON
+files of separate runs.
 
 The model is loaded once; the edited layers' original ``W_out`` are kept on the CPU and restored
 before each run, and one cached ``C_0`` (``--cache-dir``, shared with ``blueedit fit``) serves every
@@ -7,10 +12,12 @@ run. ``--dev`` searches λ / v_lr on ``counterfact_dev`` and prints the best set
 
     python benchmarks/quality.py                       # 100 edits, rounds of 10, 8 runs
     python benchmarks/quality.py --dev --edits 20 --lams 1500,5000 --v-lrs 0.1,0.5 --methods memit
+    python benchmarks/quality.py --combine out/memit_distribute.json out/pmet_distribute.json --out out/table
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -65,11 +72,32 @@ def build_parser():
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache-dir", default=None, help="statistics and converted-model cache (default ~/.cache/blueedit)")
     p.add_argument("--out", default="benchmarks/results/quality", help="writes <out>.json and <out>.md ('' to skip)")
+    p.add_argument("--no-pre-edit", action="store_true",
+                   help="skip the evaluation of the unedited model (e.g. runs to be --combine'd with one that has it)")
+    p.add_argument("--combine", nargs="+", default=None, metavar="RUN.json",
+                   help="only assemble one table (pre-edit row of the first file, then every run) from result files")
     return p
 
 
+def run_config(base, name: str, strategy: str, overrides: dict, grid: dict | None):
+    """The :class:`EditingConfig` of one run of method ``name``: an engine method, or a preset
+    (``pmet``, ``hse``; ``_common.method_presets``) whose options are applied before the overrides
+    scoped ``*``, ``name`` and ``name:strategy``."""
+    engine, edit_opts, target_opts = C.method_presets().get(name, (name, {}, {}))
+    if edit_opts or target_opts:
+        base = dataclasses.replace(base, **edit_opts, target=dataclasses.replace(base.target, **target_opts))
+    scoped = {"*": overrides.get("*", []), engine: overrides.get(name, []),
+              f"{engine}:{strategy}": overrides.get(f"{name}:{strategy}", [])}
+    return C.scoped_editing_config(base, engine, strategy, scoped, grid)
+
+
 def hparams_summary(hp) -> dict:
-    return {"lam": hp.mom2_update_weight, "v_lr": hp.target.v_lr, "steps": hp.target.v_num_grad_steps,
+    t = hp.target
+    return {"lam": hp.mom2_update_weight, "v_lr": t.v_lr, "steps": t.v_num_grad_steps,
+            "compute_dtype": hp.compute_dtype, "top1_nll_factor": t.top1_nll_factor,
+            "forget_weight": t.forget_weight, "fisher_weight": t.fisher_weight,
+            "fisher_estimator": t.fisher_estimator if t.fisher_weight > 0 else None,
+            "history_schedule": hp.history_schedule,
             "L2": hp.L2 if hp.method == "alphaedit" else None,
             "nullspace_threshold": hp.nullspace_threshold if hp.method == "alphaedit" else None,
             "rect_keep": hp.rect_keep if hp.method == "rect" else None, "layers": hp.edited_layers}
@@ -104,11 +132,12 @@ def evaluate(model, tok, requests, args, generation_prompts: list[str]) -> dict:
     return out
 
 
-def run_one(args, hp, model, tok, adapter, mom2, templates, requests, generation_prompts) -> dict:
+def run_one(args, hp, model, tok, adapter, mom2, templates, requests, generation_prompts, name: str | None = None) -> dict:
     from blueedit.editing.setup import build_editor
 
     editor = build_editor(model, tok, hp, adapter=adapter, mom2=mom2, context_templates=templates)
     rounds = [requests[i : i + args.edits_per_round] for i in range(0, len(requests), args.edits_per_round)]
+    editor.set_total_rounds(len(rounds))  # n of HSE's schedule
     steps = []
     with C.timed(args.device) as t:
         for i, chunk in enumerate(rounds):
@@ -116,7 +145,7 @@ def run_one(args, hp, model, tok, adapter, mom2, templates, requests, generation
             for v in report.target_steps.values():
                 steps += list(v)
         editor.finalize()
-    out = {"method": hp.method, "strategy": hp.strategy, "hparams": hparams_summary(hp), "seconds": t["seconds"],
+    out = {"method": name or hp.method, "strategy": hp.strategy, "hparams": hparams_summary(hp), "seconds": t["seconds"],
            "rounds": len(rounds), "mean_target_steps": sum(steps) / max(len(steps), 1)}
     out.update(evaluate(model, tok, requests, args, generation_prompts))
     out["score"] = sum(out[k] for k in METRICS) / len(METRICS)
@@ -156,6 +185,8 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine(args, argv)
     base, stats = C.benchmark_configs(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,7 +197,7 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     grid = ([{"mom2_update_weight": lam, "v_lr": lr}
              for lam, lr in itertools.product(C.parse_float_list(args.lams), C.parse_float_list(args.v_lrs))]
             if args.dev else [None])
-    all_hps = {(m, s, i): C.scoped_editing_config(base, m, s, overrides, g)  # checked before any slow work
+    all_hps = {(m, s, i): run_config(base, m, s, overrides, g)  # checked before any slow work
                for m in methods for s in strategies for i, g in enumerate(grid)}
     if requests is None:
         from blueedit.data.formats import load_requests
@@ -214,17 +245,20 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
                       f"(eigenvalues {v['min_eig']:.2e} .. {v['max_eig']:.2e})", flush=True)
 
     pre = {"method": "pre-edit", "strategy": "-", "hparams": None, "seconds": None}
-    pre.update(evaluate(model, tokenizer, requests, args, generation_prompts))
+    if args.no_pre_edit:
+        pre.update({k: float("nan") for k in METRICS})
+    else:
+        pre.update(evaluate(model, tokenizer, requests, args, generation_prompts))
+        print("pre-edit: " + ", ".join(f"{k} {pre[k]:.2f}" for k in METRICS), flush=True)
     pre["score"] = sum(pre[k] for k in METRICS) / len(METRICS)
     results["pre_edit"] = pre
-    print("pre-edit: " + ", ".join(f"{k} {pre[k]:.2f}" for k in METRICS), flush=True)
 
     try:
         for (m, s, _), hp in all_hps.items():
             for l, w in original.items():
                 adapter.set_w_out(l, w)
             try:
-                run = run_one(args, hp, model, tokenizer, adapter, mom2, templates, requests, generation_prompts)
+                run = run_one(args, hp, model, tokenizer, adapter, mom2, templates, requests, generation_prompts, m)
             except Exception as e:  # one failed run (e.g. a solve) should not lose the others
                 run = {"method": m, "strategy": s, "hparams": hparams_summary(hp), "seconds": None,
                        "error": f"{type(e).__name__}: {e}", **{k: float("nan") for k in METRICS},
@@ -237,7 +271,7 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
         for l, w in original.items():
             adapter.set_w_out(l, w)
 
-    rows = [pre] + results["runs"]
+    rows = ([] if args.no_pre_edit else [pre]) + results["runs"]
     table = markdown_table(rows, args.fluency, args.dev)
     lines = [f"{results['model']}, {dataset}, {len(requests)} edits in rounds of {args.edits_per_round}, "
              f"C_0 from {stats.num_samples} {stats.corpus} texts", "", table]
@@ -264,6 +298,29 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
         out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
         out.with_suffix(".md").write_text(results["table"] + "\n")
         print(f"results written to {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return results
+
+
+def combine(args, argv) -> dict:
+    """One table from the result files of separate runs (e.g. one run per method, each under the
+    shared lock): the first file's pre-edit row, then every file's runs, in the order given."""
+    files = [json.loads(Path(f).read_text()) for f in args.combine]
+    first = files[0]
+    fluency = any("fluency" in r for f in files for r in f["runs"])
+    rows = [first["pre_edit"]] + [r for f in files for r in f["runs"]]
+    cfg = first["config"]
+    stats = cfg.get("stats") or {"num_samples": cfg.get("stats_samples"), "corpus": cfg.get("stats_corpus")}
+    lines = [f"{first['model']}, {first['dataset']}, {first['num_edits']} edits in rounds of {cfg['edits_per_round']}, "
+             f"C_0 from {stats['num_samples']} {stats['corpus']} texts", "", markdown_table(rows, fluency, False)]
+    results = {"command": C.command_line("quality.py", argv), "sources": list(args.combine),
+               "commands": [f["command"] for f in files], "pre_edit": first["pre_edit"],
+               "runs": [r for f in files for r in f["runs"]], "table": "\n".join(lines)}
+    print(results["table"])
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+        out.with_suffix(".md").write_text(results["table"] + "\n")
     return results
 
 

@@ -31,7 +31,7 @@ finished runs' histories:
 Example (the paper's protocol, CounterFact, MEMIT vs MEMIT + BLUE)::
 
     python benchmarks/sequence.py --name counterfact_memit --dataset counterfact-easyedit --num-edits 1000 \\
-        --runs memit:distribute memit:boundary
+        --runs memit:distribute memit:boundary   # also pmet:..., hse:... (MEMIT + HSE options), alphaedit, prune, rect
 """
 
 from __future__ import annotations
@@ -154,11 +154,20 @@ def run_config(args: argparse.Namespace, spec: str, run_dir: Path, data_dir: Pat
                        "init_args": {"save_dir": str(run_dir), "name": "logs", "flush_logs_every_n_steps": 1}},
             "callbacks": callbacks,
         },
-        "model": {"editing": {"method": method, "strategy": strategy}, "evaluate": False},
+        "model": {"editing": editing_config(method, strategy), "evaluate": False},
         "data": {"dataset": getattr(args, "dataset_source", args.dataset), "data_dir": str(data_dir),
                  "num_edits": args.num_edits,
                  "edits_per_round": E},
     }
+
+
+def editing_config(method: str, strategy: str) -> dict[str, Any]:
+    """``model.editing`` of a run: the engine method, or a benchmark preset (``pmet``, ``hse``)."""
+    engine, editing, target = C.method_presets().get(method, (method, {}, {}))
+    out: dict[str, Any] = {"method": engine, "strategy": strategy, **editing}
+    if target:
+        out["target"] = dict(target)
+    return out
 
 
 def run_identity(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
@@ -272,7 +281,7 @@ def _run_locked(args: argparse.Namespace, spec: str, key: str, run_dir: Path, da
     cbs = trainer.callbacks
     hist = {name: (getattr(_find(cbs, path), "history", None)) for name, path in CALLBACKS.items()}
     record = {
-        "run": key, "name": args.name, "method": module.hp.method, "strategy": module.hp.strategy,
+        "run": key, "name": args.name, "method": spec.split(":")[0], "strategy": module.hp.strategy,
         "layers": list(module.hp.layers), "dataset": args.dataset, "num_edits": len(dm.requests),
         "edits_per_round": dm.edits_per_round, "eval_every": args.eval_every,
         "command": "python benchmarks/sequence.py " + " ".join(args.argv),
@@ -494,8 +503,9 @@ def check_inputs(args: argparse.Namespace, data_dir: Path) -> None:
 
     for spec in args.runs:
         method, strategy = spec.split(":")
-        if method not in METHODS or strategy not in STRATEGIES:
-            raise SystemExit(f"--runs {spec!r}: METHOD must be one of {', '.join(METHODS)} and STRATEGY one of "
+        names = sorted(set(METHODS) | set(C.method_presets()))
+        if method not in names or strategy not in STRATEGIES:
+            raise SystemExit(f"--runs {spec!r}: METHOD must be one of {', '.join(names)} and STRATEGY one of "
                              f"{', '.join(STRATEGIES)}")
     config = Path(args.config) if Path(args.config).is_absolute() else C.REPO / args.config
     if not config.is_file():

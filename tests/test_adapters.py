@@ -72,7 +72,7 @@ def test_gpt2_transposed_conv1d():
 def test_llama_layout():
     model = make_model("llama")
     layout = detect_layout(model)
-    assert layout == ModelLayout("model.layers", "mlp.down_proj", "model.norm", "lm_head")
+    assert layout == ModelLayout("model.layers", "mlp.down_proj", "model.norm", "lm_head", attn_out="self_attn.o_proj")
     ad = ModelAdapter(model)
     assert ad.hidden_size() == 32 and ad.key_size(3) == 64
     param = ad.w_out_param(3)
@@ -161,3 +161,24 @@ def test_untied_embeddings_are_tied_after_loading():
     assert model.lm_head.weight is not model.get_input_embeddings().weight
     check_tied_embeddings(model)
     assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def test_attention_output_module():
+    """PMET's attention site: the attention output projection of each block, for both layouts and
+    for an unknown model type through the candidate names; a clear error names the option."""
+    import pytest
+
+    from blueedit.models.adapters import UnknownArchitectureError
+
+    for arch, name in (("llama", "self_attn.o_proj"), ("gpt2", "attn.c_proj")):
+        model = make_model(arch)
+        ad = ModelAdapter(model)
+        blocks = model.model.layers if arch == "llama" else model.transformer.h
+        assert ad.attn_out_module(2) is blocks[2].get_submodule(name)
+    model = make_model("llama")
+    ad = ModelAdapter(model, layout=ModelLayout("model.layers", "mlp.down_proj", "model.norm", "lm_head"))
+    assert ad.attn_out_module(1) is model.model.layers[1].self_attn.o_proj
+    ad = ModelAdapter(model, layout=ModelLayout("model.layers", "mlp.down_proj", "model.norm", "lm_head",
+                                                attn_out="self_attn.nothing"))
+    with pytest.raises(UnknownArchitectureError, match="model.attn_out"):
+        ad.attn_out_module(1)

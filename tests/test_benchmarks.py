@@ -80,6 +80,39 @@ def test_quality_benchmark_grid_and_restore(tmp_path):
     assert any((tmp_path / "cache" / "stats").rglob("*.safetensors"))  # C_0 cached once
 
 
+def test_quality_benchmark_pmet_hse_and_combine(tmp_path):
+    """``pmet`` and ``hse`` rows (HSE = MEMIT with the preset options, the schedule's n from the
+    rounds), one file per run, then ``--combine`` into one table."""
+    from blueedit.editing import hse
+
+    quality = _load("quality")
+    files = []
+    for m in ("pmet", "hse"):
+        model, tok = _fresh()
+        out = tmp_path / m
+        res = quality.main(["--layers", "1,2,3", "--edits", "3", "--edits-per-round", "2", "--steps", "2",
+                            "--methods", m, "--strategies", "distribute,boundary",
+                            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+                           + (["--no-pre-edit"] if m == "hse" else []),
+                           model=model, tokenizer=tok, requests=REQUESTS, texts=_CORPUS[:4])
+        assert [(r["method"], r["strategy"]) for r in res["runs"]] == [(m, "distribute"), (m, "boundary")]
+        for r in res["runs"]:
+            assert "error" not in r, r.get("error")
+        hp = res["runs"][0]["hparams"]
+        if m == "pmet":
+            assert hp["top1_nll_factor"] == 0.1 and hp["forget_weight"] == 0
+        else:
+            assert hp["forget_weight"] == hse.PRESET["target"]["forget_weight"] > 0
+            assert hp["fisher_weight"] == hse.PRESET["target"]["fisher_weight"] > 0
+            assert hp["history_schedule"] == "inverse"
+        files.append(str(out.with_suffix(".json")))
+    comb = quality.main(["--combine", *files, "--out", str(tmp_path / "table")])
+    assert [r["method"] for r in comb["runs"]] == ["pmet", "pmet", "hse", "hse"]
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("| pre-edit |") == 1 and "| hse | boundary |" in table and "| pmet | distribute |" in table
+    assert not math.isnan(comb["pre_edit"]["efficacy"])  # from the first file
+
+
 def test_quality_dev_grid_picks_best(tmp_path):
     quality = _load("quality")
     model, tok = _fresh()

@@ -26,7 +26,8 @@ from test_module import RECORDS
 
 # -- the stored updates rebuild the editor's weights and history exactly -----------------------------
 @pytest.mark.parametrize("method, strategy", [("memit", "distribute"), ("alphaedit", "boundary"),
-                                              ("prune", "boundary"), ("rect", "distribute")])
+                                              ("prune", "boundary"), ("rect", "distribute"),
+                                              ("pmet", "distribute"), ("pmet", "boundary")])
 def test_stored_updates_rebuild_weights_and_history(method, strategy):
     ed = _editor(method, strategy)
     w0 = {l: ed.adapter.get_w_out(l) for l in ed.hp.edited_layers}
@@ -134,7 +135,7 @@ def _assert_close_dirs(a: Path, b: Path, exact: bool = True) -> None:
     assert ea["requests"] == eb["requests"] and ea["base_model"] == eb["base_model"]
 
 
-@pytest.mark.parametrize("method, strategy", [("memit", "distribute"), ("prune", "boundary")])
+@pytest.mark.parametrize("method, strategy", [("memit", "distribute"), ("prune", "boundary"), ("pmet", "boundary")])
 def test_two_sittings_equal_one_run_and_revert_undoes_rounds(tiny, tmp_path, capsys, method, strategy):
     base = tiny / "tiny-llama"
     one_run, first, second = tmp_path / "one", tmp_path / "first", tmp_path / "second"
@@ -308,3 +309,99 @@ def test_state_without_every_rounds_updates_is_not_saved(tmp_path):
     ed.state.updates = []
     with pytest.raises(carry.CarryError, match="updates of 0 of its 1 rounds"):
         carry.save_state(tmp_path, SimpleNamespace(editor=ed, adapter=ed.adapter))
+
+
+def test_settings_added_later_compare_with_their_defaults():
+    """A directory saved before a setting existed was edited with its default value."""
+    carry.check_settings("D", {"editing": {"method": "memit"}}, {"editing": {"method": "memit", "use_history": True}})
+    with pytest.raises(carry.CarryError, match="editing.use_history: True in D, False now"):
+        carry.check_settings("D", {"editing": {"method": "memit"}},
+                             {"editing": {"method": "memit", "use_history": False}})
+    carry.check_settings("D", {"editing": {"target": {"v_lr": 0.5}}}, {"editing": {"target": {"v_lr": 0.1}}})
+
+
+def test_side_by_side_feeds_wrapped_prompts_and_shows_the_plain_ones():
+    from blueedit.data.records import EditRequest
+    from blueedit.evaluation.side_by_side import markdown, side_by_side
+
+    req = EditRequest.from_dict({**RECORDS[0], "neighborhood_targets": ["drums"]})
+    seen = {}
+
+    def model(name):
+        def fn(prompts):
+            seen[name] = list(prompts)
+            return [f"{name}:{p}" for p in prompts]
+        return fn
+
+    rows = side_by_side([req], model("before"), model("after"), wrap=lambda p: f"<user>{p}</user>")
+    assert seen["before"] == seen["after"] == ["<user>Toko Yasuda plays the</user>",
+                                               "<user>Toko Yasuda is known for playing the</user>",
+                                               "<user>Danielle Darrieux plays the</user>"]
+    assert [r["prompt"] for r in rows] == ["Toko Yasuda plays the", "Toko Yasuda is known for playing the",
+                                           "Danielle Darrieux plays the"]
+    assert [r["expected"] for r in rows] == ["violin", "violin", "drums"]
+    assert rows[0]["before"] == "before:<user>Toko Yasuda plays the</user>"
+    table = markdown(rows, width=20).splitlines()
+    assert len(table) == 5 and all(line.count(" | ") == 5 for line in table[2:])
+
+
+def test_revert_sharded_gpt2(tiny, tmp_path, monkeypatch):
+    """GPT-2 stores W_out transposed (Conv1D) and big models are saved in shards: revert finds each
+    edited matrix in its shard and writes it back in the stored orientation."""
+    from transformers import PreTrainedModel
+
+    real = PreTrainedModel.save_pretrained
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained",
+                        lambda self, d, *a, **k: real(self, d, *a, **{**k, "max_shard_size": "40KB"}))
+    gpt2 = tmp_path / "tiny-gpt2"
+    make_model("gpt2").save_pretrained(gpt2)
+    make_tokenizer().save_pretrained(gpt2)
+    two, one = tmp_path / "two", tmp_path / "one"
+    _edit(tiny, gpt2, "r0-4.json", two, "memit", "distribute")
+    _edit(tiny, gpt2, "r0-2.json", one, "memit", "distribute")
+    index = json.loads((two / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1
+    _, meta = carry.read_state(two)
+    assert meta["weights"]["1"]["transposed"] and meta["weights"]["1"]["name"] == "transformer.h.1.mlp.c_proj.weight"
+    main(["revert", str(two), "--rounds", "1"])
+
+    def tensors(d):
+        from safetensors.torch import load_file
+
+        out = {}
+        for f in sorted(set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values())):
+            out.update(load_file(str(d / f)))
+        return out
+
+    a, b = tensors(two), tensors(one)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_continue_in_place(tiny, tmp_path):
+    """`edit` on DIR with --output DIR --overwrite continues it in place (swapped in atomically)."""
+    one_run, work = tmp_path / "one", tmp_path / "work"
+    _edit(tiny, tiny / "tiny-llama", "r0-6.json", one_run, "memit", "boundary")
+    _edit(tiny, tiny / "tiny-llama", "r0-4.json", work, "memit", "boundary")
+    _edit(tiny, work, "r4-6.json", work, "memit", "boundary", "--overwrite=true")
+    _assert_close_dirs(work, one_run)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_hse_fisher_state_is_carried_and_not_reverted(tiny, tmp_path, capsys):
+    """HSE's accumulated Fisher information travels with the saved state, so two sittings equal
+    one run; revert refuses it by name (the Fisher sum is not stored per round)."""
+    base, fisher = tiny / "tiny-llama", "--model.editing.target.fisher_weight=0.5"
+    one_run, first, second = tmp_path / "one", tmp_path / "first", tmp_path / "second"
+    _edit(tiny, base, "r0-6.json", one_run, "memit", "distribute", fisher)
+    _edit(tiny, base, "r0-4.json", first, "memit", "distribute", fisher)
+    _edit(tiny, first, "r4-6.json", second, "memit", "distribute", fisher)
+    _assert_close_dirs(second, one_run)
+    s_one, _ = carry.read_state(one_run)
+    s_two, _ = carry.read_state(second)
+    assert s_one.fisher and set(s_one.fisher) == set(s_two.fisher)
+    for l in s_one.fisher:
+        assert torch.equal(s_one.fisher[l], s_two.fisher[l]), l
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["revert", str(second), "--rounds", "1"])
+    assert "Fisher" in capsys.readouterr().err

@@ -25,7 +25,7 @@ RECORDS = [
 ]
 
 
-def _write_inputs(root: Path, data_dir: Path, strategy: str) -> tuple[Path, Path]:
+def _write_inputs(root: Path, data_dir: Path, strategy: str, hse: bool = False) -> tuple[Path, Path]:
     model_dir = root / "tiny"
     make_model("llama").save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
@@ -46,6 +46,9 @@ def _write_inputs(root: Path, data_dir: Path, strategy: str) -> tuple[Path, Path
         },
         "data": {"data_dir": str(data_dir), "edits_per_round": 3},
     }
+    if hse:  # HSE's options: per-request Fisher gradients gathered over the ranks, n on every rank
+        config["model"]["editing"]["history_schedule"] = "inverse"
+        config["model"]["editing"]["target"].update(forget_weight=0.5, fisher_weight=10.0, fisher_estimator="full")
     cfg = root / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
     return cfg, edits
@@ -69,9 +72,9 @@ def _cache_entry(path: Path) -> dict:
         return {"mom2": f.get_tensor("mom2"), "count": int(f.metadata()["count"])}
 
 
-@pytest.mark.parametrize("strategy", ["boundary", "distribute"])
+@pytest.mark.parametrize("strategy", ["boundary", "distribute", "boundary-hse"])
 def test_two_process_ddp_equals_single_process(tmp_path, data_dir, strategy):
-    cfg, edits = _write_inputs(tmp_path, data_dir, strategy)
+    cfg, edits = _write_inputs(tmp_path, data_dir, strategy.split("-")[0], hse=strategy.endswith("-hse"))
     single = _run(tmp_path / "single", cfg, edits, devices=1)
     ddp = _run(tmp_path / "ddp", cfg, edits, devices=2)
 

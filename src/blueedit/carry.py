@@ -84,7 +84,7 @@ def write_state(path: str | Path, state: EditorState, meta: dict[str, Any]) -> i
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
-    for group in ("history", "projection", "original"):
+    for group in ("history", "projection", "original", "fisher"):
         for l, t in getattr(state, group).items():
             tensors[f"{group}.{l}"] = t.detach().cpu().contiguous()
     for r, updates in enumerate(state.updates):
@@ -98,6 +98,7 @@ def write_state(path: str | Path, state: EditorState, meta: dict[str, Any]) -> i
         "rounds_done": str(state.rounds_done),
         "finalized": json.dumps(state.finalized),
         "context_templates": json.dumps(list(state.context_templates)),
+        "total_rounds": json.dumps(state.total_rounds),
         "meta": json.dumps(meta, default=str),
     }
     save_file(tensors, str(path), metadata=header)
@@ -122,7 +123,8 @@ def read_header(directory: str | Path) -> dict[str, Any]:
         raise CarryError(f"{path} has format {header.get('format')!r}, this blueedit reads {STATE_FORMAT!r}")
     return {"meta": json.loads(header["meta"]), "rounds_done": int(header["rounds_done"]),
             "finalized": json.loads(header["finalized"]),
-            "context_templates": json.loads(header["context_templates"])}
+            "context_templates": json.loads(header["context_templates"]),
+            "total_rounds": json.loads(header.get("total_rounds", "null"))}
 
 
 def read_state(directory: str | Path) -> tuple[EditorState, dict[str, Any]]:
@@ -132,11 +134,11 @@ def read_state(directory: str | Path) -> tuple[EditorState, dict[str, Any]]:
     header = read_header(directory)
     tensors = load_file(str(state_path(directory)))
     state = EditorState(context_templates=header["context_templates"], rounds_done=header["rounds_done"],
-                        finalized=header["finalized"])
+                        finalized=header["finalized"], total_rounds=header["total_rounds"])
     rounds: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
     for name, t in tensors.items():
         parts = name.split(".")
-        if parts[0] in ("history", "projection", "original"):
+        if parts[0] in ("history", "projection", "original", "fisher"):
             getattr(state, parts[0])[int(parts[1])] = t
         elif parts[0] == "round":
             rounds.setdefault(int(parts[1]), {}).setdefault(int(parts[2]), {})[parts[3]] = t
@@ -166,7 +168,16 @@ def check_settings(directory: str | Path, saved: dict[str, Any], now: dict[str, 
     """Refuse, naming every difference, to continue ``DIR`` with settings that change the saved
     state or ``C_0`` (method, strategy, layers, λ, ..., the statistics, the model's dtype).
     ``saved``/``now``: ``{"model": ..., "editing": ..., "stats": ...}`` as plain values."""
-    a, b = _flatten(json.loads(json.dumps(saved, default=str))), _flatten(json.loads(json.dumps(now, default=str)))
+    from dataclasses import asdict
+
+    from blueedit.editing.editor import EditingConfig
+    from blueedit.editing.statistics import StatsConfig
+
+    plain = lambda d: _flatten(json.loads(json.dumps(d, default=str)))  # noqa: E731
+    a, b = plain(saved), plain(now)
+    # a setting added to blueedit after DIR was saved had its default value then
+    defaults = plain({"editing": asdict(EditingConfig()), "stats": asdict(StatsConfig())})
+    a = {**{k: v for k, v in defaults.items() if k in b}, **a}
     diffs = [f"{k}: {a.get(k, '<absent>')!r} in {directory}, {b.get(k, '<absent>')!r} now"
              for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
     if diffs:
@@ -258,7 +269,7 @@ def describe_saved(summary: dict[str, Any]) -> str:
 
 
 # -- continuing -----------------------------------------------------------------------------------
-def working_weights(state: EditorState, prune_base: str) -> dict[int, torch.Tensor]:
+def working_weights(state: EditorState) -> dict[int, torch.Tensor]:
     """The weights of the edited layers the next round starts from: ``W_0`` plus every round's
     update (for PRUNE: before its restraint, which the last round of the whole run applies)."""
     return {l: replay_weights(w0, state.updates, l) for l, w0 in state.original.items()}
@@ -267,7 +278,7 @@ def working_weights(state: EditorState, prune_base: str) -> dict[int, torch.Tens
 def saved_weights(state: EditorState, prune_base: str) -> dict[int, torch.Tensor]:
     """The weights DIR holds for this state: :func:`working_weights`, restrained once when the
     state was finalized (PRUNE)."""
-    work = working_weights(state, prune_base)
+    work = working_weights(state)
     if state.finalized:
         return {l: solvers.prune_postprocess(state.original[l], w, prune_base) for l, w in work.items()}
     return work
@@ -303,8 +314,9 @@ def load_continuation(directory: str | Path, settings_now: dict[str, Any]) -> Co
 
 def prepare_continuation(cont: Continuation, model, tokenizer, adapter, directory) -> dict[int, torch.Tensor]:
     """Check the loaded model is DIR's (its edited matrices are what the state rebuilds, and with
-    ``W_0`` put back it is the base model), then write the working weights (PRUNE: unrestrained)
-    into it. Returns ``W_0`` for the caller to put back while it reads ``C_0``."""
+    ``W_0`` put back it is the base model); for a finalized PRUNE state write the unrestrained
+    weights into it (the others continue from DIR's weights as they are). Returns ``W_0`` for the
+    caller to put back while it reads ``C_0``."""
     state, meta = cont.state, cont.meta
     layers = sorted(state.original)
     current = {l: adapter.get_w_out(l).cpu() for l in layers}
@@ -316,9 +328,10 @@ def prepare_continuation(cont: Continuation, model, tokenizer, adapter, director
         raise CarryError(f"{directory}: with the edited layers put back to W_0 the model is not the base model "
                          f"{meta['base_model']!r} it was edited from (its fingerprint differs): its other weights, "
                          "config or tokenizer were changed")
-    for l, w in working_weights(state, prune_base).items():
-        adapter.set_w_out(l, w)
-    state.finalized = False  # PRUNE's restraint is applied again after the last round of this sitting
+    if state.finalized:  # PRUNE: continue from the unrestrained weights; the restraint is applied again at the end
+        for l, w in working_weights(state).items():
+            adapter.set_w_out(l, w)
+        state.finalized = False
     return state.original
 
 
@@ -375,6 +388,9 @@ def revert(directory: str | Path, rounds: int) -> dict[str, Any]:
         raise CarryError(f"revert: {directory} is not a directory")
     state, meta = read_state(directory)
     n = state.rounds_done
+    if state.fisher:
+        raise CarryError(f"revert: {directory} was edited with HSE's Fisher penalty (target.fisher_weight > 0), whose "
+                         "accumulated Fisher information is stored as one sum, not per round; it cannot be reverted")
     if not isinstance(rounds, int) or not 1 <= rounds <= n:
         raise CarryError(f"--rounds {rounds}: {directory} holds {n} rounds; revert 1..{n} of them")
     prune_base = meta.get("prune_base", "original")
@@ -425,9 +441,9 @@ def revert(directory: str | Path, rounds: int) -> dict[str, Any]:
         if edits.is_file():
             record = json.loads(edits.read_text())
             kept_rounds = list(record.get("rounds", []))[:keep]
-            kept_ids = {json.dumps(c) for r in kept_rounds for c in r.get("case_ids", [])}
             record["rounds"] = kept_rounds
-            record["requests"] = [q for q in record.get("requests", []) if json.dumps(q.get("case_id")) in kept_ids]
+            # the requests are listed in the order the rounds edited them (case ids may repeat across sittings)
+            record["requests"] = list(record.get("requests", []))[: sum(len(r.get("case_ids", [])) for r in kept_rounds)]
             (tmp / "edits.json").write_text(json.dumps(record, indent=1, default=str))
         replace_directory(tmp, directory)
     finally:

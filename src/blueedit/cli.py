@@ -156,10 +156,14 @@ def save_edited_model(module: EditingModule, datamodule: EditDataModule, output:
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
-    old = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir()
-        module.lm.save_pretrained(tmp)
+        if module.hp.method == "wise":  # the original weights as a standard model, the side memory beside them
+            from blueedit.editing.wise import save_wise_model
+
+            save_wise_model(module.editor, tmp)
+        else:
+            module.lm.save_pretrained(tmp)
         module.tokenizer.save_pretrained(tmp)
         previous = module.carried.record if getattr(module, "carried", None) is not None else {}
         record = {
@@ -176,7 +180,8 @@ def save_edited_model(module: EditingModule, datamodule: EditDataModule, output:
             "requests": list(previous.get("requests", [])) + [r.to_dict() for r in datamodule.requests],
         }
         (tmp / "edits.json").write_text(json.dumps(record, indent=1, default=str))
-        if getattr(module, "editor", None) is not None:  # what `edit` on this directory and `revert` need
+        # what `edit` on this directory and `revert` need (WISE saves its side memory instead)
+        if getattr(module, "editor", None) is not None and module.hp.method != "wise":
             from blueedit import carry
 
             try:
@@ -187,12 +192,14 @@ def save_edited_model(module: EditingModule, datamodule: EditDataModule, output:
         if out.exists():
             if not overwrite and any(out.iterdir()):
                 raise OutputPathError(f"--output {str(output)!r} appeared while editing; pass --overwrite to replace it")
-            out.rename(old)
+            from blueedit.carry import replace_directory
+
             print(f"replacing the model in {out} (--overwrite)")  # the caller runs this on rank zero only
-        tmp.rename(out)
+            replace_directory(tmp, out)  # an atomic swap where the system has one
+        else:
+            tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -343,8 +350,10 @@ class BlueEditCLI(LightningCLI):
         editing = _as_dict(model_cfg.get("editing")) or asdict(EditingConfig())
         stats = _as_dict(model_cfg.get("stats")) or asdict(StatsConfig())
         now = {"model": {"dtype": spec.dtype}, "editing": editing, "stats": stats}
+        if getattr(spec, "chat_template", False):
+            now["model"]["chat_template"] = True
         saved = dict(header["meta"]["settings"])
-        saved["model"] = {"dtype": saved.get("model", {}).get("dtype")}
+        saved["model"] = {k: v for k, v in saved.get("model", {}).items() if k in ("dtype", "chat_template")}
         carry.check_settings(spec.name_or_path, saved, now)
 
     @staticmethod

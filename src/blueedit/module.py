@@ -19,10 +19,17 @@ from blueedit import carry, distributed
 from blueedit.callbacks._common import log_to_loggers
 from blueedit.data.datamodule import EditRound, ResumeMismatchError, describe_differences
 from blueedit.data.records import EditRequest, check_prompt_lengths, effective_prompt_limit
-from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport
+from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport, check_stream_options
 from blueedit.editing.setup import build_editor, cached_key_statistics
 from blueedit.editing.statistics import StatsConfig
-from blueedit.evaluation.editing_metrics import EvaluationResult, edit_metrics, evaluate_requests, evaluation_kind
+from blueedit.editing.wise import WiseEditor, WiseState, irrelevant_inputs, wise_context_templates
+from blueedit.evaluation.editing_metrics import (
+    EvaluationResult,
+    add_locality,
+    edit_metrics,
+    evaluate_requests,
+    evaluation_kind,
+)
 from blueedit.evaluation.generation import (
     GenerationMetricsConfig,
     References,
@@ -178,6 +185,9 @@ class EditingModule(L.LightningModule):
 
     #: Settings that change speed, not results: they may differ when resuming.
     RESUMABLE_SETTINGS = frozenset({"editing.key_batch_size", "stats.batch_size", "stats.cache_dir"})
+    LATER_OPTIONS = {"editing.history_schedule": "constant", "editing.target.forget_weight": 0.0,
+                     "editing.target.fisher_weight": 0.0, "editing.target.fisher_estimator": "diagonal",
+                     "editing.target.top1_nll_factor": None, "editing.target.top1_kl_stop": 0.01}
 
     def settings_fingerprint(self) -> dict[str, Any]:
         """The settings that decide the edit: the model, the editing hyperparameters and the
@@ -193,6 +203,15 @@ class EditingModule(L.LightningModule):
         for dotted in self.RESUMABLE_SETTINGS:
             group, key = dotted.split(".", 1)
             settings[group].pop(key, None)
+        # options added later (PMET's exit, HSE) are left out at their defaults, so checkpoints
+        # written before they existed still resume
+        for dotted, default in self.LATER_OPTIONS.items():
+            *path, key = dotted.split(".")
+            d = settings
+            for p in path:
+                d = d.get(p, {})
+            if key in d and d[key] == default:
+                del d[key]
         return settings
 
     def _check_resume_settings(self, saved: dict[str, Any] | None) -> None:
@@ -219,9 +238,10 @@ class EditingModule(L.LightningModule):
         saved = checkpoint.get("blueedit", {})
         self._check_resume_settings(saved.get("settings"))
         if saved.get("editor"):
-            self._pending_state = EditorState.from_dict(saved["editor"])
+            state_cls = WiseState if WiseState.is_wise(saved["editor"]) else EditorState
+            self._pending_state = state_cls.from_dict(saved["editor"])
             if self.editor is not None:
-                self.editor.state = EditorState.from_dict(saved["editor"], self.editor.device)
+                self._adopt_state(state_cls.from_dict(saved["editor"], self.editor.device))
         self.pre_metrics = saved.get("pre_metrics")
         self.reports = [RoundReport(**r) for r in saved.get("reports", [])]
         self._finalized = bool(saved.get("finalized", False))
@@ -231,8 +251,14 @@ class EditingModule(L.LightningModule):
         if stage != "fit" or self.editor is not None:
             return
         self.check_prompt_lengths()
+        total_rounds = self.check_stream_options()
         if self.model_spec.device_map is None and self.trainer is not None:
             self.lm.to(self.trainer.strategy.root_device)
+        if self.hp.method == "wise":
+            self.editor = self._wise_editor()
+            if self._pending_state is not None:
+                self.editor.load_state(WiseState.from_dict(self._pending_state.to_dict(), self.editor.device))
+            return
         # Lightning restores a checkpoint's (edited) weights after this hook: C_0, its cache key and
         # the context templates are computed on the pretrained weights
         progress = self._progress_label("setup") is not None
@@ -254,6 +280,41 @@ class EditingModule(L.LightningModule):
         self.stats_keys = keys
         self.editor = build_editor(self.lm, self.tokenizer, self.hp, self.stats_spec, adapter=self.adapter,
                                    mom2=mom2, context_templates=templates, state=state, progress=progress)
+        if total_rounds is not None:
+            self.editor.set_total_rounds(total_rounds)
+
+    def check_stream_options(self) -> int | None:
+        """The stream's number of rounds (HSE's ``n``), after checking HSE's options against the
+        edit records (``target_true`` for forgetting, ``n`` for the ``inverse`` schedule) before
+        any slow work."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        requests = dm.requests if dm is not None and hasattr(dm, "requests") else []
+        total = dm.num_rounds if dm is not None and hasattr(dm, "num_rounds") else None
+        check_stream_options(self.hp, requests, total)
+        return total
+
+    def _adopt_state(self, state) -> None:
+        if isinstance(self.editor, WiseEditor):
+            self.editor.load_state(state)
+        else:
+            self.editor.state = state
+
+    def _wise_editor(self) -> WiseEditor:
+        """The WISE editor: side memory at ``editing.layers[0]``, irrelevant inputs from
+        ``editing.wise.irrelevant_dataset`` (minus the evaluated locality prompts)."""
+        from blueedit.data.formats import load_requests
+        from blueedit.editing.wise import SideMemoryLayer
+
+        if isinstance(self.adapter.w_out_module(self.hp.layers[0]), SideMemoryLayer):
+            raise ValueError(f"{self.model_spec.name_or_path} already holds a WISE side memory; continuing it is not "
+                             "supported: edit its base model with all the records instead")
+        cfg = self.hp.wise
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data_dir = self.data_dir or getattr(dm, "resolved_data_dir", None)
+        exclude = {p for r in (self.eval_requests() if dm is not None else []) for p in r.neighborhood}
+        pool = load_requests(cfg.irrelevant_dataset, data_dir=data_dir)
+        templates = wise_context_templates(self.lm, self.tokenizer, cfg.context_lengths)
+        return WiseEditor(self.lm, self.tokenizer, self.adapter, self.hp, templates, irrelevant_inputs(pool, exclude))
 
     @property
     def prompt_limit(self) -> int | None:
@@ -320,7 +381,9 @@ class EditingModule(L.LightningModule):
             self.editor.finalize()
             self._finalized = True
         if self.evaluate:
-            self.post_metrics = self.run_evaluation(progress=self._progress_label("evaluation after editing")).to_dict()
+            post = self.run_evaluation(progress=self._progress_label("evaluation after editing"))
+            add_locality(post, self.pre_metrics)
+            self.post_metrics = post.to_dict()
             self.write_metrics()
 
     # -- evaluation ---------------------------------------------------------------------------

@@ -92,9 +92,12 @@ def layer_diagnostics(editor: Editor, step: LayerStep, contribution: bool = True
     params = [p for p in editor.model.parameters()]
     grads = [p.grad for p in params]
     try:
-        res = editor.targets(requests, layer)
-        keys, hidden = editor.fact_states(requests, [layer], [layer])
-        r_star = res.z.T.to(hidden[layer].device) - hidden[layer]  # [d, B]
+        res = editor.targets(requests, layer, record=False)
+        if editor.hp.method == "pmet":  # PMET's residuals live in the MLP-output space (docs/algorithms.md §14)
+            keys, _, current = editor.fact_states(requests, [layer], [], value_layers=[layer])
+        else:
+            keys, current = editor.fact_states(requests, [layer], [layer])
+        r_star = res.z.T.to(current[layer].device) - current[layer]  # [d, B]
         ideal = editor.solve(layer, r_star, keys[layer])
         out: dict[str, float] = dict(weight_shift_error(step.delta, ideal))
         out["cosine"] = _cosine(step.residuals, r_star)

@@ -16,13 +16,15 @@ import torch
 from blueedit import distributed
 from blueedit.config import Dtype, check_choice
 from blueedit.data.records import EditRecordError, EditRequest, validate_requests
-from blueedit.editing import solvers
+from blueedit.editing import hse, solvers
+from blueedit.editing.pmet import pmet_residuals
+from blueedit.editing.wise import WiseConfig
 from blueedit.editing.targets import TargetConfig, TargetResult, fact_states, optimize_targets, optimize_targets_one_by_one
 from blueedit.editing.updates import LayerUpdate, RoundUpdates
 from blueedit.models.tokens import tokenize_target
 from blueedit.models.adapters import ModelAdapter
 
-Method = Literal["memit", "alphaedit", "prune", "rect"]
+Method = Literal["memit", "alphaedit", "prune", "rect", "pmet", "wise"]
 Strategy = Literal["distribute", "boundary"]
 HalfDtype = Literal["bfloat16", "float16"]
 PruneBase = Literal["original", "current"]
@@ -36,8 +38,13 @@ class EditingConfig:
     """What to edit and how.
 
     Attributes:
-        method: ``memit``, ``alphaedit``, ``prune`` (MEMIT + PRUNE restraint) or ``rect``
-            (MEMIT + RECT sparsification).
+        method: ``memit``, ``alphaedit``, ``prune`` (MEMIT + PRUNE restraint), ``rect``
+            (MEMIT + RECT sparsification), ``pmet`` (targets at the attention and MLP outputs,
+            the MLP one written with the MEMIT solve, residuals spread by a square root) or ``wise``
+            (WISE side memory at the one layer in ``layers``; its settings are ``wise``, and
+            ``strategy`` does not apply).
+            HSE is MEMIT with the options ``target.forget_weight``, ``target.fisher_weight`` and
+            ``history_schedule`` (configs ``hse.yaml``, ``hse_blue.yaml``).
         strategy: ``distribute`` (the classic residual distribution over ℛ) or ``boundary``
             (BLUE: update only ``l_1`` and ``l_m``, each with a target optimized at that layer).
         layers: the critical layers ℛ = ``[l_1 .. l_m]``.
@@ -71,6 +78,11 @@ class EditingConfig:
         prune_base: where PRUNE adds the restrained edit: ``original`` (``W_0 + restrain(W − W_0)``,
             the PRUNE paper; the default) or ``current`` (``W + restrain(W − W_0)``, what the
             published BLUE code does).
+        history_schedule: HSE's parameter replay: the weight ``α_i`` of the history in the solve,
+            ``λ C_0 + α_i H + K Kᵀ``: ``constant`` (1, MEMIT) or ``inverse`` (``n / (i − 1)`` in round
+            ``i``, ``n`` the number of rounds of the stream; MEMIT-family methods only).
+        wise: the WISE hyperparameters (:class:`~blueedit.editing.wise.WiseConfig`), used by
+            ``method: wise`` only.
     """
 
     method: Method = "memit"
@@ -88,9 +100,19 @@ class EditingConfig:
     max_batch_tokens: int | None = 2048
     use_history: bool = True
     prune_base: PruneBase = "original"
+    history_schedule: hse.HistorySchedule = "constant"
+    wise: WiseConfig = field(default_factory=WiseConfig)
 
     def __post_init__(self) -> None:
         check_choice("editing.method", self.method, Method)
+        check_choice("editing.history_schedule", self.history_schedule, hse.HistorySchedule)
+        if self.history_schedule != "constant" and (self.method == "alphaedit" or not self.use_history):
+            raise ValueError("editing.history_schedule weights the edit history of the MEMIT-family solve "
+                             "(memit, pmet, prune, rect with use_history: true); it does not apply to "
+                             f"method {self.method!r}" + ("" if self.use_history else " without history"))
+        if self.method == "pmet" and self.target.fisher_weight > 0:
+            raise ValueError("editing.target.fisher_weight (HSE's Fisher penalty on one target vector) is not "
+                             "defined for method 'pmet', which optimizes two vectors per layer")
         check_choice("editing.strategy", self.strategy, Strategy)
         check_choice("editing.autocast", self.autocast, HalfDtype, optional=True)
         check_choice("editing.compute_dtype", self.compute_dtype, Dtype, optional=True)
@@ -101,6 +123,15 @@ class EditingConfig:
             raise ValueError(f"editing.max_batch_tokens must be a positive number of tokens or null, got {self.max_batch_tokens}")
         if list(self.layers) != list(range(self.layers[0], self.layers[0] + len(self.layers))):
             raise ValueError(f"editing.layers {self.layers} must be consecutive and increasing")
+        if self.method == "wise":
+            if self.strategy == "boundary":
+                raise ValueError("editing.strategy 'boundary' (BLUE) does not apply to editing.method 'wise': WISE "
+                                 "trains a side memory at one layer; remove the strategy or set it to 'distribute'")
+            if len(self.layers) != 1:
+                raise ValueError(f"editing.method 'wise' edits one layer: set editing.layers to [L], got {self.layers}")
+            if self.compute_dtype is not None or self.autocast is not None:
+                raise ValueError("editing.compute_dtype / editing.autocast are not supported with editing.method "
+                                 "'wise' (it trains in the model's dtype)")
 
     @property
     def edited_layers(self) -> list[int]:
@@ -125,6 +156,18 @@ class LayerStep:
     residuals: torch.Tensor
     keys: torch.Tensor
     delta: torch.Tensor
+
+
+def check_stream_options(hp: EditingConfig, requests: list[EditRequest], total_rounds: int | None) -> None:
+    """Fail before any slow work when HSE's options cannot run on this stream: forgetting needs
+    ``target_true`` in every record; the ``inverse`` schedule needs the number of rounds."""
+    if hp.target.forget_weight > 0:
+        for i, r in enumerate(requests):
+            if not r.target_true:
+                raise EditRecordError(f"edit record {i} (case_id={r.case_id!r}) has no 'target_true', which "
+                                      "editing.target.forget_weight > 0 (HSE's forgetting of the old answer) needs")
+    if hp.history_schedule == "inverse":
+        hse.history_weight(hp.history_schedule, 0, total_rounds)  # raises when n is unknown
 
 
 class EditRoundError(RuntimeError):
@@ -161,9 +204,15 @@ class EditorState:
     finalized: bool = False
     #: per finished round, its update of each edited layer
     updates: list[RoundUpdates] = field(default_factory=list)
+    #: HSE: per target layer, the sum of the earlier rounds' Fisher estimates ``Σ_j F_j``
+    fisher: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: HSE: ``n``, the number of rounds of the stream (``history_schedule: inverse``)
+    total_rounds: int | None = None
 
     def to_dict(self) -> dict:
         return {
+            "fisher": {str(k): v.cpu() for k, v in self.fisher.items()},
+            "total_rounds": self.total_rounds,
             "history": {str(k): v.cpu() for k, v in self.history.items()},
             "projection": {str(k): v.cpu() for k, v in self.projection.items()},
             "original": {str(k): v.cpu() for k, v in self.original.items()},
@@ -179,8 +228,10 @@ class EditorState:
         conv = lambda m: {int(k): v.to(device) for k, v in m.items()}  # noqa: E731
         updates = [{int(l): LayerUpdate(u["left"], u["right"], u["keys"]) for l, u in r.items()}
                    for r in d.get("updates", [])]
+        total = d.get("total_rounds")
         return cls(conv(d["history"]), conv(d["projection"]), conv(d["original"]), int(d["rounds_done"]),
-                   list(d["context_templates"]), bool(d.get("finalized", False)), updates)
+                   list(d["context_templates"]), bool(d.get("finalized", False)), updates,
+                   conv(d.get("fisher", {})), None if total is None else int(total))
 
 
 class Editor:
@@ -192,10 +243,13 @@ class Editor:
         hparams: :class:`EditingConfig`.
         mom2: ``C_0^l`` for every edited layer (``[d_k, d_k]``).
         context_templates: ``C`` (section 1).
+        total_rounds: the number of rounds of the edit stream (HSE's ``n``; needed by
+            ``history_schedule: inverse``, kept in the state).
     """
 
     def __init__(self, model, tokenizer, adapter: ModelAdapter, hparams: EditingConfig,
-                 mom2: dict[int, torch.Tensor], context_templates: list[str], state: EditorState | None = None):
+                 mom2: dict[int, torch.Tensor], context_templates: list[str], state: EditorState | None = None,
+                 total_rounds: int | None = None):
         adapter.check_layers(hparams.layers)
         missing = [l for l in hparams.edited_layers if l not in mom2]
         if missing:
@@ -214,6 +268,21 @@ class Editor:
         #: the factors of the round in progress, per layer (see :meth:`solve`)
         self._factors: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._init_state()
+        if total_rounds is not None:
+            self.set_total_rounds(total_rounds)
+        #: this round's Fisher estimates per target layer (added to the state when the round succeeds)
+        self._round_fisher: dict[int, torch.Tensor] = {}
+        self._alpha = 1.0
+
+    def set_total_rounds(self, n: int) -> None:
+        """Record ``n``, the number of rounds of the stream (HSE's schedule). A resumed state keeps
+        its ``n``; with the ``inverse`` schedule a different one is an error (the schedule would
+        change mid-stream); otherwise ``n`` is only recorded."""
+        if (self.hp.history_schedule == "inverse" and self.state.total_rounds is not None
+                and self.state.total_rounds != int(n)):
+            raise ValueError(f"the editor state was written for a stream of {self.state.total_rounds} rounds, "
+                             f"this one has {n}: editing.history_schedule would change mid-stream")
+        self.state.total_rounds = int(n)
 
     def _compute_copy(self):
         """The model the forward passes run on: the model itself, or a copy in
@@ -256,11 +325,14 @@ class Editor:
         if not requests:
             raise EditRoundError(f"round {index} has no edit requests")
         validate_requests(requests)
+        check_stream_options(self.hp, requests, self.state.total_rounds)
         for i, r in enumerate(requests):
-            try:
-                tokenize_target(self.tokenizer, r.target_new)
-            except ValueError as e:
-                raise EditRecordError(f"edit record {i} (case_id={r.case_id!r}): 'target_new' {e}") from None
+            fields_ = ["target_new"] + (["target_true"] if self.hp.target.forget_weight > 0 else [])
+            for name in fields_:
+                try:
+                    tokenize_target(self.tokenizer, getattr(r, name))
+                except ValueError as e:
+                    raise EditRecordError(f"edit record {i} (case_id={r.case_id!r}): '{name}' {e}") from None
 
     def autocast(self):
         """The forward-pass autocast context (a no-op unless ``editing.autocast`` is set)."""
@@ -268,32 +340,43 @@ class Editor:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=getattr(torch, self.hp.autocast))
 
-    def targets(self, requests: list[EditRequest], layer: int) -> TargetResult:
+    def targets(self, requests: list[EditRequest], layer: int, *, record: bool = True) -> TargetResult:
         """Targets ``z`` at ``layer`` for every request. Under DDP each rank optimizes its shard
-        of the requests and the results are gathered, so every rank holds all targets."""
+        of the requests and the results are gathered, so every rank holds all targets.
+        ``record=False`` (diagnostics) leaves the round's HSE Fisher estimates alone."""
         idx = distributed.shard_indices(len(requests))
         local = [requests[i] for i in idx]
         d = self.adapter.hidden_size()
         args = (self.compute_model, self.compute_adapter, self.tokenizer, local, layer, self.state.context_templates,
                 self.hp.target)
+        tp = self.hp.target
+        fisher_on = tp.fisher_weight > 0
+        kw = {"sites": ("attn", "mlp") if self.hp.method == "pmet" else ("block",), "return_grad": fisher_on,
+              "fisher": (tp.fisher_weight * self.state.fisher[layer]).float().to(self.device)
+              if fisher_on and layer in self.state.fisher else None}
         if not local:
             empty = torch.zeros(0, d, device=self.device)
-            res = TargetResult(empty, empty, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0))
+            res = TargetResult(empty, empty, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0),
+                               grad=empty if fisher_on else None)
         else:
             with torch.enable_grad(), self.autocast():
                 if self.hp.optimize:
                     hook = self.on_target_step
                     on_step = None if hook is None else (lambda step, loss: hook(layer, step, loss))
-                    res = optimize_targets(*args, fast=True, max_batch_tokens=self.hp.max_batch_tokens, on_step=on_step)
+                    res = optimize_targets(*args, fast=True, max_batch_tokens=self.hp.max_batch_tokens, on_step=on_step,
+                                           **kw)
                 else:
-                    res = optimize_targets_one_by_one(*args, fast=False)
+                    res = optimize_targets_one_by_one(*args, fast=False, **kw)
         if distributed.is_distributed():
             n = len(requests)
             gather = lambda t: distributed.gather_rows(t.to(self.device), n)  # noqa: E731
             res = TargetResult(gather(res.z), gather(res.h_init), gather(res.delta),
-                               gather(res.steps).cpu(), gather(res.loss.float()).cpu())
+                               gather(res.steps).cpu(), gather(res.loss.float()).cpu(),
+                               grad=None if res.grad is None else gather(res.grad))
         if not torch.isfinite(res.z).all():
             raise solvers.SolveError(f"target optimization at layer {layer} produced non-finite values")
+        if res.grad is not None and record:  # HSE: this round's Fisher at this layer, added after the round
+            self._round_fisher[layer] = hse.fisher_estimate(res.grad, tp.fisher_estimator).float()
         return res
 
     def solve(self, layer: int, residuals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -304,6 +387,8 @@ class Editor:
         if self.hp.method == "alphaedit":
             left, right = solvers.alphaedit_factors(residuals, keys, self.state.projection[layer], H, self.hp.L2)
         else:
+            if self.hp.use_history and self._alpha != 1.0:  # HSE's parameter replay: α_i H
+                H = self._alpha * H.to(torch.float64)
             left, right = solvers.memit_factors(residuals, keys, self.mom2[layer], H if self.hp.use_history else None,
                                                 self.hp.mom2_update_weight)
         delta = left @ right
@@ -312,21 +397,22 @@ class Editor:
         self._factors[layer] = (left.cpu(), right.cpu())
         return delta
 
-    def fact_states(self, requests: list[EditRequest], key_layers: list[int], hidden_layers: list[int]):
+    def fact_states(self, requests: list[EditRequest], key_layers: list[int], hidden_layers: list[int],
+                    value_layers: list[int] | None = None):
         """Keys ``K^l`` (``[d_k, B]``) and values ``h^l`` (``[d, B]``) at the fact tokens of
         ``requests`` on the model as it is now (through the compute copy, under the editor's
         autocast), as a round reads them; under DDP each rank reads its shard and the columns are
-        gathered back in request order. Public for diagnostics (the weight-shift-error callback)."""
+        gathered back in request order. Public for diagnostics (the weight-shift-error callback).
+        With ``value_layers`` also the MLP outputs ``m^l`` (``[d, B]``): ``(keys, hidden, values)``."""
         local = distributed.shard(requests)
         with self.autocast():
-            keys, hidden = fact_states(self.compute_model, self.compute_adapter, self.tokenizer, local,
-                                       self.state.context_templates,
-                                       key_layers, hidden_layers, batch_size=self.hp.key_batch_size)
+            out = fact_states(self.compute_model, self.compute_adapter, self.tokenizer, local,
+                              self.state.context_templates, key_layers, hidden_layers,
+                              batch_size=self.hp.key_batch_size, value_layers=value_layers)
         if distributed.is_distributed():
             n = len(requests)
-            keys = {l: distributed.gather_rows(k.T.contiguous(), n).T for l, k in keys.items()}
-            hidden = {l: distributed.gather_rows(h.T.contiguous(), n).T for l, h in hidden.items()}
-        return keys, hidden
+            out = tuple({l: distributed.gather_rows(x.T.contiguous(), n).T for l, x in part.items()} for part in out)
+        return out
 
     def _write(self, step: LayerStep, report: RoundReport) -> None:
         layer, delta = step.layer, step.delta
@@ -351,9 +437,13 @@ class Editor:
             raise EditRoundError(f"round {index}: the editor was finalized (post-processing applied); "
                                  "no further rounds can be added")
         self._factors = {}
+        self._round_fisher = {}
+        self._alpha = hse.history_weight(self.hp.history_schedule, index, self.state.total_rounds)
         try:
             self._sync(self.hp.edited_layers)  # the weights may have been set from outside (resume)
-            if self.hp.strategy == "distribute":
+            if self.hp.method == "pmet":
+                self._pmet(requests, report)
+            elif self.hp.strategy == "distribute":
                 self._distribute(requests, report)
             else:
                 self._boundary(requests, report)
@@ -373,6 +463,9 @@ class Editor:
         self.state.updates.append({l: LayerUpdate(*self._factors[l], keys[l].detach().cpu())
                                    for l in self.hp.edited_layers})
         self._factors = {}
+        for l, F in self._round_fisher.items():  # HSE: Σ_j F_j, used from the next round on
+            self.state.fisher[l] = self.state.fisher[l] + F if l in self.state.fisher else F
+        self._round_fisher = {}
         self.state.rounds_done = index + 1
         report.seconds = time.perf_counter() - t0
         return report
@@ -417,6 +510,29 @@ class Editor:
             report.residual_norms[l] = float(residuals.norm())
             delta = self.solve(l, residuals, keys[l])
             self._write(LayerStep(report.index, l, l, requests, residuals, keys[l], delta), report)
+
+    def _pmet(self, requests: list[EditRequest], report: RoundReport) -> None:
+        """PMET: MLP-output targets (optimized together with attention-output ones), residuals in
+        the MLP-output space; ``distribute`` spreads ``z_mlp − m^L`` by ``sqrt(m − i)``, ``boundary``
+        optimizes a target at ``l_1`` and ``l_m`` and writes each undivided."""
+        layers = self.hp.edited_layers
+        if self.hp.strategy == "distribute":
+            last = layers[-1]
+            res = self.targets(requests, last)
+            self._record_target(last, res, report)
+            plan = [(l, last, res.z.T, i, len(layers)) for i, l in enumerate(layers)]
+        else:
+            plan = [(l, l, None, 0, 1) for l in layers]
+        for l, target_layer, z, position, m in plan:
+            if z is None:
+                res = self.targets(requests, l)
+                self._record_target(l, res, report)
+                z = res.z.T
+            keys, _, values = self.fact_states(requests, [l], [], value_layers=[target_layer])
+            residuals = pmet_residuals(z, values[target_layer], position, m)
+            report.residual_norms[l] = float(residuals.norm())
+            delta = self.solve(l, residuals, keys[l])
+            self._write(LayerStep(report.index, l, target_layer, requests, residuals, keys[l], delta), report)
 
     # -- post-processing -------------------------------------------------------------------
     def restrained_weights(self) -> dict[int, torch.Tensor]:

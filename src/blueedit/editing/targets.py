@@ -6,16 +6,23 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 
 from blueedit.data.records import EditRequest
+from blueedit.editing.hse import fisher_penalty
 from blueedit.models.forward import _StopForward, forward, traced
 from blueedit.models.tokens import PromptBatch, encode_prompt, gather_positions, pad_batch, pad_token_id, tokenize_target
 from blueedit.models.adapters import ModelAdapter
 
 CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
+FisherEstimator = Literal["diagonal", "full"]
+#: Where a target's δ is added inside block ``layer``: its output (``block``, MEMIT and the
+#: others), the attention output projection's output (``attn``) or ``W_out``'s output (``mlp``);
+#: PMET optimizes ``("attn", "mlp")`` together (docs/algorithms.md, "PMET").
+Site = Literal["block", "attn", "mlp"]
 
 
 @torch.no_grad()
@@ -53,6 +60,20 @@ class TargetConfig:
     """Hyperparameters of the target optimization (docs/algorithms.md, "Target hidden states").
 
     ``loss_layer`` ``None`` means the last block. ``kl_prompt`` has one ``{}`` for the subject.
+
+    HSE options (docs/algorithms.md, "HSE"), all off by default:
+
+    - ``forget_weight`` ``w``: memory-directed forgetting, the unlikelihood term
+      ``w · mean_c −log(1 − p(o | c(p)))`` on the old answer ``o`` (``target_true``, required for
+      every record when ``w > 0``); HSE's balance α is ``1 / (1 + w)``.
+    - ``fisher_weight`` ``λ_F``: Fisher-guided stability, ``½ δᵀ (λ_F Σ_j F_j) δ`` with ``F_j`` the
+      Fisher estimate of earlier round ``j`` at the same layer (``fisher_estimator``: ``diagonal``
+      or ``full``, the empirical Fisher of the edits' log-likelihood with respect to δ).
+
+    PMET's published early exit: with ``top1_nll_factor`` set (published: 0.1), once ``o*`` is the
+    top-1 token at every target position of every rewriting prompt of a request, the NLL term of
+    its next step is weighted by that factor, and the request stops when its KL term is below
+    ``top1_kl_stop``.
     """
 
     v_num_grad_steps: int = 25
@@ -63,8 +84,19 @@ class TargetConfig:
     early_stop_loss: float = 0.05
     loss_layer: int | None = None
     kl_prompt: str = "{} is a"
+    forget_weight: float = 0.0
+    fisher_weight: float = 0.0
+    fisher_estimator: FisherEstimator = "diagonal"
+    top1_nll_factor: float | None = None
+    top1_kl_stop: float = 0.01
 
     def __post_init__(self) -> None:
+        from blueedit.config import check_choice
+
+        check_choice("editing.target.fisher_estimator", self.fisher_estimator, FisherEstimator)
+        for name in ("forget_weight", "fisher_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"editing.target.{name} must be >= 0, got {getattr(self, name)}")
         if self.v_num_grad_steps < 1:
             raise ValueError(f"editing.target.v_num_grad_steps must be >= 1, got {self.v_num_grad_steps}")
         if self.kl_prompt.count("{}") != 1:
@@ -74,13 +106,20 @@ class TargetConfig:
 @dataclass
 class TargetResult:
     """Targets for ``B`` requests at one layer: ``z = h_init + delta`` (``[B, d]``, float32),
-    ``steps`` optimizer steps taken per request, ``loss`` the last loss per request."""
+    ``steps`` optimizer steps taken per request, ``loss`` the last loss per request.
+
+    With several sites (PMET) ``z``, ``h_init`` and ``delta`` are those of the last site and
+    ``site_delta`` holds every site's δ (``[B, S, d]``). ``grad`` (when asked for) is the gradient
+    of each request's edit NLL with respect to its δ at the final δ (``[B, d]``; the rows of
+    the empirical Fisher)."""
 
     z: torch.Tensor
     h_init: torch.Tensor
     delta: torch.Tensor
     steps: torch.Tensor
     loss: torch.Tensor
+    site_delta: torch.Tensor | None = None
+    grad: torch.Tensor | None = None
 
 
 @dataclass
@@ -90,15 +129,25 @@ class _Row:
     target: list[int]  # full target ids (rewriting rows); empty for the KL row
     request: int
     is_kl: bool
+    is_old: bool = False  # an unlikelihood row: the target is the old answer o
 
 
-def _rows(tokenizer, requests: list[EditRequest], templates: list[str], kl_prompt: str) -> list[_Row]:
+def _rows(tokenizer, requests: list[EditRequest], templates: list[str], kl_prompt: str,
+          forget: bool = False) -> list[_Row]:
     rows = []
     for i, r in enumerate(requests):
         target = tokenize_target(tokenizer, r.target_new)
         for c in templates:
             ids, fact = encode_prompt(tokenizer, c.replace("{}", r.prompt, 1), r.subject)
             rows.append(_Row(ids, fact, target, i, False))
+        if forget:
+            if not r.target_true:
+                raise ValueError(f"edit record {i} (case_id={r.case_id!r}) has no 'target_true', which "
+                                 "editing.target.forget_weight > 0 needs")
+            old = tokenize_target(tokenizer, r.target_true)
+            for c in templates:
+                ids, fact = encode_prompt(tokenizer, c.replace("{}", r.prompt, 1), r.subject)
+                rows.append(_Row(ids, fact, old, i, False, True))
         ids, fact = encode_prompt(tokenizer, kl_prompt, r.subject)
         rows.append(_Row(ids, fact, [], i, True))
     return rows
@@ -295,8 +344,19 @@ def optimize_targets(
     fast: bool = True,
     max_batch_tokens: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    sites: tuple[str, ...] = ("block",),
+    fisher: torch.Tensor | None = None,
+    return_grad: bool = False,
 ) -> TargetResult:
     """Optimize one δ per request at the output of block ``layer``, all requests jointly.
+
+    ``sites`` (PMET: ``("attn", "mlp")``) optimizes one δ per request and site, each added at
+    the fact token to that site's output inside block ``layer``; the weight decay and the clamp
+    apply to each site's δ against its own initial value. ``fisher`` (``[d]`` diagonal or
+    ``[d, d]``, already weighted) adds HSE's ``½ δᵀ F δ`` (one site only); ``return_grad`` also
+    returns each request's ``∇_δ NLL`` at its final δ (:attr:`TargetResult.grad`).
+    ``hp.forget_weight`` adds the unlikelihood rows of the old answer; ``hp.top1_nll_factor``
+    PMET's top-1 exit (:class:`TargetConfig`).
 
     ``on_step(step, loss)``, when given, is called after each loss evaluation with the mean loss
     of the requests evaluated at that step (for progress displays).
@@ -332,15 +392,24 @@ def optimize_targets(
         raise ValueError(f"target.loss_layer {loss_layer} must lie in [{layer}, {adapter.num_layers - 1}]")
     if max_batch_tokens is not None and max_batch_tokens < 1:
         raise ValueError(f"editing.max_batch_tokens must be positive or null, got {max_batch_tokens}")
+    sites = tuple(sites)
+    if not sites or any(x not in ("block", "attn", "mlp") for x in sites) or len(set(sites)) != len(sites):
+        raise ValueError(f"target sites {sites} must be distinct names among 'block', 'attn', 'mlp'")
+    if fisher is not None and len(sites) != 1:
+        raise ValueError("the Fisher penalty (editing.target.fisher_weight) needs a single target site")
     device = next(model.parameters()).device
     side = getattr(tokenizer, "padding_side", "right") or "right"
     pad = pad_token_id(tokenizer)
-    rows = _rows(tokenizer, requests, templates, hp.kl_prompt)
-    n_req, d, n_ctx = len(requests), adapter.hidden_size(), len(templates)
+    forget = hp.forget_weight > 0
+    rows = _rows(tokenizer, requests, templates, hp.kl_prompt, forget=forget)
+    n_req, d, n_ctx, S = len(requests), adapter.hidden_size(), len(templates), len(sites)
     row_req_all = torch.tensor([r.request for r in rows], device=device)
     is_kl_all = torch.tensor([r.is_kl for r in rows], device=device)
-    bare_row = torch.tensor([next(k for k, r in enumerate(rows) if r.request == i and not r.is_kl)
+    is_old_all = torch.tensor([r.is_old for r in rows], device=device)
+    bare_row = torch.tensor([next(k for k, r in enumerate(rows) if r.request == i and not r.is_kl and not r.is_old)
                              for i in range(n_req)], device=device)
+    site_modules = {x: (adapter.attn_out_module(layer) if x == "attn" else adapter.w_out_module(layer))
+                    for x in sites if x != "block"}
     J = max(len(r.target) for r in rows)
     tids_all = torch.zeros(len(rows), J, dtype=torch.long, device=device)
     tmask_all = torch.zeros(len(rows), J, device=device)
@@ -363,12 +432,13 @@ def optimize_targets(
     chunks = [_Chunk(c, rows, model, adapter, pad, device, layer, final_layer, fast)
               for c in request_chunks(costs, max_batch_tokens)]
 
-    delta = torch.nn.Parameter(torch.zeros(n_req, d, device=device, dtype=torch.float32))
+    delta = torch.nn.Parameter(torch.zeros(n_req, S, d, device=device, dtype=torch.float32))
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     active = torch.ones(n_req, dtype=torch.bool, device=device)
     steps = torch.zeros(n_req, dtype=torch.long, device=device)
     last_loss = torch.full((n_req,), float("nan"), device=device)
-    h_init = torch.zeros(n_req, d, device=device)
+    h_init = torch.zeros(n_req, S, d, device=device)
+    nll_weight = torch.ones(n_req, device=device)  # PMET's top-1 exit lowers it
     kl_init: torch.Tensor | None = None  # [n_req, V] log P_init at each KL prompt's fact token
 
     def run_group(ch: _Chunk, g: _RowGroup, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,12 +457,17 @@ def optimize_targets(
         fact = batch.fact_index
         ar = torch.arange(sel.numel(), device=device)
 
-        def inject(h: torch.Tensor) -> torch.Tensor:  # h + δ at each row's fact token (out of place)
-            return h.index_put((ar, fact), delta[row_req].to(h.dtype), accumulate=True)
+        def injector(j: int) -> Callable[[torch.Tensor], torch.Tensor]:
+            def inject(h: torch.Tensor) -> torch.Tensor:  # h + δ at each row's fact token (out of place)
+                return h.index_put((ar, fact), delta[row_req, j].to(h.dtype), accumulate=True)
+            return inject
 
         replay = g.replay
-        with traced(adapter, edit_layer=layer, edit_fn=inject, hidden_layers=[loss_layer, final_layer],
-                    stop_after=final_layer if fast else None) as tr:
+        block = "block" in sites
+        site_out: dict[str, torch.Tensor] = {}
+        with traced(adapter, edit_layer=layer if block else None, edit_fn=injector(0) if block else None,
+                    hidden_layers=[loss_layer, final_layer], stop_after=final_layer if fast else None) as tr, \
+                _site_hooks(site_modules, {x: injector(sites.index(x)) for x in site_modules}, site_out):
             try:
                 if replay is not None and replay.calls:
                     replay.run(lsel, g.size, inputs.get(ch.prefix.cache_arg))
@@ -419,10 +494,12 @@ def optimize_targets(
                 at_loss = gather_positions(adapter.lm_head(adapter.final_norm(tr.hidden[loss_layer])), read)
                 read_logits = torch.where(is_kl, read_logits, at_loss)
             logp = torch.log_softmax(read_logits.float(), dim=-1)
-        return logp, gather_positions(tr.hidden[layer], fact)
+        outs = [tr.hidden[layer] if x == "block" else site_out[x] for x in sites]
+        return logp, torch.stack([gather_positions(o, fact) for o in outs], dim=1)  # [n, S, d]
 
-    def chunk_loss(ch: _Chunk, it: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(requests, loss)`` of the chunk's active requests (in request order) at step ``it``."""
+    def chunk_loss(ch: _Chunk, it: int) -> tuple[torch.Tensor, torch.Tensor, dict] | None:
+        """``(requests, loss, parts)`` of the chunk's active requests (in request order) at step
+        ``it``; ``parts`` holds the per-request ``nll``, ``kl`` and (PMET's exit) ``top1``."""
         nonlocal kl_init
         row_active = active[row_req_all]
         sels, logps, hfacts = [], [], []
@@ -446,11 +523,18 @@ def optimize_targets(
 
         tmask = tmask_all[sel]
         tok_logp = logp.gather(-1, tids_all[sel].unsqueeze(-1)).squeeze(-1) * tmask
-        nll_row = -tok_logp.sum(1) / tmask.sum(1).clamp(min=1)
         local = torch.full((n_req,), -1, dtype=torch.long, device=device)
         local[act_idx] = torch.arange(act_idx.numel(), device=device)
-        rw = ~is_kl
-        nll = torch.zeros(act_idx.numel(), device=device).index_add(0, local[row_req[rw]], nll_row[rw]) / n_ctx
+        n_act = act_idx.numel()
+        is_old = is_old_all[sel]
+        rw = ~is_kl & ~is_old
+        nll_row = -tok_logp.sum(1) / tmask.sum(1).clamp(min=1)
+        nll = torch.zeros(n_act, device=device).index_add(0, local[row_req[rw]], nll_row[rw]) / n_ctx
+        parts: dict[str, torch.Tensor] = {"nll": nll}
+        if hp.top1_nll_factor is not None:  # o* is the argmax at every target position of every prompt
+            hit = (logp.gather(-1, tids_all[sel].unsqueeze(-1)).squeeze(-1) >= logp.max(-1).values) | (tmask == 0)
+            miss = (~hit.all(1) & rw).float()
+            parts["top1"] = torch.zeros(n_act, device=device).index_add(0, local[row_req], miss) == 0
 
         kl_rows = is_kl.nonzero().flatten()
         kl_rows = kl_rows[torch.argsort(row_req[kl_rows])]  # one KL row per active request, in request order
@@ -461,9 +545,21 @@ def optimize_targets(
             kl_init[act_idx] = kl_logp.detach()
         kl_ref = kl_init[act_idx]
         kl = (kl_logp.exp() * (kl_logp - kl_ref)).sum(-1)  # KL(P_δ ‖ P_init): edited distribution first
+        parts["kl"] = kl.detach()
 
-        wd = hp.v_weight_decay * delta[act_idx].norm(dim=1) / h_init[act_idx].norm(dim=1).pow(2)
-        return act_idx, nll + hp.kl_factor * kl + wd
+        # per site ‖δ‖ / ‖h_init‖², summed over the sites (one site: exactly MEMIT's term)
+        wd = (hp.v_weight_decay * delta[act_idx].norm(dim=-1) / h_init[act_idx].norm(dim=-1).pow(2)).sum(1)
+        fit = nll if hp.top1_nll_factor is None else nll_weight[act_idx] * nll
+        loss = fit + hp.kl_factor * kl + wd
+        if forget:  # unlikelihood of the old answer: −log(1 − p(o | prompt)), p the sequence probability
+            old_logp = tok_logp[is_old].sum(1).clamp(max=-1e-6)
+            ul_row = -torch.log(-torch.expm1(old_logp))
+            ul = torch.zeros(n_act, device=device).index_add(0, local[row_req[is_old]], ul_row) / n_ctx
+            parts["forget"] = ul.detach()
+            loss = loss + hp.forget_weight * ul
+        if fisher is not None:
+            loss = loss + fisher_penalty(delta[act_idx, 0], fisher)
+        return act_idx, loss, parts
 
     for it in range(hp.v_num_grad_steps):
         if not active.any():
@@ -475,11 +571,16 @@ def optimize_targets(
             out = chunk_loss(ch, it)
             if out is None:
                 continue
-            act_idx, loss = out
+            act_idx, loss, parts = out
             last_loss[act_idx] = loss.detach()
             if last:
                 continue
             done = loss.detach() < hp.early_stop_loss
+            if hp.top1_nll_factor is not None:  # PMET: relax the NLL term once o* is top-1, exit on small KL
+                top1 = parts["top1"]
+                nll_weight[act_idx] = torch.where(top1, torch.full_like(top1, hp.top1_nll_factor, dtype=torch.float32),
+                                                  torch.ones_like(top1, dtype=torch.float32))
+                done = done | (top1 & (parts["kl"] < hp.top1_kl_stop))
             active[act_idx[done]] = False
             if not done.all():
                 still_parts.append(act_idx[~done])
@@ -495,21 +596,55 @@ def optimize_targets(
         with torch.no_grad():
             mask = torch.zeros(n_req, dtype=torch.bool, device=device)
             mask[still] = True
-            new = torch.where(mask.unsqueeze(1), delta, frozen)  # finished requests keep their δ
-            max_norm = hp.clamp_norm_factor * h_init.norm(dim=1)
-            norms = new.norm(dim=1)
-            scale = torch.where(mask & (norms > max_norm), max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
-            delta.copy_(new * scale.unsqueeze(1))
+            new = torch.where(mask.view(-1, 1, 1), delta, frozen)  # finished requests keep their δ
+            max_norm = hp.clamp_norm_factor * h_init.norm(dim=-1)  # [n, S]: each site against its own h_init
+            norms = new.norm(dim=-1)
+            m = mask.unsqueeze(1)
+            scale = torch.where(m & (norms > max_norm), max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+            delta.copy_(new * scale.unsqueeze(-1))
         steps[still] += 1
 
-    z = (h_init + delta.detach()).float()
-    return TargetResult(z=z, h_init=h_init, delta=delta.detach().clone(), steps=steps.cpu(), loss=last_loss.cpu())
+    grad = None
+    if return_grad:  # ∇_δ NLL_i at each request's final δ (one extra forward/backward, no step)
+        active[:] = True
+        delta.grad = None
+        for ch in chunks:
+            _, _, parts = chunk_loss(ch, 1)
+            parts["nll"].sum().backward()
+        grad = delta.grad[:, -1].detach().clone()
+        delta.grad = None
+    final = delta.detach()
+    z = (h_init[:, -1] + final[:, -1]).float()
+    return TargetResult(z=z, h_init=h_init[:, -1].clone(), delta=final[:, -1].clone(), steps=steps.cpu(),
+                        loss=last_loss.cpu(), site_delta=final.clone() if S > 1 else None, grad=grad)
 
 
-def optimize_targets_one_by_one(model, adapter, tokenizer, requests, layer, templates, hp, *, fast: bool = True) -> TargetResult:
-    """The reference loop: :func:`optimize_targets` on each request alone, results stacked."""
-    parts = [optimize_targets(model, adapter, tokenizer, [r], layer, templates, hp, fast=fast) for r in requests]
-    return TargetResult(*(torch.cat([getattr(p, f) for p in parts]) for f in ("z", "h_init", "delta", "steps", "loss")))
+def optimize_targets_one_by_one(model, adapter, tokenizer, requests, layer, templates, hp, *, fast: bool = True,
+                                **kw) -> TargetResult:
+    """The reference loop: :func:`optimize_targets` on each request alone, results stacked
+    (``kw``: ``sites``, ``fisher``, ``return_grad``)."""
+    parts = [optimize_targets(model, adapter, tokenizer, [r], layer, templates, hp, fast=fast, **kw) for r in requests]
+    return TargetResult(**{f.name: None if getattr(parts[0], f.name) is None
+                           else torch.cat([getattr(p, f.name) for p in parts]) for f in fields(TargetResult)})
+
+
+@contextmanager
+def _site_hooks(modules: dict, fns: dict, record: dict):
+    """Forward hooks replacing each module's output ``y`` by ``fns[name](y)`` (δ injection at an
+    attention or MLP output); the edited output is kept in ``record[name]``."""
+    def hook(name):
+        def run(module, args, out):
+            new = fns[name](out)
+            record[name] = new
+            return new
+        return run
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -522,7 +657,8 @@ def fact_states(
     key_layers: list[int],
     hidden_layers: list[int],
     batch_size: int = 64,
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    value_layers: list[int] | None = None,
+):
     """Keys and current values at the fact token, in one forward pass per chunk.
 
     Returns ``(keys, hidden)``: ``keys[l]`` is ``K^l`` (``[d_k, B]``, the input of ``W_out^l`` at
@@ -530,6 +666,10 @@ def fact_states(
     templates, then across the groups, i.e. ``k = ½·k("{}") + ½·mean of the generated templates``;
     :func:`template_weights`) and ``hidden[l]`` is ``h^l`` (``[d, B]``, block
     ``l``'s output at the fact token of the bare prompt). float32.
+
+    With ``value_layers`` it returns ``(keys, hidden, values)``: ``values[l]`` is the output of
+    ``W_out^l`` (``[d, B]``, the MLP output) at the fact token of the bare prompt (PMET's
+    residuals are measured there).
     """
     if "{}" not in templates:
         raise ValueError("context templates must include the bare template '{}'")
@@ -543,12 +683,17 @@ def fact_states(
             items.append((i, c == "{}", ids, fact, w))
     keys = {l: torch.zeros(adapter.key_size(l), len(requests), device=device) for l in key_layers}
     hidden = {l: torch.zeros(adapter.hidden_size(), len(requests), device=device) for l in hidden_layers}
-    stop = max(list(key_layers) + list(hidden_layers))
+    value_layers = list(value_layers or [])
+    values = {l: torch.zeros(adapter.hidden_size(), len(requests), device=device) for l in value_layers}
+    stop = max(list(key_layers) + list(hidden_layers) + value_layers)
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         batch = pad_batch([c[2] for c in chunk], [c[3] for c in chunk], pad_id=pad_token_id(tokenizer), padding_side=side)
         batch = batch.to(device)
-        with traced(adapter, key_layers=key_layers, hidden_layers=hidden_layers, stop_after=stop) as tr:
+        outputs: dict = {}
+        with traced(adapter, key_layers=key_layers, hidden_layers=hidden_layers, stop_after=stop) as tr, \
+                _site_hooks({l: adapter.w_out_module(l) for l in value_layers}, {l: (lambda y: y) for l in value_layers},
+                            outputs):
             forward(model, batch)
         req = torch.tensor([c[0] for c in chunk], device=device)
         bare = torch.tensor([c[1] for c in chunk], device=device)
@@ -558,6 +703,11 @@ def fact_states(
         for l in hidden_layers:
             h = gather_positions(tr.hidden[l], batch.fact_index).float()
             hidden[l][:, req[bare]] = h[bare].T
+        for l in value_layers:
+            v = gather_positions(outputs[l], batch.fact_index).float()
+            values[l][:, req[bare]] = v[bare].T
+    if value_layers:
+        return keys, hidden, values
     return keys, hidden
 
 

@@ -24,6 +24,14 @@ after ``x``; for each record the token hits of all its prompts of one kind are p
     generalization = 100 · mean_records acc(o* | paraphrases)
     specificity    = 100 · mean_records acc(loc_ans | loc + "?")
 
+Locality (WISE's Loc, any method): agreement with the *pre-edit* model on the neighborhood
+prompts (zsRE ``loc``, CounterFact neighborhood). Every evaluation stores, per neighborhood
+prompt, the top-1 token ids the model predicts at the answer's positions (teacher forcing on the
+answer); with ``pred_0`` those of the pre-edit model and ``pred_T`` after editing,
+
+    locality_r = (# positions where pred_T = pred_0) / (# positions), pooled over r's prompts
+    locality   = 100 · mean_r locality_r                                  (:func:`add_locality`)
+
 Every prompt of every record is scored in one flat list (see :mod:`.scoring`), so a whole
 evaluation costs ``ceil(#pairs / batch_size)`` forward passes.
 """
@@ -51,6 +59,8 @@ __all__ = [
     "evaluate_counterfact",
     "evaluate_zsre",
     "evaluate_requests",
+    "add_locality",
+    "locality_agreement",
 ]
 
 EDIT_KINDS: tuple[str, ...] = ("efficacy", "generalization", "specificity")
@@ -215,6 +225,8 @@ def evaluate_counterfact(
         for kind in ("generalization", "specificity"):
             rec[kind] = [o[0] for o in per[kind]]
             rec[f"{kind}_margin"] = [o[1] for o in per[kind]]
+        rec["neighborhood_predictions"] = [scores.predicted[ia].tolist() for kind, _, ia, _ in plan
+                                           if kind == "specificity"]
         records.append(rec)
 
     values = _aggregate(records, "counterfact", sync, model, metrics)
@@ -260,6 +272,7 @@ def evaluate_zsre(
             hits = torch.cat([scores.correct[i] for i in idx]).double()  # pooled token hits
             rec[kind] = float(hits.mean())
             rec[f"{kind}_per_prompt"] = [float(scores.correct[i].double().mean()) for i in idx]
+        rec["neighborhood_predictions"] = [scores.predicted[i].tolist() for i in plan["specificity"]]
         records.append(rec)
     values = _aggregate(records, "zsre", sync, model, metrics)
     return EvaluationResult(values, records, "zsre", len(requests))
@@ -297,3 +310,38 @@ def evaluate_requests(
         return evaluate_counterfact(model, tokenizer, requests, batch_size=batch_size, sync=sync, metrics=metrics,
                              progress=progress)
     raise ValueError(f"unknown evaluation kind {kind!r}; expected 'auto', 'counterfact' or 'zsre'")
+
+
+def locality_agreement(pre: list[list[int]], post: list[list[int]]) -> float | None:
+    """The fraction of answer positions, pooled over a record's neighborhood prompts, where the
+    top-1 token after editing equals the pre-edit one; ``None`` without prompts."""
+    if len(pre) != len(post):
+        raise ValueError(f"{len(pre)} pre-edit but {len(post)} post-edit neighborhood predictions")
+    same = total = 0
+    for a, b in zip(pre, post):
+        if len(a) != len(b):
+            raise ValueError("pre- and post-edit predictions cover different answer tokens")
+        same += sum(int(x == y) for x, y in zip(a, b))
+        total += len(a)
+    return same / total if total else None
+
+
+def add_locality(result: EvaluationResult, pre: dict[str, Any] | EvaluationResult | None) -> None:
+    """Add ``locality`` (per record and ``metrics["locality"]``, percent) to a post-edit
+    ``result`` from the pre-edit evaluation ``pre`` (its ``to_dict()`` or itself), matching
+    records by ``case_id``. Nothing is added without pre-edit predictions."""
+    if pre is None:
+        return
+    pre_records = pre.records if isinstance(pre, EvaluationResult) else (pre.get("records") or [])
+    by_id = {r["case_id"]: r.get("neighborhood_predictions") for r in pre_records}
+    values = []
+    for rec in result.records:
+        before, after = by_id.get(rec["case_id"]), rec.get("neighborhood_predictions")
+        if before is None or after is None:
+            continue
+        agreement = locality_agreement(before, after)
+        rec["locality"] = agreement
+        if agreement is not None:
+            values.append(agreement)
+    if values:
+        result.metrics["locality"] = 100.0 * sum(values) / len(values)

@@ -22,7 +22,7 @@ positions go through the output head (``[n_targets, V]`` instead of ``[B, T, V]`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -61,6 +61,8 @@ class ContinuationScores:
 
     logprobs: list[torch.Tensor]
     correct: list[torch.Tensor]
+    #: ``N`` long CPU tensors ``[J_i]``: the top-1 token id at each predicting position
+    predicted: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def mean_nll(self) -> torch.Tensor:
@@ -145,6 +147,7 @@ def score_token_ids(
     n = len(prompt_ids)
     logprobs: list[torch.Tensor] = [torch.zeros(0)] * n
     correct: list[torch.Tensor] = [torch.zeros(0, dtype=torch.bool)] * n
+    predicted: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long)] * n
     device = model_device(model)
     # sort by row length so each chunk pads little; the original order is restored below
     order = sorted(range(n), key=lambda i: (len(prompt_ids[i]) + len(continuations[i]), i))
@@ -165,16 +168,19 @@ def score_token_ids(
         logits = _target_logits(model, batch)  # [b, J, V]
         logp_all = torch.log_softmax(logits, dim=-1)
         lp = logp_all.gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1).cpu()  # [b, J]
-        hit = (logits.argmax(dim=-1) == batch.target_ids).cpu()  # [b, J]
+        top = logits.argmax(dim=-1)  # [b, J]
+        hit = (top == batch.target_ids).cpu()
+        top = top.cpu()
         lens = batch.target_mask.sum(-1).tolist()
         for row, i in enumerate(idx):
             logprobs[i] = lp[row, : lens[row]].clone()
             correct[i] = hit[row, : lens[row]].clone()
+            predicted[i] = top[row, : lens[row]].clone()
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:
         bar.close()
-    return ContinuationScores(logprobs, correct)
+    return ContinuationScores(logprobs, correct, predicted)
 
 
 def score_continuations(

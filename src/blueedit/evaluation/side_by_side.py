@@ -36,10 +36,12 @@ def side_by_side(
     requests: list[EditRequest],
     before: Callable[[list[str]], list[str]],
     after: Callable[[list[str]], list[str]],
+    wrap: Callable[[str], str] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per prompt of every record: ``case_id``, ``kind``, ``prompt``, the expected answer
     (``target_new`` for rewrite and paraphrases, the neighborhood's answer otherwise), and the
-    continuations ``before`` and ``after`` (each a function of the list of all prompts)."""
+    continuations ``before`` and ``after`` (each a function of the list of all prompts). ``wrap``
+    turns a prompt into the text the model is given (the chat template); rows show the prompt."""
     rows: list[dict[str, Any]] = []
     for req in requests:
         answers = iter(req.neighborhood_answers())
@@ -47,7 +49,7 @@ def side_by_side(
             expected = req.target_new if kind != "neighborhood" else next(answers, "")
             rows.append({"case_id": req.case_id, "kind": kind, "prompt": prompt, "expected": expected,
                          "target_true": req.target_true})
-    prompts = [r["prompt"] for r in rows]
+    prompts = [wrap(r["prompt"]) if wrap else r["prompt"] for r in rows]
     for name, fn in (("before", before), ("after", after)):
         texts = fn(prompts) if prompts else []
         for row, text in zip(rows, texts):
@@ -121,6 +123,8 @@ def generate_main(argv: list[str]) -> None:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--output_dir", default=None, help="default: generate/<DIR name>")
     parser.add_argument("--width", type=int, default=60, help="characters per printed cell (the files keep all)")
+    parser.add_argument("--chat_template", choices=("auto", "true", "false"), default="auto",
+                        help="wrap prompts in the tokenizer's chat template (auto: as DIR was edited)")
     args = parser.parse_args(argv)
     directory = Path(args.directory).expanduser()
     if args.max_new_tokens < 1 or args.batch_size < 1:
@@ -147,12 +151,20 @@ def generate_main(argv: list[str]) -> None:
         base, base_tok = load_model_and_tokenizer(ModelConfig(name_or_path=args.base, dtype=args.dtype))
         base.to(device)
         before = _greedy(base, base_tok, args.max_new_tokens, args.batch_size)
-    rows = side_by_side(requests, before, after)
+    chat = args.chat_template == "true"
+    if args.chat_template == "auto" and carry.has_state(directory):
+        chat = bool(carry.read_header(directory)["meta"]["settings"].get("model", {}).get("chat_template"))
+    wrap = None
+    if chat:
+        from blueedit.models.chat import chat_wrap
+
+        wrap = lambda prompt: chat_wrap(tokenizer, prompt)  # noqa: E731
+    rows = side_by_side(requests, before, after, wrap)
     out_dir = Path(args.output_dir or Path("generate") / evaluated_model_dir_name(str(directory)))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "generations.json").write_text(json.dumps(
         {"model": str(directory), "base": args.base or "W_0 from the editor state",
-         "max_new_tokens": args.max_new_tokens, "rows": rows}, indent=1, default=str))
+         "max_new_tokens": args.max_new_tokens, "chat_template": chat, "rows": rows}, indent=1, default=str))
     title = (f"# Greedy generations before and after editing\n\nModel: `{directory}`; before: "
              f"{'`' + args.base + '`' if args.base else 'the weights before editing (editor state)'}; "
              f"{args.max_new_tokens} new tokens per prompt.\n\n")

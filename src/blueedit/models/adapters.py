@@ -22,22 +22,27 @@ class UnknownArchitectureError(ValueError):
 @dataclass(frozen=True)
 class ModelLayout:
     """Module paths of a causal LM, relative to the model (``blocks``, ``final_norm``,
-    ``lm_head``) or to one block (``w_out``). ``transposed`` is True for ``Conv1D`` weights."""
+    ``lm_head``) or to one block (``w_out``, ``attn_out``). ``transposed`` is True for ``Conv1D``
+    weights. ``attn_out`` is the attention block's output projection (only PMET reads it; found
+    among common names when ``None``)."""
 
     blocks: str
     w_out: str
     final_norm: str
     lm_head: str
     transposed: bool = False
+    attn_out: str | None = None
 
 
-_LLAMA_LIKE = ModelLayout("model.layers", "mlp.down_proj", "model.norm", "lm_head")
+_LLAMA_LIKE = ModelLayout("model.layers", "mlp.down_proj", "model.norm", "lm_head", attn_out="self_attn.o_proj")
 
 #: Layouts by ``config.model_type``.
 KNOWN_LAYOUTS: dict[str, ModelLayout] = {
-    "gpt2": ModelLayout("transformer.h", "mlp.c_proj", "transformer.ln_f", "lm_head", transposed=True),
-    "gptj": ModelLayout("transformer.h", "mlp.fc_out", "transformer.ln_f", "lm_head"),
-    "gpt_neox": ModelLayout("gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "embed_out"),
+    "gpt2": ModelLayout("transformer.h", "mlp.c_proj", "transformer.ln_f", "lm_head", transposed=True,
+                       attn_out="attn.c_proj"),
+    "gptj": ModelLayout("transformer.h", "mlp.fc_out", "transformer.ln_f", "lm_head", attn_out="attn.out_proj"),
+    "gpt_neox": ModelLayout("gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "embed_out",
+                            attn_out="attention.dense"),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -47,12 +52,14 @@ KNOWN_LAYOUTS: dict[str, ModelLayout] = {
     "gemma3_text": _LLAMA_LIKE,  # Gemma3ForCausalLM (text only; e.g. Gemma 3 270M)
     "olmo": _LLAMA_LIKE,
     "olmo2": _LLAMA_LIKE,
-    "phi3": ModelLayout("model.layers", "mlp.down_proj", "model.norm", "lm_head"),
+    "phi3": ModelLayout("model.layers", "mlp.down_proj", "model.norm", "lm_head", attn_out="self_attn.o_proj"),
 }
 
 # Candidate names for each part, tried in order when the model type is not known.
 _BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
 _W_OUT_NAMES = ("mlp.down_proj", "mlp.c_proj", "mlp.fc_out", "mlp.dense_4h_to_h", "mlp.fc2", "fc2")
+_ATTN_OUT_NAMES = ("self_attn.o_proj", "attn.out_proj", "attn.c_proj", "attention.dense", "self_attn.out_proj",
+                   "self_attn.dense", "attention.o_proj")
 _NORM_PATHS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm")
 _HEAD_PATHS = ("lm_head", "embed_out")
 
@@ -142,6 +149,18 @@ class ModelAdapter:
 
     def w_out_module(self, layer: int) -> nn.Module:
         return self.blocks[layer].get_submodule(self.layout.w_out)
+
+    def attn_out_module(self, layer: int) -> nn.Module:
+        """The attention block's output projection in block ``layer`` (its output is the attention
+        output added to the residual stream; PMET optimizes a δ there)."""
+        names = (self.layout.attn_out,) if self.layout.attn_out else _ATTN_OUT_NAMES
+        for name in names:
+            module = _get(self.blocks[layer], name)
+            if module is not None:
+                return module
+        raise UnknownArchitectureError(
+            f"block {layer} has no attention output projection (tried {', '.join(names)}): set model.attn_out "
+            "(relative to a block, e.g. 'self_attn.o_proj')")
 
     def w_out_param(self, layer: int) -> nn.Parameter:
         return self.w_out_module(layer).weight

@@ -15,6 +15,8 @@ from typing import Literal
 
 import torch
 
+from blueedit.models.adapters import ModelAdapter
+
 from blueedit.config import Dtype, check_choice
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,8 @@ class ModelConfig:
             as the user's message, followed by the assistant's header (instruct models;
             :mod:`blueedit.models.chat`).
         blocks, w_out, final_norm, lm_head: module paths for architectures that are not detected.
+        attn_out: the attention output projection relative to a block (PMET only; e.g.
+            ``self_attn.o_proj``), for architectures where it is not found.
     """
 
     name_or_path: str = "smollm2-135m"
@@ -89,6 +93,7 @@ class ModelConfig:
     w_out: str | None = None
     final_norm: str | None = None
     lm_head: str | None = None
+    attn_out: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.dtype, Dtype)
@@ -96,7 +101,8 @@ class ModelConfig:
             check_choice("model.padding_side", self.padding_side, Literal["left", "right"])
 
     def layout_overrides(self) -> dict[str, str | None]:
-        return {"blocks": self.blocks, "w_out": self.w_out, "final_norm": self.final_norm, "lm_head": self.lm_head}
+        return {"blocks": self.blocks, "w_out": self.w_out, "final_norm": self.final_norm, "lm_head": self.lm_head,
+                "attn_out": self.attn_out}
 
 
 def default_cache_dir() -> Path:
@@ -290,6 +296,10 @@ def load_model_and_tokenizer(spec: ModelConfig, cache_dir: str | Path | None = N
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     model.requires_grad_(False)
+    if Path(source).is_dir():  # a WISE model saved by `blueedit edit`: re-attach its side memory
+        from blueedit.editing.wise import load_side_memory
+
+        load_side_memory(model, source, ModelAdapter(model, **spec.layout_overrides()))
     return model, tokenizer
 
 

@@ -1,0 +1,130 @@
+"""Lifelong editing (one edit per round, T edits): WISE against MEMIT / AlphaEdit (+ BLUE).
+
+For each ``NAME=CONFIG`` of ``--runs`` this runs ``blueedit fit`` (the CLI, in this process) with
+``data.dataset=--dataset``, ``data.num_edits=T``, ``data.edits_per_round=1`` and evaluation on the
+edited records, then reads the run's ``metrics.json``. The table has, per run, reliability (efficacy:
+the edit prompt), generalization (the paraphrase), locality (agreement with the pre-edit model on
+the unrelated prompts, docs/algorithms.md §8) and specificity, all after the T-th edit, and the
+time per edit (wall seconds inside the editing rounds, and CPU seconds of the whole run / T).
+
+Written under ``--out``: ``lifelong_T<T>.json`` (every run's metrics and timings, the command) and
+``lifelong_T<T>.md`` (the table).
+
+Example (the README's table)::
+
+    python benchmarks/lifelong.py --num-edits 100 --runs \\
+        WISE=configs/smollm2-135m/wise.yaml MEMIT=configs/smollm2-135m/memit.yaml \\
+        "MEMIT + BLUE=configs/smollm2-135m/memit_blue.yaml" \\
+        "AlphaEdit + BLUE=configs/smollm2-135m/alphaedit_blue.yaml" --bf16-locate-then-edit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+COLUMNS = ("efficacy", "generalization", "locality", "specificity")
+
+
+def run_one(name: str, config: str, args, workdir: Path) -> dict:
+    from blueedit.cli import run_cli
+
+    root = workdir / name.replace(" ", "_").replace("+", "plus")
+    argv = ["fit", "--config", config, "--data.dataset", args.dataset, "--data.num_edits", str(args.num_edits),
+            "--data.edits_per_round", "1", "--data.eval_dataset", "null", "--model.evaluate", "true",
+            "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
+            "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false"]
+    method = _method_of(config)
+    if args.bf16_locate_then_edit and method != "wise":
+        argv += ["--model.editing.compute_dtype", "bfloat16"]
+    argv += args.extra
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_cli(argv)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    summary = json.loads((root / "metrics.json").read_text())
+    n = summary["num_edits"]
+    return {
+        "name": name, "config": config, "method": summary["method"], "strategy": summary["strategy"],
+        "layers": summary["layers"], "num_edits": n, "argv": argv,
+        "metrics": {k: v for k, v in summary["metrics"].items()},
+        "edit_seconds_per_edit": summary["edit_seconds"] / n, "run_wall_seconds": wall,
+        "run_cpu_seconds": cpu, "cpu_seconds_per_edit": cpu / n,
+    }
+
+
+def _method_of(config: str) -> str:
+    import yaml
+
+    cfg = yaml.safe_load(Path(config).read_text())
+    return cfg["model"]["editing"]["method"]
+
+
+def table(results: list[dict], T: int, dataset: str) -> str:
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    lines = [f"Lifelong editing on `{dataset}`, T = {T} edits, one per round; metrics after the last edit "
+             "(pre-edit in parentheses).", "",
+             "| method | layers | reliability | generalization | locality | specificity | s / edit (wall) | CPU s / edit |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        m = r["metrics"]
+        cells = []
+        for c in COLUMNS:
+            v = m.get(c, {})
+            pre = v.get("pre")
+            cells.append(fmt(v.get("post")) + (f" ({pre:.1f})" if pre is not None else ""))
+        lines.append(f"| {r['name']} | {r['layers']} | " + " | ".join(cells)
+                     + f" | {r['edit_seconds_per_edit']:.1f} | {r['cpu_seconds_per_edit']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", nargs="+", required=True, help="NAME=CONFIG, one per row")
+    p.add_argument("--dataset", default="zsre_eval")
+    p.add_argument("--num-edits", type=int, default=100)
+    p.add_argument("--bf16-locate-then-edit", action="store_true",
+                   help="editing.compute_dtype bfloat16 for every run that is not WISE")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workdir", default="~/.cache/blueedit/lifelong")
+    p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"))
+    p.add_argument("extra", nargs="*", help="further CLI overrides for every run (after --)")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir).expanduser()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"lifelong_T{args.num_edits}"
+    done = json.loads(stem.with_suffix(".json").read_text())["runs"] if stem.with_suffix(".json").is_file() else []
+    results = [r for r in done if any(r["name"] == s.split("=", 1)[0] for s in args.runs)]
+    for spec in args.runs:
+        name, config = spec.split("=", 1)
+        if any(r["name"] == name for r in results):
+            print(f"{name}: already in {stem}.json, skipped")
+            continue
+        results.append(run_one(name, config, args, workdir))
+        order = [s.split("=", 1)[0] for s in args.runs]
+        results.sort(key=lambda r: order.index(r["name"]))
+        payload = {"command": "python benchmarks/lifelong.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+                   "dataset": args.dataset, "num_edits": args.num_edits, "versions": C.versions(),
+                   "device": C.device_description("cpu"), "runs": results}
+        stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+        stem.with_suffix(".md").write_text(table(results, args.num_edits, args.dataset) + "\n\nCommand: `"
+                                           + payload["command"] + "`\n")
+        print(table(results, args.num_edits, args.dataset))
+
+
+if __name__ == "__main__":
+    main()
