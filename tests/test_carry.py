@@ -26,7 +26,8 @@ from test_module import RECORDS
 
 # -- the stored updates rebuild the editor's weights and history exactly -----------------------------
 @pytest.mark.parametrize("method, strategy", [("memit", "distribute"), ("alphaedit", "boundary"),
-                                              ("prune", "boundary"), ("rect", "distribute")])
+                                              ("prune", "boundary"), ("rect", "distribute"),
+                                              ("pmet", "distribute"), ("pmet", "boundary")])
 def test_stored_updates_rebuild_weights_and_history(method, strategy):
     ed = _editor(method, strategy)
     w0 = {l: ed.adapter.get_w_out(l) for l in ed.hp.edited_layers}
@@ -134,7 +135,7 @@ def _assert_close_dirs(a: Path, b: Path, exact: bool = True) -> None:
     assert ea["requests"] == eb["requests"] and ea["base_model"] == eb["base_model"]
 
 
-@pytest.mark.parametrize("method, strategy", [("memit", "distribute"), ("prune", "boundary")])
+@pytest.mark.parametrize("method, strategy", [("memit", "distribute"), ("prune", "boundary"), ("pmet", "boundary")])
 def test_two_sittings_equal_one_run_and_revert_undoes_rounds(tiny, tmp_path, capsys, method, strategy):
     base = tiny / "tiny-llama"
     one_run, first, second = tmp_path / "one", tmp_path / "first", tmp_path / "second"

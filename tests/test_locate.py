@@ -405,3 +405,41 @@ def test_locate_command_with_the_chat_template(saved_tiny, tmp_path, capsys):
     ids = tok(trace["prompt"])["input_ids"]
     assert tok.decode(ids[b:e]).strip() == "Danielle Darrieux"
     assert "chat_template: true" in (out / "memit.yaml").read_text()
+
+
+def _tiny_arch(name: str):
+    import transformers
+
+    common = dict(vocab_size=300, max_position_embeddings=64)
+    if name == "gpt_neox":
+        cfg = transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, **common)
+    elif name == "gptj":
+        cfg = transformers.GPTJConfig(n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_positions=64, vocab_size=300)
+    else:
+        cls = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig",
+               "gemma3_text": "Gemma3TextConfig"}[name]
+        cfg = getattr(transformers, cls)(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, **common)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0 if name == "gemma3_text" else 4.0)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "gemma3_text", "gpt_neox", "gptj"])
+def test_tracing_identities_hold_on_every_architecture(arch):
+    """The hooks find the embeddings, blocks and ``W_out`` of each family: the one-token-subject
+    identity holds exactly, and the batched trace equals the one-pass-per-layer oracle."""
+    model = _tiny_arch(arch)
+    tracer = CausalTracer(model, ModelAdapter(model), make_tokenizer(), noise_std=0.5, samples=2)
+    tr = tracer.trace(KnownFact("X", "The city of {}", None, 0))
+    assert abs(tr.p_corrupt - tr.p_clean) > 1e-4
+    assert tr.hidden == pytest.approx([tr.p_clean] * 3, abs=1e-6)
+    fact = KnownFact("Danielle Darrieux", "{} spoke French and", None, 0)
+    tr = tracer.trace(fact)
+    p_clean, corrupt, hidden, mlp = _oracle(tracer, fact)
+    assert (tr.p_clean, tr.p_corrupt) == pytest.approx((p_clean, corrupt), abs=1e-5)
+    assert tr.hidden == pytest.approx(hidden, abs=1e-5) and tr.mlp == pytest.approx(mlp, abs=1e-5)

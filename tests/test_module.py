@@ -55,8 +55,12 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def _module(root: Path, strategy: str = "boundary", method: str = "memit", evaluate: bool = False) -> EditingModule:
-    editing = EditingConfig(method=method, strategy=strategy, layers=[1, 2, 3],
-                          target=TargetConfig(v_num_grad_steps=3, v_lr=0.5))
+    """``method`` ``hse``: MEMIT with HSE's three options on (forgetting, full Fisher, inverse schedule)."""
+    hse = method == "hse"
+    editing = EditingConfig(method="memit" if hse else method, strategy=strategy, layers=[1, 2, 3],
+                            history_schedule="inverse" if hse else "constant",
+                            target=TargetConfig(v_num_grad_steps=3, v_lr=0.5, **(
+                                {"forget_weight": 0.5, "fisher_weight": 10.0, "fisher_estimator": "full"} if hse else {})))
     stats = StatsConfig(corpus="model-samples", num_samples=4, max_length=32, batch_size=4,
                       cache_dir=str(root / "cache"))
     return EditingModule(model=ModelConfig(name_or_path=str(root / "tiny-llama")), editing=editing, stats=stats,
@@ -133,7 +137,8 @@ class _SeenRounds(Callback):
         self.rounds.append((batch.index, batch_idx))
 
 
-@pytest.mark.parametrize("strategy, method", [("boundary", "memit"), ("distribute", "alphaedit")])
+@pytest.mark.parametrize("strategy, method", [("boundary", "memit"), ("distribute", "alphaedit"), ("boundary", "hse"),
+                                              ("distribute", "pmet")])
 def test_checkpoint_resume_gives_identical_weights(workdir, tmp_path, strategy, method):
     # A: uninterrupted, 3 rounds
     a = _module(workdir, strategy, method)
@@ -172,3 +177,8 @@ def test_checkpoint_resume_gives_identical_weights(workdir, tmp_path, strategy, 
     for l, P in a.editor.state.projection.items():
         assert torch.equal(P, b2.editor.state.projection[l])
     assert a.editor.state.context_templates == b2.editor.state.context_templates
+    # HSE's state: the Fisher sums per target layer and n
+    assert sorted(a.editor.state.fisher) == sorted(b2.editor.state.fisher) == ([1, 3] if method == "hse" else [])
+    for l, F in a.editor.state.fisher.items():
+        assert torch.allclose(F, b2.editor.state.fisher[l], rtol=1e-5, atol=1e-9), l
+    assert a.editor.state.total_rounds == b2.editor.state.total_rounds == 3

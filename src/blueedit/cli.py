@@ -180,8 +180,8 @@ def save_edited_model(module: EditingModule, datamodule: EditDataModule, output:
             "requests": list(previous.get("requests", [])) + [r.to_dict() for r in datamodule.requests],
         }
         (tmp / "edits.json").write_text(json.dumps(record, indent=1, default=str))
-        if getattr(module, "editor", None) is not None and module.hp.method != "wise":  # what `edit` on this
-            # directory and `revert` need (WISE's state is its side memory file, written above)
+        # what `edit` on this directory and `revert` need (WISE saves its side memory instead)
+        if getattr(module, "editor", None) is not None and module.hp.method != "wise":
             from blueedit import carry
 
             try:

@@ -23,8 +23,8 @@ HistorySchedule = Literal["constant", "inverse"]
 #: HSE as MEMIT with these options (``configs/smollm2-135m/hse.yaml`` and ``hse_blue.yaml`` set the
 #: same; the benchmarks' method name ``hse``). The published values were not retrievable
 #: (docs/algorithms.md, "HSE"): the forgetting weight 0.25 is α = 0.8 in the paper's
-#: ``α·NLL + (1 − α)·UL``; the Fisher weight was set on SmolLM2 so that the penalty of a new
-#: round's δ is of the order of its NLL term (measured in docs/algorithms.md).
+#: ``α·NLL + (1 − α)·UL``; the Fisher weight 1 is the Laplace approximation's own weight (the
+#: earlier edits' log-likelihood as a prior); neither value has been tuned.
 PRESET: dict[str, dict] = {
     "editing": {"history_schedule": "inverse"},
     "target": {"forget_weight": 0.25, "fisher_weight": 1.0, "fisher_estimator": "full"},
