@@ -100,8 +100,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny):
     assert sorted({h["round"] for h in rec_b["weight_shift"]}) == [0, 1, 2]  # every 2 edits: every round
     assert [h["round"] for h in rec_b["drift"]] == [-1, 0, 1, 2]
 
-    wa = torch.load(tiny / "work" / "full" / "memit_distribute" / "checkpoints" / "last.ckpt", map_location="cpu",
-                    weights_only=True)["state_dict"]
+    full_ckpt = tiny / "work" / "full" / "memit_distribute" / "checkpoints" / "last.ckpt"
+    wa = torch.load(full_ckpt, map_location="cpu", weights_only=True)["state_dict"]
     wb = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
     assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
 
