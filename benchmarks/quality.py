@@ -293,12 +293,17 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     print()
     print(results["table"])
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
-        out.with_suffix(".md").write_text(results["table"] + "\n")
-        print(f"results written to {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+        write_results(args.out, results)
+        print(f"results written to {Path(args.out).with_suffix('.json')} and {Path(args.out).with_suffix('.md')}")
     return results
+
+
+def write_results(out: str | Path, results: dict) -> None:
+    """``<out>.json`` (everything) and ``<out>.md`` (the table)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    out.with_suffix(".md").write_text(results["table"] + "\n")
 
 
 def combine(args, argv) -> dict:
@@ -317,10 +322,7 @@ def combine(args, argv) -> dict:
                "runs": [r for f in files for r in f["runs"]], "table": "\n".join(lines)}
     print(results["table"])
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
-        out.with_suffix(".md").write_text(results["table"] + "\n")
+        write_results(args.out, results)
     return results
 
 
