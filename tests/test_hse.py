@@ -286,6 +286,9 @@ def test_checkpoint_settings_leave_out_default_new_options(monkeypatch):
     plain = EditingModule(editing=EditingConfig(layers=list(LAYERS)), evaluate=False).settings_fingerprint()
     assert "history_schedule" not in plain["editing"] and "forget_weight" not in plain["editing"]["target"]
     assert "top1_nll_factor" not in plain["editing"]["target"]
+    assert "wise" not in plain["editing"]  # WISE's settings only count for method 'wise'
+    wise = EditingModule(editing=EditingConfig(method="wise", layers=[LAYERS[0]]), evaluate=False)
+    assert wise.settings_fingerprint()["editing"]["wise"]["n_iter"] == wise.hp.wise.n_iter
     on = EditingModule(editing=EditingConfig(layers=list(LAYERS), history_schedule="inverse",
                                              target=TargetConfig(forget_weight=0.5)), evaluate=False)
     fp = on.settings_fingerprint()

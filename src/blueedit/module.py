@@ -212,6 +212,9 @@ class EditingModule(L.LightningModule):
                 d = d.get(p, {})
             if key in d and d[key] == default:
                 del d[key]
+        # WISE's settings decide nothing for the other methods (and did not exist before WISE)
+        if self.hp.method != "wise":
+            settings["editing"].pop("wise", None)
         return settings
 
     def _check_resume_settings(self, saved: dict[str, Any] | None) -> None:
