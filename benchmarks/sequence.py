@@ -379,6 +379,8 @@ def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
     for r in record.get("rounds") or []:
         for l, n in r["update_norms"].items():
             add(r["index"], f"update_norm/layer{l}", n)
+        if r["update_norms"]:  # the round's whole update: sqrt(sum over written layers of ‖Δ^l‖_F²)
+            add(r["index"], "update_norm/total", math.sqrt(sum(n * n for n in r["update_norms"].values())))
     rows.sort(key=lambda row: (row["edits"], row["round"], row["metric"]))
     return rows
 
@@ -407,8 +409,10 @@ PANELS = [
     ("fluency", "Fluency (generation entropy)"),
     ("consistency", "Consistency (TF-IDF)"),
     ("general/mean", "General capability (mean of tasks)"),
+    ("general/perplexity", "Perplexity (WikiText-2 chunks)"),
     ("drift/relative", "Hidden-state drift (relative)"),
     ("weight_shift/relative/mean", "Weight shift error (rel., mean of layers)"),
+    ("update_norm/total", "Update norm per round (all layers)"),
 ]
 
 

@@ -87,7 +87,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny):
     assert a == b
     metrics = {row["metric"] for row in a}
     assert {"efficacy", "generalization", "specificity", "general/sst2", "drift/relative",
-            "weight_shift/relative/layer1", "update_norm/layer3"} <= metrics
+            "weight_shift/relative/layer1", "update_norm/layer3", "update_norm/total"} <= metrics
+    for rnd in {r["round"] for r in a if r["metric"] == "update_norm/total"}:
+        per_layer = [float(r["value"]) for r in a if r["round"] == rnd and r["metric"].startswith("update_norm/layer")]
+        total = next(float(r["value"]) for r in a if r["round"] == rnd and r["metric"] == "update_norm/total")
+        assert abs(total - sum(v * v for v in per_layer) ** 0.5) <= 1e-9 * max(total, 1.0)
     # every K = 2 edits, the records edited so far: 2, 4, 6 (and the pre-edit evaluation at 0)
     assert sorted({int(r["edits"]) for r in a if r["metric"] == "efficacy"}) == [0, 2, 4, 6]
     rec_a = json.loads((tiny / "results" / "full" / "runs" / "memit_distribute.json").read_text())
