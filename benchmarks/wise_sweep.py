@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default="configs/smollm2-135m/wise.yaml")
     p.add_argument("--dataset", default="zsre_dev")
     p.add_argument("--num-edits", type=int, default=20)
-    p.add_argument("--settings", nargs="+", required=True, help="LAYER:ALPHA:BETA:GAMMA")
+    p.add_argument("--settings", nargs="+", required=True,
+                   help="LAYER:ALPHA:BETA:GAMMA[:ACT_RATIO] (act_ratio: the config's when left out)")
+    p.add_argument("--name", default="wise_sweep", help="stem of the output files")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
@@ -61,8 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     pre = evaluate_requests(lm, tok, requests)
     rows = []
     for spec in args.settings:
-        layer, a, b, g = spec.split(":")
-        wise = replace(base_wise, alpha=float(a), beta=float(b), gamma=float(g))
+        layer, a, b, g, *rest = spec.split(":")
+        act_ratio = float(rest[0]) if rest else base_wise.act_ratio
+        wise = replace(base_wise, alpha=float(a), beta=float(b), gamma=float(g), act_ratio=act_ratio)
         hp = EditingConfig(method="wise", layers=[int(layer)], wise=wise, target=TargetConfig())
         editor = WiseEditor(lm, tok, adapter, hp, templates, irrelevant)
         wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         post = evaluate_requests(lm, tok, requests)
         add_locality(post, pre)
         editor.remove()
-        row = {"layer": int(layer), "alpha": float(a), "beta": float(b), "gamma": float(g),
+        row = {"layer": int(layer), "alpha": float(a), "beta": float(b), "gamma": float(g), "act_ratio": act_ratio,
                "metrics": post.metrics, "mean_steps": sum(steps) / len(steps), "wall_per_edit": wall / len(requests),
                "cpu_per_edit": cpu / len(requests), "threshold": editor.state.current_threshold}
         rows.append(row)
@@ -82,20 +85,21 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/wise_sweep.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
-    (out / "wise_sweep.json").write_text(json.dumps({"command": command, "dataset": args.dataset,
+    (out / f"{args.name}.json").write_text(json.dumps({"command": command, "dataset": args.dataset,
                                                      "num_edits": args.num_edits, "pre": pre.metrics,
                                                      "rows": rows, "versions": C.versions()}, indent=1))
     lines = [f"WISE sweep on `{args.dataset}`, {args.num_edits} edits one at a time (lifelong); other settings "
              f"from `{args.config}`. Pre-edit: reliability {pre.metrics['efficacy']:.1f}, generalization "
              f"{pre.metrics['generalization']:.1f}.", "",
-             "| layer | α | β | γ | reliability | generalization | locality | ε | steps / edit | CPU s / edit |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| layer | α | β | γ | act_ratio | reliability | generalization | locality | ε | steps / edit | CPU s / edit |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         m = r["metrics"]
-        lines.append(f"| {r['layer']} | {r['alpha']:g} | {r['beta']:g} | {r['gamma']:g} | {m['efficacy']:.1f} | "
+        lines.append(f"| {r['layer']} | {r['alpha']:g} | {r['beta']:g} | {r['gamma']:g} | {r.get('act_ratio', 1.0):g} | "
+                     f"{m['efficacy']:.1f} | "
                      f"{m['generalization']:.1f} | {m.get('locality', float('nan')):.1f} | {r['threshold']:.2f} | "
                      f"{r['mean_steps']:.0f} | {r['cpu_per_edit']:.1f} |")
-    (out / "wise_sweep.md").write_text("\n".join(lines) + f"\n\nCommand: `{command}`\n")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + f"\n\nCommand: `{command}`\n")
     print("\n".join(lines))
 
 
