@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         m = r["metrics"]
-        lines.append(f"| {r['layer']} | {r['alpha']:g} | {r['beta']:g} | {r['gamma']:g} | {r.get('act_ratio', 1.0):g} | "
+        lines.append(f"| {r['layer']} | {r['alpha']:g} | {r['beta']:g} | {r['gamma']:g} | {r['act_ratio']:g} | "
                      f"{m['efficacy']:.1f} | "
                      f"{m['generalization']:.1f} | {m.get('locality', float('nan')):.1f} | {r['threshold']:.2f} | "
                      f"{r['mean_steps']:.0f} | {r['cpu_per_edit']:.1f} |")
