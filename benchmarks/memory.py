@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--weight-dtype", default=None, choices=sorted(BYTES),
                    help="dtype of the weights (default: bfloat16 for llama3-8b, else float32)")
     p.add_argument("--compute-dtype", default="bfloat16", choices=sorted(BYTES))
-    p.add_argument("--max-batch-tokens", type=int, default=2048, help="editing.max_batch_tokens (0: none)")
+    p.add_argument("--max-batch-tokens", type=int, default=1024, help="editing.max_batch_tokens (0: none)")
     p.add_argument("--edits-per-round", type=int, default=100)
     p.add_argument("--prompt-tokens", type=int, default=12, help="mean padded suffix length of a prompt")
     p.add_argument("--layers", default="4,5,6,7,8")

@@ -80,7 +80,7 @@ def build_parser():
                    help="editing.compute_dtype of the optimized mode (forward passes on a copy in this dtype)")
     p.add_argument("--reference-compute-dtype", default="none", choices=["none", "float32", "bfloat16", "float16"],
                    help="editing.compute_dtype of the reference mode")
-    p.add_argument("--max-batch-tokens", type=int, default=2048,
+    p.add_argument("--max-batch-tokens", type=int, default=1024,
                    help="editing.max_batch_tokens of the optimized mode (0: one batch)")
     p.add_argument("--flops", action="store_true",
                    help="count the FLOPs of one target step and compare with measured matmul peaks")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from blueedit.data.datamodule import EditDataModule, ResumeMismatchError
 from test_module import RECORDS, _StopAfterRound, _data, _fit, _module, workdir  # noqa: F401
@@ -60,4 +61,16 @@ def test_resume_with_the_same_stream_and_a_speed_setting_changed(workdir, checkp
     module = _module(workdir)
     module.hp.key_batch_size = 3  # changes speed, not results
     trainer = _resume(module, _data(workdir), checkpoint)
+    assert trainer.global_step == 3 and module.editor.state.rounds_done == 3
+
+
+def test_resume_with_another_memory_budget_and_an_older_checkpoint(workdir, checkpoint):  # noqa: F811
+    # checkpoints written before editing.max_batch_tokens became a speed setting recorded it
+    ckpt = torch.load(checkpoint, weights_only=False)
+    ckpt["blueedit"]["settings"]["editing"]["max_batch_tokens"] = 2048
+    older = workdir / "older.ckpt"
+    torch.save(ckpt, older)
+    module = _module(workdir)
+    module.hp.max_batch_tokens = 64  # changes memory, not results
+    trainer = _resume(module, _data(workdir), older)
     assert trainer.global_step == 3 and module.editor.state.rounds_done == 3

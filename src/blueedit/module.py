@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import warnings
@@ -184,7 +185,8 @@ class EditingModule(L.LightningModule):
             self.adapter.set_w_out(int(key.split(".")[1]), w)
 
     #: Settings that change speed, not results: they may differ when resuming.
-    RESUMABLE_SETTINGS = frozenset({"editing.key_batch_size", "stats.batch_size", "stats.cache_dir"})
+    RESUMABLE_SETTINGS = frozenset({"editing.key_batch_size", "editing.max_batch_tokens", "stats.batch_size",
+                                    "stats.cache_dir"})
     LATER_OPTIONS = {"editing.history_schedule": "constant", "editing.target.forget_weight": 0.0,
                      "editing.target.fisher_weight": 0.0, "editing.target.fisher_estimator": "diagonal",
                      "editing.target.top1_nll_factor": None, "editing.target.top1_kl_stop": 0.01}
@@ -222,6 +224,10 @@ class EditingModule(L.LightningModule):
             warnings.warn("the checkpoint records no settings (written by an older blueedit); resuming unchecked",
                           stacklevel=2)
             return
+        saved = copy.deepcopy(saved)
+        for dotted in self.RESUMABLE_SETTINGS:  # checkpoints written while they were still recorded
+            group, key = dotted.split(".", 1)
+            saved.get(group, {}).pop(key, None)
         differences = describe_differences(saved, self.settings_fingerprint())
         if differences:
             where = f" {self._trainer.ckpt_path}" if self._trainer is not None and self._trainer.ckpt_path else ""

@@ -97,7 +97,7 @@ class EditingConfig:
     key_batch_size: int = 64
     autocast: HalfDtype | None = None
     compute_dtype: Dtype | None = None
-    max_batch_tokens: int | None = 2048
+    max_batch_tokens: int | None = 1024
     use_history: bool = True
     prune_base: PruneBase = "original"
     history_schedule: hse.HistorySchedule = "constant"

@@ -203,6 +203,9 @@ class _PrefixCache:
         return inputs
 
 
+_CACHE = object()  # where a captured call had the key/value cache (a fresh one is passed each step)
+
+
 class _BlockReplay:
     """Run only blocks ``first..last`` of later steps, from inputs captured on the first step.
 
@@ -230,12 +233,37 @@ class _BlockReplay:
         finally:
             for h in handles:
                 h.remove()
+            self._slim()
+
+    def _slim(self) -> None:
+        """Keep only what :meth:`run` reads: block ``first``'s input (detached) and every block's
+        other arguments. The later blocks' hidden inputs (which depend on δ) and the key/value
+        cache objects (a fresh one is passed each step) would otherwise stay alive for the whole
+        optimization, one copy per length group."""
+        from transformers import Cache
+
+        def strip(x):
+            if isinstance(x, Cache):
+                return _CACHE
+            if isinstance(x, (tuple, list)):
+                return type(x)(strip(v) for v in x)
+            return x
+
+        for b, (args, kw) in list(self.calls.items()):
+            if b == self.first:
+                h = (args[0] if args else kw["hidden_states"]).detach()
+            else:
+                h = None
+            if args:
+                args = (h,) + tuple(strip(a) for a in args[1:])
+            kw = {k: (h if k == "hidden_states" else strip(v)) for k, v in kw.items()}
+            self.calls[b] = (args, kw)
 
     @staticmethod
     def _select(x, rows: torch.Tensor, n: int, cache):
         from transformers import Cache
 
-        if isinstance(x, Cache):
+        if x is _CACHE or isinstance(x, Cache):
             return cache
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == n:
             return x[rows].detach()  # masks, position embeddings: independent of δ
@@ -477,43 +505,57 @@ def optimize_targets(
                         logits = model(**inputs).logits
             except _StopForward:
                 logits = None
-        # positions last_prompt_index + j predict target token j; KL rows are read at the fact token
+        # positions last_prompt_index + j predict target token j; KL rows are read at the fact token.
+        # Only the m read positions are scored (target tokens, one per KL row): [m, V], not [n, J, V].
         tmask = tmask_all[sel].bool()
-        pos = batch.last_prompt_index.unsqueeze(1) + torch.arange(J, device=device)
-        pos = torch.where(tmask, pos, batch.last_prompt_index.unsqueeze(1))
-        read = torch.where(is_kl_all[sel].unsqueeze(1), fact.unsqueeze(1).expand_as(pos), pos)
-        is_kl = is_kl_all[sel].view(-1, 1, 1)
+        kl_row = is_kl_all[sel]
+        first = torch.zeros_like(tmask)
+        first[:, 0] = True
+        r_idx, j_idx = torch.nonzero(tmask | (kl_row.unsqueeze(1) & first), as_tuple=True)  # row-major
+        at_kl = kl_row[r_idx]
+        pos = torch.where(at_kl, fact[r_idx], batch.last_prompt_index[r_idx] + j_idx)
         if logits is None:  # fast path: lm_head only where targets are read
-            h = gather_positions(tr.hidden[loss_layer], read)
+            h = tr.hidden[loss_layer][r_idx, pos]
             if loss_layer != final_layer:  # KL rows: the final block's state
-                h = torch.where(is_kl, gather_positions(tr.hidden[final_layer], read), h)
+                h = torch.where(at_kl.unsqueeze(1), tr.hidden[final_layer][r_idx, pos], h)
             logp = torch.log_softmax(adapter.lm_head(adapter.final_norm(h)).float(), dim=-1)
         else:  # reference path: logits at every position; targets read at ``loss_layer``, KL at the end
-            read_logits = gather_positions(logits, read)
+            read_logits = logits[r_idx, pos]
             if loss_layer != final_layer:
-                at_loss = gather_positions(adapter.lm_head(adapter.final_norm(tr.hidden[loss_layer])), read)
-                read_logits = torch.where(is_kl, read_logits, at_loss)
-            logp = torch.log_softmax(read_logits.float(), dim=-1)
+                at_loss = adapter.lm_head(adapter.final_norm(tr.hidden[loss_layer][r_idx, pos]))
+                read_logits = torch.where(at_kl.unsqueeze(1), read_logits, at_loss)
+            logp = torch.log_softmax(read_logits.float(), dim=-1)  # [m, V]
+        tgt = ~at_kl
+        tok = logp[tgt].gather(-1, tids_all[sel][r_idx[tgt], j_idx[tgt]].unsqueeze(-1)).squeeze(-1)
+        tok_logp = torch.zeros(tmask.shape, dtype=logp.dtype, device=device).index_put((r_idx[tgt], j_idx[tgt]), tok)
+        hit = None
+        if hp.top1_nll_factor is not None:  # target token is the argmax (positions without one count as hits)
+            hit = torch.ones(tmask.shape, dtype=torch.bool, device=device)
+            hit[r_idx[tgt], j_idx[tgt]] = tok.detach() >= logp[tgt].detach().max(-1).values
         outs = [tr.hidden[layer] if x == "block" else site_out[x] for x in sites]
-        return logp, torch.stack([gather_positions(o, fact) for o in outs], dim=1)  # [n, S, d]
+        return (tok_logp, hit, logp[at_kl],  # KL rows' [n_kl, V] in ``sel`` order
+                torch.stack([gather_positions(o, fact) for o in outs], dim=1))  # [n, S, d]
 
     def chunk_loss(ch: _Chunk, it: int) -> tuple[torch.Tensor, torch.Tensor, dict] | None:
         """``(requests, loss, parts)`` of the chunk's active requests (in request order) at step
         ``it``; ``parts`` holds the per-request ``nll``, ``kl`` and (PMET's exit) ``top1``."""
         nonlocal kl_init
         row_active = active[row_req_all]
-        sels, logps, hfacts = [], [], []
+        sels, toks, hits, kls, hfacts = [], [], [], [], []
         for g in ch.groups:
             sel = g.rows[row_active[g.rows]]
             if sel.numel():
-                logp_g, hfact_g = run_group(ch, g, sel)
+                tok_g, hit_g, kl_g, hfact_g = run_group(ch, g, sel)
                 sels.append(sel)
-                logps.append(logp_g)
+                toks.append(tok_g)
+                hits.append(hit_g)
+                kls.append(kl_g)
                 hfacts.append(hfact_g)
         if not sels:
             return None
         sel = torch.cat(sels)
-        logp = torch.cat(logps)
+        tok_logp = torch.cat(toks)  # [n, J], 0 where no target token is read
+        kl_all = torch.cat(kls)  # [n_kl, V], KL rows in ``sel`` order
         row_req, is_kl = row_req_all[sel], is_kl_all[sel]
         act_idx = ch.req[active[ch.req]]
         if it == 0:
@@ -522,7 +564,6 @@ def optimize_targets(
             h_init[act_idx] = torch.cat(hfacts)[where[bare_row[act_idx]]].detach().float()
 
         tmask = tmask_all[sel]
-        tok_logp = logp.gather(-1, tids_all[sel].unsqueeze(-1)).squeeze(-1) * tmask
         local = torch.full((n_req,), -1, dtype=torch.long, device=device)
         local[act_idx] = torch.arange(act_idx.numel(), device=device)
         n_act = act_idx.numel()
@@ -532,13 +573,11 @@ def optimize_targets(
         nll = torch.zeros(n_act, device=device).index_add(0, local[row_req[rw]], nll_row[rw]) / n_ctx
         parts: dict[str, torch.Tensor] = {"nll": nll}
         if hp.top1_nll_factor is not None:  # o* is the argmax at every target position of every prompt
-            hit = (logp.gather(-1, tids_all[sel].unsqueeze(-1)).squeeze(-1) >= logp.max(-1).values) | (tmask == 0)
+            hit = torch.cat(hits)
             miss = (~hit.all(1) & rw).float()
             parts["top1"] = torch.zeros(n_act, device=device).index_add(0, local[row_req], miss) == 0
 
-        kl_rows = is_kl.nonzero().flatten()
-        kl_rows = kl_rows[torch.argsort(row_req[kl_rows])]  # one KL row per active request, in request order
-        kl_logp = logp[kl_rows, 0]
+        kl_logp = kl_all[torch.argsort(row_req[is_kl])]  # one KL row per active request, in request order
         if it == 0:
             if kl_init is None:
                 kl_init = torch.zeros(n_req, kl_logp.shape[-1], device=device)
