@@ -1,10 +1,15 @@
 """A small sweep of WISE's edited layer and margins on a development set (default ``zsre_dev``).
 
-The model is loaded once; for each ``--settings`` entry ``LAYER:ALPHA:BETA:GAMMA`` a fresh side
-memory is attached, the first ``--num-edits`` records are edited one at a time (lifelong), the
-edited records are evaluated (reliability = efficacy, generalization, locality against the pre-edit
-predictions, docs/algorithms.md §8), and the side memory is removed again (the model is the
-pre-edit one between settings). The other WISE settings come from ``--config``'s ``editing.wise``.
+The model is loaded once; for each ``--settings`` entry ``LAYER:ALPHA:BETA:GAMMA[:ACT_RATIO]``
+(optionally followed by ``/key=value,...``: other ``editing.wise`` settings, e.g.
+``/variant=retrieve,shard_size=10,merge_every=10``) a fresh side memory is attached, the first
+``--num-edits`` records are edited one at a time (lifelong), the edited records are evaluated
+(reliability = efficacy, generalization, locality against the pre-edit predictions,
+docs/algorithms.md §8), and the side memory is removed again (the model is the pre-edit one
+between settings). The other WISE settings come from ``--config``'s ``editing.wise``.
+
+"just edited" is the mean reliability of each record evaluated right after its own edit; the
+difference to the final reliability is what the later edits took away (forgetting).
 
 Written under ``--out``: ``wise_sweep.json`` and ``wise_sweep.md``.
 
@@ -34,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset", default="zsre_dev")
     p.add_argument("--num-edits", type=int, default=20)
     p.add_argument("--settings", nargs="+", required=True,
-                   help="LAYER:ALPHA:BETA:GAMMA[:ACT_RATIO] (act_ratio: the config's when left out)")
+                   help="LAYER:ALPHA:BETA:GAMMA[:ACT_RATIO][/key=value,...] (act_ratio and the other "
+                        "editing.wise settings: the config's when left out)")
     p.add_argument("--name", default="wise_sweep", help="stem of the output files")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"))
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     cfg = yaml.safe_load(Path(args.config).read_text())["model"]
     base_wise = WiseConfig(**cfg["editing"].get("wise", {}))
+    settings = [parse_setting(spec, base_wise) for spec in args.settings]  # all checked before any work
     lm, tok = load_model_and_tokenizer(ModelConfig(**cfg["model"]), C.os.environ.get("BLUEEDIT_CACHE"))
     adapter = ModelAdapter(lm)
     requests = load_requests(args.dataset, num_edits=args.num_edits)
@@ -62,23 +69,24 @@ def main(argv: list[str] | None = None) -> None:
     templates = wise_context_templates(lm, tok, base_wise.context_lengths)
     pre = evaluate_requests(lm, tok, requests)
     rows = []
-    for spec in args.settings:
-        layer, a, b, g, *rest = spec.split(":")
-        act_ratio = float(rest[0]) if rest else base_wise.act_ratio
-        wise = replace(base_wise, alpha=float(a), beta=float(b), gamma=float(g), act_ratio=act_ratio)
+    for spec, (layer, wise, extra) in zip(args.settings, settings):
+        a, b, g, act_ratio = wise.alpha, wise.beta, wise.gamma, wise.act_ratio
         hp = EditingConfig(method="wise", layers=[int(layer)], wise=wise, target=TargetConfig())
         editor = WiseEditor(lm, tok, adapter, hp, templates, irrelevant)
         wall0, cpu0 = time.perf_counter(), time.process_time()
-        steps = []
+        steps, just_edited, eval_cpu = [], [], 0.0
         for i, r in enumerate(requests):
             rep = editor.edit_round([r], i)
             steps += rep.target_steps[int(layer)]
-        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+            e0 = time.process_time()
+            just_edited.append(evaluate_requests(lm, tok, [r]).metrics["efficacy"])
+            eval_cpu += time.process_time() - e0
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0 - eval_cpu
         post = evaluate_requests(lm, tok, requests)
         add_locality(post, pre)
         editor.remove()
         row = {"layer": int(layer), "alpha": float(a), "beta": float(b), "gamma": float(g), "act_ratio": act_ratio,
-               "metrics": post.metrics, "mean_steps": sum(steps) / len(steps), "wall_per_edit": wall / len(requests),
+               "other": extra, "just_edited": sum(just_edited) / len(just_edited), "metrics": post.metrics, "mean_steps": sum(steps) / len(steps), "wall_per_edit": wall / len(requests),
                "cpu_per_edit": cpu / len(requests), "threshold": editor.state.current_threshold}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -91,16 +99,60 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"WISE sweep on `{args.dataset}`, {args.num_edits} edits one at a time (lifelong); other settings "
              f"from `{args.config}`. Pre-edit: reliability {pre.metrics['efficacy']:.1f}, generalization "
              f"{pre.metrics['generalization']:.1f}.", "",
-             "| layer | α | β | γ | act_ratio | reliability | generalization | locality | ε | steps / edit | CPU s / edit |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| layer | α | β | γ | act_ratio | other | just edited | reliability | generalization | locality | ε | "
+             "steps / edit | CPU s / edit |",
+             "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         m = r["metrics"]
+        other = ", ".join(f"{k} {v}" for k, v in r.get("other", {}).items()) or "-"
+        just = r.get("just_edited")
         lines.append(f"| {r['layer']} | {r['alpha']:g} | {r['beta']:g} | {r['gamma']:g} | {r['act_ratio']:g} | "
-                     f"{m['efficacy']:.1f} | "
+                     f"{other} | {'-' if just is None else f'{just:.1f}'} | {m['efficacy']:.1f} | "
                      f"{m['generalization']:.1f} | {m.get('locality', float('nan')):.1f} | {r['threshold']:.2f} | "
                      f"{r['mean_steps']:.0f} | {r['cpu_per_edit']:.1f} |")
     (out / f"{args.name}.md").write_text("\n".join(lines) + f"\n\nCommand: `{command}`\n")
     print("\n".join(lines))
+
+
+def parse_setting(spec: str, base):
+    """``LAYER:ALPHA:BETA:GAMMA[:ACT_RATIO][/key=value,...]`` -> ``(layer, WiseConfig, extras)``
+    (``extras``: the ``key=value`` settings, typed like the config's fields). A bad entry raises
+    ``ValueError`` naming it."""
+    from dataclasses import fields
+
+    head, _, tail = spec.partition("/")
+    parts = head.split(":")
+    if len(parts) not in (4, 5):
+        raise ValueError(f"--settings {spec!r}: expected LAYER:ALPHA:BETA:GAMMA[:ACT_RATIO][/key=value,...]")
+    try:
+        layer, a, b, g = int(parts[0]), float(parts[1]), float(parts[2]), float(parts[3])
+        act_ratio = float(parts[4]) if len(parts) == 5 else base.act_ratio
+    except ValueError:
+        raise ValueError(f"--settings {spec!r}: LAYER must be an integer and the margins numbers") from None
+    types = {f.name: type(getattr(base, f.name)) for f in fields(base)}
+    extra: dict = {}
+    for item in filter(None, tail.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in types or key in ("alpha", "beta", "gamma", "act_ratio"):
+            raise ValueError(f"--settings {spec!r}: {item!r} is not key=value with key an editing.wise setting "
+                             "other than the margins and act_ratio")
+        kind = types[key]
+        if value in ("none", "null"):
+            extra[key] = None
+        elif kind is bool:
+            extra[key] = value.lower() in ("1", "true", "yes")
+        elif kind in (int, float, str) or (kind is type(None) and key == "norm_constraint"):
+            try:
+                extra[key] = (float if kind is type(None) else kind)(value)
+            except ValueError:
+                raise ValueError(f"--settings {spec!r}: {key} must be a {kind.__name__}, got {value!r}") from None
+        else:
+            raise ValueError(f"--settings {spec!r}: {key} cannot be set here (set it in --config)")
+    try:
+        wise = replace(base, alpha=a, beta=b, gamma=g, act_ratio=act_ratio, **extra)
+    except ValueError as e:
+        raise ValueError(f"--settings {spec!r}: {e}") from None
+    return layer, wise, extra
 
 
 if __name__ == "__main__":
