@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -85,9 +86,12 @@ def main(argv: list[str] | None = None) -> None:
         post = evaluate_requests(lm, tok, requests)
         add_locality(post, pre)
         editor.remove()
+        st = editor.state
         row = {"layer": int(layer), "alpha": float(a), "beta": float(b), "gamma": float(g), "act_ratio": act_ratio,
-               "other": extra, "just_edited": sum(just_edited) / len(just_edited), "metrics": post.metrics, "mean_steps": sum(steps) / len(steps), "wall_per_edit": wall / len(requests),
-               "cpu_per_edit": cpu / len(requests), "threshold": editor.state.current_threshold}
+               "other": extra, "just_edited": sum(just_edited) / len(just_edited), "metrics": post.metrics,
+               "mean_steps": sum(steps) / len(steps), "wall_per_edit": wall / len(requests),
+               "cpu_per_edit": cpu / len(requests),
+               "threshold": min([st.current_threshold] + st.shard_thresholds + st.memory_thresholds)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     out = Path(args.out)
@@ -106,9 +110,10 @@ def main(argv: list[str] | None = None) -> None:
         m = r["metrics"]
         other = ", ".join(f"{k} {v}" for k, v in r.get("other", {}).items()) or "-"
         just = r.get("just_edited")
+        eps = f"{r['threshold']:.2f}" if math.isfinite(r["threshold"]) else "-"
         lines.append(f"| {r['layer']} | {r['alpha']:g} | {r['beta']:g} | {r['gamma']:g} | {r['act_ratio']:g} | "
                      f"{other} | {'-' if just is None else f'{just:.1f}'} | {m['efficacy']:.1f} | "
-                     f"{m['generalization']:.1f} | {m.get('locality', float('nan')):.1f} | {r['threshold']:.2f} | "
+                     f"{m['generalization']:.1f} | {m.get('locality', float('nan')):.1f} | {eps} | "
                      f"{r['mean_steps']:.0f} | {r['cpu_per_edit']:.1f} |")
     (out / f"{args.name}.md").write_text("\n".join(lines) + f"\n\nCommand: `{command}`\n")
     print("\n".join(lines))
