@@ -125,3 +125,42 @@ def test_compute_dtype_is_validated():
         EditingConfig(compute_dtype="int8")
     with pytest.raises(ValueError, match="max_batch_tokens"):
         EditingConfig(max_batch_tokens=0)
+
+
+def test_replay_keeps_only_the_edit_layers_input(monkeypatch):
+    """After the first step the replay holds block ``first``'s input (detached) and the blocks'
+    other arguments, not every later block's δ-dependent input nor a key/value cache."""
+    from transformers import Cache
+
+    from blueedit.editing import targets
+
+    replays = []
+    real = targets._BlockReplay.__init__
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        replays.append(self)
+
+    monkeypatch.setattr(targets._BlockReplay, "__init__", spy)
+    model, tok = make_model("llama"), make_tokenizer()
+    optimize_targets(model, ModelAdapter(model), tok, REQUESTS, 1, TEMPLATES,
+                     TargetConfig(v_num_grad_steps=3, loss_layer=3), max_batch_tokens=None)
+    assert replays and all(r.calls for r in replays)
+
+    def tensors_and_caches(x):
+        if isinstance(x, (tuple, list)):
+            return [y for v in x for y in tensors_and_caches(v)]
+        if isinstance(x, dict):
+            return [y for v in x.values() for y in tensors_and_caches(v)]
+        return [x] if isinstance(x, (torch.Tensor, Cache)) else []
+
+    for r in replays:
+        first_args, first_kw = r.calls[r.first]
+        h = first_args[0] if first_args else first_kw["hidden_states"]
+        assert isinstance(h, torch.Tensor) and not h.requires_grad
+        for b, (args, kw) in r.calls.items():
+            held = tensors_and_caches((args, kw))
+            assert not any(isinstance(x, Cache) for x in held)
+            if b != r.first:
+                assert (args[0] if args else kw.get("hidden_states")) is None
+            assert not any(x.requires_grad for x in held if isinstance(x, torch.Tensor))
