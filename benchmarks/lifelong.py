@@ -10,6 +10,13 @@ time per edit (wall seconds inside the editing rounds, and CPU seconds of the wh
 Written under ``--out``: ``lifelong_T<T>.json`` (every run's metrics and timings, the command) and
 ``lifelong_T<T>.md`` (the table).
 
+Resumable: each run checkpoints every ``--checkpoint-every`` rounds (``last.ckpt`` under
+``--workdir``/``<name>_T<T>``), and the same command continues an interrupted run from it (the
+editor state, the round loader and the per-round reports are restored). The CPU seconds of a
+resumed run add up the processes that ran to the end of their part; a killed process's time is
+lost, and then ``CPU s / edit`` is a lower bound, marked ``≥`` in the table. The wall seconds
+inside the editing rounds are complete (they travel in the checkpoint).
+
 Example (the README's table)::
 
     python benchmarks/lifelong.py --num-edits 100 --runs \\
@@ -38,28 +45,58 @@ COLUMNS = ("efficacy", "generalization", "locality", "specificity")
 def run_one(name: str, config: str, args, workdir: Path) -> dict:
     from blueedit.cli import run_cli
 
-    root = workdir / name.replace(" ", "_").replace("+", "plus")
-    argv = ["fit", "--config", config, "--data.dataset", args.dataset, "--data.num_edits", str(args.num_edits),
-            "--data.edits_per_round", "1", "--data.eval_dataset", "null", "--model.evaluate", "true",
-            "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
-            "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false"]
+    root = workdir / f"{name.replace(' ', '_').replace('+', 'plus')}_T{args.num_edits}"
+    root.mkdir(parents=True, exist_ok=True)
+    checkpoints = root / "checkpoints"
+    argv = ["fit", "--config", config]
+    if args.checkpoint_every > 0:
+        generated = root / "lifelong.yaml"
+        generated.write_text(json.dumps({"trainer": {"callbacks": [
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(checkpoints), "save_last": True, "save_top_k": 0,
+                           "every_n_train_steps": args.checkpoint_every}}]}}, indent=1))  # JSON is YAML
+        argv += ["--config", str(generated)]
+    argv += ["--data.dataset", args.dataset, "--data.num_edits", str(args.num_edits),
+             "--data.edits_per_round", "1", "--data.eval_dataset", "null", "--model.evaluate", "true",
+             "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
+             "--trainer.enable_checkpointing", str(args.checkpoint_every > 0).lower(),
+             "--trainer.enable_progress_bar", "false"]
     method = _method_of(config)
     if args.bf16_locate_then_edit and method != "wise":
         argv += ["--model.editing.compute_dtype", "bfloat16"]
     argv += args.extra
+    last = checkpoints / "last.ckpt"
+    resumed = last.is_file()
+    if resumed:
+        argv += ["--ckpt_path", str(last)]
+        print(f"{name}: resuming from {last}", flush=True)
+    if args.stop_after_rounds is not None:
+        argv += [f"--trainer.max_steps={args.stop_after_rounds}"]
+    ledger = root / "process_seconds.json"  # CPU and wall seconds of the finished parts of this run
+    spent = (json.loads(ledger.read_text()) if ledger.is_file() and resumed
+             else {"cpu": 0.0, "wall": 0.0, "parts": 0, "started": 0})
+    spent["started"] += 1  # a process killed before its end leaves started > parts
+    ledger.write_text(json.dumps(spent))
+    (root / "metrics.json").unlink(missing_ok=True)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_cli(argv)
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    spent.update(cpu=spent["cpu"] + time.process_time() - cpu0, wall=spent["wall"] + time.perf_counter() - wall0,
+                 parts=spent["parts"] + 1)
+    ledger.write_text(json.dumps(spent))
     summary = json.loads((root / "metrics.json").read_text())
     n = summary["num_edits"]
+    if n < args.num_edits:  # stopped early (--stop-after-rounds): the same command continues it
+        print(f"{name}: stopped after {n} of {args.num_edits} edits; run the same command to continue", flush=True)
+        return None
     return {
         "name": name, "config": config, "method": summary["method"], "strategy": summary["strategy"],
         "layers": summary["layers"], "num_edits": n, "argv": argv,
         "metrics": {k: v for k, v in summary["metrics"].items()},
-        "edit_seconds_per_edit": summary["edit_seconds"] / n, "run_wall_seconds": wall,
-        "run_cpu_seconds": cpu, "cpu_seconds_per_edit": cpu / n,
+        "edit_seconds_per_edit": summary["edit_seconds"] / n, "run_wall_seconds": spent["wall"],
+        "run_cpu_seconds": spent["cpu"], "cpu_seconds_per_edit": spent["cpu"] / n, "processes": spent["parts"],
+        "cpu_complete": spent["parts"] == spent["started"],
     }
 
 
@@ -83,8 +120,9 @@ def table(results: list[dict], T: int, dataset: str) -> str:
             v = m.get(c, {})
             pre = v.get("pre")
             cells.append(fmt(v.get("post")) + (f" ({pre:.1f})" if pre is not None else ""))
+        bound = "" if r.get("cpu_complete", True) else "≥ "
         lines.append(f"| {r['name']} | {r['layers']} | " + " | ".join(cells)
-                     + f" | {r['edit_seconds_per_edit']:.1f} | {r['cpu_seconds_per_edit']:.1f} |")
+                     + f" | {r['edit_seconds_per_edit']:.1f} | {bound}{r['cpu_seconds_per_edit']:.1f} |")
     return "\n".join(lines)
 
 
@@ -96,7 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bf16-locate-then-edit", action="store_true",
                    help="editing.compute_dtype bfloat16 for every run that is not WISE")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--workdir", default="~/.cache/blueedit/lifelong")
+    p.add_argument("--workdir", default="~/.cache/blueedit/lifelong", help="checkpoints and logs, outside the repo")
+    p.add_argument("--checkpoint-every", type=int, default=10,
+                   help="rounds (edits) between checkpoints; 0: none (the run cannot be continued)")
+    p.add_argument("--stop-after-rounds", type=int, default=None,
+                   help="stop each run after this many rounds in total (a test of resuming)")
     p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"))
     p.add_argument("extra", nargs="*", help="further CLI overrides for every run (after --)")
     args = p.parse_args(argv)
@@ -114,7 +156,10 @@ def main(argv: list[str] | None = None) -> None:
         if any(r["name"] == name for r in results):
             print(f"{name}: already in {stem}.json, skipped")
             continue
-        results.append(run_one(name, config, args, workdir))
+        row = run_one(name, config, args, workdir)
+        if row is None:
+            continue
+        results.append(row)
         order = [s.split("=", 1)[0] for s in args.runs]
         results.sort(key=lambda r: order.index(r["name"]))
         payload = {"command": "python benchmarks/lifelong.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),

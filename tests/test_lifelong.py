@@ -1,0 +1,80 @@
+"""benchmarks/lifelong.py on a tiny random llama: a run stopped after 2 of 4 edits and continued by
+the same command gives the metrics of an uninterrupted run; the table marks a lower-bound CPU time."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, make_model, make_tokenizer
+from test_module import RECORDS
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("bench_lifelong", REPO / "benchmarks" / "lifelong.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lifelong")
+    make_model("llama").save_pretrained(root / "tiny-llama")
+    make_tokenizer().save_pretrained(root / "tiny-llama")
+    (root / "edits.json").write_text(json.dumps(RECORDS))
+    config = {
+        "trainer": {"accelerator": "cpu", "devices": 1},
+        "model": {"model": {"name_or_path": str(root / "tiny-llama"), "dtype": "float32"},
+                  "editing": {"method": "memit", "strategy": "boundary", "layers": [1, 2, 3],
+                              "target": {"v_num_grad_steps": 3}},
+                  "stats": {"corpus": "model-samples", "num_samples": 4, "max_length": 32, "batch_size": 4},
+                  "cache_dir": str(root / "cache"), "eval_batch_size": 8},
+        "data": {"format": "user"},
+    }
+    (root / "memit.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def _argv(root: Path, out: str) -> list[str]:
+    return ["--runs", f"MEMIT + BLUE={root / 'memit.yaml'}", "--dataset", str(root / "edits.json"),
+            "--num-edits", "4", "--checkpoint-every", "1", "--workdir", str(root / f"work_{out}"),
+            "--out", str(root / out)]
+
+
+def _row(root: Path, out: str) -> dict:
+    return json.loads((root / out / "lifelong_T4.json").read_text())["runs"][0]
+
+
+def test_stopped_and_continued_run_equals_uninterrupted(tiny):
+    bench = _load_benchmark()
+    bench.main(_argv(tiny, "full"))
+    full = _row(tiny, "full")
+    assert full["num_edits"] == 4 and full["cpu_complete"] and full["processes"] == 1
+
+    bench.main(_argv(tiny, "resumed") + ["--stop-after-rounds", "2"])
+    assert not (tiny / "resumed" / "lifelong_T4.json").exists()  # a stopped run is no row
+    assert (tiny / "work_resumed" / "MEMIT_plus_BLUE_T4" / "checkpoints" / "last.ckpt").is_file()
+    bench.main(_argv(tiny, "resumed"))
+    resumed = _row(tiny, "resumed")
+    assert resumed["num_edits"] == 4 and resumed["processes"] == 2 and resumed["cpu_complete"]
+    assert "--ckpt_path" in resumed["argv"]
+    for name, values in full["metrics"].items():
+        assert resumed["metrics"][name] == pytest.approx(values, abs=1e-6), name
+
+
+def test_a_killed_part_makes_the_cpu_time_a_lower_bound(tiny):
+    bench = _load_benchmark()
+    bench.main(_argv(tiny, "killed") + ["--stop-after-rounds", "2"])
+    ledger = tiny / "work_killed" / "MEMIT_plus_BLUE_T4" / "process_seconds.json"
+    spent = json.loads(ledger.read_text())
+    spent["started"] += 1  # as if a second process had been killed before its end
+    ledger.write_text(json.dumps(spent))
+    bench.main(_argv(tiny, "killed"))
+    row = _row(tiny, "killed")
+    assert not row["cpu_complete"]
+    assert "| ≥ " in (tiny / "killed" / "lifelong_T4.md").read_text()
