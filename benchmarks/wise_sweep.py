@@ -146,9 +146,9 @@ def parse_setting(spec: str, base):
             extra[key] = None
         elif kind is bool:
             extra[key] = value.lower() in ("1", "true", "yes")
-        elif kind in (int, float, str) or (kind is type(None) and key == "norm_constraint"):
+        elif kind in (int, float, str):
             try:
-                extra[key] = (float if kind is type(None) else kind)(value)
+                extra[key] = kind(value)
             except ValueError:
                 raise ValueError(f"--settings {spec!r}: {key} must be a {kind.__name__}, got {value!r}") from None
         else:

@@ -107,3 +107,16 @@ def data_dir() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return d
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (registered as ``bench_<name>``: dataclasses defined in
+    it look their module up)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
 import torch
 
 from blueedit.data.records import EditRequest
-from conftest import REPO, _CORPUS, make_model, make_tokenizer
+from conftest import _CORPUS, load_benchmark, make_model, make_tokenizer
 
 REQUESTS = [
     EditRequest(1, "{} plays the", "Toko Yasuda", "violin", "guitar",
@@ -22,19 +21,12 @@ REQUESTS = [
 ]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _fresh():
     return make_model("llama"), make_tokenizer()
 
 
 def test_speed_benchmark_both_modes(tmp_path):
-    speed = _load("speed")
+    speed = load_benchmark("speed")
     out = tmp_path / "speed.json"
     res = speed.main(["--layers", "1,2,3", "--edits", "3", "--edits-per-round", "2", "--steps", "2",
                       "--stats-samples", "4", "--stats-max-length", "32", "--flops",
@@ -57,7 +49,7 @@ def test_speed_benchmark_both_modes(tmp_path):
 
 
 def test_quality_benchmark_grid_and_restore(tmp_path):
-    quality = _load("quality")
+    quality = load_benchmark("quality")
     model, tok = _fresh()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     res = quality.main(["--layers", "1,2,3", "--edits", "3", "--edits-per-round", "2", "--steps", "2",
@@ -85,7 +77,7 @@ def test_quality_benchmark_pmet_hse_and_combine(tmp_path):
     rounds), one file per run, then ``--combine`` into one table."""
     from blueedit.editing import hse
 
-    quality = _load("quality")
+    quality = load_benchmark("quality")
     files = []
     for m in ("pmet", "hse"):
         model, tok = _fresh()
@@ -114,7 +106,7 @@ def test_quality_benchmark_pmet_hse_and_combine(tmp_path):
 
 
 def test_quality_dev_grid_picks_best(tmp_path):
-    quality = _load("quality")
+    quality = load_benchmark("quality")
     model, tok = _fresh()
     res = quality.main(["--dev", "--layers", "1,2,3", "--edits", "2", "--edits-per-round", "2", "--steps", "1",
                         "--methods", "memit", "--strategies", "boundary", "--lams", "10,1500", "--v-lrs", "0.5",
@@ -129,7 +121,7 @@ def test_memory_estimate_counts_saved_activations():
     """One Llama block saves roughly 8·d + 4·f values per token for backward (norm inputs, q/k/v,
     attention output, the MLP's gate/up/product), plus the attention probabilities: the measured
     number must lie in that range, and the budget must bound the activation term."""
-    memory = _load("memory")
+    memory = load_benchmark("memory")
     d, f = 64, 128  # llama-tiny
     per_token = memory.saved_bytes_per_token("llama-tiny", torch.float32, tokens=16)
     assert 4 * (6 * d + 3 * f) <= per_token <= 4 * (12 * d + 6 * f + 4 * 16)
@@ -140,7 +132,7 @@ def test_memory_estimate_counts_saved_activations():
 
 
 def test_layer_sweep_windows_choice_and_restore(tmp_path):
-    sweep = _load("layer_sweep")
+    sweep = load_benchmark("layer_sweep")
     model, tok = _fresh()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = tmp_path / "sweep"
@@ -162,7 +154,7 @@ def test_layer_sweep_windows_choice_and_restore(tmp_path):
 
 
 def test_layer_sweep_windows_from_starts_and_bad_input():
-    sweep = _load("layer_sweep")
+    sweep = load_benchmark("layer_sweep")
     args = sweep.build_parser().parse_args(["--starts", "2,4", "--window-size", "3"])
     assert sweep.candidate_windows(args) == [[2, 3, 4], [4, 5, 6]]
     with pytest.raises(SystemExit, match="FIRST-LAST"):

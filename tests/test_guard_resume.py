@@ -66,7 +66,7 @@ def test_resume_with_the_same_stream_and_a_speed_setting_changed(workdir, checkp
 
 def test_resume_with_another_memory_budget_and_an_older_checkpoint(workdir, checkpoint):  # noqa: F811
     # checkpoints written before editing.max_batch_tokens became a speed setting recorded it
-    ckpt = torch.load(checkpoint, weights_only=False)
+    ckpt = torch.load(checkpoint, weights_only=True)
     ckpt["blueedit"]["settings"]["editing"]["max_batch_tokens"] = 2048
     older = workdir / "older.ckpt"
     torch.save(ckpt, older)

@@ -298,7 +298,7 @@ def test_checkpoint_settings_leave_out_default_new_options(monkeypatch):
 def test_sequence_benchmark_runs_presets():
     """benchmarks/sequence.py accepts ``pmet`` and ``hse`` runs and writes their options into the
     generated config."""
-    from test_benchmarks import _load
+    from conftest import load_benchmark as _load
 
     seq = _load("sequence")
     cfg = seq.editing_config("hse", "boundary")

@@ -3,22 +3,14 @@ the same command gives the metrics of an uninterrupted run; the table marks a lo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, make_model, make_tokenizer
+from conftest import load_benchmark, make_model, make_tokenizer
 from test_module import RECORDS
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_lifelong", REPO / "benchmarks" / "lifelong.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +43,7 @@ def _row(root: Path, out: str) -> dict:
 
 
 def test_stopped_and_continued_run_equals_uninterrupted(tiny):
-    bench = _load_benchmark()
+    bench = load_benchmark("lifelong")
     bench.main(_argv(tiny, "full"))
     full = _row(tiny, "full")
     assert full["num_edits"] == 4 and full["cpu_complete"] and full["processes"] == 1
@@ -68,7 +60,7 @@ def test_stopped_and_continued_run_equals_uninterrupted(tiny):
 
 
 def test_a_killed_part_makes_the_cpu_time_a_lower_bound(tiny):
-    bench = _load_benchmark()
+    bench = load_benchmark("lifelong")
     bench.main(_argv(tiny, "killed") + ["--stop-after-rounds", "2"])
     ledger = tiny / "work_killed" / "MEMIT_plus_BLUE_T4" / "process_seconds.json"
     spent = json.loads(ledger.read_text())

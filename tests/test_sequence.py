@@ -5,7 +5,6 @@ the SequenceEvaluation schedule."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,15 +13,8 @@ import pytest
 import torch
 
 from blueedit.callbacks.sequence import SequenceEvaluation, checkpoints_in_round
-from conftest import REPO, make_model, make_tokenizer
+from conftest import load_benchmark, make_model, make_tokenizer
 from test_module import RECORDS
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_sequence", REPO / "benchmarks" / "sequence.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +54,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tiny):
-    bench = _load_benchmark()
+    bench = load_benchmark("sequence")
     full = bench.main(_argv(tiny, "full"))
     assert full["finished"] == ["memit_distribute"] and not full["pending"]
 
@@ -117,7 +109,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny):
 
 
 def test_changed_command_is_refused(tiny):
-    bench = _load_benchmark()
+    bench = load_benchmark("sequence")
     bench.main(_argv(tiny, "changed") + ["--stop-after-rounds", "1"])
     with pytest.raises(SystemExit, match="different command"):
         bench.main(_argv(tiny, "changed") + ["--eval-every", "4"])
@@ -144,13 +136,6 @@ def test_sequence_evaluation_rejects_bad_interval():
         SequenceEvaluation(every_n_edits=0)
 
 
-def _load_weight_shift():
-    spec = importlib.util.spec_from_file_location("bench_weight_shift", REPO / "benchmarks" / "weight_shift.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _wse_record(strategy: str, E: int, rounds: list[int], rel) -> dict:
     """A finished-run record with a weight shift history: ``rel(round, layer)`` per written layer."""
     layers = [4, 5, 6, 7, 8] if strategy == "distribute" else [4, 5, 6, 7, 8]
@@ -168,7 +153,7 @@ def _close(got, want) -> bool:
 
 
 def test_weight_shift_figures_points(tmp_path):
-    ws = _load_weight_shift()
+    ws = load_benchmark("weight_shift")
     records = [_wse_record("distribute", E, [0, 2], lambda r, l, E=E: (8 - l) * 0.1 + E * 0.001 + r * 0.01)
                for E in (10, 50)]
     records.append(_wse_record("boundary", 50, [0, 2], lambda r, l: 0.0))
@@ -192,7 +177,7 @@ def test_weight_shift_figures_points(tmp_path):
 
 
 def test_weight_shift_runs_batch_sizes(tiny):
-    ws = _load_weight_shift()
+    ws = load_benchmark("weight_shift")
     argv = _argv(tiny, "unused")
     rest = argv[argv.index("--dataset"):]
     for opt in ("--num-edits", "--edits-per-round", "--eval-every", "--general-every", "--wse-every", "--out"):
@@ -216,7 +201,7 @@ def test_weight_shift_runs_batch_sizes(tiny):
     (["--config", "configs/nope.yaml"], "no such file"),
 ])
 def test_bad_options_fail_before_any_run(tiny, extra, message):
-    bench = _load_benchmark()
+    bench = load_benchmark("sequence")
     argv = _argv(tiny, "bad") + extra
     with pytest.raises(SystemExit, match=message):
         bench.main(argv)
@@ -224,7 +209,7 @@ def test_bad_options_fail_before_any_run(tiny, extra, message):
 
 
 def test_joined_datasets(tiny, tmp_path):
-    bench = _load_benchmark()
+    bench = load_benchmark("sequence")
     edits = str(tiny / "edits.json")
     more_records = [{**r, "case_id": r["case_id"] + 100} for r in RECORDS]
     more = tmp_path / "more.json"

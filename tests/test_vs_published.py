@@ -3,17 +3,15 @@ published side when a checkout of github.com/xpq-tech/BLUE is given in $BLUEEDIT
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from blueedit.data.records import EditRequest
-from conftest import REPO, _CORPUS, make_model, make_tokenizer
+from conftest import _CORPUS, load_benchmark, make_model, make_tokenizer
 
 REQUESTS = [
     EditRequest(1, "{} plays the", "Toko Yasuda", "violin", "guitar",
@@ -31,16 +29,8 @@ NO_CHECKOUT = ("the published side needs a checkout of github.com/xpq-tech/BLUE:
                "to its path")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_vs_published", REPO / "benchmarks" / "vs_published.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_arguments(tmp_path, capsys):
-    vs = _load()
+    vs = load_benchmark("vs_published")
     args = vs.build_parser().parse_args(["--published", "x"])
     assert (args.num_edits, args.edits_per_round, args.methods) == (100, 25, "memit,memit_blue,alphaedit,alphaedit_blue")
     with pytest.raises(SystemExit):  # the published side needs --published
@@ -59,14 +49,14 @@ def test_arguments(tmp_path, capsys):
 def test_module_layout_of_llama():
     from blueedit.models.adapters import ModelAdapter
 
-    layout = _load().module_layout(ModelAdapter(make_model("llama")))
+    layout = load_benchmark("vs_published").module_layout(ModelAdapter(make_model("llama")))
     assert layout == {"rewrite_module_tmp": "model.layers.{}.mlp.down_proj", "layer_module_tmp": "model.layers.{}",
                       "mlp_module_tmp": "model.layers.{}.mlp", "attn_module_tmp": "model.layers.{}.self_attn",
                       "ln_f_module": "model.norm", "lm_head_module": "lm_head"}
 
 
 def test_published_projection_annihilates_kept_directions():
-    vs = _load()
+    vs = load_benchmark("vs_published")
     torch.manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(6, 6))
     S = torch.tensor([5.0, 2.0, 1.0, 1e-3, 1e-4, 0.0])
@@ -78,7 +68,7 @@ def test_published_projection_annihilates_kept_directions():
 
 
 def test_blueedit_side_on_tiny_model(tmp_path):
-    vs = _load()
+    vs = load_benchmark("vs_published")
     model, tok = make_model("llama"), make_tokenizer()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = tmp_path / "vs"
@@ -99,7 +89,7 @@ def test_blueedit_side_on_tiny_model(tmp_path):
 
 
 def test_table_compares_after_the_same_number_of_edits():
-    vs = _load()
+    vs = load_benchmark("vs_published")
 
     def run(side, per_round):
         return {"pair": "memit", "side": side, "update_norms": [{"4": 1.0}], "update_fingerprints": [{"4": 2.0}],
@@ -127,7 +117,7 @@ def test_table_compares_after_the_same_number_of_edits():
 @pytest.mark.skipif(not PUBLISHED, reason=NO_CHECKOUT)
 def test_published_side_on_tiny_model(tmp_path):
     """Both sides, MEMIT and AlphaEdit with BLUE, on a tiny Llama; then --merge of two partial files."""
-    vs = _load()
+    vs = load_benchmark("vs_published")
     model, tok = make_model("llama"), make_tokenizer()
     common = TINY + ["--methods", "memit,alphaedit_blue", "--published", PUBLISHED,
                      "--cache-dir", str(tmp_path / "cache"), "--published-log", str(tmp_path / "published.log")]

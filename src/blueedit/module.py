@@ -191,6 +191,14 @@ class EditingModule(L.LightningModule):
                      "editing.target.fisher_weight": 0.0, "editing.target.fisher_estimator": "diagonal",
                      "editing.target.top1_nll_factor": None, "editing.target.top1_kl_stop": 0.01}
 
+    @classmethod
+    def _drop_resumable(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """``settings`` without the :attr:`RESUMABLE_SETTINGS` (in place; returned)."""
+        for dotted in cls.RESUMABLE_SETTINGS:
+            group, key = dotted.split(".", 1)
+            settings.get(group, {}).pop(key, None)
+        return settings
+
     def settings_fingerprint(self) -> dict[str, Any]:
         """The settings that decide the edit: the model, the editing hyperparameters and the
         statistics; saved in checkpoints and compared on resume."""
@@ -202,9 +210,7 @@ class EditingModule(L.LightningModule):
                     "editing": plain(self.hp), "stats": plain(self.stats_spec)}
         if self.model_spec.chat_template:  # only when on: older checkpoints stay resumable
             settings["model"]["chat_template"] = True
-        for dotted in self.RESUMABLE_SETTINGS:
-            group, key = dotted.split(".", 1)
-            settings[group].pop(key, None)
+        self._drop_resumable(settings)
         # options added later (PMET's exit, HSE) are left out at their defaults, so checkpoints
         # written before they existed still resume
         for dotted, default in self.LATER_OPTIONS.items():
@@ -224,10 +230,7 @@ class EditingModule(L.LightningModule):
             warnings.warn("the checkpoint records no settings (written by an older blueedit); resuming unchecked",
                           stacklevel=2)
             return
-        saved = copy.deepcopy(saved)
-        for dotted in self.RESUMABLE_SETTINGS:  # checkpoints written while they were still recorded
-            group, key = dotted.split(".", 1)
-            saved.get(group, {}).pop(key, None)
+        saved = self._drop_resumable(copy.deepcopy(saved))  # checkpoints written while they were recorded
         differences = describe_differences(saved, self.settings_fingerprint())
         if differences:
             where = f" {self._trainer.ckpt_path}" if self._trainer is not None and self._trainer.ckpt_path else ""

@@ -526,12 +526,13 @@ def optimize_targets(
                 read_logits = torch.where(at_kl.unsqueeze(1), read_logits, at_loss)
             logp = torch.log_softmax(read_logits.float(), dim=-1)  # [m, V]
         tgt = ~at_kl
-        tok = logp[tgt].gather(-1, tids_all[sel][r_idx[tgt], j_idx[tgt]].unsqueeze(-1)).squeeze(-1)
+        logp_tgt = logp[tgt]  # [m_target, V]
+        tok = logp_tgt.gather(-1, tids_all[sel][r_idx[tgt], j_idx[tgt]].unsqueeze(-1)).squeeze(-1)
         tok_logp = torch.zeros(tmask.shape, dtype=logp.dtype, device=device).index_put((r_idx[tgt], j_idx[tgt]), tok)
         hit = None
         if hp.top1_nll_factor is not None:  # target token is the argmax (positions without one count as hits)
             hit = torch.ones(tmask.shape, dtype=torch.bool, device=device)
-            hit[r_idx[tgt], j_idx[tgt]] = tok.detach() >= logp[tgt].detach().max(-1).values
+            hit[r_idx[tgt], j_idx[tgt]] = tok.detach() >= logp_tgt.detach().max(-1).values
         outs = [tr.hidden[layer] if x == "block" else site_out[x] for x in sites]
         return (tok_logp, hit, logp[at_kl],  # KL rows' [n_kl, V] in ``sel`` order
                 torch.stack([gather_positions(o, fact) for o in outs], dim=1))  # [n, S, d]
