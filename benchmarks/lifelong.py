@@ -100,6 +100,29 @@ def run_one(name: str, config: str, args, workdir: Path) -> dict:
     }
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """Bad options and too few records fail here, before any model is loaded."""
+    from blueedit.data.formats import load_requests
+
+    for spec in args.runs:
+        name, sep, config = spec.partition("=")
+        if not sep or not name or not config:
+            raise SystemExit(f"--runs {spec!r}: expected NAME=CONFIG")
+        if not Path(config).is_file():
+            raise SystemExit(f"--runs {spec!r}: no such config file {config!r}")
+    if args.num_edits < 1:
+        raise SystemExit(f"--num-edits {args.num_edits}: must be >= 1")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # too few records is an error here, below
+            n = len(load_requests(args.dataset, num_edits=args.num_edits))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--dataset {args.dataset!r}: {e}") from e
+    if n < args.num_edits:
+        raise SystemExit(f"--num-edits {args.num_edits}: --dataset {args.dataset!r} has only {n} records "
+                         "(zsre_eval has 500)")
+
+
 def _method_of(config: str) -> str:
     import yaml
 
@@ -142,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"))
     p.add_argument("extra", nargs="*", help="further CLI overrides for every run (after --)")
     args = p.parse_args(argv)
+    check_inputs(args)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -70,3 +70,17 @@ def test_a_killed_part_makes_the_cpu_time_a_lower_bound(tiny):
     row = _row(tiny, "killed")
     assert not row["cpu_complete"]
     assert "| ≥ " in (tiny / "killed" / "lifelong_T4.md").read_text()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--num-edits": "999"}, "--num-edits 999"),
+    ({"--runs": "no config"}, "NAME=CONFIG"),
+    ({"--runs": "MEMIT=missing.yaml"}, "no such config file"),
+])
+def test_bad_input_fails_before_any_model_loads(tiny, change, message):
+    argv = _argv(tiny, "bad")
+    for option, value in change.items():
+        argv[argv.index(option) + 1] = value
+    with pytest.raises(SystemExit, match=message):
+        load_benchmark("lifelong").main(argv)
+    assert not (tiny / "work_bad").exists()
