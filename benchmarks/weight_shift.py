@@ -7,6 +7,11 @@ The weight shift error of a written layer ``l`` (``docs/algorithms.md``, section
 critical layer ``L``, so the error is expected to grow with the distance ``L − l``; under BLUE
 (``boundary``) each written layer has its own target, so the error is zero up to round-off.
 
+The figures plot ``--measure``: ``frobenius`` (default), the paper's ``e^l = ‖Δ^{l*} − Δ^l‖_F``, whose
+bound grows with ``L − l``; or ``relative``. The relative error is not comparable across layers:
+at ``l = L`` the ideal update ``Δ^{L*}`` is small (the lower layers, already written, did most of
+the work), so a small error over a small norm can exceed the errors of the lower layers.
+
 This script
 
 1. runs ``benchmarks/sequence.py`` (unless ``--figures-only``; the runs are resumable and skipped
@@ -20,11 +25,11 @@ This script
 2. reads the ``WeightShiftError`` histories of those runs, and of the finished ``sequence.py``
    results named by ``--from`` (e.g. the long runs), and writes under ``--out``/``<name>``:
 
-   - ``wse_vs_distance.png``: relative error per written layer against ``L − l`` (mean over the
+   - ``wse_vs_distance.png``: the error per written layer against ``L − l`` (mean over the
      diagnosed rounds of the runs at ``--distance-batch-size``), one line per method × strategy;
-   - ``wse_vs_batch_size.png``: relative error (mean over layers) of the first diagnosed round
+   - ``wse_vs_batch_size.png``: the error (mean over layers) of the first diagnosed round
      (round 0, the unedited model) against the batch size E;
-   - ``wse_vs_sequence.png``: relative error (mean over layers) against the number of edits
+   - ``wse_vs_sequence.png``: the error (mean over layers) against the number of edits
      made before the diagnosed round, one line per method × strategy × E;
    - ``weight_shift.csv``: every point of the three figures.
 
@@ -73,6 +78,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                    help="the E whose runs give the distance figure (default: the largest of --batch-sizes)")
     p.add_argument("--from", dest="sources", nargs="*", default=[],
                    help="more finished sequence.py result names whose weight shift histories are plotted")
+    p.add_argument("--measure", choices=("frobenius", "relative"), default="frobenius",
+                   help="what the figures plot: ‖Δ* − Δ‖_F (the paper's) or it over ‖Δ*‖_F")
     p.add_argument("--figures-only", action="store_true", help="do not run anything; plot what exists")
     p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"))
     args, rest = p.parse_known_args(argv)
@@ -132,8 +139,13 @@ def _label(method: str, strategy: str) -> str:
     return name + (" + BLUE" if strategy == "boundary" else "")
 
 
-def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None) -> list[dict[str, Any]]:
-    """The three figures and their points (returned, and written as ``weight_shift.csv``)."""
+def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None,
+            measure: str = "frobenius") -> list[dict[str, Any]]:
+    """The three figures of ``measure`` (``frobenius`` or ``relative``) and their points (returned,
+    and written as ``weight_shift.csv``)."""
+    if measure not in ("frobenius", "relative"):
+        raise ValueError(f"measure must be 'frobenius' or 'relative', got {measure!r}")
+    ylabel = "weight shift error ‖Δ* − Δ‖_F" if measure == "frobenius" else "weight shift error (relative)"
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,14 +166,14 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None) -
     for m, s in series:
         sel = [r for r in rows if (r["method"], r["strategy"]) == (m, s) and r["edits_per_round"] == E_d]
         ds = sorted({r["distance"] for r in sel})
-        ys = [_mean([r["relative"] for r in sel if r["distance"] == d]) for d in ds]
+        ys = [_mean([r[measure] for r in sel if r["distance"] == d]) for d in ds]
         for d, y in zip(ds, ys):
             fig_rows.append({"figure": "distance", "method": m, "strategy": s, "edits_per_round": E_d, "x": d, "y": y})
         if ds:
             ax.plot(ds, ys, style(s), marker="o", label=_label(m, s))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer distance L − l (L: last critical layer)")
-    ax.set_ylabel("weight shift error (relative)")
+    ax.set_ylabel(ylabel)
     ax.set_title(f"Weight shift error vs layer distance ({E_d} edits / round)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -174,7 +186,7 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None) -
     for m, s in series:
         xs, ys = [], []
         for E in Es:
-            sel = [r["relative"] for r in rows
+            sel = [r[measure] for r in rows
                    if (r["method"], r["strategy"]) == (m, s) and r["edits_per_round"] == E and r["round"] == 0]
             if sel:
                 xs.append(E)
@@ -186,7 +198,7 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None) -
     if Es:
         ax.set_xticks(Es)
     ax.set_xlabel("edits per round (batch size)")
-    ax.set_ylabel("weight shift error (relative, mean over layers)")
+    ax.set_ylabel(ylabel + ", mean over layers")
     ax.set_title("Weight shift error vs batch size (first round)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -201,7 +213,7 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None) -
             sel = [r for r in rows if (r["method"], r["strategy"]) == (m, s) and r["edits_per_round"] == E]
             xs = sorted({r["edits_before"] for r in sel})
             # a long run may hold the same (E, edits) point as a batch-size run: average them
-            ys = [_mean([r["relative"] for r in sel if r["edits_before"] == x]) for x in xs]
+            ys = [_mean([r[measure] for r in sel if r["edits_before"] == x]) for x in xs]
             for x, y in zip(xs, ys):
                 fig_rows.append({"figure": "sequence", "method": m, "strategy": s, "edits_per_round": E,
                                  "x": x, "y": y})
@@ -209,7 +221,7 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None) -
                 ax.plot(xs, ys, style(s), marker="o", label=f"{_label(m, s)}, {E} / round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("edits made before the diagnosed round")
-    ax.set_ylabel("weight shift error (relative, mean over layers)")
+    ax.set_ylabel(ylabel + ", mean over layers")
     ax.set_title("Weight shift error vs sequence length", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -217,8 +229,10 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None) -
     fig.savefig(out_dir / "wse_vs_sequence.png", dpi=110)
     plt.close(fig)
 
+    for r in fig_rows:
+        r["measure"] = measure
     with (out_dir / "weight_shift.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["figure", "method", "strategy", "edits_per_round", "x", "y"])
+        w = csv.DictWriter(f, fieldnames=["figure", "measure", "method", "strategy", "edits_per_round", "x", "y"])
         w.writeheader()
         w.writerows(fig_rows)
     return fig_rows
@@ -234,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("[weight_shift] no finished run with a weight shift history yet", flush=True)
         return {"rows": [], "figure_rows": []}
     distance_E = args.distance_batch_size or max(args.batch_sizes or [args.sequence_batch_size])
-    fig_rows = figures(rows, out_root / args.name, distance_E)
+    fig_rows = figures(rows, out_root / args.name, distance_E, args.measure)
     print(f"[weight_shift] {len(rows)} diagnosed layer writes from {len(records)} runs -> {out_root / args.name}")
     return {"rows": rows, "figure_rows": fig_rows}
 

@@ -160,7 +160,7 @@ def test_weight_shift_figures_points(tmp_path):
     rows = ws.points(records)
     assert {(r["layer"], r["distance"]) for r in rows} == {(4, 4), (5, 3), (6, 2), (7, 1), (8, 0)}
     assert {r["edits_before"] for r in rows if r["edits_per_round"] == 50} == {0, 100}
-    fig = ws.figures(rows, tmp_path, distance_E=50)
+    fig = ws.figures(rows, tmp_path, distance_E=50, measure="relative")
     by = lambda name, strategy: [(p["x"], p["y"]) for p in fig  # noqa: E731
                                  if p["figure"] == name and p["strategy"] == strategy]
     # distance: mean over the diagnosed rounds 0 and 2 of E = 50: 0.1 d + 0.05 + 0.01
@@ -174,6 +174,12 @@ def test_weight_shift_figures_points(tmp_path):
     for png in ("wse_vs_distance.png", "wse_vs_batch_size.png", "wse_vs_sequence.png"):
         assert (tmp_path / png).stat().st_size > 0
     assert (tmp_path / "weight_shift.csv").read_text().count("\n") == len(fig) + 1
+    # the default measure is the paper's ‖Δ* − Δ‖_F (1.0 in every record here)
+    frob = ws.figures(rows, tmp_path, distance_E=50)
+    assert {p["y"] for p in frob if p["strategy"] == "distribute"} == {1.0}
+    assert {p["measure"] for p in frob} == {"frobenius"}
+    with pytest.raises(ValueError, match="measure"):
+        ws.figures(rows, tmp_path, distance_E=50, measure="cosine")
 
 
 def test_weight_shift_runs_batch_sizes(tiny):
