@@ -189,7 +189,8 @@ class EditingModule(L.LightningModule):
                                     "stats.cache_dir"})
     LATER_OPTIONS = {"editing.history_schedule": "constant", "editing.target.forget_weight": 0.0,
                      "editing.target.fisher_weight": 0.0, "editing.target.fisher_estimator": "diagonal",
-                     "editing.target.top1_nll_factor": None, "editing.target.top1_kl_stop": 0.01}
+                     "editing.target.top1_nll_factor": None, "editing.target.top1_kl_stop": 0.01,
+                     "editing.target.site": "block"}
 
     @classmethod
     def _drop_resumable(cls, settings: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,8 @@ For every layer ``l`` a diagnosed round writes, just before the write (through
 :attr:`blueedit.editing.editor.Editor.on_layer`, on the model as it is at that moment):
 
 - ``z*`` is optimized directly at layer ``l`` (``editor.targets(requests, l)``), and
-  ``R^{l*} = z*ᵀ − h^l`` with ``h^l`` the current block output at the fact token;
+  ``R^{l*} = z*ᵀ − h^l`` with ``h^l`` the current block output at the fact token (the output of
+  ``W_out^l`` where the residuals live there: PMET, ``editing.target.site: mlp``);
 - the ideal update ``Δ^{l*} = editor.solve(l, R^{l*}, K^l)`` uses the method's own solve (same
   ``C_0``, history ``H``, projection, RECT sparsification) and the keys of that moment;
 - the applied update is the ``Δ^l`` the editor is about to write.
@@ -46,10 +47,11 @@ __all__ = ["WeightShiftError", "layer_diagnostics", "injected_target_prob"]
 
 
 @torch.no_grad()
-def injected_target_prob(model, adapter, tokenizer, requests, layer: int, deltas: torch.Tensor | None) -> torch.Tensor:
+def injected_target_prob(model, adapter, tokenizer, requests, layer: int, deltas: torch.Tensor | None,
+                         at_mlp: bool = False) -> torch.Tensor:
     """``P(o*_i | p_i)`` (product over target tokens) on each bare rewrite prompt, with
-    ``deltas[i]`` (``[B, d]``) added to block ``layer``'s output at the fact token (none: ``None``).
-    Returns ``[B]`` float64 on the CPU."""
+    ``deltas[i]`` (``[B, d]``) added to block ``layer``'s output at the fact token (``at_mlp``: to
+    the output of its ``W_out``; none: ``None``). Returns ``[B]`` float64 on the CPU."""
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, r.prompt, r.subject) for r in requests]
     targets = [tokenize_target(tokenizer, r.target_new) for r in requests]
@@ -66,6 +68,12 @@ def injected_target_prob(model, adapter, tokenizer, requests, layer: int, deltas
 
     if deltas is None:
         logits = forward(model, batch)
+    elif at_mlp:
+        handle = adapter.w_out_module(layer).register_forward_hook(lambda mod, args, out: inject(out))
+        try:
+            logits = forward(model, batch)
+        finally:
+            handle.remove()
     else:
         with traced(adapter, edit_layer=layer, edit_fn=inject):
             logits = forward(model, batch)
@@ -93,12 +101,9 @@ def layer_diagnostics(editor: Editor, step: LayerStep, contribution: bool = True
     grads = [p.grad for p in params]
     try:
         res = editor.targets(requests, layer, record=False)
-        if editor.hp.method == "pmet":  # PMET's residuals live in the MLP-output space (docs/algorithms.md §14)
-            keys, _, current = editor.fact_states(requests, [layer], [], value_layers=[layer])
-        else:
-            keys, current = editor.fact_states(requests, [layer], [layer])
-        r_star = res.z.T.to(current[layer].device) - current[layer]  # [d, B]
-        ideal = editor.solve(layer, r_star, keys[layer])
+        keys, current = editor.current_values(requests, layer)  # block or MLP-output space (PMET, site mlp)
+        r_star = res.z.T.to(current.device) - current  # [d, B]
+        ideal = editor.solve(layer, r_star, keys)
         out: dict[str, float] = dict(weight_shift_error(step.delta, ideal))
         out["cosine"] = _cosine(step.residuals, r_star)
         out["residual_norm"] = float(step.residuals.double().norm())
@@ -106,8 +111,9 @@ def layer_diagnostics(editor: Editor, step: LayerStep, contribution: bool = True
         out["distance"] = float(step.target_layer - layer)
         if contribution:
             args = (editor.model, editor.adapter, editor.tokenizer, requests, layer)
-            out["contribution_distributed"] = float(injected_target_prob(*args, step.residuals.T.float()).mean())
-            out["contribution_computed"] = float(injected_target_prob(*args, r_star.T.float()).mean())
+            at_mlp = editor.residuals_at_mlp
+            out["contribution_distributed"] = float(injected_target_prob(*args, step.residuals.T.float(), at_mlp).mean())
+            out["contribution_computed"] = float(injected_target_prob(*args, r_star.T.float(), at_mlp).mean())
             out["contribution_base"] = float(injected_target_prob(*args, None).mean())
     finally:
         for p, g in zip(params, grads):

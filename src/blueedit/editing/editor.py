@@ -123,6 +123,14 @@ class EditingConfig:
             raise ValueError(f"editing.max_batch_tokens must be a positive number of tokens or null, got {self.max_batch_tokens}")
         if list(self.layers) != list(range(self.layers[0], self.layers[0] + len(self.layers))):
             raise ValueError(f"editing.layers {self.layers} must be consecutive and increasing")
+        if self.target.site != "block":
+            if self.method in ("pmet", "wise"):
+                raise ValueError(f"editing.target.site {self.target.site!r} does not apply to editing.method "
+                                 f"{self.method!r} ({'PMET optimizes its own two sites' if self.method == 'pmet' else 'WISE has no target'}); "
+                                 "leave it at 'block'")
+            if self.strategy != "boundary":
+                raise ValueError(f"editing.target.site {self.target.site!r} needs editing.strategy 'boundary': the "
+                                 "residual distribution spreads a block-output δ over the layers")
         if self.method == "wise":
             if self.strategy == "boundary":
                 raise ValueError("editing.strategy 'boundary' (BLUE) does not apply to editing.method 'wise': WISE "
@@ -351,7 +359,7 @@ class Editor:
                 self.hp.target)
         tp = self.hp.target
         fisher_on = tp.fisher_weight > 0
-        kw = {"sites": ("attn", "mlp") if self.hp.method == "pmet" else ("block",), "return_grad": fisher_on,
+        kw = {"sites": ("attn", "mlp") if self.hp.method == "pmet" else (tp.site,), "return_grad": fisher_on,
               "fisher": (tp.fisher_weight * self.state.fisher[layer]).float().to(self.device)
               if fisher_on and layer in self.state.fisher else None}
         if not local:
@@ -396,6 +404,21 @@ class Editor:
             raise solvers.SolveError(f"update of layer {layer} has non-finite values")
         self._factors[layer] = (left.cpu(), right.cpu())
         return delta
+
+    @property
+    def residuals_at_mlp(self) -> bool:
+        """Whether a round's residuals live in the ``W_out``-output space (PMET, or
+        ``editing.target.site: mlp``) rather than the block-output space."""
+        return self.hp.method == "pmet" or self.hp.target.site == "mlp"
+
+    def current_values(self, requests: list[EditRequest], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys ``K^l`` and the values a residual at ``layer`` is taken from (``[d, B]``): the MLP
+        outputs ``m^l`` when :attr:`residuals_at_mlp`, else the block outputs ``h^l``."""
+        if self.residuals_at_mlp:
+            keys, _, values = self.fact_states(requests, [layer], [], value_layers=[layer])
+        else:
+            keys, values = self.fact_states(requests, [layer], [layer])
+        return keys[layer], values[layer]
 
     def fact_states(self, requests: list[EditRequest], key_layers: list[int], hidden_layers: list[int],
                     value_layers: list[int] | None = None):
@@ -505,11 +528,11 @@ class Editor:
         for l in self.hp.edited_layers:
             res = self.targets(requests, l)
             self._record_target(l, res, report)
-            keys, hidden = self.fact_states(requests, [l], [l])
-            residuals = res.z.T - hidden[l]
+            keys, values = self.current_values(requests, l)
+            residuals = res.z.T - values
             report.residual_norms[l] = float(residuals.norm())
-            delta = self.solve(l, residuals, keys[l])
-            self._write(LayerStep(report.index, l, l, requests, residuals, keys[l], delta), report)
+            delta = self.solve(l, residuals, keys)
+            self._write(LayerStep(report.index, l, l, requests, residuals, keys, delta), report)
 
     def _pmet(self, requests: list[EditRequest], report: RoundReport) -> None:
         """PMET: MLP-output targets (optimized together with attention-output ones), residuals in

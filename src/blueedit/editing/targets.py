@@ -23,6 +23,9 @@ FisherEstimator = Literal["diagonal", "full"]
 #: others), the attention output projection's output (``attn``) or ``W_out``'s output (``mlp``);
 #: PMET optimizes ``("attn", "mlp")`` together (docs/algorithms.md, "PMET").
 Site = Literal["block", "attn", "mlp"]
+#: Where the single target of the MEMIT-family methods lives (``editing.target.site``): the block
+#: output (``block``, as published) or ``W_out``'s output (``mlp``, before any post-MLP norm).
+TargetSite = Literal["block", "mlp"]
 
 
 @torch.no_grad()
@@ -70,6 +73,15 @@ class TargetConfig:
       Fisher estimate of earlier round ``j`` at the same layer (``fisher_estimator``: ``diagonal``
       or ``full``, the empirical Fisher of the edits' log-likelihood with respect to δ).
 
+    ``site``: where δ is added in block ``layer`` and the residual ``R = z − (value at the site)``
+    is read: ``block`` (the block output ``h^l``, as every published method) or ``mlp`` (the output
+    of ``W_out^l`` itself, ``m^l``). They differ on models that normalize the MLP output before
+    adding it to the residual stream (Gemma 2 / 3's ``post_feedforward_layernorm``): there a
+    block-output residual written into ``W_out`` passes through that norm and is not the change
+    the target asked for, while an ``mlp`` residual is exactly the change ``W_out`` makes. Only
+    with ``strategy: boundary`` (the residual distribution spreads a block-output δ) and not for
+    PMET (its own two sites) or WISE (docs/algorithms.md, "Targets at the MLP output").
+
     PMET's published early exit: with ``top1_nll_factor`` set (published: 0.1), once ``o*`` is the
     top-1 token at every target position of every rewriting prompt of a request, the NLL term of
     its next step is weighted by that factor, and the request stops when its KL term is below
@@ -89,10 +101,12 @@ class TargetConfig:
     fisher_estimator: FisherEstimator = "diagonal"
     top1_nll_factor: float | None = None
     top1_kl_stop: float = 0.01
+    site: TargetSite = "block"
 
     def __post_init__(self) -> None:
         from blueedit.config import check_choice
 
+        check_choice("editing.target.site", self.site, TargetSite)
         check_choice("editing.target.fisher_estimator", self.fisher_estimator, FisherEstimator)
         for name in ("forget_weight", "fisher_weight"):
             if getattr(self, name) < 0:
