@@ -100,3 +100,30 @@ def test_with_a_post_mlp_norm_the_residual_is_the_mlp_output_change():
             assert d["contribution_computed"] == pytest.approx(d["contribution_distributed"], rel=1e-6)
     for l in deltas["block"]:
         assert not torch.allclose(deltas["mlp"][l], deltas["block"][l], atol=1e-6), l
+
+
+def test_post_norm_gain_measures_what_the_norm_does(tmp_path):
+    """``benchmarks/post_norm_gain.py``: the gain is 1 without a norm, ``c`` for a norm that scales by
+    ``c``, and runs end to end on a tiny Gemma 3 (whose post-MLP RMSNorm amplifies a small ``m``)."""
+    import json
+
+    from conftest import load_benchmark
+    from test_module import RECORDS
+
+    bench = load_benchmark("post_norm_gain")
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(32, generator=g)
+    assert bench.gains(m, torch.nn.Identity(), 0.1, 3, g) == pytest.approx([1.0] * 3)
+    assert bench.gains(m, lambda x: 3.0 * x, 0.1, 3, g) == pytest.approx([3.0] * 3)
+
+    _gemma3().save_pretrained(tmp_path / "tiny-gemma3")
+    make_tokenizer().save_pretrained(tmp_path / "tiny-gemma3")
+    (tmp_path / "edits.json").write_text(json.dumps(RECORDS))
+    res = bench.main(["--model", str(tmp_path / "tiny-gemma3"), "--layers", "1,2", "--dataset",
+                      str(tmp_path / "edits.json"), "--records", "2", "--out", str(tmp_path / "gain")])
+    assert [r["layer"] for r in res["rows"]] == [1, 2]
+    assert all(r["gain_median"] > 0 and r["normed_m_norm"] > 0 for r in res["rows"])
+    assert (tmp_path / "gain.md").read_text().count("\n| ") == 3  # header + two layers
+    with pytest.raises(SystemExit, match="no such module"):
+        bench.main(["--model", str(tmp_path / "tiny-gemma3"), "--layers", "1", "--norm", "nope",
+                    "--dataset", str(tmp_path / "edits.json"), "--records", "1"])
