@@ -127,3 +127,18 @@ def test_post_norm_gain_measures_what_the_norm_does(tmp_path):
     with pytest.raises(SystemExit, match="no such module"):
         bench.main(["--model", str(tmp_path / "tiny-gemma3"), "--layers", "1", "--norm", "nope",
                     "--dataset", str(tmp_path / "edits.json"), "--records", "1"])
+
+
+def test_checkpoints_from_before_the_option_still_resume(monkeypatch):
+    """The settings fingerprint leaves ``site`` out at its default (checkpoints written before the
+    option existed resume) and records it when set (a run with the other site is refused)."""
+    import blueedit.module as bm
+    from blueedit.module import EditingModule
+
+    monkeypatch.setattr(bm, "load_model_and_tokenizer",
+                        lambda spec, cache_dir=None: (make_model("llama"), make_tokenizer()))
+    plain = EditingModule(editing=EditingConfig(layers=[1, 2, 3], strategy="boundary"), evaluate=False)
+    assert "site" not in plain.settings_fingerprint()["editing"]["target"]
+    mlp = EditingModule(editing=EditingConfig(layers=[1, 2, 3], strategy="boundary",
+                                              target=TargetConfig(site="mlp")), evaluate=False)
+    assert mlp.settings_fingerprint()["editing"]["target"]["site"] == "mlp"
