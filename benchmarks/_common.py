@@ -383,6 +383,23 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return " ".join(shlex.quote(a) for a in ["python", f"benchmarks/{script}", *args])
 
 
+def require_records(source: str, dataset: str, num_edits: int, data_dir, hint: str) -> None:
+    """Exit (naming ``--dataset`` / ``--num-edits``) unless ``source`` holds at least ``num_edits``
+    valid records; ``hint`` says which sets are large enough. Reads the records, loads no model."""
+    import warnings
+
+    from blueedit.data.formats import load_requests
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # too few records is an error here, below
+            n = len(load_requests(source, data_dir=None if data_dir is None else str(data_dir), num_edits=num_edits))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--dataset {dataset!r}: {e}") from e
+    if n < num_edits:
+        raise SystemExit(f"--num-edits {num_edits}: --dataset {dataset!r} has only {n} records ({hint})")
+
+
 def method_presets() -> dict[str, tuple[str, dict, dict]]:
     """Benchmark method names that are an engine method with fixed options, as
     ``name -> (editing.method, editing options, editing.target options)``: ``pmet`` with PMET's

@@ -102,8 +102,6 @@ def run_one(name: str, config: str, args, workdir: Path) -> dict:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Bad options and too few records fail here, before any model is loaded."""
-    from blueedit.data.formats import load_requests
-
     for spec in args.runs:
         name, sep, config = spec.partition("=")
         if not sep or not name or not config:
@@ -112,15 +110,7 @@ def check_inputs(args: argparse.Namespace) -> None:
             raise SystemExit(f"--runs {spec!r}: no such config file {config!r}")
     if args.num_edits < 1:
         raise SystemExit(f"--num-edits {args.num_edits}: must be >= 1")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # too few records is an error here, below
-            n = len(load_requests(args.dataset, num_edits=args.num_edits))
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--dataset {args.dataset!r}: {e}") from e
-    if n < args.num_edits:
-        raise SystemExit(f"--num-edits {args.num_edits}: --dataset {args.dataset!r} has only {n} records "
-                         "(zsre_eval has 500)")
+    C.require_records(args.dataset, args.dataset, args.num_edits, None, "zsre_eval has 500")
 
 
 def _method_of(config: str) -> str:

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for l in args.layers:
         block, seen = adapter.block(l), {}
+        norm = getattr(block, args.norm)
         hooks = [adapter.w_out_module(l).register_forward_hook(lambda mod, a, out: seen.__setitem__("m", out.detach())),
                  block.register_forward_hook(lambda mod, a, out: seen.__setitem__(
                      "h", (out[0] if isinstance(out, tuple) else out).detach()))]
@@ -77,7 +78,6 @@ def main(argv: list[str] | None = None) -> dict:
                     ids, fact = encode_prompt(tok, r.prompt, r.subject)
                     model(input_ids=torch.tensor([ids]))
                     m, h = seen["m"][0, fact], seen["h"][0, fact]
-                    norm = getattr(block, args.norm)
                     m_norms.append(float(m.norm()))
                     n_norms.append(float(norm(m[None])[0].norm()))
                     h_norms.append(float(h.norm()))

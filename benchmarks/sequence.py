@@ -502,7 +502,6 @@ def assemble(out_dir: Path, title: str) -> dict[str, Any]:
 
 def check_inputs(args: argparse.Namespace, data_dir: Path) -> None:
     """Bad options and records fail here, before any model is loaded."""
-    from blueedit.data.formats import load_requests
     from blueedit.editing.editor import METHODS, STRATEGIES
 
     for spec in args.runs:
@@ -516,15 +515,11 @@ def check_inputs(args: argparse.Namespace, data_dir: Path) -> None:
         raise SystemExit(f"--config {args.config!r}: no such file")
     try:
         source = dataset_source(args.dataset, data_dir, Path(args.workdir or DEFAULT_WORKDIR).expanduser() / args.name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # too few records is an error here, below
-            requests = load_requests(source, data_dir=str(data_dir), num_edits=args.num_edits)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--dataset {args.dataset!r}: {e}") from e
-    if len(requests) < args.num_edits:
-        raise SystemExit(f"--num-edits {args.num_edits}: --dataset {args.dataset!r} has only {len(requests)} records "
-                         "(counterfact_eval 249, zsre_eval 500; counterfact-easyedit has 10,000; sets of one format "
-                         "can be joined with '+', e.g. zsre_eval+zsre_dev)")
+    C.require_records(source, args.dataset, args.num_edits, data_dir,
+                      "counterfact_eval 249, zsre_eval 500; counterfact-easyedit has 10,000; sets of one format "
+                      "can be joined with '+', e.g. zsre_eval+zsre_dev")
     args.dataset_source = source
 
 

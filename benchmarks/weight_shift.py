@@ -58,6 +58,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 
+MEASURES = ("frobenius", "relative")  # what the figures can plot (the paper's error, or it over ‖Δ*‖_F)
+
+
 def _sequence_module():
     spec = importlib.util.spec_from_file_location("bench_sequence_for_wse", Path(__file__).with_name("sequence.py"))
     mod = importlib.util.module_from_spec(spec)
@@ -78,7 +81,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                    help="the E whose runs give the distance figure (default: the largest of --batch-sizes)")
     p.add_argument("--from", dest="sources", nargs="*", default=[],
                    help="more finished sequence.py result names whose weight shift histories are plotted")
-    p.add_argument("--measure", choices=("frobenius", "relative"), default="frobenius",
+    p.add_argument("--measure", choices=MEASURES, default="frobenius",
                    help="what the figures plot: ‖Δ* − Δ‖_F (the paper's) or it over ‖Δ*‖_F")
     p.add_argument("--figures-only", action="store_true", help="do not run anything; plot what exists")
     p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"))
@@ -143,7 +146,7 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None,
             measure: str = "frobenius") -> list[dict[str, Any]]:
     """The three figures of ``measure`` (``frobenius`` or ``relative``) and their points (returned,
     and written as ``weight_shift.csv``)."""
-    if measure not in ("frobenius", "relative"):
+    if measure not in MEASURES:
         raise ValueError(f"measure must be 'frobenius' or 'relative', got {measure!r}")
     ylabel = "weight shift error ‖Δ* − Δ‖_F" if measure == "frobenius" else "weight shift error (relative)"
     import matplotlib

@@ -19,10 +19,10 @@ import torch
 from blueedit.callbacks.weight_shift import layer_diagnostics
 from blueedit.data.records import EditRequest
 from blueedit.editing.editor import EditingConfig, Editor
-from blueedit.editing.statistics import accumulate_key_moments
 from blueedit.editing.targets import TargetConfig
 from blueedit.models.adapters import ModelAdapter
-from conftest import _CORPUS, make_model, make_tokenizer
+from conftest import make_model, make_tokenizer
+from test_editor import _mom2
 
 TEMPLATES = ["{}", "Because I said so. {}"]
 REQUESTS = [
@@ -45,8 +45,7 @@ def _gemma3(seed: int = 0):
 def _editor(model, site: str, layers=(1, 2, 3), **target) -> Editor:
     tok = make_tokenizer()
     adapter = ModelAdapter(model)
-    st = accumulate_key_moments(model, adapter, tok, _CORPUS, list(layers), max_length=32, batch_size=4)
-    mom2 = {l: (st["sums"][l] / st["count"]).float() for l in layers}
+    mom2 = _mom2(model, adapter, tok, list(layers))
     hp = EditingConfig(method="memit", strategy="boundary", layers=list(layers),
                        target=TargetConfig(v_num_grad_steps=4, v_lr=0.5, site=site, **target))
     return Editor(model, tok, adapter, hp, mom2, TEMPLATES)
