@@ -322,7 +322,7 @@ def partial_record(args: argparse.Namespace, spec: str, run_dir: Path) -> dict[s
     return {
         "run": run_key(spec), "name": args.name, "method": method, "strategy": strategy, "dataset": args.dataset,
         "num_edits": done, "edits_per_round": args.edits_per_round, "eval_every": args.eval_every,
-        "partial": True, "planned_edits": args.num_edits,
+        "partial": True, "planned_edits": args.num_edits, "blueedit_args": [f"--{o}" for o in args.overrides],
         "command": "python benchmarks/sequence.py " + " ".join(a for a in args.argv
                                                               if a not in ("--report-only", "--report-partial")),
         "rounds": [{"index": r["index"], "seconds": r["seconds"], "num_edits": len(r["case_ids"]),
@@ -397,9 +397,24 @@ def write_csv(records: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]
     return rows
 
 
+def target_site(rec: dict[str, Any]) -> str:
+    """``editing.target.site`` of a run, as its ``--set`` gave it (``block``, the default, if unset)."""
+    for a in rec.get("blueedit_args") or []:
+        if a.startswith("--model.editing.target.site="):
+            return a.split("=", 1)[1]
+    return "block"
+
+
+def _strategy(rec: dict[str, Any]) -> str:
+    site = target_site(rec)
+    return rec["strategy"] if site == "block" else f"{rec['strategy']}, site {site}"
+
+
 def _label(rec: dict[str, Any]) -> str:
     blue = " + BLUE" if rec["strategy"] == "boundary" else ""
-    return f"{rec['method'].upper() if rec['method'] != 'alphaedit' else 'AlphaEdit'}{blue}"
+    site = target_site(rec)
+    at = f" (site {site})" if site != "block" else ""
+    return f"{rec['method'].upper() if rec['method'] != 'alphaedit' else 'AlphaEdit'}{blue}{at}"
 
 
 PANELS = [
@@ -475,7 +490,7 @@ def markdown_table(records: list[dict[str, Any]], title: str) -> str:
         for m, _ in cols:
             cells.append(f"{fmt(pre.get(m))} → {fmt(final.get(m))}" if m in pre else fmt(final.get(m)))
         edits = f"{rec['num_edits']} of {rec['planned_edits']} (partial)" if rec.get("partial") else rec["num_edits"]
-        lines.append(f"| {rec['method']} | {rec['strategy']} | {edits} | " + " | ".join(cells)
+        lines.append(f"| {rec['method']} | {_strategy(rec)} | {edits} | " + " | ".join(cells)
                      + f" | {_duration(secs)} | {secs / max(1, rec['num_edits']):.2f} |")
         del last_round
     lines += ["", "Pre-edit → after the last edit (all edited records). Eff./Gen./Spe.: % (CounterFact: "

@@ -231,3 +231,21 @@ def test_joined_datasets(tiny, tmp_path):
     with pytest.raises(SystemExit, match="has only 12 records"):
         bench.check_inputs(bench.parse_args(["--dataset", joined_name, "--num-edits", "13",
                                              "--workdir", str(tmp_path)]), tiny / "data")
+
+
+def test_report_names_a_non_default_target_site():
+    """A run whose ``--set`` chose ``editing.target.site`` is told apart in the table and the legend;
+    a run at the default site (and an older record without ``blueedit_args``) is not."""
+    bench = load_benchmark("sequence")
+    rounds = [{"index": 0, "seconds": 10.0, "num_edits": 2, "update_norms": {"4": 1.0}}]
+    base = {"method": "memit", "num_edits": 2, "edits_per_round": 2, "dataset": "d", "edit_seconds": 10.0,
+            "rounds": rounds, "sequence": [],
+            "general": None, "drift": None, "weight_shift": None}
+    mlp = {**base, "strategy": "boundary", "blueedit_args": ["fit", "--model.editing.target.site=mlp"]}
+    block = {**base, "strategy": "distribute", "blueedit_args": ["fit", "--model.editing.compute_dtype=bfloat16"]}
+    old = {**base, "strategy": "boundary"}
+    assert [bench.target_site(r) for r in (mlp, block, old)] == ["mlp", "block", "block"]
+    assert [bench._label(r) for r in (mlp, block, old)] == ["MEMIT + BLUE (site mlp)", "MEMIT", "MEMIT + BLUE"]
+    table = bench.markdown_table([block, mlp, old], "t")
+    assert "| memit | boundary, site mlp | 2 |" in table
+    assert "| memit | distribute | 2 |" in table and "| memit | boundary | 2 |" in table
