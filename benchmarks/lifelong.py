@@ -8,7 +8,9 @@ the unrelated prompts, docs/algorithms.md §8) and specificity, all after the T-
 time per edit (wall seconds inside the editing rounds, and CPU seconds of the whole run / T).
 
 Written under ``--out``: ``lifelong_T<T>.json`` (every run's metrics and timings, the command) and
-``lifelong_T<T>.md`` (the table).
+``lifelong_T<T>.md`` (the table). Rows run in separate processes (one per core) are joined into one
+table by ``--combine A/lifelong_T<T>.json B/lifelong_T<T>.json ... --out DIR``, which keeps every
+file's command and refuses files of different T or dataset, or two rows of the same name.
 
 Resumable: each run checkpoints every ``--checkpoint-every`` rounds (``last.ckpt`` under
 ``--workdir``/``<name>_T<T>``), and the same command continues an interrupted run from it (the
@@ -113,6 +115,11 @@ def check_inputs(args: argparse.Namespace) -> None:
     C.require_records(args.dataset, args.dataset, args.num_edits, None, "zsre_eval has 500")
 
 
+def _t_and_dataset(path: str) -> tuple[int, str]:
+    payload = json.loads(Path(path).read_text())
+    return payload["num_edits"], payload["dataset"]
+
+
 def _method_of(config: str) -> str:
     import yaml
 
@@ -139,9 +146,47 @@ def table(results: list[dict], T: int, dataset: str) -> str:
     return "\n".join(lines)
 
 
+def combine(paths: list[str], out: Path) -> dict:
+    """Join the rows of several ``lifelong_T<T>.json`` into ``out/lifelong_T<T>.{json,md}``.
+
+    Every file must have the same T and dataset and the row names must be distinct; the joined
+    payload lists each file's command (or commands, for an already joined file) under ``commands``.
+    Nothing is written when a check fails.
+    """
+    payloads = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise SystemExit(f"--combine {path}: no such file")
+        payloads.append(json.loads(Path(path).read_text()))
+    first = payloads[0]
+    for path, payload in zip(paths, payloads):
+        for key in ("num_edits", "dataset"):
+            if payload[key] != first[key]:
+                raise SystemExit(f"--combine {path}: {key} {payload[key]!r} differs from "
+                                 f"{first[key]!r} of {paths[0]}")
+    rows, commands = [], []
+    for path, payload in zip(paths, payloads):
+        for row in payload["runs"]:
+            if any(r["name"] == row["name"] for r in rows):
+                raise SystemExit(f"--combine {path}: a row named {row['name']!r} is already in an earlier file")
+            rows.append(row)
+        commands += payload.get("commands", [payload.get("command")])
+    joined = {"commands": [c for c in commands if c], "dataset": first["dataset"],
+              "num_edits": first["num_edits"], "versions": first["versions"], "device": first["device"],
+              "runs": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"lifelong_T{first['num_edits']}"
+    stem.with_suffix(".json").write_text(json.dumps(joined, indent=1))
+    stem.with_suffix(".md").write_text(table(rows, first["num_edits"], first["dataset"]) + "\n\nCommands (one process each):\n\n"
+                                       + "\n".join(f"- `{c}`" for c in joined["commands"]) + "\n")
+    return joined
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", nargs="+", required=True, help="NAME=CONFIG, one per row")
+    p.add_argument("--runs", nargs="+", help="NAME=CONFIG, one per row")
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="join the rows of these lifelong_T<T>.json files into --out (no run)")
     p.add_argument("--dataset", default="zsre_eval")
     p.add_argument("--num-edits", type=int, default=100)
     p.add_argument("--bf16-locate-then-edit", action="store_true",
@@ -155,6 +200,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"))
     p.add_argument("extra", nargs="*", help="further CLI overrides for every run (after --)")
     args = p.parse_args(argv)
+    if args.combine:
+        if args.runs:
+            p.error("--combine and --runs exclude each other")
+        print(table(combine(args.combine, Path(args.out))["runs"], *_t_and_dataset(args.combine[0])))
+        return
+    if not args.runs:
+        p.error("--runs is required (or --combine)")
     check_inputs(args)
     import torch
 

@@ -84,3 +84,39 @@ def test_bad_input_fails_before_any_model_loads(tiny, change, message):
     with pytest.raises(SystemExit, match=message):
         load_benchmark("lifelong").main(argv)
     assert not (tiny / "work_bad").exists()
+
+
+def _payload(name: str, T: int = 4, dataset: str = "zsre_eval") -> dict:
+    row = {"name": name, "layers": [1], "metrics": {"efficacy": {"pre": 10.0, "post": 90.0}},
+           "edit_seconds_per_edit": 1.0, "cpu_seconds_per_edit": 2.0, "cpu_complete": True}
+    return {"command": f"python benchmarks/lifelong.py --runs {name}=x.yaml", "dataset": dataset,
+            "num_edits": T, "versions": {}, "device": "cpu", "runs": [row]}
+
+
+def test_combine_joins_rows_of_separate_processes(tmp_path):
+    paths = []
+    for name in ("WISE", "MEMIT"):
+        path = tmp_path / name / "lifelong_T4.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(_payload(name)))
+        paths.append(str(path))
+    load_benchmark("lifelong").main(["--combine", *paths, "--out", str(tmp_path / "joined")])
+    joined = json.loads((tmp_path / "joined" / "lifelong_T4.json").read_text())
+    assert [r["name"] for r in joined["runs"]] == ["WISE", "MEMIT"]
+    assert joined["commands"] == [_payload("WISE")["command"], _payload("MEMIT")["command"]]
+    table = (tmp_path / "joined" / "lifelong_T4.md").read_text()
+    assert "| WISE | [1] | 90.0 (10.0) |" in table and "--runs MEMIT=x.yaml" in table
+
+
+@pytest.mark.parametrize("second, message", [
+    (_payload("MEMIT", T=8), "num_edits 8 differs"),
+    (_payload("MEMIT", dataset="zsre_dev"), "dataset 'zsre_dev' differs"),
+    (_payload("WISE"), "a row named 'WISE' is already"),
+])
+def test_combine_refuses_rows_that_do_not_belong_together(tmp_path, second, message):
+    (tmp_path / "a.json").write_text(json.dumps(_payload("WISE")))
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    with pytest.raises(SystemExit, match=message):
+        load_benchmark("lifelong").main(["--combine", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                                         "--out", str(tmp_path / "joined")])
+    assert not (tmp_path / "joined").exists()
