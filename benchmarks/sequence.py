@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"), help="results root ('' : none)")
     p.add_argument("--restart", action="store_true", help="discard the runs' work directories and start over")
     p.add_argument("--report-only", action="store_true", help="only re-assemble CSV / PNG / table from runs/*.json")
+    p.add_argument("--keep-csv-runs", action="store_true",
+                   help="with --report-only: also report the runs of --runs that have no runs/<run>.json but "
+                        "have rows in the existing sequence.csv (from those rows; their edit time is unknown)")
     p.add_argument("--report-partial", action="store_true",
                    help="with --report-only: also report unfinished runs from their last checkpoint (marked partial)")
     p.add_argument("--stop-after-rounds", type=int, default=None,
@@ -102,6 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for spec in args.runs:
         if spec.count(":") != 1:
             p.error(f"--runs {spec!r}: expected METHOD:STRATEGY, e.g. memit:boundary")
+    if args.keep_csv_runs and not args.report_only:
+        p.error("--keep-csv-runs needs --report-only")
     for o in args.overrides:
         if "=" not in o:
             p.error(f"--set {o!r}: expected KEY=VALUE")
@@ -339,7 +344,9 @@ def _nan_to_none(v: Any) -> Any:
 
 
 def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """One CSV row per checkpoint (in edits) × metric of one run."""
+    """One CSV row per checkpoint (in edits) × metric of one run (a run kept from the CSV: its rows)."""
+    if "csv_rows" in record:
+        return record["csv_rows"]
     E, N = record["edits_per_round"], record["num_edits"]
     base = {"method": record["method"], "strategy": record["strategy"], "dataset": record["dataset"],
             "edits_per_round": E}
@@ -491,18 +498,48 @@ def markdown_table(records: list[dict[str, Any]], title: str) -> str:
             cells.append(f"{fmt(pre.get(m))} → {fmt(final.get(m))}" if m in pre else fmt(final.get(m)))
         edits = f"{rec['num_edits']} of {rec['planned_edits']} (partial)" if rec.get("partial") else rec["num_edits"]
         lines.append(f"| {rec['method']} | {_strategy(rec)} | {edits} | " + " | ".join(cells)
-                     + f" | {_duration(secs)} | {secs / max(1, rec['num_edits']):.2f} |")
+                     + (" | - | - |" if secs is None else f" | {_duration(secs)} | {secs / max(1, rec['num_edits']):.2f} |"))
         del last_round
     lines += ["", "Pre-edit → after the last edit (all edited records). Eff./Gen./Spe.: % (CounterFact: "
               "success rates; zsRE: token accuracy). General: mean headline metric of the GLUE-style tasks. "
               "WSE: relative weight shift error, mean over layers, of the last diagnosed round. "
               "Edit time: the rounds' editing time (evaluations excluded)."]
+    kept = [rec for rec in records if rec.get("from_csv")]
+    if kept:
+        lines.append("Reported from the rows of an earlier `sequence.csv` (no run record; edit time unknown): "
+                     + ", ".join(f"{rec['method']} {rec['strategy']}" for rec in kept) + ".")
     return "\n".join(lines)
 
 
-def assemble(out_dir: Path, title: str) -> dict[str, Any]:
-    """CSV, PNG and markdown table from ``out_dir/runs/*.json``."""
+def csv_runs(path: Path, keys: list[str], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs named by ``keys`` (``method_strategy``) that have rows in the CSV at ``path`` but no
+    record, as records that carry those rows (``csv_rows``). A CSV holds no edit time and no target
+    site, so ``edit_seconds`` is ``None`` and the run is reported at the default site."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    have = {run_key(f"{r['method']}:{r['strategy']}") for r in records}
+    kept = []
+    for key in keys:
+        if key in have:
+            continue
+        mine = [{**r, "edits_per_round": int(r["edits_per_round"]), "edits": int(r["edits"]),
+                 "round": int(r["round"]), "value": float(r["value"])}
+                for r in rows if run_key(f"{r['method']}:{r['strategy']}") == key]
+        if mine:
+            kept.append({"run": key, "method": mine[0]["method"], "strategy": mine[0]["strategy"],
+                         "dataset": mine[0]["dataset"], "edits_per_round": mine[0]["edits_per_round"],
+                         "num_edits": max(r["edits"] for r in mine), "edit_seconds": None,
+                         "from_csv": str(path), "csv_rows": mine})
+    return kept
+
+
+def assemble(out_dir: Path, title: str, keep_csv_runs: list[str] = ()) -> dict[str, Any]:
+    """CSV, PNG and markdown table from ``out_dir/runs/*.json`` (and, for the runs named in
+    ``keep_csv_runs`` that have no record there, from their rows in the existing ``sequence.csv``)."""
     records = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*.json"))]
+    records += csv_runs(out_dir / "sequence.csv", list(keep_csv_runs), records)
     order = {"distribute": 0, "boundary": 1}
     records.sort(key=lambda r: (r["method"], order.get(r["strategy"], 2), r["strategy"]))
     if not records:
@@ -606,7 +643,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 done_path.write_text(json.dumps(record, indent=1, default=str))
                 print(f"[sequence] {run_key(spec)}: partial, {record['num_edits']} of {args.num_edits} edits", flush=True)
     if out_dir is not None and (out_dir / "runs").is_dir():
-        result.update(assemble(out_dir, title))
+        keep = [run_key(spec) for spec in args.runs] if args.report_only and args.keep_csv_runs else []
+        result.update(assemble(out_dir, title, keep))
     return result
 
 

@@ -249,3 +249,41 @@ def test_report_names_a_non_default_target_site():
     table = bench.markdown_table([block, mlp, old], "t")
     assert "| memit | boundary, site mlp | 2 |" in table
     assert "| memit | distribute | 2 |" in table and "| memit | boundary | 2 |" in table
+
+
+def test_report_keeps_a_run_known_only_from_the_csv(tmp_path):
+    """``--keep-csv-runs``: a run of ``--runs`` whose record is gone but whose rows are in the
+    existing sequence.csv is reported from those rows (same CSV rows, a table row without edit
+    time); a run not named is dropped, and a record wins over old rows of the same run."""
+    bench = load_benchmark("sequence")
+    rounds = [{"index": 0, "seconds": 10.0, "num_edits": 2, "update_norms": {"4": 3.0}}]
+    seq = [{"round": -1, "metrics": {"efficacy": 10.0}}, {"round": 0, "metrics": {"efficacy": 90.0}}]
+    rec = {"method": "memit", "num_edits": 2, "edits_per_round": 2, "dataset": "d", "edit_seconds": 10.0,
+           "rounds": rounds, "sequence": seq, "general": None, "drift": None, "weight_shift": None}
+    out = tmp_path / "name"
+    (out / "runs").mkdir(parents=True)
+    old = {**rec, "strategy": "distribute", "sequence": [seq[0], {"round": 0, "metrics": {"efficacy": 70.0}}]}
+    stale = {**rec, "strategy": "boundary", "sequence": [seq[0], {"round": 0, "metrics": {"efficacy": 1.0}}]}
+    gone = {**rec, "method": "alphaedit", "strategy": "distribute"}
+    bench.write_csv([old, stale, gone], out / "sequence.csv")
+    old_rows = bench.rows_of(old)
+    (out / "runs" / "memit_boundary.json").write_text(json.dumps({**rec, "strategy": "boundary"}))
+
+    result = bench.assemble(out, "t", ["memit_distribute", "memit_boundary"])
+    kept = [r for r in result["records"] if r.get("from_csv")]
+    assert [(r["method"], r["strategy"], r["num_edits"]) for r in kept] == [("memit", "distribute", 2)]
+    rows = [r for r in result["rows"] if r["method"] == "memit" and r["strategy"] == "distribute"]
+    assert rows == old_rows
+    assert {r["value"] for r in result["rows"] if r["strategy"] == "boundary" and r["metric"] == "efficacy"} == {10.0, 90.0}
+    assert not any(r["method"] == "alphaedit" for r in result["rows"])
+    table = (out / "table.md").read_text()
+    assert "| memit | distribute | 2 | 10.00 → 70.00 |" in table and "| - | - |" in table
+    assert "earlier `sequence.csv`" in table and (out / "curves.png").is_file()
+    # written again from its own output, the report is the same
+    bench.assemble(out, "t", ["memit_distribute", "memit_boundary"])
+    assert (out / "table.md").read_text() == table
+
+
+def test_keep_csv_runs_needs_report_only():
+    with pytest.raises(SystemExit):
+        load_benchmark("sequence").parse_args(["--runs", "memit:boundary", "--keep-csv-runs"])
