@@ -115,11 +115,6 @@ def check_inputs(args: argparse.Namespace) -> None:
     C.require_records(args.dataset, args.dataset, args.num_edits, None, "zsre_eval has 500")
 
 
-def _t_and_dataset(path: str) -> tuple[int, str]:
-    payload = json.loads(Path(path).read_text())
-    return payload["num_edits"], payload["dataset"]
-
-
 def _method_of(config: str) -> str:
     import yaml
 
@@ -203,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.combine:
         if args.runs:
             p.error("--combine and --runs exclude each other")
-        print(table(combine(args.combine, Path(args.out))["runs"], *_t_and_dataset(args.combine[0])))
+        joined = combine(args.combine, Path(args.out))
+        print(table(joined["runs"], joined["num_edits"], joined["dataset"]))
         return
     if not args.runs:
         p.error("--runs is required (or --combine)")

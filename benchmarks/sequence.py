@@ -488,7 +488,6 @@ def markdown_table(records: list[dict[str, Any]], title: str) -> str:
     for rec in records:
         rows = rows_of(rec)
         pre = {r["metric"]: r["value"] for r in rows if r["round"] == -1}
-        last_round = max((r["round"] for r in rows), default=-1)
         final: dict[str, float] = {}
         for r in rows:  # the last value of each metric
             final[r["metric"]] = r["value"]
@@ -499,7 +498,6 @@ def markdown_table(records: list[dict[str, Any]], title: str) -> str:
         edits = f"{rec['num_edits']} of {rec['planned_edits']} (partial)" if rec.get("partial") else rec["num_edits"]
         lines.append(f"| {rec['method']} | {_strategy(rec)} | {edits} | " + " | ".join(cells)
                      + (" | - | - |" if secs is None else f" | {_duration(secs)} | {secs / max(1, rec['num_edits']):.2f} |"))
-        del last_round
     lines += ["", "Pre-edit → after the last edit (all edited records). Eff./Gen./Spe.: % (CounterFact: "
               "success rates; zsRE: token accuracy). General: mean headline metric of the GLUE-style tasks. "
               "WSE: relative weight shift error, mean over layers, of the last diagnosed round. "
