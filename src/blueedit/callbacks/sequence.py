@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 
 from blueedit.callbacks._common import log_to_loggers
+from blueedit.evaluation.editing_metrics import record_values
 
 __all__ = ["SequenceEvaluation", "checkpoints_in_round"]
 
@@ -39,7 +40,10 @@ class SequenceEvaluation(L.Callback):
 
     Logged through the Trainer's loggers at the step of the round as ``sequence/<metric>`` and
     ``sequence/edits``. :attr:`history` holds one entry per evaluation: ``{"edits": n, "round":
-    i, "num_records": n, "kind": ..., "metrics": {...}}``; with ``evaluate_pre`` the first entry
+    i, "num_records": n, "kind": ..., "metrics": {...}, "records": [...]}``, where ``records``
+    holds each evaluated record's own values (``case_id`` and the per-record values of
+    :func:`blueedit.evaluation.editing_metrics.record_values`), for paired comparisons of two runs
+    on the same records; with ``evaluate_pre`` the first entry
     (``edits`` 0, ``round`` -1) is the unedited model on *all* the records that will be edited.
     The history is saved in checkpoints (``state_dict``), so a resumed run continues the curve.
 
@@ -75,7 +79,8 @@ class SequenceEvaluation(L.Callback):
         requests = list(dm.requests) if round_index < 0 else list(dm.requests[:num_edited])
         res = pl_module.run_evaluation(requests)  # a collective under DDP: every rank calls it
         entry = {"edits": num_edited, "round": round_index, "num_records": len(requests), "kind": res.kind,
-                 "metrics": {k: float(v) for k, v in res.metrics.items()}}
+                 "metrics": {k: float(v) for k, v in res.metrics.items()},
+                 "records": [{"case_id": rec.get("case_id"), **record_values(rec, res.kind)} for rec in res.records]}
         self.history.append(entry)
         logs = {f"sequence/{k}": v for k, v in entry["metrics"].items() if not math.isnan(v)}
         logs["sequence/edits"] = float(num_edited)
