@@ -10,12 +10,14 @@ is traced (``--all-facts``).
 
 What this can and cannot say: a random network stores no facts, so the curve reflects the
 architecture only (how much one MLP output at the last subject token can move the output at each
-depth). The layers written into the configs are therefore marked as coming from random weights;
-run ``blueedit locate --model <hub id>`` on the real weights before relying on them.
+depth). Configs written from such a trace (``--configs DIR``) therefore carry the ``needs-locate``
+mark, and ``blueedit fit`` warns while their layers are used unchanged: run
+``blueedit locate --model <hub id>`` on the real weights before relying on them.
 
 For each model: ``benchmarks/results/locate/shapes/<name>/`` (trace.csv, trace.png,
-summary.json) and ``configs/<name>/{memit,memit_blue,alphaedit,alphaedit_blue}.yaml`` with ℛ from
-the trace, the loss layer (the last block) and λ from the real MLP width.
+summary.json) and, with ``--configs DIR``, ``DIR/<name>/{memit,alphaedit}.yaml`` with ℛ from the
+trace, the loss layer (the last block) and λ from the real MLP width (BLUE is
+``--model.editing.strategy boundary`` on either).
 
     PYTHONPATH=src python benchmarks/locate_shapes.py --num-facts 20 --samples 2
 """
@@ -81,10 +83,32 @@ def random_model(shape: Shape, hidden: int, vocab: int, seed: int, init_std: flo
     return model.eval(), inter
 
 
+def write_configs(shape: Shape, result, directory: Path, hidden: int) -> None:
+    """``directory/<name>/{memit,alphaedit}.yaml`` from a random-weights trace, marked ``needs-locate``."""
+    from blueedit.locate import render_config
+
+    header = [
+        f"{shape.hub_id}, {{method}}: 2,000 CounterFact edits, 100 per round; loads the model from the Hugging Face hub.",
+        f"needs-locate: the layers come from `blueedit locate` on random weights of this architecture "
+        f"({shape.config_class}, {shape.layers} blocks, width reduced to {hidden}; benchmarks/locate_shapes.py).",
+        f"  Run `blueedit locate --model {shape.hub_id}` on the real weights and pass its layers (--model.editing.layers).",
+        f"λ = d_k ({shape.intermediate}) to 2 significant figures; loss layer: the last block.",
+    ]
+    for method in ("memit", "alphaedit"):
+        text = render_config(result, name_or_path=shape.hub_id, method=method, dtype="bfloat16",
+                             header=[h.replace("{method}", method) for h in header], paper=True, v_lr=shape.v_lr)
+        text = text.replace("# Run: blueedit fit --config <this file>",
+                            f"# Run: blueedit fit --config configs/{shape.name}/{method}.yaml")
+        text = text.replace(f"runs/{Path(shape.hub_id).name}/", f"runs/{shape.name}/")
+        path = directory / shape.name / f"{method}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
 def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
-    from blueedit.locate import load_known_facts, locate, render_config, save_result, lambda_for_width, format_table
+    from blueedit.locate import load_known_facts, locate, save_result, lambda_for_width, format_table
     from blueedit.models.adapters import ModelAdapter
     from blueedit.models.loading import ModelConfig, default_cache_dir, local_model_dir
 
@@ -96,7 +120,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-std", type=float, default=0.02, help="std of the random weights (initializer_range)")
     p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results" / "locate" / "shapes"))
-    p.add_argument("--configs", default=str(C.REPO / "configs"))
+    p.add_argument("--configs", default=None, help="also write each model's configs under this directory")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -125,26 +149,8 @@ def main(argv=None) -> None:
         print(format_table(result))
         print(f"ℛ = {result.layers}, loss layer {result.loss_layer}, λ {result.mom2_update_weight:g}; "
               f"{s['seconds']} s wall, {s['cpu_seconds']} s CPU", flush=True)
-        header = [
-            f"{shape.hub_id}, {{tag}}: the papers' setting (2,000 CounterFact edits, 100 per round); loads the model "
-            "from the Hugging Face hub.",
-            f"layers: from `blueedit locate` on RANDOM WEIGHTS of this architecture ({shape.config_class}, "
-            f"{shape.layers} blocks, width reduced to {args.hidden}; benchmarks/locate_shapes.py,",
-            f"  benchmarks/results/locate/shapes/{shape.name}/): a placeholder from the shape, not from stored "
-            f"facts; re-run `blueedit locate --model {shape.hub_id}` on the real weights.",
-            f"λ = d_k ({shape.intermediate}) to 2 significant figures; loss layer: the last block.",
-        ]
-        for method in ("memit", "alphaedit"):
-            for blue in (False, True):
-                tag = f"{method}_blue" if blue else method
-                text = render_config(result, name_or_path=shape.hub_id, method=method, blue=blue, dtype="bfloat16",
-                                     header=[h.replace("{tag}", tag) for h in header], paper=True, v_lr=shape.v_lr)
-                text = text.replace("# Run: blueedit fit --config <this file>",
-                                    f"# Run: blueedit fit --config configs/{shape.name}/{tag}.yaml")
-                text = text.replace(f"runs/{Path(shape.hub_id).name}/", f"runs/{shape.name}/")
-                path = Path(args.configs) / shape.name / f"{tag}.yaml"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
+        if args.configs:
+            write_configs(shape, result, Path(args.configs), args.hidden)
         rows.append((shape, result, s))
     md = ["| model | blocks | ℛ (random weights) | loss layer | λ | traced width | seconds (CPU) |",
           "|---|---|---|---|---|---|---|"]

@@ -262,17 +262,16 @@ def test_resume_is_identical(strategy):
 
 
 def test_hse_configs_set_the_preset():
-    """configs/smollm2-135m/hse*.yaml are MEMIT with exactly the options of ``hse.PRESET`` (what the
+    """configs/smollm2-135m/hse.yaml is MEMIT with exactly the options of ``hse.PRESET`` (what the
     benchmarks run as ``hse``)."""
     import yaml
 
     from conftest import REPO
 
-    for name, strategy in (("hse", "distribute"), ("hse_blue", "boundary")):
-        cfg = yaml.safe_load((REPO / "configs" / "smollm2-135m" / f"{name}.yaml").read_text())["model"]["editing"]
-        assert cfg["method"] == "memit" and cfg["strategy"] == strategy
-        assert {k: cfg[k] for k in hse.PRESET["editing"]} == hse.PRESET["editing"]
-        assert {k: cfg["target"][k] for k in hse.PRESET["target"]} == hse.PRESET["target"]
+    cfg = yaml.safe_load((REPO / "configs" / "smollm2-135m" / "hse.yaml").read_text())["model"]["editing"]
+    assert cfg["method"] == "memit" and cfg["strategy"] == "distribute"
+    assert {k: cfg[k] for k in hse.PRESET["editing"]} == hse.PRESET["editing"]
+    assert {k: cfg["target"][k] for k in hse.PRESET["target"]} == hse.PRESET["target"]
 
 
 def test_checkpoint_settings_leave_out_default_new_options(monkeypatch):

@@ -44,7 +44,7 @@ class EditingConfig:
             (WISE side memory at the one layer in ``layers``; its settings are ``wise``, and
             ``strategy`` does not apply).
             HSE is MEMIT with the options ``target.forget_weight``, ``target.fisher_weight`` and
-            ``history_schedule`` (configs ``hse.yaml``, ``hse_blue.yaml``).
+            ``history_schedule`` (config ``hse.yaml``).
         strategy: ``distribute`` (the classic residual distribution over ℛ) or ``boundary``
             (BLUE: update only ``l_1`` and ``l_m``, each with a target optimized at that layer).
         layers: the critical layers ℛ = ``[l_1 .. l_m]``.

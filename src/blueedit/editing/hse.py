@@ -20,8 +20,8 @@ import torch
 
 HistorySchedule = Literal["constant", "inverse"]
 
-#: HSE as MEMIT with these options (``configs/smollm2-135m/hse.yaml`` and ``hse_blue.yaml`` set the
-#: same; the benchmarks' method name ``hse``). The published values were not retrievable
+#: HSE as MEMIT with these options (``configs/smollm2-135m/hse.yaml`` sets the same, with either
+#: strategy; the benchmarks' method name ``hse``). The published values were not retrievable
 #: (docs/algorithms.md, "HSE"): the forgetting weight 0.25 is α = 0.8 in the paper's
 #: ``α·NLL + (1 − α)·UL``; the Fisher weight 1 is the Laplace approximation's own weight (the
 #: earlier edits' log-likelihood as a prior); neither value has been tuned.
