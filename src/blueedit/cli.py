@@ -34,6 +34,8 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from blueedit.callbacks.progress import RoundProgressBar
+from blueedit.cli_help import ShortHelpFormatter, add_help_options, description
+from blueedit.config_headers import warn_placeholder_layers
 from blueedit.data.corpus import CorpusUnavailable
 from blueedit.data.datamodule import EditDataModule
 from blueedit.data.records import EditRecordError, check_prompt_lengths, effective_prompt_limit
@@ -279,6 +281,7 @@ class BlueEditCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.data_dir", "model.data_dir")
+        add_help_options(parser)  # --help-all beside the short --help
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -316,6 +319,7 @@ class BlueEditCLI(LightningCLI):
         cfg = self.config[sub]
         check_callbacks(cfg.get("trainer", {}).get("callbacks"))
         model_cfg = _as_dict(cfg.get("model"))
+        warn_placeholder_layers(cfg.get("config"), _as_dict(model_cfg.get("editing")).get("layers"))
         from blueedit.models.loading import ModelConfig, check_model_source
 
         spec = ModelConfig(**_as_dict(model_cfg.get("model"))) if model_cfg.get("model") is not None else ModelConfig()
@@ -394,16 +398,6 @@ class BlueEditCLI(LightningCLI):
             dm._requests = requests
 
 
-DESCRIPTION = (
-    "blueedit: locate-then-edit knowledge editing of Hugging Face causal LMs (MEMIT, AlphaEdit, PRUNE, "
-    "RECT), with BLUE (editing.strategy: boundary) as a switch on each. `fit` runs a sequential editing "
-    "experiment evaluated before and after, `edit` applies your edits and saves the edited model, "
-    "`validate` / `test` evaluate a (saved) model; `revert DIR --rounds K` undoes a saved model's last rounds, "
-    "`generate DIR` shows greedy generations before and after its edits, `locate` finds a model's critical "
-    "layers by causal tracing and writes a config (`blueedit locate --help`). Start from a config: "
-    "blueedit fit --config configs/quickstart.yaml; `blueedit fit --help` lists the editing options."
-)
-
 TRAINER_DEFAULTS = {
     "max_epochs": 1,
     "num_sanity_val_steps": 0,
@@ -428,7 +422,8 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> BlueEditCLI:
         EditingModule,
         EditDataModule,
         # a bad option raises (main() prints one line) instead of printing the whole usage
-        parser_kwargs={"description": DESCRIPTION, "prog": "blueedit", "exit_on_error": False,
+        parser_kwargs={"description": description(BlueEditCLI.subcommands()), "prog": "blueedit",
+                       "formatter_class": ShortHelpFormatter, "exit_on_error": False,
                        **{sub: {"exit_on_error": False} for sub in BlueEditCLI.subcommands()}},
         auto_configure_optimizers=False,
         trainer_class=EditTrainer,
