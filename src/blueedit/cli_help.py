@@ -124,6 +124,9 @@ class ShortHelpFormatter(DefaultHelpFormatter):
     def start_section(self, heading: str | None) -> None:
         super().start_section(plain_text(heading) if heading else heading)
 
+    def add_text(self, text: str | None) -> None:
+        super().add_text(plain_text(text) if text and text != argparse.SUPPRESS else text)
+
     def _format_action(self, action: argparse.Action) -> str:
         if not action.option_strings:  # the subcommand list and positionals keep argparse's layout
             return super()._format_action(action)
