@@ -1,6 +1,7 @@
 """Lifelong editing (one edit per round, T edits): WISE against MEMIT / AlphaEdit (+ BLUE).
 
-For each ``NAME=CONFIG`` of ``--runs`` this runs ``blueedit fit`` (the CLI, in this process) with
+For each ``NAME=CONFIG[,CONFIG...]`` of ``--runs`` this runs ``blueedit fit`` (the CLI, in this
+process; several configs are combined in order, e.g. a method config and ``configs/blue.yaml``) with
 ``data.dataset=--dataset``, ``data.num_edits=T``, ``data.edits_per_round=1`` and evaluation on the
 edited records, then reads the run's ``metrics.json``. The table has, per run, reliability (efficacy:
 the edit prompt), generalization (the paraphrase), locality (agreement with the pre-edit model on
@@ -23,8 +24,8 @@ Example (the README's table)::
 
     python benchmarks/lifelong.py --num-edits 100 --runs \\
         WISE=configs/smollm2-135m/wise.yaml MEMIT=configs/smollm2-135m/memit.yaml \\
-        "MEMIT + BLUE=configs/smollm2-135m/memit_blue.yaml" \\
-        "AlphaEdit + BLUE=configs/smollm2-135m/alphaedit_blue.yaml" --bf16-locate-then-edit
+        "MEMIT + BLUE=configs/smollm2-135m/memit.yaml,configs/blue.yaml" \\
+        "AlphaEdit + BLUE=configs/smollm2-135m/alphaedit.yaml,configs/blue.yaml" --bf16-locate-then-edit
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def run_one(name: str, config: str, args, workdir: Path) -> dict:
     root = workdir / f"{name.replace(' ', '_').replace('+', 'plus')}_T{args.num_edits}"
     root.mkdir(parents=True, exist_ok=True)
     checkpoints = root / "checkpoints"
-    argv = ["fit", "--config", config]
+    argv = ["fit"] + [arg for path in config.split(",") for arg in ("--config", path)]
     if args.checkpoint_every > 0:
         generated = root / "lifelong.yaml"
         generated.write_text(json.dumps({"trainer": {"callbacks": [
@@ -107,9 +108,10 @@ def check_inputs(args: argparse.Namespace) -> None:
     for spec in args.runs:
         name, sep, config = spec.partition("=")
         if not sep or not name or not config:
-            raise SystemExit(f"--runs {spec!r}: expected NAME=CONFIG")
-        if not Path(config).is_file():
-            raise SystemExit(f"--runs {spec!r}: no such config file {config!r}")
+            raise SystemExit(f"--runs {spec!r}: expected NAME=CONFIG[,CONFIG...]")
+        for path in config.split(","):
+            if not Path(path).is_file():
+                raise SystemExit(f"--runs {spec!r}: no such config file {path!r}")
     if args.num_edits < 1:
         raise SystemExit(f"--num-edits {args.num_edits}: must be >= 1")
     C.require_records(args.dataset, args.dataset, args.num_edits, None, "zsre_eval has 500")
@@ -118,8 +120,9 @@ def check_inputs(args: argparse.Namespace) -> None:
 def _method_of(config: str) -> str:
     import yaml
 
-    cfg = yaml.safe_load(Path(config).read_text())
-    return cfg["model"]["editing"]["method"]
+    methods = [(yaml.safe_load(Path(path).read_text()) or {}).get("model", {}).get("editing", {}).get("method")
+               for path in config.split(",")]
+    return [m for m in methods if m][-1]
 
 
 def table(results: list[dict], T: int, dataset: str) -> str:
@@ -179,7 +182,7 @@ def combine(paths: list[str], out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", nargs="+", help="NAME=CONFIG, one per row")
+    p.add_argument("--runs", nargs="+", help="NAME=CONFIG[,CONFIG...], one per row (later configs override earlier ones)")
     p.add_argument("--combine", nargs="+", metavar="JSON",
                    help="join the rows of these lifelong_T<T>.json files into --out (no run)")
     p.add_argument("--dataset", default="zsre_eval")

@@ -34,7 +34,7 @@ EXPECTED_PATHS = [
     "src/blueedit",
     "configs",
     "configs/quickstart.yaml",
-    "configs/llama3-8b/memit_blue.yaml",
+    "configs/llama3-8b/memit.yaml",
 ]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import load_benchmark, make_model, make_tokenizer
+from conftest import REPO, load_benchmark, make_model, make_tokenizer
 from test_module import RECORDS
 
 
@@ -22,7 +22,7 @@ def tiny(tmp_path_factory) -> Path:
     config = {
         "trainer": {"accelerator": "cpu", "devices": 1},
         "model": {"model": {"name_or_path": str(root / "tiny-llama"), "dtype": "float32"},
-                  "editing": {"method": "memit", "strategy": "boundary", "layers": [1, 2, 3],
+                  "editing": {"method": "memit", "strategy": "distribute", "layers": [1, 2, 3],
                               "target": {"v_num_grad_steps": 3}},
                   "stats": {"corpus": "model-samples", "num_samples": 4, "max_length": 32, "batch_size": 4},
                   "cache_dir": str(root / "cache"), "eval_batch_size": 8},
@@ -33,7 +33,8 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def _argv(root: Path, out: str) -> list[str]:
-    return ["--runs", f"MEMIT + BLUE={root / 'memit.yaml'}", "--dataset", str(root / "edits.json"),
+    # BLUE as the method config followed by the overlay
+    return ["--runs", f"MEMIT + BLUE={root / 'memit.yaml'},{REPO / 'configs' / 'blue.yaml'}", "--dataset", str(root / "edits.json"),
             "--num-edits", "4", "--checkpoint-every", "1", "--workdir", str(root / f"work_{out}"),
             "--out", str(root / out)]
 
@@ -47,6 +48,7 @@ def test_stopped_and_continued_run_equals_uninterrupted(tiny):
     bench.main(_argv(tiny, "full"))
     full = _row(tiny, "full")
     assert full["num_edits"] == 4 and full["cpu_complete"] and full["processes"] == 1
+    assert (full["method"], full["strategy"]) == ("memit", "boundary")
 
     bench.main(_argv(tiny, "resumed") + ["--stop-after-rounds", "2"])
     assert not (tiny / "resumed" / "lifelong_T4.json").exists()  # a stopped run is no row

@@ -33,7 +33,7 @@ def test_edit_command_blue_on_counterfact(tmp_path, data_dir, torch_threads):
     edits.write_text("\n".join(json.dumps(_user_record(r)) for r in requests))
     out = tmp_path / "edited"
     cli = run_cli([
-        "edit", "--config", "configs/smollm2-135m/memit_blue.yaml",
+        "edit", "--config", "configs/smollm2-135m/memit.yaml", "--model.editing.strategy", "boundary",
         "--edits", str(edits), "--output", str(out),
         f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false",
