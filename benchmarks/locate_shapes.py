@@ -108,7 +108,7 @@ def write_configs(shape: Shape, result, directory: Path, hidden: int) -> None:
 def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
-    from blueedit.locate import load_known_facts, locate, save_result, lambda_for_width, format_table
+    from blueedit.locate import format_table, lambda_for_width, load_known_facts, locate, save_result
     from blueedit.models.adapters import ModelAdapter
     from blueedit.models.loading import ModelConfig, default_cache_dir, local_model_dir
 
