@@ -100,9 +100,10 @@ def _default_text(action: argparse.Action) -> str:
 
 
 class ShortHelpFormatter(DefaultHelpFormatter):
-    """One line per option (``--name=DEFAULT  first sentence``, cut at the terminal's width), and a
-    usage line that names only the required options; options :func:`shown_in_short_help` rejects
-    are left out."""
+    """Each option as ``--name=DEFAULT  first sentence of its help`` (the sentence on a second line
+    when it does not fit beside the name, cut at the terminal's width), a usage line that names only
+    the required options, and no reStructuredText markup; options :func:`shown_in_short_help`
+    rejects are left out."""
 
     def __init__(self, prog: str, **kwargs: Any) -> None:
         kwargs.setdefault("width", min(max(shutil.get_terminal_size().columns, 80), 140) - 2)
