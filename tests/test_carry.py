@@ -405,3 +405,26 @@ def test_hse_fisher_state_is_carried_and_not_reverted(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["revert", str(second), "--rounds", "1"])
     assert "Fisher" in capsys.readouterr().err
+
+
+EVERY_CALLBACK = json.dumps([
+    {"class_path": "blueedit.callbacks.weight_shift.WeightShiftError", "init_args": {"every_n_rounds": 1}},
+    {"class_path": "blueedit.callbacks.drift.HiddenStateDrift", "init_args": {"num_probes": 2}},
+    {"class_path": "blueedit.callbacks.progress.EditProgress"},
+    {"class_path": "blueedit.callbacks.sequence.SequenceEvaluation", "init_args": {"every_n_edits": 2}},
+])
+
+
+@pytest.mark.parametrize("method, strategy", [("memit", "distribute"), ("pmet", "distribute"), ("memit", "boundary")])
+def test_saved_with_every_callback_replays_to_the_written_weights(tiny, tmp_path, method, strategy):
+    """The diagnostic callbacks (the weight shift error solves an ideal update on every layer of a
+    diagnosed round) leave the saved edit history holding the updates that were written: replaying
+    them from the base weights gives the saved model's weights exactly."""
+    out = tmp_path / "edited"
+    _edit(tiny, tiny / "tiny-llama", "r0-4.json", out, method, strategy, f"--trainer.callbacks={EVERY_CALLBACK}")
+    state, _ = carry.read_state(out)
+    saved = _model_tensors(out)
+    assert state.rounds_done == 2 and sorted(state.original) == ([1, 2, 3] if strategy == "distribute" else [1, 3])
+    for l in state.original:
+        replayed = replay_weights(state.original[l], state.updates, l)
+        assert torch.equal(replayed, saved[f"model.layers.{l}.mlp.down_proj.weight"]), l

@@ -160,12 +160,7 @@ def save_edited_model(module: EditingModule, datamodule: EditDataModule, output:
     tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir()
-        if module.hp.method == "wise":  # the original weights as a standard model, the side memory beside them
-            from blueedit.editing.wise import save_wise_model
-
-            save_wise_model(module.editor, tmp)
-        else:
-            module.lm.save_pretrained(tmp)
+        module.method.save_model(module, tmp)
         module.tokenizer.save_pretrained(tmp)
         previous = module.carried.record if getattr(module, "carried", None) is not None else {}
         record = {
@@ -182,8 +177,8 @@ def save_edited_model(module: EditingModule, datamodule: EditDataModule, output:
             "requests": list(previous.get("requests", [])) + [r.to_dict() for r in datamodule.requests],
         }
         (tmp / "edits.json").write_text(json.dumps(record, indent=1, default=str))
-        # what `edit` on this directory and `revert` need (WISE saves its side memory instead)
-        if getattr(module, "editor", None) is not None and module.hp.method != "wise":
+        # what `edit` on this directory and `revert` need (a side-memory method saves its memory instead)
+        if getattr(module, "editor", None) is not None and module.method.carries_state:
             from blueedit import carry
 
             try:

@@ -498,8 +498,11 @@ def render_config(result: LocateResult, *, name_or_path: str, method: str = "mem
         f"    layers: [{', '.join(str(l) for l in result.layers)}]",
         f"    mom2_update_weight: {result.mom2_update_weight:g}  # λ = d_k ({result.mlp_width}) to 2 significant figures",
     ]
-    if method == "alphaedit":
-        lines += ["    L2: 10", "    nullspace_threshold: 2.0e-2"]
+    from blueedit.editing.editor import EditingConfig
+    from blueedit.methods.registry import get_method
+
+    defaults = EditingConfig(method=method, strategy=strategy, layers=list(result.layers))
+    lines += [f"    {k}: {v:g}" for k, v in get_method(method).config_settings(defaults).items()]
     lines += [
         "    target:", "      v_num_grad_steps: 25", f"      v_lr: {lr:g}", "      v_weight_decay: 0.5",
         "      kl_factor: 0.0625", "      clamp_norm_factor: 0.75", f"      loss_layer: {result.loss_layer}",

@@ -23,7 +23,6 @@ from blueedit.data.records import EditRequest, check_prompt_lengths, effective_p
 from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport, check_stream_options
 from blueedit.editing.setup import build_editor, cached_key_statistics
 from blueedit.editing.statistics import StatsConfig
-from blueedit.editing.wise import WiseEditor, WiseState, irrelevant_inputs, wise_context_templates
 from blueedit.evaluation.editing_metrics import (
     EvaluationResult,
     add_locality,
@@ -38,6 +37,7 @@ from blueedit.evaluation.generation import (
     generation_summary,
     load_references,
 )
+from blueedit.methods.registry import BUILTIN, get_method
 from blueedit.models.adapters import ModelAdapter
 from blueedit.models.chat import chat_requests, has_chat_template
 from blueedit.models.loading import (
@@ -103,6 +103,8 @@ class EditingModule(L.LightningModule):
         super().__init__()
         self.model_spec = deepcopy(model or ModelConfig())  # never the shared default instance
         self.hp = deepcopy(editing or EditingConfig())
+        #: the method's hooks (:mod:`blueedit.methods.registry`)
+        self.method = get_method(self.hp.method)
         self.stats_spec = deepcopy(stats or StatsConfig())
         self.evaluate = evaluate
         self.eval_batch_size = eval_batch_size
@@ -221,9 +223,12 @@ class EditingModule(L.LightningModule):
                 d = d.get(p, {})
             if key in d and d[key] == default:
                 del d[key]
-        # WISE's settings decide nothing for the other methods (and did not exist before WISE)
-        if self.hp.method != "wise":
-            settings["editing"].pop("wise", None)
+        # a method's own settings (WISE's) decide nothing for the other methods (and did not exist
+        # before that method)
+        for name in BUILTIN:
+            field_name = get_method(name).config_field
+            if field_name is not None and field_name != self.method.config_field:
+                settings["editing"].pop(field_name, None)
         return settings
 
     def _check_resume_settings(self, saved: dict[str, Any] | None) -> None:
@@ -251,10 +256,9 @@ class EditingModule(L.LightningModule):
         saved = checkpoint.get("blueedit", {})
         self._check_resume_settings(saved.get("settings"))
         if saved.get("editor"):
-            state_cls = WiseState if WiseState.is_wise(saved["editor"]) else EditorState
-            self._pending_state = state_cls.from_dict(saved["editor"])
+            self._pending_state = self.method.load_state(saved["editor"])
             if self.editor is not None:
-                self._adopt_state(state_cls.from_dict(saved["editor"], self.editor.device))
+                self.editor.load_state(self.method.load_state(saved["editor"], self.editor.device))
         self.pre_metrics = saved.get("pre_metrics")
         self.reports = [RoundReport(**r) for r in saved.get("reports", [])]
         self._finalized = bool(saved.get("finalized", False))
@@ -267,10 +271,11 @@ class EditingModule(L.LightningModule):
         total_rounds = self.check_stream_options()
         if self.model_spec.device_map is None and self.trainer is not None:
             self.lm.to(self.trainer.strategy.root_device)
-        if self.hp.method == "wise":
-            self.editor = self._wise_editor()
+        own = self.method.create_editor(self)  # a method with an editor of its own (WISE)
+        if own is not None:
+            self.editor = own
             if self._pending_state is not None:
-                self.editor.load_state(WiseState.from_dict(self._pending_state.to_dict(), self.editor.device))
+                self.editor.load_state(self.method.load_state(self._pending_state.to_dict(), self.editor.device))
             return
         # Lightning restores a checkpoint's (edited) weights after this hook: C_0, its cache key and
         # the context templates are computed on the pretrained weights
@@ -305,29 +310,6 @@ class EditingModule(L.LightningModule):
         total = dm.num_rounds if dm is not None and hasattr(dm, "num_rounds") else None
         check_stream_options(self.hp, requests, total)
         return total
-
-    def _adopt_state(self, state) -> None:
-        if isinstance(self.editor, WiseEditor):
-            self.editor.load_state(state)
-        else:
-            self.editor.state = state
-
-    def _wise_editor(self) -> WiseEditor:
-        """The WISE editor: side memory at ``editing.layers[0]``, irrelevant inputs from
-        ``editing.wise.irrelevant_dataset`` (minus the evaluated locality prompts)."""
-        from blueedit.data.formats import load_requests
-        from blueedit.editing.wise import SideMemoryLayer
-
-        if isinstance(self.adapter.w_out_module(self.hp.layers[0]), SideMemoryLayer):
-            raise ValueError(f"{self.model_spec.name_or_path} already holds a WISE side memory; continuing it is not "
-                             "supported: edit its base model with all the records instead")
-        cfg = self.hp.wise
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        data_dir = self.data_dir or getattr(dm, "resolved_data_dir", None)
-        exclude = {p for r in (self.eval_requests() if dm is not None else []) for p in r.neighborhood}
-        pool = load_requests(cfg.irrelevant_dataset, data_dir=data_dir)
-        templates = wise_context_templates(self.lm, self.tokenizer, cfg.context_lengths)
-        return WiseEditor(self.lm, self.tokenizer, self.adapter, self.hp, templates, irrelevant_inputs(pool, exclude))
 
     @property
     def prompt_limit(self) -> int | None:

@@ -16,19 +16,19 @@ import torch
 from blueedit import distributed
 from blueedit.config import Dtype, check_choice
 from blueedit.data.records import EditRecordError, EditRequest, validate_requests
-from blueedit.editing import hse, solvers
-from blueedit.editing.pmet import pmet_residuals
+from blueedit.editing import hse, solvers, strategy as strategies
 from blueedit.editing.wise import WiseConfig
 from blueedit.editing.targets import TargetConfig, TargetResult, fact_states, optimize_targets, optimize_targets_one_by_one
 from blueedit.editing.updates import LayerUpdate, RoundUpdates
 from blueedit.models.tokens import tokenize_target
 from blueedit.models.adapters import ModelAdapter
+from blueedit.methods.registry import SolveInputs, get_method, method_names
 
-Method = Literal["memit", "alphaedit", "prune", "rect", "pmet", "wise"]
 Strategy = Literal["distribute", "boundary"]
 HalfDtype = Literal["bfloat16", "float16"]
 PruneBase = Literal["original", "current"]
-METHODS: tuple[str, ...] = get_args(Method)
+#: the built-in method names (:func:`blueedit.methods.registry.method_names` also lists registered ones)
+METHODS: tuple[str, ...] = tuple(method_names())
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
@@ -85,7 +85,7 @@ class EditingConfig:
             ``method: wise`` only.
     """
 
-    method: Method = "memit"
+    method: str = "memit"
     strategy: Strategy = "distribute"
     layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
     mom2_update_weight: float = 1500.0
@@ -104,15 +104,13 @@ class EditingConfig:
     wise: WiseConfig = field(default_factory=WiseConfig)
 
     def __post_init__(self) -> None:
-        check_choice("editing.method", self.method, Method)
+        method = get_method(self.method)
         check_choice("editing.history_schedule", self.history_schedule, hse.HistorySchedule)
-        if self.history_schedule != "constant" and (self.method == "alphaedit" or not self.use_history):
+        if self.history_schedule != "constant" and not (method.history_replay and self.use_history):
             raise ValueError("editing.history_schedule weights the edit history of the MEMIT-family solve "
                              "(memit, pmet, prune, rect with use_history: true); it does not apply to "
                              f"method {self.method!r}" + ("" if self.use_history else " without history"))
-        if self.method == "pmet" and self.target.fisher_weight > 0:
-            raise ValueError("editing.target.fisher_weight (HSE's Fisher penalty on one target vector) is not "
-                             "defined for method 'pmet', which optimizes two vectors per layer")
+        method.check(self)
         check_choice("editing.strategy", self.strategy, Strategy)
         check_choice("editing.autocast", self.autocast, HalfDtype, optional=True)
         check_choice("editing.compute_dtype", self.compute_dtype, Dtype, optional=True)
@@ -123,23 +121,9 @@ class EditingConfig:
             raise ValueError(f"editing.max_batch_tokens must be a positive number of tokens or null, got {self.max_batch_tokens}")
         if list(self.layers) != list(range(self.layers[0], self.layers[0] + len(self.layers))):
             raise ValueError(f"editing.layers {self.layers} must be consecutive and increasing")
-        if self.target.site != "block":
-            if self.method in ("pmet", "wise"):
-                raise ValueError(f"editing.target.site {self.target.site!r} does not apply to editing.method "
-                                 f"{self.method!r} ({'PMET optimizes its own two sites' if self.method == 'pmet' else 'WISE has no target'}); "
-                                 "leave it at 'block'")
-            if self.strategy != "boundary":
-                raise ValueError(f"editing.target.site {self.target.site!r} needs editing.strategy 'boundary': the "
-                                 "residual distribution spreads a block-output δ over the layers")
-        if self.method == "wise":
-            if self.strategy == "boundary":
-                raise ValueError("editing.strategy 'boundary' (BLUE) does not apply to editing.method 'wise': WISE "
-                                 "trains a side memory at one layer; remove the strategy or set it to 'distribute'")
-            if len(self.layers) != 1:
-                raise ValueError(f"editing.method 'wise' edits one layer: set editing.layers to [L], got {self.layers}")
-            if self.compute_dtype is not None or self.autocast is not None:
-                raise ValueError("editing.compute_dtype / editing.autocast are not supported with editing.method "
-                                 "'wise' (it trains in the model's dtype)")
+        if self.target.site != "block" and self.strategy != "boundary":
+            raise ValueError(f"editing.target.site {self.target.site!r} needs editing.strategy 'boundary': the "
+                             "residual distribution spreads a block-output δ over the layers")
 
     @property
     def edited_layers(self) -> list[int]:
@@ -263,6 +247,8 @@ class Editor:
         if missing:
             raise ValueError(f"no key statistics C_0 for layers {missing}")
         self.model, self.tokenizer, self.adapter, self.hp = model, tokenizer, adapter, hparams
+        #: the method's hooks (:mod:`blueedit.methods.registry`)
+        self.method = get_method(hparams.method)
         self.device = next(model.parameters()).device
         self.mom2 = {l: mom2[l].to(self.device) for l in hparams.edited_layers}
         self.state = state or EditorState(context_templates=list(context_templates))
@@ -312,7 +298,7 @@ class Editor:
             work.set_attn_implementation("eager")
         return work, ModelAdapter(work, layout=self.adapter.layout)
 
-    def _sync(self, layers) -> None:
+    def sync_compute_copy(self, layers) -> None:
         """Mirror the original's ``W_out`` of ``layers`` into the compute copy."""
         if self.compute_model is not self.model:
             for l in layers:
@@ -322,8 +308,7 @@ class Editor:
         for l in self.hp.edited_layers:
             dk = self.adapter.key_size(l)
             self.state.history.setdefault(l, torch.zeros(dk, dk, device=self.device))
-            if self.hp.method == "alphaedit" and l not in self.state.projection:
-                self.state.projection[l] = solvers.nullspace_projection(self.mom2[l], self.hp.nullspace_threshold).float()
+            self.method.prepare_layer(self, l)
             if l not in self.state.original:  # W_0: PRUNE's original weights, and where revert replays from
                 self.state.original[l] = self.adapter.get_w_out(l).cpu()
 
@@ -359,7 +344,7 @@ class Editor:
                 self.hp.target)
         tp = self.hp.target
         fisher_on = tp.fisher_weight > 0
-        kw = {"sites": ("attn", "mlp") if self.hp.method == "pmet" else (tp.site,), "return_grad": fisher_on,
+        kw = {"sites": self.method.target_sites(self.hp), "return_grad": fisher_on,
               "fisher": (tp.fisher_weight * self.state.fisher[layer]).float().to(self.device)
               if fisher_on and layer in self.state.fisher else None}
         if not local:
@@ -387,38 +372,40 @@ class Editor:
             self._round_fisher[layer] = hse.fisher_estimate(res.grad, tp.fisher_estimator).float()
         return res
 
-    def solve(self, layer: int, residuals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """The method's update ``ΔW^layer`` (``[d, d_k]``, float64) for ``R`` (``[d, B]``), ``K`` (``[d_k, B]``).
+    def solve_inputs(self, layer: int) -> SolveInputs:
+        """What the method's solve reads at ``layer`` this round: ``C_0``, ``H``, ``α_i``, ``P``."""
+        return SolveInputs(self.mom2[layer], self.state.history[layer], self._alpha,
+                           self.state.projection.get(layer))
 
-        Its rank-``B`` factors are kept for the round's entry in :attr:`EditorState.updates`."""
-        H = self.state.history[layer]
-        if self.hp.method == "alphaedit":
-            left, right = solvers.alphaedit_factors(residuals, keys, self.state.projection[layer], H, self.hp.L2)
-        else:
-            if self.hp.use_history and self._alpha != 1.0:  # HSE's parameter replay: α_i H
-                H = self._alpha * H.to(torch.float64)
-            left, right = solvers.memit_factors(residuals, keys, self.mom2[layer], H if self.hp.use_history else None,
-                                                self.hp.mom2_update_weight)
+    def solve(self, layer: int, residuals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The method's update ``ΔW^layer`` (``[d, d_k]``, float64) for ``R`` (``[d, B]``), ``K``
+        (``[d_k, B]``). Pure: nothing is written or recorded (diagnostics call it freely)."""
+        left, right = self.method.solve(self.hp, self.solve_inputs(layer), residuals, keys)
         delta = left @ right
         if not torch.isfinite(delta).all():
             raise solvers.SolveError(f"update of layer {layer} has non-finite values")
-        self._factors[layer] = (left.cpu(), right.cpu())
         return delta
 
     @property
     def residuals_at_mlp(self) -> bool:
         """Whether a round's residuals live in the ``W_out``-output space (PMET, or
         ``editing.target.site: mlp``) rather than the block-output space."""
-        return self.hp.method == "pmet" or self.hp.target.site == "mlp"
+        return self.method.residuals_at_mlp(self.hp)
+
+    def keys_and_values(self, requests: list[EditRequest], key_layer: int,
+                        value_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys ``K^key_layer`` (``[d_k, B]``) and the values a residual at ``value_layer`` is taken
+        from (``[d, B]``): the MLP outputs ``m`` when :attr:`residuals_at_mlp`, else the block
+        outputs ``h``; read in one pass on the model as it is now."""
+        if self.residuals_at_mlp:
+            keys, _, values = self.fact_states(requests, [key_layer], [], value_layers=[value_layer])
+        else:
+            keys, values = self.fact_states(requests, [key_layer], [value_layer])
+        return keys[key_layer], values[value_layer]
 
     def current_values(self, requests: list[EditRequest], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys ``K^l`` and the values a residual at ``layer`` is taken from (``[d, B]``): the MLP
-        outputs ``m^l`` when :attr:`residuals_at_mlp`, else the block outputs ``h^l``."""
-        if self.residuals_at_mlp:
-            keys, _, values = self.fact_states(requests, [layer], [], value_layers=[layer])
-        else:
-            keys, values = self.fact_states(requests, [layer], [layer])
-        return keys[layer], values[layer]
+        """:meth:`keys_and_values` at one layer."""
+        return self.keys_and_values(requests, layer, layer)
 
     def fact_states(self, requests: list[EditRequest], key_layers: list[int], hidden_layers: list[int],
                     value_layers: list[int] | None = None):
@@ -437,15 +424,28 @@ class Editor:
             out = tuple({l: distributed.gather_rows(x.T.contiguous(), n).T for l, x in part.items()} for part in out)
         return out
 
-    def _write(self, step: LayerStep, report: RoundReport) -> None:
-        layer, delta = step.layer, step.delta
-        if self.on_layer is not None:
-            self.on_layer(step)
+    def write(self, requests: list[EditRequest], layer: int, target_layer: int, residuals: torch.Tensor,
+              keys: torch.Tensor, report: RoundReport) -> None:
+        """Solve for ``ΔW^layer`` from ``R`` and ``K`` with the method, show it to :attr:`on_layer`,
+        add it to ``W_out^layer`` and keep its factors for the round's recorded update."""
+        report.residual_norms[layer] = float(residuals.norm())
+        left, right = self.method.solve(self.hp, self.solve_inputs(layer), residuals, keys)
+        delta = left @ right
         if not torch.isfinite(delta).all():
             raise solvers.SolveError(f"update of layer {layer} has non-finite values")
+        self._factors[layer] = (left.cpu(), None if right is None else right.cpu())
+        if self.on_layer is not None:
+            self.on_layer(LayerStep(report.index, layer, target_layer, requests, residuals, keys, delta))
         self.adapter.add_to_w_out(layer, delta)
-        self._sync([layer])
+        self.sync_compute_copy([layer])
         report.update_norms[layer] = float(torch.linalg.matrix_norm(delta))
+
+    def round_target(self, requests: list[EditRequest], layer: int, report: RoundReport) -> torch.Tensor:
+        """The round's targets ``z`` at ``layer`` (``[B, d]``), their steps and losses recorded in ``report``."""
+        res = self.targets(requests, layer)
+        report.target_steps[layer] = res.steps.tolist()
+        report.target_loss[layer] = res.loss.tolist()
+        return res.z
 
     def edit_round(self, requests: list[EditRequest], index: int | None = None) -> RoundReport:
         """Apply one round of edits. Atomic: on any error (bad record, failed or non-finite
@@ -463,15 +463,9 @@ class Editor:
         self._round_fisher = {}
         self._alpha = hse.history_weight(self.hp.history_schedule, index, self.state.total_rounds)
         try:
-            self._sync(self.hp.edited_layers)  # the weights may have been set from outside (resume)
-            if self.hp.method == "pmet":
-                self._pmet(requests, report)
-            elif self.hp.strategy == "distribute":
-                self._distribute(requests, report)
-            else:
-                self._boundary(requests, report)
-            if self.hp.method == "rect":
-                self._rect_sparsify(snapshot, report)
+            self.sync_compute_copy(self.hp.edited_layers)  # the weights may have been set from outside (resume)
+            strategies.STRATEGIES[self.hp.strategy](self, requests, report)
+            self._factors.update(self.method.post_round(self, snapshot, report))
             keys, _ = self.fact_states(requests, self.hp.edited_layers, [])
             new_history = {l: self.state.history[l] + (keys[l] @ keys[l].T) for l in self.hp.edited_layers}
             for l, H in new_history.items():
@@ -493,78 +487,11 @@ class Editor:
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _rect_sparsify(self, before: dict[int, torch.Tensor], report: RoundReport) -> None:
-        """RECT, as published: the round has written the full updates of every layer (each later
-        layer computed on the model with the earlier layers' full updates); now each layer's
-        ``ΔW = W − W_before`` is sparsified against ``W_before`` and written instead."""
-        for l, w0 in before.items():
-            full = self.adapter.get_w_out(l).to(torch.float64) - w0.to(torch.float64)
-            sparse = solvers.rect_sparsify(full, w0.to(full.device), self.hp.rect_keep)
-            self.adapter.set_w_out(l, w0)
-            self.adapter.add_to_w_out(l, sparse)
-            self._sync([l])
-            # not low rank: kept whole, in the precision the write adds it in (so replaying it is exact)
-            self._factors[l] = (sparse.to(torch.promote_types(w0.dtype, torch.float32)).cpu(), None)
-            report.update_norms[l] = float(torch.linalg.matrix_norm(sparse))
-
-    def _record_target(self, layer: int, res: TargetResult, report: RoundReport) -> None:
-        report.target_steps[layer] = res.steps.tolist()
-        report.target_loss[layer] = res.loss.tolist()
-
-    def _distribute(self, requests: list[EditRequest], report: RoundReport) -> None:
-        layers = self.hp.layers
-        last = layers[-1]
-        res = self.targets(requests, last)
-        self._record_target(last, res, report)
-        z = res.z.T  # [d, B]
-        for i, l in enumerate(layers):
-            keys, hidden = self.fact_states(requests, [l], [last])
-            residuals = (z - hidden[last]) / (len(layers) - i)
-            report.residual_norms[l] = float(residuals.norm())
-            delta = self.solve(l, residuals, keys[l])
-            self._write(LayerStep(report.index, l, last, requests, residuals, keys[l], delta), report)
-
-    def _boundary(self, requests: list[EditRequest], report: RoundReport) -> None:
-        for l in self.hp.edited_layers:
-            res = self.targets(requests, l)
-            self._record_target(l, res, report)
-            keys, values = self.current_values(requests, l)
-            residuals = res.z.T - values
-            report.residual_norms[l] = float(residuals.norm())
-            delta = self.solve(l, residuals, keys)
-            self._write(LayerStep(report.index, l, l, requests, residuals, keys, delta), report)
-
-    def _pmet(self, requests: list[EditRequest], report: RoundReport) -> None:
-        """PMET: MLP-output targets (optimized together with attention-output ones), residuals in
-        the MLP-output space; ``distribute`` spreads ``z_mlp − m^L`` by ``sqrt(m − i)``, ``boundary``
-        optimizes a target at ``l_1`` and ``l_m`` and writes each undivided."""
-        layers = self.hp.edited_layers
-        if self.hp.strategy == "distribute":
-            last = layers[-1]
-            res = self.targets(requests, last)
-            self._record_target(last, res, report)
-            plan = [(l, last, res.z.T, i, len(layers)) for i, l in enumerate(layers)]
-        else:
-            plan = [(l, l, None, 0, 1) for l in layers]
-        for l, target_layer, z, position, m in plan:
-            if z is None:
-                res = self.targets(requests, l)
-                self._record_target(l, res, report)
-                z = res.z.T
-            keys, _, values = self.fact_states(requests, [l], [], value_layers=[target_layer])
-            residuals = pmet_residuals(z, values[target_layer], position, m)
-            report.residual_norms[l] = float(residuals.norm())
-            delta = self.solve(l, residuals, keys[l])
-            self._write(LayerStep(report.index, l, target_layer, requests, residuals, keys[l], delta), report)
-
     # -- post-processing -------------------------------------------------------------------
     def restrained_weights(self) -> dict[int, torch.Tensor]:
-        """The weights PRUNE would give now (``{}`` for other methods, and once finalized: the
-        restraint is applied exactly once)."""
-        if self.hp.method != "prune" or self.state.finalized:
-            return {}
-        return {l: solvers.prune_postprocess(self.state.original[l], self.adapter.get_w_out(l).cpu(), self.hp.prune_base)
-                for l in self.hp.edited_layers}
+        """The post-processed weights the method gives now (PRUNE's restraint; ``{}`` for methods
+        without post-processing, and once finalized: it is applied exactly once)."""
+        return self.method.final_weights(self)
 
     @contextmanager
     def evaluation_weights(self):
@@ -584,5 +511,9 @@ class Editor:
         """Apply post-processing permanently (PRUNE after the last round), exactly once."""
         for l, w in self.restrained_weights().items():
             self.adapter.set_w_out(l, w)
-        if self.hp.method == "prune":
+        if self.method.post_processing:
             self.state.finalized = True
+
+    def load_state(self, state: EditorState) -> None:
+        """Adopt ``state`` (a resumed checkpoint)."""
+        self.state = state
