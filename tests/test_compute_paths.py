@@ -59,13 +59,13 @@ def test_micro_batching_really_splits(monkeypatch):
     from blueedit.editing import targets
 
     seen = []
-    real = targets._Chunk.__init__
+    real = targets.Chunk.__init__
 
     def spy(self, req, *a, **k):
         seen.append(list(req))
         real(self, req, *a, **k)
 
-    monkeypatch.setattr(targets._Chunk, "__init__", spy)
+    monkeypatch.setattr(targets.Chunk, "__init__", spy)
     model, tok = make_model("llama"), make_tokenizer()
     optimize_targets(model, ModelAdapter(model), tok, REQUESTS, 2, TEMPLATES,
                      TargetConfig(v_num_grad_steps=2), max_batch_tokens=1)
@@ -135,13 +135,13 @@ def test_replay_keeps_only_the_edit_layers_input(monkeypatch):
     from blueedit.editing import targets
 
     replays = []
-    real = targets._BlockReplay.__init__
+    real = targets.BlockReplay.__init__
 
     def spy(self, *a, **k):
         real(self, *a, **k)
         replays.append(self)
 
-    monkeypatch.setattr(targets._BlockReplay, "__init__", spy)
+    monkeypatch.setattr(targets.BlockReplay, "__init__", spy)
     model, tok = make_model("llama"), make_tokenizer()
     optimize_targets(model, ModelAdapter(model), tok, REQUESTS, 1, TEMPLATES,
                      TargetConfig(v_num_grad_steps=3, loss_layer=3), max_batch_tokens=None)

@@ -473,6 +473,10 @@ def plot(result: LocateResult, path: Path) -> Path | None:
     return path
 
 
+#: the methods ``render_config`` writes configs for
+CONFIG_METHODS = ("memit", "alphaedit")
+
+
 def render_config(result: LocateResult, *, name_or_path: str, method: str = "memit", blue: bool = False,
                   dtype: str = "float32", header: Sequence[str] = (), paper: bool = False,
                   v_lr: float | None = None, chat_template: bool = False) -> str:
@@ -482,7 +486,7 @@ def render_config(result: LocateResult, *, name_or_path: str, method: str = "mem
     Wikipedia sample); ``paper=True``: the papers' setting (2,000 edits, 100 per round, ``C_0``
     from 100,000 Wikipedia samples from the hub), as the other large-model configs.
     """
-    if method not in ("memit", "alphaedit"):
+    if method not in CONFIG_METHODS:
         raise ValueError(f"--method {method!r}: locate writes configs for 'memit' or 'alphaedit'")
     strategy = "boundary" if blue else "distribute"
     tag = f"{method}_blue" if blue else method
@@ -620,7 +624,7 @@ def build_parser():
     p.add_argument("--window-size", type=int, default=5, help="|ℛ|: consecutive layers recommended")
     p.add_argument("--chat-template", action="store_true",
                    help="trace the prompts in the tokenizer's chat template (and write model.chat_template: true)")
-    p.add_argument("--method", default="memit", choices=["memit", "alphaedit"], help="method of the written config")
+    p.add_argument("--method", default="memit", choices=list(CONFIG_METHODS), help="method of the written config")
     p.add_argument("--blue", action="store_true", help="write the config with BLUE (strategy: boundary)")
     p.add_argument("--out", default="locate", help="directory for trace.csv, trace.png, summary.json and the config")
     p.add_argument("--seed", type=int, default=0)

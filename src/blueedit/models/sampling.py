@@ -11,6 +11,22 @@ SEED_PROMPTS: tuple[str, ...] = ("The", "In", "A", "It", "This", "When", "One", 
 
 
 @torch.no_grad()
+def _progress_bar(num_samples: int, batch_size: int, max_new_tokens: int):
+    """A bar of decoding steps and the stopping criterion that advances it (never stops)."""
+    from tqdm.auto import tqdm
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    batches = -(-num_samples // batch_size)
+    bar = tqdm(total=batches * max_new_tokens, desc=f"sampling {num_samples} texts for C_0", unit="token")
+
+    class _Tick(StoppingCriteria):  # never stops generation: counts decoding steps
+        def __call__(self, input_ids, scores, **kwargs):
+            bar.update(1)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return bar, StoppingCriteriaList([_Tick()])
+
+
 def model_sampled_texts(
     model: Any,
     tokenizer: Any,
@@ -48,21 +64,7 @@ def model_sampled_texts(
     model.eval()
     cuda_devices = [device] if device.type == "cuda" else []
     texts: list[str] = []
-    bar = None
-    stopping = None
-    if progress:
-        from tqdm.auto import tqdm
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        batches = -(-num_samples // batch_size)
-        bar = tqdm(total=batches * max_new_tokens, desc=f"sampling {num_samples} texts for C_0", unit="token")
-
-        class _Tick(StoppingCriteria):  # never stops generation: counts decoding steps
-            def __call__(self, input_ids, scores, **kwargs):
-                bar.update(1)
-                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-        stopping = StoppingCriteriaList([_Tick()])
+    bar, stopping = _progress_bar(num_samples, batch_size, max_new_tokens) if progress else (None, None)
     try:
         tokenizer.padding_side = "left"
         with torch.random.fork_rng(devices=cuda_devices):
