@@ -209,3 +209,22 @@ def test_evaluated_model_dir_name(tmp_path):
 
 def test_config_paths_exist():
     assert all(Path(REPO / c).is_file() for c in CONFIGS)
+
+
+def test_the_settings_that_decide_an_edit_come_from_field_metadata():
+    """One definition (``blueedit.config.setting``) gives the resume check's free settings, the
+    options added later, and the settings free between sittings of an edited model."""
+    from blueedit import carry
+    from blueedit.config import settings_added_later, settings_in_roles
+    from blueedit.module import EditingModule
+
+    speed = {"editing.key_batch_size", "editing.max_batch_tokens", "stats.batch_size", "stats.cache_dir"}
+    assert EditingModule.RESUMABLE_SETTINGS == settings_in_roles("speed") == speed
+    assert carry.FREE_SETTINGS == speed | {"editing.target", "editing.optimize", "editing.autocast",
+                                           "editing.compute_dtype", "model.name_or_path", "model.gguf_file",
+                                           "model.revision"}
+    assert EditingModule.LATER_OPTIONS == {
+        "editing.history_schedule": "constant", "editing.target.forget_weight": 0.0,
+        "editing.target.fisher_weight": 0.0, "editing.target.fisher_estimator": "diagonal",
+        "editing.target.top1_nll_factor": None, "editing.target.top1_kl_stop": 0.01, "editing.target.site": "block"}
+    assert "editing.mom2_update_weight" not in carry.FREE_SETTINGS | EditingModule.RESUMABLE_SETTINGS

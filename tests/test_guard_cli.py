@@ -260,3 +260,16 @@ def test_resume_from_another_run_is_one_line_and_status_2(tiny, tmp_path, capsys
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "refusing to resume" in last and "data.edits_per_round: 2 in the checkpoint, 3 now" in last
     assert not (tmp_path / "b").exists()
+
+
+def test_an_engine_value_error_keeps_its_traceback(tiny, tmp_path, monkeypatch):
+    """Only user input (:class:`blueedit.config.UserInputError`) becomes a one-line error: a
+    ``ValueError`` from inside the engine propagates with its traceback."""
+    from blueedit.editing.editor import Editor
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("an internal failure")
+
+    monkeypatch.setattr(Editor, "edit_round", broken)
+    with pytest.raises(ValueError, match="an internal failure"):
+        main(_args(tiny, tmp_path / "run", output=str(tmp_path / "out")))

@@ -108,3 +108,24 @@ def test_no_function_is_longer_than_80_lines():
                 if length > 80:
                     long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({length} lines)")
     assert not long, long
+
+
+def test_readme_adding_a_method_example_registers_and_edits():
+    from blueedit.editing.editor import Editor
+    from blueedit.models.adapters import ModelAdapter
+    from pinned_deltas import TEMPLATES, _mom2, _requests
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"### Adding a method.*?```python\n(.*?)```", text, re.S).group(1)
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+        model, tok = make_model("llama"), make_tokenizer()
+        adapter = ModelAdapter(model)
+        for strategy in ("distribute", "boundary"):
+            hp = EditingConfig(method="ridge", strategy=strategy, layers=[1, 2, 3])
+            hp.target.v_num_grad_steps = 2
+            editor = Editor(model, tok, adapter, hp, _mom2(model, adapter, tok, hp.edited_layers), TEMPLATES)
+            report = editor.edit_round(_requests()[:2])
+            assert sorted(report.update_norms) == hp.edited_layers and all(report.update_norms.values())
+    finally:
+        unregister("ridge")

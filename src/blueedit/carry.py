@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from blueedit.config import UserInputError, settings_in_roles
 from blueedit.editing import solvers
 from blueedit.editing.editor import EditorState
 from blueedit.editing.updates import LayerUpdate, replay_history, replay_weights, round_nbytes
@@ -41,16 +42,13 @@ STATE_FILE = "editor_state.safetensors"
 #: Version of the file's layout.
 STATE_FORMAT = "blueedit-editor-state-v1"
 
-#: Settings that may differ between sittings: they change how fast new rounds run, or how their
-#: targets are optimized, never the saved state or ``C_0``.
-FREE_SETTINGS = frozenset({
-    "editing.target", "editing.optimize", "editing.key_batch_size", "editing.autocast", "editing.compute_dtype",
-    "editing.max_batch_tokens", "stats.batch_size", "stats.cache_dir", "model.name_or_path", "model.gguf_file",
-    "model.revision",
-})
+#: Settings that may differ between sittings: they change how fast new rounds run, how their targets
+#: are optimized, or where the model is read from, never the saved state or ``C_0`` (field metadata
+#: roles ``speed``, ``round`` and ``source``, :func:`blueedit.config.setting`).
+FREE_SETTINGS = settings_in_roles("speed", "round", "source")
 
 
-class CarryError(ValueError):
+class CarryError(UserInputError):
     """An edited model directory's editor state is missing, damaged, or does not fit this run."""
 
 

@@ -33,12 +33,13 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
+from blueedit.config import UserInputError
 from blueedit.callbacks.progress import RoundProgressBar
 from blueedit.cli_help import ShortHelpFormatter, add_help_options, description
 from blueedit.config_headers import warn_placeholder_layers
 from blueedit.data.corpus import CorpusUnavailable
 from blueedit.data.datamodule import EditDataModule
-from blueedit.data.records import EditRecordError, check_prompt_lengths, effective_prompt_limit
+from blueedit.data.records import check_prompt_lengths, effective_prompt_limit
 from blueedit.module import EditingModule
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ MODEL_MARKERS = ("config.json", "edits.json", "model.safetensors", "model.safete
                  "pytorch_model.bin")
 
 
-class OutputPathError(ValueError):
+class OutputPathError(UserInputError):
     """``--output`` cannot be written, or would replace something without ``--overwrite``."""
 
 
@@ -219,7 +220,7 @@ def check_callbacks(callbacks: Any) -> None:
         known = _known_general_tasks()
         bad = [t for t in tasks if t not in known]
         if bad:
-            raise ValueError(f"GeneralCapability tasks {bad} are unknown; known tasks: {', '.join(known)}")
+            raise UserInputError(f"GeneralCapability tasks {bad} are unknown; known tasks: {', '.join(known)}")
 
 
 def _as_dict(value: Any) -> dict[str, Any]:
@@ -278,18 +279,11 @@ class BlueEditCLI(LightningCLI):
         parser.link_arguments("data.data_dir", "model.data_dir")
         add_help_options(parser)  # --help-all beside the short --help
 
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand in ("fit", "edit"):  # editing evaluates itself before and after: no validation loop
-            parser.set_defaults({"trainer.limit_val_batches": 0})
-        if subcommand == "edit":  # write a Lightning checkpoint only when asked
-            parser.set_defaults({"trainer.enable_checkpointing": False})
-        return parser
-
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The default logger (``logger: true``) is a :class:`CSVLogger` under ``default_root_dir``,
         chosen here rather than by Lightning, which warns when TensorBoard is not installed."""
-        trainer_cfg = self._get(self.config_init, "trainer", default={}) or {}
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_cfg = config.get("trainer", {}) or {}
         if "logger" not in kwargs and trainer_cfg.get("logger", True) in (True, None):
             kwargs["logger"] = CSVLogger(save_dir=trainer_cfg.get("default_root_dir") or os.getcwd())
         trainer = super().instantiate_trainer(**kwargs)
@@ -382,7 +376,7 @@ class BlueEditCLI(LightningCLI):
         if isinstance(n_layers, int) and layers:
             bad = [l for l in layers if not 0 <= int(l) < n_layers]
             if bad:
-                raise ValueError(f"editing.layers {bad} out of range: the model has blocks 0..{n_layers - 1}")
+                raise UserInputError(f"editing.layers {bad} out of range: the model has blocks 0..{n_layers - 1}")
 
     def after_instantiate_classes(self) -> None:
         preloaded = getattr(self, "_preloaded", None)
@@ -401,9 +395,15 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 1,
 }
 
-#: Exceptions that are the user's to fix: one line and exit status 2, no traceback.
+#: Per subcommand, the packaged YAML of its own defaults (LightningCLI's ``default_config_files``):
+#: ``fit`` and ``edit`` run no validation loop, ``edit`` writes no Lightning checkpoint unless asked.
+SUBCOMMAND_DEFAULTS = {sub: {"default_config_files": [str(Path(__file__).parent / "defaults" / f"{sub}.yaml")]}
+                       for sub in ("fit", "edit")}
+
+#: Exceptions that are the user's to fix: one line and exit status 2, no traceback. A ``ValueError``
+#: or ``KeyError`` from inside the engine is not among them: it keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    argparse.ArgumentError, EditRecordError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+    argparse.ArgumentError, UserInputError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
     FileExistsError, PermissionError, CorpusUnavailable,
 )
 
@@ -419,7 +419,8 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> BlueEditCLI:
         # a bad option raises (main() prints one line) instead of printing the whole usage
         parser_kwargs={"description": description(BlueEditCLI.subcommands()), "prog": "blueedit",
                        "formatter_class": ShortHelpFormatter, "exit_on_error": False,
-                       **{sub: {"exit_on_error": False} for sub in BlueEditCLI.subcommands()}},
+                       **{sub: {"exit_on_error": False, **SUBCOMMAND_DEFAULTS.get(sub, {})}
+                          for sub in BlueEditCLI.subcommands()}},
         auto_configure_optimizers=False,
         trainer_class=EditTrainer,
         trainer_defaults=TRAINER_DEFAULTS,

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from blueedit.config import UserInputError
 from blueedit.models.adapters import ModelAdapter
 from blueedit.models.tokens import _token_at_char, encode_prompt
 
@@ -79,19 +80,19 @@ def load_known_facts(path: str | Path) -> list[KnownFact]:
 
     raw = read_records(path)
     if not raw:
-        raise ValueError(f"--records {str(path)!r} holds no records")
+        raise UserInputError(f"--records {str(path)!r} holds no records")
     if isinstance(raw[0], dict) and "attribute" in raw[0] and "subject" in raw[0]:
         facts = []
         for i, rec in enumerate(raw):
             if not isinstance(rec, dict) or not rec.get("subject") or not (rec.get("prompt") or rec.get("template")):
-                raise ValueError(f"{path}: known fact {i} needs 'subject' and 'prompt' (or 'template')")
+                raise UserInputError(f"{path}: known fact {i} needs 'subject' and 'prompt' (or 'template')")
             subject, prompt = rec["subject"], rec.get("prompt") or ""
             if subject in prompt:
                 template = prompt.replace(subject, "{}", 1)
             else:
                 template = rec.get("template") or ""
                 if "{}" not in template:
-                    raise ValueError(f"{path}: known fact {i} ({subject!r}): the prompt does not contain the "
+                    raise UserInputError(f"{path}: known fact {i} ({subject!r}): the prompt does not contain the "
                                      "subject and the template has no '{}'")
             facts.append(KnownFact(subject, template, rec.get("attribute"), rec.get("known_id", i)))
         return facts
@@ -112,7 +113,7 @@ def embedding_std(embeddings: Sequence[torch.Tensor]) -> float:
     """
     flat = torch.cat([e.reshape(-1).double() for e in embeddings])
     if flat.numel() < 2:
-        raise ValueError("need at least two embedding elements to measure their standard deviation")
+        raise UserInputError("need at least two embedding elements to measure their standard deviation")
     return float(flat.std(unbiased=False))
 
 
@@ -126,7 +127,7 @@ def restore_window(layer: int, window: int, num_layers: int) -> list[int]:
     """The layers restored when tracing ``layer`` with a window of ``window`` layers: centred on
     ``layer`` (``window // 2`` before it), clipped to ``0 .. num_layers - 1``. ``window=1``: ``[layer]``."""
     if window < 1:
-        raise ValueError(f"--window must be >= 1, got {window}")
+        raise UserInputError(f"--window must be >= 1, got {window}")
     first = max(0, layer - window // 2)
     last = min(num_layers, layer - (-window // 2))
     return list(range(first, last))
@@ -136,7 +137,7 @@ def mean_effects(traces: Sequence["FactTrace"], kind: str) -> tuple[list[float],
     """Average indirect effect per layer and its standard error over facts:
     ``AIE_l = mean_i (p_{i,l} − p_{i,corrupt})`` for ``kind`` in :data:`KINDS`."""
     if not traces:
-        raise ValueError("no traced facts")
+        raise UserInputError("no traced facts")
     ie = torch.stack([torch.tensor(getattr(t, kind), dtype=torch.float64) - t.p_corrupt for t in traces])
     mean = ie.mean(0)
     se = ie.std(0, unbiased=True) / math.sqrt(len(traces)) if len(traces) > 1 else torch.zeros_like(mean)
@@ -154,9 +155,9 @@ def choose_window(effect: Sequence[float], size: int = 5, tolerance: float = 0.9
     """
     L = len(effect)
     if L == 0:
-        raise ValueError("empty effect curve")
+        raise UserInputError("empty effect curve")
     if size < 1:
-        raise ValueError(f"window size must be >= 1, got {size}")
+        raise UserInputError(f"window size must be >= 1, got {size}")
     if size >= L:
         return list(range(L))
     last_start = int(math.floor(max_start_fraction * (L - size)))
@@ -177,7 +178,7 @@ def lambda_for_width(d_k: int) -> float:
     (docs/algorithms.md §12; a rule of thumb, not a measured optimum).
     """
     if d_k < 1:
-        raise ValueError(f"MLP width must be positive, got {d_k}")
+        raise UserInputError(f"MLP width must be positive, got {d_k}")
     digits = int(math.floor(math.log10(d_k))) - 1
     return float(round(d_k, -digits)) if digits > 0 else float(d_k)
 
@@ -232,9 +233,9 @@ class CausalTracer:
                  noise_scale: float = 3.0, samples: int = 3, window: int = 1, seed: int = 0,
                  max_rows: int = 256) -> None:
         if samples < 1:
-            raise ValueError(f"--samples must be >= 1, got {samples}")
+            raise UserInputError(f"--samples must be >= 1, got {samples}")
         if noise_scale < 0:
-            raise ValueError(f"--noise-scale must be >= 0, got {noise_scale}")
+            raise UserInputError(f"--noise-scale must be >= 0, got {noise_scale}")
         restore_window(0, window, 1)  # validates the window
         self.model, self.adapter, self.tokenizer = model, adapter, tokenizer
         self.noise_std, self.noise_scale, self.samples = noise_std, noise_scale, samples
@@ -255,7 +256,7 @@ class CausalTracer:
         text = fact.template[:start] + fact.subject + fact.template[start + 2:]
         _, first = _token_at_char(self.tokenizer, text, start)
         if last < 0 or first < 0 or first > last:
-            raise ValueError(f"fact {fact.fact_id!r}: cannot find the subject {fact.subject!r} in its tokens")
+            raise UserInputError(f"fact {fact.fact_id!r}: cannot find the subject {fact.subject!r} in its tokens")
         return ids, first, last + 1
 
     @torch.no_grad()
@@ -351,7 +352,7 @@ class CausalTracer:
     def trace(self, fact: KnownFact, index: int = 0) -> FactTrace:
         """Trace one fact: ``p_clean``, ``p_corrupt`` and ``p_l`` of each kind and layer."""
         if self.noise_std is None:
-            raise ValueError("the noise standard deviation is not set: call measure_std first")
+            raise UserInputError("the noise standard deviation is not set: call measure_std first")
         ids, b, e = self.encode(fact)
         probs, clean_hidden, clean_mlp = self.clean_run(ids)
         answer_id = int(probs.argmax())
@@ -487,7 +488,7 @@ def render_config(result: LocateResult, *, name_or_path: str, method: str = "mem
     from 100,000 Wikipedia samples from the hub), as the other large-model configs.
     """
     if method not in CONFIG_METHODS:
-        raise ValueError(f"--method {method!r}: locate writes configs for 'memit' or 'alphaedit'")
+        raise UserInputError(f"--method {method!r}: locate writes configs for 'memit' or 'alphaedit'")
     strategy = "boundary" if blue else "distribute"
     tag = f"{method}_blue" if blue else method
     lr = v_lr if v_lr is not None else 0.5
@@ -553,9 +554,9 @@ def locate(model, adapter: ModelAdapter, tokenizer, facts: Sequence[KnownFact], 
 
     t0, c0 = time.perf_counter(), time.process_time()
     if num_facts < 1:
-        raise ValueError(f"--num-facts must be >= 1, got {num_facts}")
+        raise UserInputError(f"--num-facts must be >= 1, got {num_facts}")
     if window_size < 1 or window_size > adapter.num_layers:
-        raise ValueError(f"--window-size {window_size}: the model has {adapter.num_layers} layers")
+        raise UserInputError(f"--window-size {window_size}: the model has {adapter.num_layers} layers")
     tracer = CausalTracer(model, adapter, tokenizer, noise_scale=noise_scale, samples=samples, window=window,
                           seed=seed, max_rows=max_rows)
     usable = []
@@ -566,7 +567,7 @@ def locate(model, adapter: ModelAdapter, tokenizer, facts: Sequence[KnownFact], 
             continue
         usable.append(f)
     if not usable:
-        raise ValueError("no fact has a subject that can be found in its tokens")
+        raise UserInputError("no fact has a subject that can be found in its tokens")
     tracer.measure_std(usable[:1000])
     traces: list[FactTrace] = []
     for i, f in enumerate(usable):
@@ -582,7 +583,7 @@ def locate(model, adapter: ModelAdapter, tokenizer, facts: Sequence[KnownFact], 
         if progress is not None:
             progress(len(traces), traces[-1])
     if not traces:
-        raise ValueError("none of the facts is known to the model (its top-1 token is not the answer's first "
+        raise UserInputError("none of the facts is known to the model (its top-1 token is not the answer's first "
                          "token); pass --all-facts to trace the model's own predictions")
     L = adapter.num_layers
     result = LocateResult(model=name, num_layers=L, mlp_width=adapter.key_size(0), traces=traces,
@@ -642,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> LocateResult:
     args = build_parser().parse_args(argv)
     for name in ("num_facts", "samples", "window", "window_size", "max_rows"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise UserInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.records:
         records = Path(args.records)
     else:
@@ -654,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> LocateResult:
     facts = load_known_facts(records)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {args.out!r} is a file")
+        raise UserInputError(f"--out {args.out!r} is a file")
 
     from blueedit.models.loading import ModelConfig, default_cache_dir, load_model_and_tokenizer
 
@@ -671,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> LocateResult:
 
         facts = [replace(f, template=chat_wrap(tokenizer, f.template)) for f in facts]
     if args.window_size > adapter.num_layers:
-        raise ValueError(f"--window-size {args.window_size}: the model has {adapter.num_layers} layers")
+        raise UserInputError(f"--window-size {args.window_size}: the model has {adapter.num_layers} layers")
     print(f"tracing up to {args.num_facts} {'' if args.all_facts else 'known '}facts of {records} "
           f"on {args.model} ({adapter.num_layers} layers, {args.samples} noise samples each)", flush=True)
 

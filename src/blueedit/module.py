@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from blueedit import carry, distributed
 from blueedit.callbacks._common import log_to_loggers
+from blueedit.config import UserInputError, settings_added_later, settings_in_roles
 from blueedit.data.datamodule import EditRound, ResumeMismatchError, describe_differences
 from blueedit.data.records import EditRequest, check_prompt_lengths, effective_prompt_limit
 from blueedit.editing.editor import EditingConfig, Editor, EditorState, RoundReport, check_stream_options
@@ -128,16 +129,11 @@ class EditingModule(L.LightningModule):
             "max_prompt_tokens": max_prompt_tokens,
         })
         self.automatic_optimization = False
-        lm, self.tokenizer = load_model_and_tokenizer(self.model_spec, self.cache_dir)
-        if self.model_spec.device_map is None:
-            self.lm = lm  # a submodule: Lightning moves it to the strategy's device
-        else:  # dispatched over several devices by accelerate: keep Lightning from moving it
-            object.__setattr__(self, "lm", lm)
-        if self.model_spec.chat_template and not has_chat_template(self.tokenizer):
-            raise ValueError(f"model.chat_template is true but the tokenizer of {self.model_spec.name_or_path!r} "
-                             "has no chat template")
-        self.adapter = ModelAdapter(self.lm, **self.model_spec.layout_overrides())
-        self.adapter.check_layers(self.hp.layers)
+        # the language model, its tokenizer and adapter: loaded by configure_model (Lightning calls it
+        # in every stage; the properties below call it on first use outside a trainer)
+        self._lm = None
+        self._tokenizer = None
+        self._adapter: ModelAdapter | None = None
         #: the editor state of an edited model directory this run continues (``blueedit.carry``)
         self.carried: carry.Continuation | None = None
         if carry.has_state(self.model_spec.name_or_path):
@@ -159,6 +155,45 @@ class EditingModule(L.LightningModule):
         self.pre_metrics: dict[str, Any] | None = None
         self.post_metrics: dict[str, Any] | None = None
 
+    # -- the model: loaded in configure_model, not in __init__ ---------------------------------
+    def configure_model(self) -> None:
+        """Load the language model and tokenizer (``model``) and check the layers against it; once.
+
+        Lightning calls this hook before ``setup`` in ``fit``, ``validate`` and ``test``; :attr:`lm`,
+        :attr:`tokenizer` and :attr:`adapter` call it on first use outside a trainer."""
+        if self._lm is None:
+            lm, tokenizer = load_model_and_tokenizer(self.model_spec, self.cache_dir)
+            self._set_lm(lm)
+            self._tokenizer = self._tokenizer or tokenizer
+            if self.model_spec.chat_template and not has_chat_template(self._tokenizer):
+                raise UserInputError(f"model.chat_template is true but the tokenizer of "
+                                     f"{self.model_spec.name_or_path!r} has no chat template")
+        if self._adapter is None:
+            adapter = ModelAdapter(self._lm, **self.model_spec.layout_overrides())
+            adapter.check_layers(self.hp.layers)
+            self._adapter = adapter
+
+    def _set_lm(self, lm) -> None:
+        if self.model_spec.device_map is None:
+            self._lm = lm  # a submodule: Lightning moves it to the strategy's device
+        else:  # dispatched over several devices by accelerate: keep Lightning from moving it
+            object.__setattr__(self, "_lm", lm)
+        self._adapter = None
+
+    def _loaded(self, name: str):
+        """The attribute ``name``, after :meth:`configure_model` when it is not set yet."""
+        if getattr(self, name) is None:
+            self.configure_model()
+        return getattr(self, name)
+
+    #: the causal language model being edited
+    lm = property(lambda self: self._loaded("_lm"), lambda self, lm: self._set_lm(lm))
+    #: its tokenizer
+    tokenizer = property(lambda self: self._loaded("_tokenizer"),
+                         lambda self, tokenizer: setattr(self, "_tokenizer", tokenizer))
+    #: where the model keeps its blocks and ``W_out`` (:class:`~blueedit.models.adapters.ModelAdapter`)
+    adapter = property(lambda self: self._loaded("_adapter"))
+
     # -- Lightning plumbing ------------------------------------------------------------------
     def train(self, mode: bool = True):
         """Keep the language model in eval mode whatever is asked.
@@ -168,7 +203,8 @@ class EditingModule(L.LightningModule):
         calls ``train()``; Lightning has no per-submodule setting for this.
         """
         super().train(mode)
-        self.lm.eval()
+        if self._lm is not None:
+            self._lm.eval()
         return self
 
     def configure_optimizers(self):
@@ -182,17 +218,15 @@ class EditingModule(L.LightningModule):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         expected = {f"w_out.{l}" for l in self.hp.edited_layers}
         if strict and set(state_dict) != expected:
-            raise KeyError(f"checkpoint holds {sorted(state_dict)}, expected {sorted(expected)}")
+            raise UserInputError(f"checkpoint holds {sorted(state_dict)}, expected {sorted(expected)}")
         for key, w in state_dict.items():
             self.adapter.set_w_out(int(key.split(".")[1]), w)
 
-    #: Settings that change speed, not results: they may differ when resuming.
-    RESUMABLE_SETTINGS = frozenset({"editing.key_batch_size", "editing.max_batch_tokens", "stats.batch_size",
-                                    "stats.cache_dir"})
-    LATER_OPTIONS = {"editing.history_schedule": "constant", "editing.target.forget_weight": 0.0,
-                     "editing.target.fisher_weight": 0.0, "editing.target.fisher_estimator": "diagonal",
-                     "editing.target.top1_nll_factor": None, "editing.target.top1_kl_stop": 0.01,
-                     "editing.target.site": "block"}
+    #: Settings that change speed, not results: they may differ when resuming (field metadata
+    #: ``role="speed"``, :func:`blueedit.config.setting`).
+    RESUMABLE_SETTINGS = settings_in_roles("speed")
+    #: Options added later (PMET's exit, HSE, the target site): left out at their default.
+    LATER_OPTIONS = settings_added_later()
 
     @classmethod
     def _drop_resumable(cls, settings: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from blueedit.config import UserInputError
 from blueedit.callbacks._common import evaluation_context, log_to_loggers, resolve_data_dir
 from blueedit.data.records import EditRequest
 from blueedit.editing.targets import fact_states
@@ -103,9 +104,9 @@ class HiddenStateDrift(L.Callback):
     def __init__(self, probe_file: str | None = None, num_probes: int = 50, every_n_rounds: int = 1,
                  layer: int | None = None) -> None:
         if every_n_rounds < 1:
-            raise ValueError(f"every_n_rounds must be >= 1, got {every_n_rounds}")
+            raise UserInputError(f"every_n_rounds must be >= 1, got {every_n_rounds}")
         if num_probes < 1:
-            raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+            raise UserInputError(f"num_probes must be >= 1, got {num_probes}")
         self.probe_file = probe_file
         self.num_probes = num_probes
         self.every_n_rounds = every_n_rounds

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from blueedit.config import UserInputError
 from blueedit.callbacks._common import evaluation_context, log_to_loggers, resolve_data_dir
 from blueedit.data.corpus import CorpusUnavailable, load_corpus_texts
 from blueedit.evaluation.editing_metrics import evaluate_requests
@@ -135,12 +136,12 @@ class GeneralCapability(L.Callback):
     def __init__(self, every_n_rounds: int = 10, tasks: Sequence[str] = DEFAULT_TASKS, num_examples: int = 50,
                  perplexity_texts: int = 20, batch_size: int = 16, data_dir: str | None = None) -> None:
         if every_n_rounds < 1:
-            raise ValueError(f"every_n_rounds must be >= 1, got {every_n_rounds}")
+            raise UserInputError(f"every_n_rounds must be >= 1, got {every_n_rounds}")
         if isinstance(tasks, str):
             tasks = [tasks]
         unknown = [t for t in tasks if t not in TASKS]  # before any path is built from a name
         if unknown:
-            raise ValueError(f"GeneralCapability tasks {unknown} are unknown; known tasks: {', '.join(TASKS)}")
+            raise UserInputError(f"GeneralCapability tasks {unknown} are unknown; known tasks: {', '.join(TASKS)}")
         self.every_n_rounds = every_n_rounds
         self.tasks = list(tasks)
         self.num_examples = num_examples

@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 
+from blueedit.config import UserInputError
 from blueedit.callbacks._common import log_to_loggers
 from blueedit.evaluation.editing_metrics import record_values
 
@@ -62,7 +63,7 @@ class SequenceEvaluation(L.Callback):
 
     def __init__(self, every_n_edits: int = 100, evaluate_pre: bool = True) -> None:
         if isinstance(every_n_edits, bool) or not isinstance(every_n_edits, int) or every_n_edits < 1:
-            raise ValueError(f"every_n_edits must be an integer >= 1, got {every_n_edits!r}")
+            raise UserInputError(f"every_n_edits must be an integer >= 1, got {every_n_edits!r}")
         self.every_n_edits = every_n_edits
         self.evaluate_pre = evaluate_pre
         self.history: list[dict[str, Any]] = []

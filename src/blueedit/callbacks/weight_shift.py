@@ -36,6 +36,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from blueedit.config import UserInputError
 from blueedit.editing.editor import Editor, LayerStep
 from blueedit.models.forward import forward, traced
 from blueedit.editing.solvers import weight_shift_error
@@ -148,7 +149,7 @@ class WeightShiftError(L.Callback):
 
     def __init__(self, every_n_rounds: int = 1, contribution: bool = True) -> None:
         if every_n_rounds < 1:
-            raise ValueError(f"every_n_rounds must be >= 1, got {every_n_rounds}")
+            raise UserInputError(f"every_n_rounds must be >= 1, got {every_n_rounds}")
         self.every_n_rounds = every_n_rounds
         self.contribution = contribution
         self.history: list[dict[str, Any]] = []

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from blueedit.config import UserInputError
 from blueedit.data.formats import DATA_DIR_ENV, data_file, resolve_data_dir
 
 __all__ = [
@@ -70,7 +71,7 @@ def _data_file(data_dir: str | Path | None, rel: str, source: str) -> Path:
 def resolve_corpus_source(source: str, data_dir: str | Path | None = None) -> str:
     """The concrete source that ``source`` stands for (``auto`` -> ``wikipedia-sample``)."""
     if source not in CORPUS_SOURCES:
-        raise ValueError(f"unknown corpus source {source!r}; expected one of {CORPUS_SOURCES}")
+        raise UserInputError(f"unknown corpus source {source!r}; expected one of {CORPUS_SOURCES}")
     if source != "auto":
         return source
     root = resolve_data_dir(data_dir)
@@ -178,9 +179,9 @@ def load_corpus_texts(
         ValueError: an unknown source or a bad option.
     """
     if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        raise UserInputError(f"num_samples must be >= 1, got {num_samples}")
     if min_chars < 0:
-        raise ValueError(f"min_chars must be >= 0, got {min_chars}")
+        raise UserInputError(f"min_chars must be >= 0, got {min_chars}")
     resolved = resolve_corpus_source(source, data_dir)
     try:
         if resolved == "wikipedia-sample":

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from blueedit.config import check_choice
+from blueedit.config import UserInputError, check_choice
 from blueedit.data.formats import default_data_dir, load_requests
 from blueedit.data.records import EditRequest
 
@@ -28,7 +28,7 @@ __all__ = ["EditDataModule", "EditRound", "ResumeMismatchError", "RoundDataset",
            "describe_differences"]
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(UserInputError):
     """A checkpoint was written by a run with another data stream or other settings."""
 
 
@@ -69,7 +69,7 @@ class RoundDataset(Dataset[EditRound]):
 
     def __init__(self, requests: list[EditRequest], edits_per_round: int) -> None:
         if edits_per_round < 1:
-            raise ValueError(f"edits_per_round must be >= 1, got {edits_per_round}")
+            raise UserInputError(f"edits_per_round must be >= 1, got {edits_per_round}")
         self.requests = list(requests)
         self.edits_per_round = edits_per_round
 
@@ -142,7 +142,7 @@ class RoundLoader(DataLoader):
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         start = int(state_dict.get("next_round", 0))
         if not 0 <= start <= len(self.sampler):
-            raise ValueError(f"round loader state: next_round {start} outside 0..{len(self.sampler)}")
+            raise UserInputError(f"round loader state: next_round {start} outside 0..{len(self.sampler)}")
         self._resume_at = start
 
 
@@ -180,15 +180,15 @@ class EditDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if isinstance(edits_per_round, bool) or not isinstance(edits_per_round, int) or edits_per_round < 1:
-            raise ValueError(f"edits_per_round must be an integer >= 1, got {edits_per_round!r}")
+            raise UserInputError(f"edits_per_round must be an integer >= 1, got {edits_per_round!r}")
         if num_edits is not None and (
             isinstance(num_edits, bool) or not isinstance(num_edits, int) or num_edits < 1
         ):
-            raise ValueError(f"num_edits must be an integer >= 1 or None, got {num_edits!r}")
+            raise UserInputError(f"num_edits must be an integer >= 1 or None, got {num_edits!r}")
         check_choice("data.format", format, RecordFormat)
         check_choice("data.zsre_target", zsre_target, ZsreTarget)
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+            raise UserInputError(f"num_workers must be >= 0, got {num_workers!r}")
         self.save_hyperparameters()
         self.dataset = dataset
         self.format = format

@@ -46,6 +46,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from blueedit.config import UserInputError
 from blueedit.data.records import EditRecordError, EditRequest, check_unique_case_ids, validate_request
 
 __all__ = [
@@ -233,7 +234,7 @@ def from_zsre(record: Any, index: int, *, target: str = "answers") -> EditReques
             (what the MEMIT / AlphaEdit / BLUE code does); ``"alt"`` swaps the two.
     """
     if target not in _ZSRE_TARGETS:
-        raise ValueError(f"zsre_target must be one of {_ZSRE_TARGETS}, got {target!r}")
+        raise UserInputError(f"zsre_target must be one of {_ZSRE_TARGETS}, got {target!r}")
     rec = _require_mapping(record, index)
     case_id = rec.get("case_id", index)
     where = _where(index, case_id)
@@ -328,9 +329,9 @@ def convert_records(
         "user": from_user,
     }
     if fmt not in converters:
-        raise ValueError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")
+        raise UserInputError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")
     if zsre_target not in _ZSRE_TARGETS:
-        raise ValueError(f"zsre_target must be one of {_ZSRE_TARGETS}, got {zsre_target!r}")
+        raise UserInputError(f"zsre_target must be one of {_ZSRE_TARGETS}, got {zsre_target!r}")
     convert = converters[fmt]
     return [convert(record, i) for i, record in enumerate(records)]
 
@@ -359,7 +360,7 @@ def _parse_jsonl(lines: Iterable[str], path: Path) -> list[Any]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {lineno} is not valid JSON: {err}") from err
+            raise UserInputError(f"{path}: line {lineno} is not valid JSON: {err}") from err
     return records
 
 
@@ -381,11 +382,11 @@ def read_records(path: str | Path) -> list[Any]:
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several top-level values: JSON Lines under a .json name
             return _parse_jsonl(text.splitlines(), path)
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+        raise UserInputError(f"{path} is not valid JSON: {err}") from err
     if isinstance(data, Mapping):
-        raise ValueError(f"{path}: expected a JSON list of edit records, got an object")
+        raise UserInputError(f"{path}: expected a JSON list of edit records, got an object")
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of edit records, got {type(data).__name__}")
+        raise UserInputError(f"{path}: expected a JSON list of edit records, got {type(data).__name__}")
     return data
 
 
@@ -397,7 +398,7 @@ def _read_hub(spec: str, num_edits: int | None) -> list[Any]:
         body, split = body.rsplit("@", 1)
     dataset_id, _, config = body.partition(":")
     if not dataset_id:
-        raise ValueError(f"bad hub source {spec!r}; expected hub:<dataset_id>[:<config>][@<split>]")
+        raise UserInputError(f"bad hub source {spec!r}; expected hub:<dataset_id>[:<config>][@<split>]")
     if num_edits is not None and "[" not in split:
         split = f"{split}[:{num_edits}]"
     import datasets  # heavy import, only needed for Hub sources
@@ -465,17 +466,17 @@ def load_requests(
         ValueError: a bad option.
     """
     if format != "auto" and format not in FORMATS:
-        raise ValueError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")
+        raise UserInputError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")
     if zsre_target not in _ZSRE_TARGETS:
-        raise ValueError(f"zsre_target must be one of {_ZSRE_TARGETS}, got {zsre_target!r}")
+        raise UserInputError(f"zsre_target must be one of {_ZSRE_TARGETS}, got {zsre_target!r}")
     if num_edits is not None and (
         isinstance(num_edits, bool) or not isinstance(num_edits, int) or num_edits < 1
     ):
-        raise ValueError(f"num_edits must be a positive integer or None, got {num_edits!r}")
+        raise UserInputError(f"num_edits must be a positive integer or None, got {num_edits!r}")
 
     if source == "examples":
         if format not in ("auto", "user"):
-            raise ValueError(f"the 'examples' set is in the user format, not {format!r}")
+            raise UserInputError(f"the 'examples' set is in the user format, not {format!r}")
         records = _example_records()
         format = "user"
     elif source.startswith("hub:"):

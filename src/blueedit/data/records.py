@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from blueedit.config import UserInputError
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-class EditRecordError(ValueError):
+class EditRecordError(UserInputError):
     """A bad edit record. The message names the record (index and ``case_id``) and the field."""
 
 
@@ -149,7 +151,7 @@ def effective_prompt_limit(max_prompt_tokens: int | None, context: int | None) -
     ``context`` (either may be ``None``: no limit from that side)."""
     if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int)
                                           or max_prompt_tokens < 1):
-        raise ValueError(f"model.max_prompt_tokens must be a positive integer or null, got {max_prompt_tokens!r}")
+        raise UserInputError(f"model.max_prompt_tokens must be a positive integer or null, got {max_prompt_tokens!r}")
     limits = [n for n in (max_prompt_tokens, context) if n is not None]
     return min(limits) if limits else None
 

@@ -14,7 +14,7 @@ from typing import Literal, get_args
 import torch
 
 from blueedit import distributed
-from blueedit.config import Dtype, check_choice
+from blueedit.config import Dtype, UserInputError, check_choice, setting
 from blueedit.data.records import EditRecordError, EditRequest, validate_requests
 from blueedit.editing import hse, solvers, strategy as strategies
 from blueedit.editing.wise import WiseConfig
@@ -92,22 +92,22 @@ class EditingConfig:
     nullspace_threshold: float = 2e-2
     L2: float = 10.0
     rect_keep: float = 0.4
-    target: TargetConfig = field(default_factory=TargetConfig)
-    optimize: bool = True
-    key_batch_size: int = 64
-    autocast: HalfDtype | None = None
-    compute_dtype: Dtype | None = None
-    max_batch_tokens: int | None = 1024
+    target: TargetConfig = setting(default_factory=TargetConfig, role="round")
+    optimize: bool = setting(True, role="round")
+    key_batch_size: int = setting(64, role="speed")
+    autocast: HalfDtype | None = setting(None, role="round")
+    compute_dtype: Dtype | None = setting(None, role="round")
+    max_batch_tokens: int | None = setting(1024, role="speed")
     use_history: bool = True
     prune_base: PruneBase = "original"
-    history_schedule: hse.HistorySchedule = "constant"
+    history_schedule: hse.HistorySchedule = setting("constant", added_later=True)
     wise: WiseConfig = field(default_factory=WiseConfig)
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
         check_choice("editing.history_schedule", self.history_schedule, hse.HistorySchedule)
         if self.history_schedule != "constant" and not (method.history_replay and self.use_history):
-            raise ValueError("editing.history_schedule weights the edit history of the MEMIT-family solve "
+            raise UserInputError("editing.history_schedule weights the edit history of the MEMIT-family solve "
                              "(memit, pmet, prune, rect with use_history: true); it does not apply to "
                              f"method {self.method!r}" + ("" if self.use_history else " without history"))
         method.check(self)
@@ -116,13 +116,13 @@ class EditingConfig:
         check_choice("editing.compute_dtype", self.compute_dtype, Dtype, optional=True)
         check_choice("editing.prune_base", self.prune_base, PruneBase)
         if not self.layers:
-            raise ValueError("editing.layers is empty")
+            raise UserInputError("editing.layers is empty")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
-            raise ValueError(f"editing.max_batch_tokens must be a positive number of tokens or null, got {self.max_batch_tokens}")
+            raise UserInputError(f"editing.max_batch_tokens must be a positive number of tokens or null, got {self.max_batch_tokens}")
         if list(self.layers) != list(range(self.layers[0], self.layers[0] + len(self.layers))):
-            raise ValueError(f"editing.layers {self.layers} must be consecutive and increasing")
+            raise UserInputError(f"editing.layers {self.layers} must be consecutive and increasing")
         if self.target.site != "block" and self.strategy != "boundary":
-            raise ValueError(f"editing.target.site {self.target.site!r} needs editing.strategy 'boundary': the "
+            raise UserInputError(f"editing.target.site {self.target.site!r} needs editing.strategy 'boundary': the "
                              "residual distribution spreads a block-output δ over the layers")
 
     @property
@@ -245,7 +245,7 @@ class Editor:
         adapter.check_layers(hparams.layers)
         missing = [l for l in hparams.edited_layers if l not in mom2]
         if missing:
-            raise ValueError(f"no key statistics C_0 for layers {missing}")
+            raise UserInputError(f"no key statistics C_0 for layers {missing}")
         self.model, self.tokenizer, self.adapter, self.hp = model, tokenizer, adapter, hparams
         #: the method's hooks (:mod:`blueedit.methods.registry`)
         self.method = get_method(hparams.method)
@@ -274,7 +274,7 @@ class Editor:
         change mid-stream); otherwise ``n`` is only recorded."""
         if (self.hp.history_schedule == "inverse" and self.state.total_rounds is not None
                 and self.state.total_rounds != int(n)):
-            raise ValueError(f"the editor state was written for a stream of {self.state.total_rounds} rounds, "
+            raise UserInputError(f"the editor state was written for a stream of {self.state.total_rounds} rounds, "
                              f"this one has {n}: editing.history_schedule would change mid-stream")
         self.state.total_rounds = int(n)
 
@@ -287,7 +287,7 @@ class Editor:
         if next(self.model.parameters()).dtype == dtype:
             return self.model, self.adapter
         if getattr(self.model, "hf_device_map", None):
-            raise ValueError("editing.compute_dtype cannot copy a model dispatched with model.device_map; "
+            raise UserInputError("editing.compute_dtype cannot copy a model dispatched with model.device_map; "
                              "load the model in that dtype instead (model.dtype)")
         import copy
 

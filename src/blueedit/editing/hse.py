@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from blueedit.config import UserInputError
+
 HistorySchedule = Literal["constant", "inverse"]
 
 #: HSE as MEMIT with these options (``configs/smollm2-135m/hse.yaml`` sets the same, with either
@@ -44,7 +46,7 @@ def fisher_estimate(grads: torch.Tensor, estimator: str = "diagonal") -> torch.T
         return (g * g).sum(0)
     if estimator == "full":
         return g.T @ g
-    raise ValueError(f"editing.target.fisher_estimator must be 'diagonal' or 'full', got {estimator!r}")
+    raise UserInputError(f"editing.target.fisher_estimator must be 'diagonal' or 'full', got {estimator!r}")
 
 
 def fisher_penalty(delta: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
@@ -64,9 +66,9 @@ def history_weight(schedule: str, round_index: int, total_rounds: int | None) ->
     if schedule == "constant":
         return 1.0
     if schedule != "inverse":
-        raise ValueError(f"editing.history_schedule must be 'constant' or 'inverse', got {schedule!r}")
+        raise UserInputError(f"editing.history_schedule must be 'constant' or 'inverse', got {schedule!r}")
     if total_rounds is None or total_rounds < 1:
-        raise ValueError("editing.history_schedule 'inverse' (α_i = n / (i − 1)) needs n, the number of rounds of "
+        raise UserInputError("editing.history_schedule 'inverse' (α_i = n / (i − 1)) needs n, the number of rounds of "
                          "the edit stream, which is unknown here: give the editor total_rounds (blueedit fit sets it "
                          "from the data's num_edits / edits_per_round)")
     if round_index < 1:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from blueedit.config import UserInputError
 from blueedit.data.corpus import (
     CorpusUnavailable,
     corpus_files,
@@ -162,7 +163,7 @@ def build_editor(
         context_templates = generate_context_templates(model, tokenizer)
     missing = [l for l in layers if l not in mom2]
     if missing:
-        raise ValueError(f"no key statistics C_0 for layers {missing}")
+        raise UserInputError(f"no key statistics C_0 for layers {missing}")
     editor = Editor(model, tokenizer, adapter, editing, {l: mom2[l] for l in layers}, context_templates)
     if state is not None:
         editor.state = EditorState.from_dict(state.to_dict(), editor.device)

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 
 from blueedit import distributed
-from blueedit.config import Dtype, check_choice
+from blueedit.config import Dtype, UserInputError, check_choice, setting
 from blueedit.models.forward import forward, traced
 from blueedit.models.tokens import pad_batch, pad_token_id
 from blueedit.models.adapters import ModelAdapter
@@ -73,17 +73,17 @@ class StatsConfig:
     corpus: CorpusSource = "auto"
     num_samples: int = 1000
     max_length: int = 256
-    batch_size: int = 8
+    batch_size: int = setting(8, role="speed")
     max_tokens: int | None = None
     dtype: Dtype = "float32"
-    cache_dir: str | None = None
+    cache_dir: str | None = setting(None, role="speed")
 
     def __post_init__(self) -> None:
         check_choice("stats.corpus", self.corpus, CorpusSource)
         check_choice("stats.dtype", self.dtype, Dtype)
         for name in ("num_samples", "max_length", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"stats.{name} must be >= 1, got {getattr(self, name)}")
+                raise UserInputError(f"stats.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -182,7 +182,7 @@ def key_statistics(model, tokenizer, layers: list[int], texts: list[str], *, max
     state = accumulate_key_moments(model, adapter, tokenizer, texts, layers, max_length=max_length,
                                    batch_size=batch_size)
     if state["count"] == 0:
-        raise ValueError("key_statistics: the texts hold no tokens")
+        raise UserInputError("key_statistics: the texts hold no tokens")
     return {l: (state["sums"][l] / state["count"]).to(dtype) for l in layers}
 
 
@@ -214,10 +214,10 @@ def _read_single_tensor(path: Path, name: str) -> tuple[torch.Tensor, dict[str, 
         size = os.fstat(fh.fileno()).st_size
         head = fh.read(8)
         if len(head) != 8:
-            raise ValueError("shorter than a safetensors header")
+            raise UserInputError("shorter than a safetensors header")
         n = int.from_bytes(head, "little")
         if n > min(size - 8, 100_000_000):
-            raise ValueError(f"header length {n} does not fit in a {size}-byte file")
+            raise UserInputError(f"header length {n} does not fit in a {size}-byte file")
         header = json.loads(fh.read(n))
         info = header[name]
         dtype = _SAFETENSORS_DTYPES[info["dtype"]]
@@ -225,10 +225,10 @@ def _read_single_tensor(path: Path, name: str) -> tuple[torch.Tensor, dict[str, 
         out = torch.empty([int(d) for d in info["shape"]], dtype=dtype)
         nbytes = out.numel() * out.element_size()
         if end - begin != nbytes or 8 + n + end > size:
-            raise ValueError(f"tensor {name!r} needs {nbytes} bytes at {begin}..{end}, the file has {size}")
+            raise UserInputError(f"tensor {name!r} needs {nbytes} bytes at {begin}..{end}, the file has {size}")
         fh.seek(8 + n + begin)
         if nbytes and fh.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != nbytes:
-            raise ValueError("truncated tensor data")
+            raise UserInputError("truncated tensor data")
     return out, dict(header.get("__metadata__") or {})
 
 

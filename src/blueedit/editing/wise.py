@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blueedit.config import check_choice
+from blueedit.config import UserInputError, check_choice
 from blueedit.data.records import EditRecordError, EditRequest, validate_requests
 from blueedit.models.adapters import ModelAdapter
 from blueedit.models.tokens import encode_prompt, gather_positions, pad_batch, pad_token_id, tokenize_target
@@ -115,16 +115,16 @@ class WiseConfig:
         check_choice("editing.wise.distance_activation", self.distance_activation, DistanceActivation)
         check_choice("editing.wise.repeated_merge", self.repeated_merge, RepeatedMerge)
         if not 0.0 < self.mask_ratio <= 1.0:
-            raise ValueError(f"editing.wise.mask_ratio must be in (0, 1], got {self.mask_ratio}")
+            raise UserInputError(f"editing.wise.mask_ratio must be in (0, 1], got {self.mask_ratio}")
         if not 0.0 < self.ties_density <= 1.0:
-            raise ValueError(f"editing.wise.ties_density must be in (0, 1], got {self.ties_density}")
+            raise UserInputError(f"editing.wise.ties_density must be in (0, 1], got {self.ties_density}")
         if self.shard_size < 1 or self.merge_every < 1 or self.merge_every % self.shard_size:
-            raise ValueError(f"editing.wise.merge_every ({self.merge_every}) must be a positive multiple of "
+            raise UserInputError(f"editing.wise.merge_every ({self.merge_every}) must be a positive multiple of "
                              f"editing.wise.shard_size ({self.shard_size})")
         if self.n_iter < 1 or self.lr <= 0 or self.act_ratio <= 0:
-            raise ValueError("editing.wise.n_iter, lr and act_ratio must be positive")
+            raise UserInputError("editing.wise.n_iter, lr and act_ratio must be positive")
         if self.norm_constraint is not None and self.norm_constraint <= 0:
-            raise ValueError(f"editing.wise.norm_constraint must be positive or null, got {self.norm_constraint}")
+            raise UserInputError(f"editing.wise.norm_constraint must be positive or null, got {self.norm_constraint}")
 
 
 # -- pure functions -------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def ties_merge(base: torch.Tensor, tuned: list[torch.Tensor], weights: list[floa
     Computed in float64; returned in ``base``'s dtype.
     """
     if len(tuned) != len(weights) or not tuned:
-        raise ValueError(f"ties_merge needs one weight per tensor, got {len(tuned)} tensors and {len(weights)} weights")
+        raise UserInputError(f"ties_merge needs one weight per tensor, got {len(tuned)} tensors and {len(weights)} weights")
     b = base.double()
     lam = torch.tensor(weights, dtype=torch.float64, device=base.device).reshape(-1, *([1] * base.dim()))
     taus = torch.stack([trim_to_density(t.double() - b, density) for t in tuned]) * lam
@@ -320,7 +320,7 @@ def _activation_of(model) -> Callable | None:
     cfg = getattr(model, "config", None)
     name = getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", None)
     if name is None:
-        raise ValueError("editing.wise.distance_activation: model has no hidden_act in its config")
+        raise UserInputError("editing.wise.distance_activation: model has no hidden_act in its config")
     return ACT2FN[name]
 
 
@@ -477,10 +477,10 @@ class WiseEditor:
     def __init__(self, model, tokenizer, adapter: ModelAdapter, hparams, context_templates: list[str],
                  irrelevant: list[str], state: WiseState | None = None):
         if len(hparams.layers) != 1:
-            raise ValueError(f"editing.method wise edits one layer: set editing.layers to [L], got {hparams.layers}")
+            raise UserInputError(f"editing.method wise edits one layer: set editing.layers to [L], got {hparams.layers}")
         adapter.check_layers(hparams.layers)
         if not irrelevant:
-            raise ValueError("editing.wise.irrelevant_dataset gave no irrelevant inputs (records with a "
+            raise UserInputError("editing.wise.irrelevant_dataset gave no irrelevant inputs (records with a "
                              "neighborhood prompt and answer)")
         self.model, self.tokenizer, self.adapter, self.hp = model, tokenizer, adapter, hparams
         self.cfg: WiseConfig = hparams.wise
@@ -505,9 +505,9 @@ class WiseEditor:
     def check_original(self) -> None:
         st = self.state
         if st.layer != self.layer:
-            raise ValueError(f"the WISE state is for layer {st.layer}, editing.layers is [{self.layer}]")
+            raise UserInputError(f"the WISE state is for layer {st.layer}, editing.layers is [{self.layer}]")
         if not torch.equal(st.original.to(self.device), self.wrapper.w_orig().detach()):
-            raise ValueError(f"the WISE state was made on another model: its original W_out of layer {self.layer} "
+            raise UserInputError(f"the WISE state was made on another model: its original W_out of layer {self.layer} "
                              "differs from the loaded model's")
 
     def load_state(self, state: WiseState) -> None:
@@ -739,7 +739,7 @@ def load_side_memory(model, directory: str | Path, adapter: ModelAdapter | None 
     state = WiseState.from_dict(saved["state"], device)
     wrapper = attach(model, adapter, state.layer, cfg)
     if not torch.equal(state.original.to(wrapper.w_orig().dtype), wrapper.w_orig().detach()):
-        raise ValueError(f"{path}: the side memory was made on other weights than the model in {directory}")
+        raise UserInputError(f"{path}: the side memory was made on other weights than the model in {directory}")
     wrapper.candidates = [SideMemory(m.weight.to(device), m.threshold) for m in candidates(state, cfg)]
     return wrapper
 

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from blueedit.config import UserInputError
 from blueedit.models.tokens import pad_token_id, tokenize_target
 from blueedit.evaluation.scoring import score_continuations, score_token_ids
 
@@ -148,7 +149,7 @@ def load_task_examples(data_dir: str | Path, task: str, n: int | None = 100) -> 
         raise FileNotFoundError(f"general-capability data {path} not found")
     examples = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(examples, list):
-        raise ValueError(f"{path}: expected a list of examples")
+        raise UserInputError(f"{path}: expected a list of examples")
     return examples if n is None else examples[:n]
 
 
@@ -264,7 +265,7 @@ def perplexity(
     is left.
     """
     if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
+        raise UserInputError(f"max_length must be >= 2, got {max_length}")
     heads: list[list[int]] = []
     tails: list[list[int]] = []
     for text in texts:

@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from blueedit.config import UserInputError
 from blueedit.data.records import EditRequest
 from blueedit.evaluation.consistency import (
     TfidfModel,
@@ -66,13 +67,13 @@ class GenerationMetricsConfig:
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
-            raise ValueError(f"generation.max_length must be >= 1, got {self.max_length}")
+            raise UserInputError(f"generation.max_length must be >= 1, got {self.max_length}")
         if self.top_k < 1:
-            raise ValueError(f"generation.top_k must be >= 1, got {self.top_k}")
+            raise UserInputError(f"generation.top_k must be >= 1, got {self.top_k}")
         if self.batch_size < 1:
-            raise ValueError(f"generation.batch_size must be >= 1, got {self.batch_size}")
+            raise UserInputError(f"generation.batch_size must be >= 1, got {self.batch_size}")
         if self.num_records is not None and self.num_records < 0:
-            raise ValueError(f"generation.num_records must be >= 0 or null, got {self.num_records}")
+            raise UserInputError(f"generation.num_records must be >= 0 or null, got {self.num_records}")
 
 
 @dataclass

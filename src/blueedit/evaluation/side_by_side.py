@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from blueedit.config import UserInputError
 from blueedit.data.records import EditRequest
 from blueedit.evaluation.fluency import generate_greedy
 
@@ -128,7 +129,7 @@ def generate_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     directory = Path(args.directory).expanduser()
     if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise ValueError("--max_new_tokens and --batch_size must be >= 1")
+        raise UserInputError("--max_new_tokens and --batch_size must be >= 1")
     if args.base is None and not carry.has_state(directory):
         raise carry.CarryError(f"{directory} holds no editor state ({carry.STATE_FILE}): pass the model before "
                                "editing with --base MODEL")
@@ -136,7 +137,7 @@ def generate_main(argv: list[str]) -> None:
     if args.num_records is not None:
         requests = requests[: args.num_records]
     if not requests:
-        raise ValueError(f"no records to show (from {args.records or directory / 'edits.json'})")
+        raise UserInputError(f"no records to show (from {args.records or directory / 'edits.json'})")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=str(directory), dtype=args.dtype))
     model.to(device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from blueedit.config import UserInputError
 from blueedit.editing.pmet import pmet_residuals
 from blueedit.methods.memit import Memit
 
@@ -18,10 +19,10 @@ class Pmet(Memit):
 
     def check(self, hp) -> None:
         if hp.target.fisher_weight > 0:
-            raise ValueError("editing.target.fisher_weight (HSE's Fisher penalty on one target vector) is not "
+            raise UserInputError("editing.target.fisher_weight (HSE's Fisher penalty on one target vector) is not "
                              "defined for method 'pmet', which optimizes two vectors per layer")
         if hp.target.site != "block":
-            raise ValueError(f"editing.target.site {hp.target.site!r} does not apply to editing.method 'pmet' "
+            raise UserInputError(f"editing.target.site {hp.target.site!r} does not apply to editing.method 'pmet' "
                              "(PMET optimizes its own two sites); leave it at 'block'")
 
     def target_sites(self, hp) -> tuple[str, ...]:

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
+from blueedit.config import UserInputError
+
 #: The built-in methods: name -> ``"module:Class"``, imported when first asked for.
 BUILTIN: dict[str, str] = {
     "memit": "blueedit.methods.memit:Memit",
@@ -130,7 +132,7 @@ class EditMethod:
 def register(method: EditMethod) -> EditMethod:
     """Make ``method`` available as ``editing.method: <method.name>`` (replacing one of that name)."""
     if not method.name:
-        raise ValueError(f"{type(method).__name__} has no name")
+        raise UserInputError(f"{type(method).__name__} has no name")
     _REGISTERED[method.name] = method
     return method
 
@@ -153,5 +155,5 @@ def get_method(name: str) -> EditMethod:
         register(getattr(importlib.import_module(module), cls)())
     if name not in _REGISTERED:
         shown = ", ".join(repr(n) for n in method_names())
-        raise ValueError(f"editing.method {name!r} is not one of {shown}")
+        raise UserInputError(f"editing.method {name!r} is not one of {shown}")
     return _REGISTERED[name]

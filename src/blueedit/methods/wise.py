@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from blueedit.config import UserInputError
 from blueedit.methods.registry import EditMethod
 
 
@@ -20,15 +21,15 @@ class Wise(EditMethod):
 
     def check(self, hp) -> None:
         if hp.target.site != "block":
-            raise ValueError(f"editing.target.site {hp.target.site!r} does not apply to editing.method 'wise' "
+            raise UserInputError(f"editing.target.site {hp.target.site!r} does not apply to editing.method 'wise' "
                              "(WISE has no target); leave it at 'block'")
         if hp.strategy == "boundary":
-            raise ValueError("editing.strategy 'boundary' (BLUE) does not apply to editing.method 'wise': WISE "
+            raise UserInputError("editing.strategy 'boundary' (BLUE) does not apply to editing.method 'wise': WISE "
                              "trains a side memory at one layer; remove the strategy or set it to 'distribute'")
         if len(hp.layers) != 1:
-            raise ValueError(f"editing.method 'wise' edits one layer: set editing.layers to [L], got {hp.layers}")
+            raise UserInputError(f"editing.method 'wise' edits one layer: set editing.layers to [L], got {hp.layers}")
         if hp.compute_dtype is not None or hp.autocast is not None:
-            raise ValueError("editing.compute_dtype / editing.autocast are not supported with editing.method "
+            raise UserInputError("editing.compute_dtype / editing.autocast are not supported with editing.method "
                              "'wise' (it trains in the model's dtype)")
 
     def create_editor(self, module):
@@ -40,7 +41,7 @@ class Wise(EditMethod):
 
         hp = module.hp
         if isinstance(module.adapter.w_out_module(hp.layers[0]), SideMemoryLayer):
-            raise ValueError(f"{module.model_spec.name_or_path} already holds a WISE side memory; continuing it is "
+            raise UserInputError(f"{module.model_spec.name_or_path} already holds a WISE side memory; continuing it is "
                              "not supported: edit its base model with all the records instead")
         trainer = module._trainer
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None

@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+
+from blueedit.config import UserInputError
 from torch import nn
 
 
-class UnknownArchitectureError(ValueError):
+class UnknownArchitectureError(UserInputError):
     """The model's layout could not be found; the message names the options to set."""
 
 
@@ -142,7 +144,7 @@ class ModelAdapter:
     def check_layers(self, layers: list[int]) -> None:
         bad = [l for l in layers if not 0 <= l < self.num_layers]
         if bad:
-            raise ValueError(f"editing.layers {bad} out of range: the model has blocks 0..{self.num_layers - 1}")
+            raise UserInputError(f"editing.layers {bad} out of range: the model has blocks 0..{self.num_layers - 1}")
 
     def block(self, layer: int) -> nn.Module:
         return self.blocks[layer]
@@ -176,7 +178,7 @@ class ModelAdapter:
         p = self.w_out_param(layer)
         w = weight.t() if self.layout.transposed else weight
         if w.shape != p.shape:
-            raise ValueError(f"layer {layer}: weight of shape {tuple(w.shape)} for a parameter {tuple(p.shape)}")
+            raise UserInputError(f"layer {layer}: weight of shape {tuple(w.shape)} for a parameter {tuple(p.shape)}")
         p.copy_(w.to(device=p.device, dtype=p.dtype))
 
     @torch.no_grad()
@@ -185,7 +187,7 @@ class ModelAdapter:
         p = self.w_out_param(layer)
         d = delta.t() if self.layout.transposed else delta
         if d.shape != p.shape:
-            raise ValueError(f"layer {layer}: update of shape {tuple(d.shape)} for a parameter {tuple(p.shape)}")
+            raise UserInputError(f"layer {layer}: update of shape {tuple(d.shape)} for a parameter {tuple(p.shape)}")
         acc = torch.promote_types(p.dtype, torch.float32)
         p.copy_((p.to(acc) + d.to(device=p.device, dtype=acc)).to(p.dtype))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from blueedit.config import UserInputError
 from blueedit.data.records import EditRequest
 
 #: Stands for the subject slot while the template renders (plain letters: templates that trim or
@@ -41,16 +42,16 @@ def chat_wrap(tokenizer, text: str) -> str:
     template holds a ``{}`` of its own (the subject slot would be ambiguous).
     """
     if not has_chat_template(tokenizer):
-        raise ValueError("model.chat_template is true but the tokenizer has no chat template")
+        raise UserInputError("model.chat_template is true but the tokenizer has no chat template")
     if text.count("{}") > 1:
-        raise ValueError(f"prompt {text!r} has more than one '{{}}'")
+        raise UserInputError(f"prompt {text!r} has more than one '{{}}'")
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": text.replace("{}", _SLOT)}],
                                              tokenize=False, add_generation_prompt=True)
     if "{}" in rendered:
-        raise ValueError("the tokenizer's chat template itself writes '{}': the subject slot would be ambiguous; "
+        raise UserInputError("the tokenizer's chat template itself writes '{}': the subject slot would be ambiguous; "
                          "set model.chat_template: false")
     if _SLOT not in rendered and "{}" in text:
-        raise ValueError(f"the chat template dropped the prompt {text!r}")
+        raise UserInputError(f"the chat template dropped the prompt {text!r}")
     bos = getattr(tokenizer, "bos_token", None)
     if bos and rendered.startswith(bos) and _adds_bos(tokenizer):
         rendered = rendered[len(bos):]

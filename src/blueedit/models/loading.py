@@ -17,7 +17,7 @@ import torch
 
 from blueedit.models.adapters import ModelAdapter
 
-from blueedit.config import Dtype, check_choice
+from blueedit.config import Dtype, UserInputError, check_choice, setting
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def parse_dtype(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
-        raise ValueError(f"model.dtype {name!r} is not one of {sorted(_DTYPES)}") from None
+        raise UserInputError(f"model.dtype {name!r} is not one of {sorted(_DTYPES)}") from None
 
 
 @dataclass
@@ -81,11 +81,11 @@ class ModelConfig:
             ``self_attn.o_proj``), for architectures where it is not found.
     """
 
-    name_or_path: str = "smollm2-135m"
-    gguf_file: str | None = None
+    name_or_path: str = setting("smollm2-135m", role="source")
+    gguf_file: str | None = setting(None, role="source")
     dtype: Dtype = "float32"
     device_map: str | None = None
-    revision: str | None = None
+    revision: str | None = setting(None, role="source")
     trust_remote_code: bool = False
     padding_side: str | None = None
     chat_template: bool = False
@@ -203,7 +203,7 @@ def check_model_source(spec: ModelConfig) -> None:
     exist (instead of transformers' "Repo id must be in the form ..." after a hub lookup)."""
     name = spec.name_or_path
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"model.name_or_path must be a non-empty string, got {name!r}")
+        raise UserInputError(f"model.name_or_path must be a non-empty string, got {name!r}")
     if name in PACKAGED_MODELS:
         resolve_packaged(name, assemble=False)
         return

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from blueedit.config import UserInputError, setting
 from blueedit.data.records import EditRequest
 from blueedit.editing.targets.batching import (
     BlockReplay,
@@ -115,12 +116,12 @@ class TargetConfig:
     early_stop_loss: float = 0.05
     loss_layer: int | None = None
     kl_prompt: str = "{} is a"
-    forget_weight: float = 0.0
-    fisher_weight: float = 0.0
-    fisher_estimator: FisherEstimator = "diagonal"
-    top1_nll_factor: float | None = None
-    top1_kl_stop: float = 0.01
-    site: TargetSite = "block"
+    forget_weight: float = setting(0.0, added_later=True)
+    fisher_weight: float = setting(0.0, added_later=True)
+    fisher_estimator: FisherEstimator = setting("diagonal", added_later=True)
+    top1_nll_factor: float | None = setting(None, added_later=True)
+    top1_kl_stop: float = setting(0.01, added_later=True)
+    site: TargetSite = setting("block", added_later=True)
 
     def __post_init__(self) -> None:
         from blueedit.config import check_choice
@@ -129,11 +130,11 @@ class TargetConfig:
         check_choice("editing.target.fisher_estimator", self.fisher_estimator, FisherEstimator)
         for name in ("forget_weight", "fisher_weight"):
             if getattr(self, name) < 0:
-                raise ValueError(f"editing.target.{name} must be >= 0, got {getattr(self, name)}")
+                raise UserInputError(f"editing.target.{name} must be >= 0, got {getattr(self, name)}")
         if self.v_num_grad_steps < 1:
-            raise ValueError(f"editing.target.v_num_grad_steps must be >= 1, got {self.v_num_grad_steps}")
+            raise UserInputError(f"editing.target.v_num_grad_steps must be >= 1, got {self.v_num_grad_steps}")
         if self.kl_prompt.count("{}") != 1:
-            raise ValueError(f"editing.target.kl_prompt {self.kl_prompt!r} needs exactly one {{}} for the subject")
+            raise UserInputError(f"editing.target.kl_prompt {self.kl_prompt!r} needs exactly one {{}} for the subject")
 
 
 @dataclass
@@ -240,14 +241,14 @@ def _check_target_args(adapter: ModelAdapter, layer: int, hp: TargetConfig, max_
     """Validate :func:`optimize_targets`' arguments; returns the loss layer."""
     loss_layer = adapter.num_layers - 1 if hp.loss_layer is None else hp.loss_layer
     if not layer <= loss_layer < adapter.num_layers:
-        raise ValueError(f"target.loss_layer {loss_layer} must lie in [{layer}, {adapter.num_layers - 1}]")
+        raise UserInputError(f"target.loss_layer {loss_layer} must lie in [{layer}, {adapter.num_layers - 1}]")
     if max_batch_tokens is not None and max_batch_tokens < 1:
-        raise ValueError(f"editing.max_batch_tokens must be positive or null, got {max_batch_tokens}")
+        raise UserInputError(f"editing.max_batch_tokens must be positive or null, got {max_batch_tokens}")
     sites = tuple(sites)
     if not sites or any(x not in ("block", "attn", "mlp") for x in sites) or len(set(sites)) != len(sites):
-        raise ValueError(f"target sites {sites} must be distinct names among 'block', 'attn', 'mlp'")
+        raise UserInputError(f"target sites {sites} must be distinct names among 'block', 'attn', 'mlp'")
     if fisher is not None and len(sites) != 1:
-        raise ValueError("the Fisher penalty (editing.target.fisher_weight) needs a single target site")
+        raise UserInputError("the Fisher penalty (editing.target.fisher_weight) needs a single target site")
     return loss_layer
 
 
@@ -298,7 +299,7 @@ def fact_states(
     residuals are measured there).
     """
     if "{}" not in templates:
-        raise ValueError("context templates must include the bare template '{}'")
+        raise UserInputError("context templates must include the bare template '{}'")
     device = next(model.parameters()).device
     side = getattr(tokenizer, "padding_side", "right") or "right"
     weights = template_weights(templates)
