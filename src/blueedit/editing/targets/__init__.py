@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from blueedit.config import UserInputError, setting
+from blueedit.config import TargetConfig, UserInputError
 from blueedit.data.records import EditRequest
 from blueedit.editing.targets.batching import (
     BlockReplay,
@@ -38,14 +38,10 @@ __all__ = ["CONTEXT_SEEDS", "BlockReplay", "Chunk", "PrefixCache", "TargetConfig
            "request_chunks", "template_weights"]
 
 CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
-FisherEstimator = Literal["diagonal", "full"]
 #: Where a target's δ is added inside block ``layer``: its output (``block``, MEMIT and the
 #: others), the attention output projection's output (``attn``) or ``W_out``'s output (``mlp``);
 #: PMET optimizes ``("attn", "mlp")`` together (docs/algorithms.md, "PMET").
 Site = Literal["block", "attn", "mlp"]
-#: Where the single target of the MEMIT-family methods lives (``editing.target.site``): the block
-#: output (``block``, as published) or ``W_out``'s output (``mlp``, before any post-MLP norm).
-TargetSite = Literal["block", "mlp"]
 
 
 @torch.no_grad()
@@ -76,65 +72,6 @@ def generate_context_templates(
             text = " ".join(text.replace("{", " ").replace("}", " ").split())
             templates.append(f"{text}. {{}}")
     return templates
-
-
-@dataclass
-class TargetConfig:
-    """Hyperparameters of the target optimization (docs/algorithms.md, "Target hidden states").
-
-    ``loss_layer`` ``None`` means the last block. ``kl_prompt`` has one ``{}`` for the subject.
-
-    HSE options (docs/algorithms.md, "HSE"), all off by default:
-
-    - ``forget_weight`` ``w``: memory-directed forgetting, the unlikelihood term
-      ``w · mean_c −log(1 − p(o | c(p)))`` on the old answer ``o`` (``target_true``, required for
-      every record when ``w > 0``); HSE's balance α is ``1 / (1 + w)``.
-    - ``fisher_weight`` ``λ_F``: Fisher-guided stability, ``½ δᵀ (λ_F Σ_j F_j) δ`` with ``F_j`` the
-      Fisher estimate of earlier round ``j`` at the same layer (``fisher_estimator``: ``diagonal``
-      or ``full``, the empirical Fisher of the edits' log-likelihood with respect to δ).
-
-    ``site``: where δ is added in block ``layer`` and the residual ``R = z − (value at the site)``
-    is read: ``block`` (the block output ``h^l``, as every published method) or ``mlp`` (the output
-    of ``W_out^l`` itself, ``m^l``). They differ on models that normalize the MLP output before
-    adding it to the residual stream (Gemma 2 / 3's ``post_feedforward_layernorm``): there a
-    block-output residual written into ``W_out`` passes through that norm and is not the change
-    the target asked for, while an ``mlp`` residual is exactly the change ``W_out`` makes. Only
-    with ``strategy: boundary`` (the residual distribution spreads a block-output δ) and not for
-    PMET (its own two sites) or WISE (docs/algorithms.md, "Targets at the MLP output").
-
-    PMET's published early exit: with ``top1_nll_factor`` set (published: 0.1), once ``o*`` is the
-    top-1 token at every target position of every rewriting prompt of a request, the NLL term of
-    its next step is weighted by that factor, and the request stops when its KL term is below
-    ``top1_kl_stop``.
-    """
-
-    v_num_grad_steps: int = 25
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    kl_factor: float = 0.0625
-    clamp_norm_factor: float = 0.75
-    early_stop_loss: float = 0.05
-    loss_layer: int | None = None
-    kl_prompt: str = "{} is a"
-    forget_weight: float = setting(0.0, added_later=True)
-    fisher_weight: float = setting(0.0, added_later=True)
-    fisher_estimator: FisherEstimator = setting("diagonal", added_later=True)
-    top1_nll_factor: float | None = setting(None, added_later=True)
-    top1_kl_stop: float = setting(0.01, added_later=True)
-    site: TargetSite = setting("block", added_later=True)
-
-    def __post_init__(self) -> None:
-        from blueedit.config import check_choice
-
-        check_choice("editing.target.site", self.site, TargetSite)
-        check_choice("editing.target.fisher_estimator", self.fisher_estimator, FisherEstimator)
-        for name in ("forget_weight", "fisher_weight"):
-            if getattr(self, name) < 0:
-                raise UserInputError(f"editing.target.{name} must be >= 0, got {getattr(self, name)}")
-        if self.v_num_grad_steps < 1:
-            raise UserInputError(f"editing.target.v_num_grad_steps must be >= 1, got {self.v_num_grad_steps}")
-        if self.kl_prompt.count("{}") != 1:
-            raise UserInputError(f"editing.target.kl_prompt {self.kl_prompt!r} needs exactly one {{}} for the subject")
 
 
 @dataclass
