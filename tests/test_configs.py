@@ -94,6 +94,8 @@ def test_config_instantiates(config, no_weights, tmp_path, monkeypatch):
                        "--trainer.num_nodes=1"]
     cli = run_cli(args + [f"--trainer.default_root_dir={tmp_path}"], run=False)
     assert isinstance(cli.model, EditingModule) and isinstance(cli.datamodule, EditDataModule)
+    assert not no_weights  # the model is loaded in configure_model, not when the module is made
+    cli.model.configure_model()  # what Lightning calls first in every stage: loads and checks the layers
     assert len(no_weights) == 1 and no_weights[0].name_or_path
     # the composed settings reached the module: every editing value the files set, the last file winning
     overrides = dict(zip(args[::2], args[1::2]))

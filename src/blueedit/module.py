@@ -186,6 +186,12 @@ class EditingModule(L.LightningModule):
             self.configure_model()
         return getattr(self, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("lm", "tokenizer"):  # through the property's setter, not torch's submodule registry
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     #: the causal language model being edited
     lm = property(lambda self: self._loaded("_lm"), lambda self, lm: self._set_lm(lm))
     #: its tokenizer
