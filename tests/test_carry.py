@@ -428,3 +428,103 @@ def test_saved_with_every_callback_replays_to_the_written_weights(tiny, tmp_path
     for l in state.original:
         replayed = replay_weights(state.original[l], state.updates, l)
         assert torch.equal(replayed, saved[f"model.layers.{l}.mlp.down_proj.weight"]), l
+
+
+# -- a damaged editor state is refused, naming the file and the tensor ----------------------------------
+def _flip_bytes(path: Path, tensor: str, n: int = 8) -> None:
+    """Invert ``n`` bytes in the middle of ``tensor``'s data inside the safetensors file ``path``."""
+    raw = bytearray(path.read_bytes())
+    size = int.from_bytes(raw[:8], "little")
+    begin, end = json.loads(raw[8:8 + size])[tensor]["data_offsets"]
+    at = 8 + size + (begin + end) // 2 - n // 2
+    raw[at:at + n] = bytes(b ^ 0xFF for b in raw[at:at + n])
+    path.write_bytes(bytes(raw))
+
+
+def _damaged(name: str) -> str:
+    return f"{carry.STATE_FILE} is damaged: tensor {name!r} fails its SHA-256 checksum; nothing was used or written"
+
+
+def test_every_kind_of_state_tensor_is_verified(tmp_path):
+    from blueedit.editing.editor import EditorState
+    from blueedit.models.loading import ChecksumError
+
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    state = EditorState(history={1: r(6, 6)}, projection={1: r(6, 6)}, original={1: r(4, 6)}, fisher={1: r(4, 6)},
+                        rounds_done=2, context_templates=["{}"],
+                        updates=[{1: LayerUpdate(r(4, 2).double(), r(2, 6).double(), r(6, 2))},
+                                 {1: LayerUpdate(r(4, 6).double(), None, r(6, 3))}])
+    intact = tmp_path / "intact"
+    intact.mkdir()
+    carry.write_state(intact / carry.STATE_FILE, state, {"base_model": "b"})
+    assert not [p for p in intact.iterdir() if p.name != carry.STATE_FILE], "temporary file left"
+    names = ["history.1", "projection.1", "original.1", "fisher.1", "round.0.1.left", "round.0.1.right",
+             "round.0.1.keys", "round.1.1.left", "round.1.1.keys"]
+    assert sorted(carry.read_header(intact)["sha256"]) == sorted(names)
+    back, _ = carry.read_state(intact)
+    assert torch.equal(back.history[1], state.history[1]) and back.updates[1][1].right is None
+    for name in names:
+        bad = tmp_path / name
+        shutil.copytree(intact, bad)
+        _flip_bytes(bad / carry.STATE_FILE, name)
+        with pytest.raises(ChecksumError) as exc:
+            carry.read_state(bad)
+        assert str(exc.value) == f"{bad / carry.STATE_FILE} is damaged: tensor {name!r} fails its SHA-256 checksum; " \
+                                 "nothing was used or written"
+
+
+def test_a_damaged_state_is_neither_continued_reverted_nor_shown(tiny, edited, tmp_path, capsys, monkeypatch):
+    import blueedit.models.loading
+
+    load = blueedit.models.loading.load_model_and_tokenizer
+    loaded = []
+    monkeypatch.setattr(blueedit.models.loading, "load_model_and_tokenizer",
+                        lambda *a, **k: loaded.append(a) or load(*a, **k))
+    for name, command in (("history.1", "continue"), ("original.3", "continue"), ("round.1.3.left", "continue"),
+                          ("round.0.1.keys", "revert"), ("original.1", "generate")):
+        bad = tmp_path / f"{command}-{name}"
+        shutil.copytree(edited, bad)
+        _flip_bytes(bad / carry.STATE_FILE, name)
+        before = {p.name: p.read_bytes() for p in bad.iterdir()}
+        out = tmp_path / f"out-{command}-{name}"
+        with pytest.raises(SystemExit) as exc:
+            if command == "continue":
+                _edit(tiny, bad, "r4-6.json", out, "memit", "boundary")
+            elif command == "revert":
+                main(["revert", str(bad), "--rounds", "1"])
+            else:
+                main(["generate", str(bad), f"--output_dir={out}", "--device=cpu"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert _damaged(name) in err and str(bad) in err, err
+        assert "weights were changed" not in err  # the state file is blamed, not the model
+        assert {p.name: p.read_bytes() for p in bad.iterdir()} == before and not out.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not loaded  # generate refuses before loading the model (continue loads it in the module)
+
+
+def test_reverted_and_continued_states_carry_fresh_checksums(tiny, edited, tmp_path):
+    from blueedit.models.loading import tensor_digests
+    from safetensors.torch import load_file
+
+    work, more = tmp_path / "work", tmp_path / "more"
+    shutil.copytree(edited, work)
+    main(["revert", str(work), "--rounds", "1"])
+    _edit(tiny, work, "r4-6.json", more, "memit", "boundary")
+    for d in (work, more):
+        assert carry.read_header(d)["sha256"] == tensor_digests(load_file(str(d / carry.STATE_FILE)))
+
+
+def test_a_twice_continued_model_names_the_original_base(tiny, tmp_path):
+    base, first, second, third = tiny / "tiny-llama", tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    _edit(tiny, base, "r0-2.json", first, "memit", "boundary")
+    _edit(tiny, first, "r4-6.json", second, "memit", "boundary")
+    _edit(tiny, second, "r0-2.json", third, "memit", "boundary")
+    fingerprint = carry.read_header(first)["meta"]["base_fingerprint"]
+    for d in (first, second, third):
+        meta = carry.read_header(d)["meta"]
+        assert meta["base_model"] == str(base), d
+        assert meta["base_fingerprint"] == fingerprint, d
+        assert json.loads((d / "edits.json").read_text())["base_model"] == str(base), d
+    assert carry.read_header(third)["rounds_done"] == 3

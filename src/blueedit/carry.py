@@ -6,8 +6,11 @@
   layers before the first round (PRUNE's original weights), the round count, the context
   templates, and each round's update as low-rank factors (:mod:`blueedit.editing.updates`);
 - in its metadata: the base model's name and content fingerprint, the cache keys of its key
-  statistics ``C_0``, the settings that decide the edit, and where the edited matrices lie in the
-  model's safetensors files.
+  statistics ``C_0``, the settings that decide the edit, where the edited matrices lie in the
+  model's safetensors files, and the SHA-256 of every tensor of the file. The checksums are
+  verified whenever the state is read (continue, revert, generate): a damaged file is refused,
+  naming the tensor, before anything is used or written. The file is written to a temporary
+  name and renamed into place.
 
 A later ``blueedit edit`` or ``fit`` with ``model.name_or_path: DIR`` continues as if all rounds
 had been one run (:func:`prepare_continuation`): the base weights are put back into the edited
@@ -78,8 +81,13 @@ def has_state(name_or_path: str | Path | None) -> bool:
 
 # -- the file ---------------------------------------------------------------------------------
 def write_state(path: str | Path, state: EditorState, meta: dict[str, Any]) -> int:
-    """Write ``state`` and ``meta`` to the safetensors file ``path``; returns its size in bytes."""
+    """Write ``state`` and ``meta`` to the safetensors file ``path``, with the SHA-256 of every
+    tensor in its metadata, atomically (a temporary file renamed into place); returns its size in
+    bytes."""
     from safetensors.torch import save_file
+
+    from blueedit.editing.statistics import atomic_write
+    from blueedit.models.loading import tensor_digests
 
     tensors: dict[str, torch.Tensor] = {}
     for group in ("history", "projection", "original", "fisher"):
@@ -98,8 +106,9 @@ def write_state(path: str | Path, state: EditorState, meta: dict[str, Any]) -> i
         "context_templates": json.dumps(list(state.context_templates)),
         "total_rounds": json.dumps(state.total_rounds),
         "meta": json.dumps(meta, default=str),
+        "sha256": json.dumps(tensor_digests(tensors)),
     }
-    save_file(tensors, str(path), metadata=header)
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=header))
     return Path(path).stat().st_size
 
 
@@ -122,15 +131,24 @@ def read_header(directory: str | Path) -> dict[str, Any]:
     return {"meta": json.loads(header["meta"]), "rounds_done": int(header["rounds_done"]),
             "finalized": json.loads(header["finalized"]),
             "context_templates": json.loads(header["context_templates"]),
-            "total_rounds": json.loads(header.get("total_rounds", "null"))}
+            "total_rounds": json.loads(header.get("total_rounds", "null")),
+            "sha256": json.loads(header["sha256"]) if "sha256" in header else None}
 
 
 def read_state(directory: str | Path) -> tuple[EditorState, dict[str, Any]]:
-    """``(state, meta)`` of ``DIR``'s editor state."""
+    """``(state, meta)`` of ``DIR``'s editor state, every tensor verified against its recorded
+    SHA-256 (:class:`~blueedit.models.loading.ChecksumError` names the tensor at fault)."""
     from safetensors.torch import load_file
 
+    from blueedit.models.loading import verify_or_warn
+
     header = read_header(directory)
-    tensors = load_file(str(state_path(directory)))
+    path = state_path(directory)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # a damaged header or truncated data
+        raise CarryError(f"{path} is unreadable ({type(e).__name__}: {e}); nothing was used or written") from None
+    verify_or_warn(path, tensors, header["sha256"])
     state = EditorState(context_templates=header["context_templates"], rounds_done=header["rounds_done"],
                         finalized=header["finalized"], total_rounds=header["total_rounds"])
     rounds: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
@@ -229,9 +247,9 @@ def save_state(directory: str | Path, module) -> dict[str, Any]:
     if len(state.updates) != state.rounds_done:
         raise CarryError(f"the editor holds the updates of {len(state.updates)} of its {state.rounds_done} rounds "
                          "(resumed from a checkpoint written by an older blueedit)")
-    carried = getattr(module, "carried_meta", None)
-    if carried is not None:
-        base_name, base_fp = carried["base_model"], carried["base_fingerprint"]
+    carried = getattr(module, "carried", None)
+    if carried is not None:  # a continuation: the base is the one the directory it continues was edited from
+        base_name, base_fp = carried.meta["base_model"], carried.meta["base_fingerprint"]
     else:
         base_name = module.model_spec.name_or_path
         with base_weights(adapter, state.original):
@@ -288,7 +306,8 @@ def check_weights(directory, expected: dict[int, torch.Tensor], actual: dict[int
         diff, tol = max_diff(w, actual[l]), tolerance(w.dtype, float(w.abs().max()))
         if diff > tol:
             raise CarryError(f"{directory}: W_out of layer {l} differs from what its editor state rebuilds "
-                             f"(max |Δ| {diff:.3g} > {tol:.3g}); the weights were changed after editing")
+                             f"(max |Δ| {diff:.3g} > {tol:.3g}); the weights were changed after editing "
+                             f"(the editor state itself verified against its checksums)")
 
 
 @dataclass

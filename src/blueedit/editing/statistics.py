@@ -148,7 +148,7 @@ def key_statistics(model, tokenizer, layers: list[int], texts: list[str], *, max
     return {l: (state["sums"][l] / state["count"]).to(dtype) for l in layers}
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` to a unique temporary file beside ``path``, flushed to disk, then renamed over
     ``path`` (atomic on POSIX): a reader sees the old file or the new one, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,8 +248,8 @@ class StatisticsCache:
         mom2 = stats.mom2.detach().cpu().contiguous()
         header = {"key": key, "sha256": tensor_digest(mom2), "count": str(int(stats.count)),
                   "format": CACHE_FORMAT, "description": json.dumps(meta, default=str)}
-        _atomic_write(self._path(key), lambda tmp: save_file({"mom2": mom2}, str(tmp), metadata=header))
-        _atomic_write(self.dir / f"{key}.json",
+        atomic_write(self._path(key), lambda tmp: save_file({"mom2": mom2}, str(tmp), metadata=header))
+        atomic_write(self.dir / f"{key}.json",
                       lambda tmp: tmp.write_text(json.dumps({**meta, "key": key}, indent=1, default=str)))
 
     def get_or_collect(
@@ -312,7 +312,7 @@ class StatisticsCache:
             if n_batches[0] % self.checkpoint_every == 0:
                 blob = {"sums": {str(l): v for l, v in st["sums"].items()}, "count": torch.tensor(st["count"]),
                         "done": torch.tensor(st["done"])}
-                _atomic_write(partial, lambda tmp: torch.save(blob, tmp))
+                atomic_write(partial, lambda tmp: torch.save(blob, tmp))
                 log.info("key statistics: %d/%d texts, %d tokens, %.0f tokens/s", st["done"], len(texts), st["count"],
                          st["count"] / max(time.time() - t0, 1e-9))
 

@@ -622,13 +622,31 @@ def detach(model, adapter: ModelAdapter, layer: int) -> None:
     setattr(block.get_submodule(parent) if parent else block, name, module.original)
 
 
+def side_memory_tensors(state: dict) -> dict[str, torch.Tensor]:
+    """The tensors of a :meth:`WiseState.to_dict` by name (``original``, ``shards.0``, ...): what
+    the saved side memory's checksums cover."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value
+        elif isinstance(value, list):
+            out.update({f"{key}.{i}": t for i, t in enumerate(value) if isinstance(t, torch.Tensor)})
+    return out
+
+
 def save_side_memory(editor: WiseEditor, directory: str | Path) -> Path:
-    """Write the side memory beside a saved model (``wise_side_memory.pt``: the config and the
-    state). The model directory itself holds the *original* weights, a standard checkpoint."""
+    """Write the side memory beside a saved model (``wise_side_memory.pt``: the config, the state
+    and the SHA-256 of each of its tensors), to a temporary file renamed into place. The model
+    directory itself holds the *original* weights, a standard checkpoint."""
     from dataclasses import asdict
 
+    from blueedit.editing.statistics import atomic_write
+    from blueedit.models.loading import tensor_digests
+
     path = Path(directory) / SIDE_MEMORY_FILE
-    torch.save({"config": asdict(editor.cfg), "state": editor.state.to_dict()}, path)
+    state = editor.state.to_dict()
+    saved = {"config": asdict(editor.cfg), "state": state, "sha256": tensor_digests(side_memory_tensors(state))}
+    atomic_write(path, lambda tmp: torch.save(saved, tmp))
     return path
 
 
@@ -647,11 +665,19 @@ def save_wise_model(editor: WiseEditor, directory: str | Path) -> None:
 
 def load_side_memory(model, directory: str | Path, adapter: ModelAdapter | None = None) -> SideMemoryLayer | None:
     """Re-attach the side memory saved in ``directory`` to ``model`` (loaded from that directory),
-    routing as it did when saved; ``None`` when the directory has none."""
+    routing as it did when saved; ``None`` when the directory has none. Every tensor is verified
+    against its recorded SHA-256 first (:class:`~blueedit.models.loading.ChecksumError` names the
+    tensor at fault, and nothing is attached)."""
+    from blueedit.models.loading import verify_or_warn
+
     path = Path(directory) / SIDE_MEMORY_FILE
     if not path.is_file():
         return None
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, or not a torch file
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e}); nothing was used") from None
+    verify_or_warn(path, side_memory_tensors(saved["state"]), saved.get("sha256"))
     cfg = WiseConfig(**{k: v for k, v in saved["config"].items()})
     adapter = adapter or ModelAdapter(model)
     device = next(model.parameters()).device

@@ -80,11 +80,12 @@ def _greedy(model, tokenizer, max_new_tokens: int, batch_size: int) -> Callable[
                                            batch_size=batch_size, include_prompt=False)
 
 
-def _weights_before(directory: Path, model) -> Callable[[], AbstractContextManager]:
+def _weights_before(state, model) -> Callable[[], AbstractContextManager]:
+    """The weights before editing, ``W_0`` of DIR's (verified) editor ``state``, put into ``model``
+    while the returned context is open."""
     from blueedit import carry
     from blueedit.models.adapters import ModelAdapter
 
-    state, _ = carry.read_state(directory)
     adapter = ModelAdapter(model)
     return lambda: carry.base_weights(adapter, state.original)
 
@@ -130,9 +131,15 @@ def generate_main(argv: list[str]) -> None:
     directory = Path(args.directory).expanduser()
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise UserInputError("--max_new_tokens and --batch_size must be >= 1")
+    if not directory.exists():
+        raise FileNotFoundError(f"blueedit generate: {directory} does not exist")
+    if not directory.is_dir():
+        raise NotADirectoryError(f"blueedit generate: {directory} is a file, not an edited model directory")
     if args.base is None and not carry.has_state(directory):
         raise carry.CarryError(f"{directory} holds no editor state ({carry.STATE_FILE}): pass the model before "
                                "editing with --base MODEL")
+    # the editor state is verified before the model is loaded
+    state = carry.read_state(directory)[0] if args.base is None else None
     requests = _load_records(args.records, directory)
     if args.num_records is not None:
         requests = requests[: args.num_records]
@@ -143,7 +150,7 @@ def generate_main(argv: list[str]) -> None:
     model.to(device)
     after = _greedy(model, tokenizer, args.max_new_tokens, args.batch_size)
     if args.base is None:
-        weights_before = _weights_before(directory, model)
+        weights_before = _weights_before(state, model)
 
         def before(prompts: list[str]) -> list[str]:
             with weights_before():

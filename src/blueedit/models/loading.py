@@ -283,6 +283,43 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+class ChecksumError(ValueError):
+    """A saved file's tensor does not match the SHA-256 recorded for it: the file is damaged."""
+
+
+def tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{name: tensor_digest(t)}`` for a dict of tensors (what a saved file records of itself)."""
+    return {name: tensor_digest(t) for name, t in tensors.items()}
+
+
+def verify_tensor_digests(path: str | Path, tensors: dict[str, torch.Tensor], digests: dict[str, str]) -> None:
+    """Raise :class:`ChecksumError` naming ``path`` and the first tensor at fault when ``tensors``
+    are not exactly those ``digests`` (from :func:`tensor_digests`) were recorded for: a tensor
+    whose bytes, dtype or shape changed, a recorded tensor that is missing, or one not recorded."""
+    for name in sorted(set(digests) | set(tensors)):
+        if name not in tensors:
+            why = "is missing (the file records a checksum for it)"
+        elif name not in digests:
+            why = "has no recorded checksum (it was added after the file was written)"
+        elif tensor_digest(tensors[name]) != digests[name]:
+            why = "fails its SHA-256 checksum"
+        else:
+            continue
+        raise ChecksumError(f"{path} is damaged: tensor {name!r} {why}; nothing was used or written")
+
+
+def verify_or_warn(path: str | Path, tensors: dict[str, torch.Tensor], digests: dict[str, str] | None) -> None:
+    """:func:`verify_tensor_digests`, or, for a file written before checksums were recorded
+    (``digests`` is ``None``), a warning that its tensors are used unverified."""
+    if digests is None:
+        import warnings
+
+        warnings.warn(f"{path} records no checksums (written by an older blueedit): its tensors are used "
+                      "unverified", stacklevel=3)
+        return
+    verify_tensor_digests(path, tensors, digests)
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """SHA-256 of what a tokenizer does: the full serialization of a fast tokenizer (vocabulary,
     merges, normalizer, pre- and post-processor; not the padding and truncation settings, which
