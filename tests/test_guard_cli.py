@@ -3,6 +3,7 @@ reports user errors as one line with exit status 2."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import time
@@ -198,7 +199,15 @@ def _w_out(model_dir: Path) -> dict[int, torch.Tensor]:
 
 def test_edit_writes_no_checkpoint_unless_asked_and_overwrites_only_when_told(tiny, tmp_path, capsys):
     out = tmp_path / "edited"
+    capsys.readouterr()
     main(_args(tiny, tmp_path / "run", output=str(out)))
+    printed = capsys.readouterr().out.splitlines()
+    # the plan before the first round, the estimate of the rest after it
+    plan = printed.index("plan: 6 edit records in 3 rounds of 2 edits (memit + boundary)")
+    estimate = [i for i, line in enumerate(printed) if line.startswith("round 1 of 3 took ")]
+    assert estimate and estimate[0] > plan, printed
+    assert printed[estimate[0]].endswith("s (estimated from round 1)") and "the remaining 2 rounds take about" in \
+        printed[estimate[0]]
     assert (out / "edits.json").is_file() and (out / "model.safetensors").is_file()
     assert not list((tmp_path / "run").rglob("*.ckpt")), "a checkpoint was written without being asked for"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directories left behind"
@@ -273,3 +282,83 @@ def test_an_engine_value_error_keeps_its_traceback(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(Editor, "edit_round", broken)
     with pytest.raises(ValueError, match="an internal failure"):
         main(_args(tiny, tmp_path / "run", output=str(tmp_path / "out")))
+
+
+# -- edit files that are empty, not UTF-8, repeated or too long; a missing directory for generate ---------
+_TAIL = " (--verbose or BLUEEDIT_VERBOSE=1 for the traceback)"
+
+
+def test_unreadable_edit_files_are_named_with_what_is_wrong(tiny, tmp_path, capsys, loads):
+    text = json.dumps([R0, {**R1, "subject": "Café Central"}], ensure_ascii=False)
+    cases = {
+        "empty.json": (b"", "{} is empty: it holds no edit records"),
+        "blank.jsonl": (b"\n \n", "{} is empty: it holds no edit records"),
+        "latin1.json": (text.encode("latin-1"), "{} is not UTF-8 text (byte 0xe9 at offset %d is not valid UTF-8); "
+                        "edit files must be UTF-8: save it as UTF-8" % text.encode("latin-1").index(b"\xe9")),
+        "utf16.json": (text.encode("utf-16"), "{} is UTF-16 text; edit files must be UTF-8: save it as UTF-8"),
+        "utf16le.json": (text.encode("utf-16-le"), "{} holds NUL bytes: it is UTF-16 or UTF-32 text without a byte "
+                         "order mark, or not text; edit files must be UTF-8: save it as UTF-8"),
+    }
+    for name, (raw, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(raw)
+        last = _fails(_args(tiny, tmp_path, edits=str(path)), capsys, loads, str(path))
+        assert last == "blueedit: error: " + message.format(path) + _TAIL
+    # a UTF-8 byte order mark is not an error
+    (tmp_path / "bom.json").write_bytes(codecs.BOM_UTF8 + text.encode())
+    assert [r.subject for r in load_requests(str(tmp_path / "bom.json"))][1] == "Café Central"
+
+
+def test_generate_names_a_missing_directory(tmp_path, capsys, loads):
+    missing = tmp_path / "no-such-edited-model"
+    for extra in ([], ["--base", str(tmp_path)]):
+        last = _fails(["generate", str(missing), *extra], capsys, loads, str(missing))
+        assert last == f"blueedit: error: blueedit generate: {missing} does not exist" + _TAIL
+
+
+def test_repeated_records_are_dropped_with_their_count_in_seconds(tmp_path):
+    from blueedit.data.datamodule import EditDataModule
+    from blueedit.data.records import DuplicateRecordsWarning
+
+    path = tmp_path / "same.json"
+    path.write_text(json.dumps([{k: v for k, v in R0.items() if k != "case_id"}] * 10_000))
+    t0 = time.perf_counter()
+    with pytest.warns(DuplicateRecordsWarning) as caught:
+        dm = EditDataModule(dataset=str(path), edits_per_round=100)
+        dm.setup()
+    assert time.perf_counter() - t0 < 10
+    assert len(dm.requests) == 1 and dm.num_rounds == 1 and dm.requests[0].case_id == 0
+    assert str(caught[0].message) == (f"{str(path)!r}: 9999 edit records repeat an earlier record's prompt, subject "
+                                      "and target_new and are dropped (records 1, 2, 3, 4, 5, ...); 1 distinct "
+                                      "records remain")
+    # records that differ in any of the three are kept, in order
+    variants = [R0, {**R0, "case_id": 7, "target_new": "Latin"}, {**R0, "case_id": 8, "subject": "Someone"}, R1]
+    path.write_text(json.dumps(variants))
+    assert [r.case_id for r in load_requests(str(path))] == [0, 7, 8, 1]
+
+
+def test_max_edits_refuses_a_longer_stream_before_the_model_is_loaded(tiny, tmp_path, capsys, loads):
+    from blueedit.data.datamodule import EditDataModule
+
+    last = _fails(_args(tiny, tmp_path, "--data.max_edits=5"), capsys, loads, "data.max_edits")
+    assert last == (f"blueedit: error: data.dataset {str(tiny / 'edits.json')!r} holds 6 edit records (3 rounds), more "
+                    "than data.max_edits=5; raise data.max_edits, or edit fewer with data.num_edits" + _TAIL)
+    dm = EditDataModule(dataset=str(tiny / "edits.json"), max_edits=6)
+    dm.setup()
+    assert len(dm.requests) == 6
+    with pytest.raises(ValueError, match="data.max_edits must be an integer >= 1 or None, got 0"):
+        EditDataModule(max_edits=0)
+
+
+def test_plan_and_estimate_lines():
+    from blueedit.callbacks.plan import describe_duration, describe_estimate, describe_plan
+
+    assert [describe_duration(s) for s in (3.25, 45.4, 725, 12_000, 3600)] == \
+        ["3.2 s", "45 s", "12 min 5 s", "3 h 20 min", "1 h 0 min"]
+    assert describe_plan(10_000, 1000, 10, "memit + boundary") == \
+        "plan: 10000 edit records in 1000 rounds of 10 edits (memit + boundary)"
+    assert describe_estimate(1, 1000, 45.0) == \
+        "round 1 of 1000 took 45 s: the remaining 999 rounds take about 12 h 29 min (estimated from round 1)"
+    assert describe_estimate(1, 1, 2.0) == "round 1 of 1 took 2.0 s"
+    with pytest.raises(ValueError, match="finite"):
+        describe_duration(float("nan"))

@@ -33,9 +33,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
-from blueedit.config import UserInputError
+from blueedit.callbacks.plan import EditPlan
 from blueedit.callbacks.progress import RoundProgressBar
 from blueedit.cli_help import ShortHelpFormatter, add_help_options, description
+from blueedit.config import UserInputError
 from blueedit.config_headers import warn_placeholder_layers
 from blueedit.data.corpus import CorpusUnavailable
 from blueedit.data.datamodule import EditDataModule
@@ -281,12 +282,16 @@ class BlueEditCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The default logger (``logger: true``) is a :class:`CSVLogger` under ``default_root_dir``,
-        chosen here rather than by Lightning, which warns when TensorBoard is not installed."""
+        chosen here rather than by Lightning, which warns when TensorBoard is not installed; an
+        :class:`~blueedit.callbacks.plan.EditPlan` prints the run's plan."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_cfg = config.get("trainer", {}) or {}
         if "logger" not in kwargs and trainer_cfg.get("logger", True) in (True, None):
             kwargs["logger"] = CSVLogger(save_dir=trainer_cfg.get("default_root_dir") or os.getcwd())
         trainer = super().instantiate_trainer(**kwargs)
+        # the run's plan (records, rounds) before its first round, a time estimate after it
+        if not any(isinstance(c, EditPlan) for c in trainer.callbacks):
+            trainer.callbacks.insert(0, EditPlan())
         # Lightning's default bar ("Epoch 0/0 ... v_num") becomes one that counts rounds
         for i, callback in enumerate(trainer.callbacks):
             if type(callback) in (TQDMProgressBar, RichProgressBar):  # the default, not one the user chose

@@ -165,6 +165,9 @@ class EditDataModule(L.LightningDataModule):
         zsre_target: ``answers`` or ``alt``: the zsRE field used as the new target.
         eval_dataset: records to evaluate after editing (default: the edited records).
         num_workers: DataLoader workers (0 is right: a round is a handful of strings).
+        max_edits: refuse, before the model is loaded, a stream of more than ``max_edits`` records
+            (after ``num_edits`` and the removal of repeated records); ``None``: no limit. A guard
+            against launching a far longer run than meant (``--data.max_edits 1000``).
     """
 
     def __init__(
@@ -177,14 +180,14 @@ class EditDataModule(L.LightningDataModule):
         zsre_target: ZsreTarget = "answers",
         eval_dataset: str | None = None,
         num_workers: int = 0,
+        max_edits: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(edits_per_round, bool) or not isinstance(edits_per_round, int) or edits_per_round < 1:
             raise UserInputError(f"edits_per_round must be an integer >= 1, got {edits_per_round!r}")
-        if num_edits is not None and (
-            isinstance(num_edits, bool) or not isinstance(num_edits, int) or num_edits < 1
-        ):
-            raise UserInputError(f"num_edits must be an integer >= 1 or None, got {num_edits!r}")
+        for name, value in (("num_edits", num_edits), ("data.max_edits", max_edits)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UserInputError(f"{name} must be an integer >= 1 or None, got {value!r}")
         check_choice("data.format", format, RecordFormat)
         check_choice("data.zsre_target", zsre_target, ZsreTarget)
         if num_workers < 0:
@@ -195,6 +198,7 @@ class EditDataModule(L.LightningDataModule):
         self.data_dir = data_dir
         self.num_edits = num_edits
         self.edits_per_round = edits_per_round
+        self.max_edits = max_edits
         self.zsre_target = zsre_target
         self.eval_dataset = eval_dataset
         self.num_workers = num_workers
@@ -219,6 +223,12 @@ class EditDataModule(L.LightningDataModule):
                 num_edits=self.num_edits,
                 zsre_target=self.zsre_target,
             )
+        n = len(self._requests)
+        if self.max_edits is not None and n > self.max_edits:
+            self._requests = None
+            raise UserInputError(f"data.dataset {self.dataset!r} holds {n} edit records ({math.ceil(n / self.edits_per_round)} "
+                             f"rounds), more than data.max_edits={self.max_edits}; raise data.max_edits, or edit "
+                             "fewer with data.num_edits")
 
     # -- resume safety: the checkpoint records the stream it was cut from ------------------------
     def stream_fingerprint(self) -> dict[str, Any]:

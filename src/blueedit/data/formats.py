@@ -37,6 +37,7 @@ anything is returned: one bad record fails the whole load, with its index in the
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import os
@@ -47,7 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from blueedit.config import UserInputError
-from blueedit.data.records import EditRecordError, EditRequest, check_unique_case_ids, validate_request
+from blueedit.data.records import (EditRecordError, EditRequest, check_unique_case_ids, drop_duplicate_records,
+                                   validate_request)
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -346,10 +348,24 @@ def default_data_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _read_text(path: Path) -> str:
+    """The text of a (gzipped) UTF-8 file (a UTF-8 byte order mark is dropped). Raises
+    :class:`~blueedit.config.UserInputError` naming the file for one in another encoding, saying which one when it starts
+    with a UTF-16 or UTF-32 byte order mark."""
+    raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+    boms = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"),
+            (codecs.BOM_UTF16_BE, "UTF-16"))
+    for bom, name in boms:
+        if raw.startswith(bom):
+            raise UserInputError(f"{path} is {name} text; edit files must be UTF-8: save it as UTF-8")
+    if b"\x00" in raw:
+        raise UserInputError(f"{path} holds NUL bytes: it is UTF-16 or UTF-32 text without a byte order mark, or not "
+                         "text; edit files must be UTF-8: save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserInputError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start} is not valid "
+                         "UTF-8); edit files must be UTF-8: save it as UTF-8") from None
 
 
 def _parse_jsonl(lines: Iterable[str], path: Path) -> list[Any]:
@@ -373,8 +389,9 @@ def read_records(path: str | Path) -> list[Any]:
     if not path.is_file():
         raise FileNotFoundError(f"edit data file {path} not found")
     stem = path.name[:-3] if path.name.endswith(".gz") else path.name
-    with _open_text(path) as fh:
-        text = fh.read()
+    text = _read_text(path)
+    if not text.strip():
+        raise EditRecordError(f"{path} is empty: it holds no edit records")
     if stem.endswith(".jsonl"):
         return _parse_jsonl(text.splitlines(), path)
     try:
@@ -462,6 +479,10 @@ def load_requests(
     Raises:
         EditRecordError: a record is malformed (the message names its index, ``case_id`` and field),
             two records share a ``case_id``, or the source holds no records.
+
+    Records that repeat an earlier one's prompt, subject and ``target_new`` are dropped with a
+    :class:`~blueedit.data.records.DuplicateRecordsWarning` giving their count
+    (:func:`~blueedit.data.records.drop_duplicate_records`).
         FileNotFoundError: the file, or the data directory for a benchmark name, is missing.
         ValueError: a bad option.
     """
@@ -501,4 +522,5 @@ def load_requests(
         records = records[:num_edits]
     if not records:
         raise EditRecordError(f"edit data source {source!r} holds no edit records")
-    return check_unique_case_ids(convert_records(records, format, zsre_target=zsre_target), repr(source))
+    requests = drop_duplicate_records(convert_records(records, format, zsre_target=zsre_target), repr(source))
+    return check_unique_case_ids(requests, repr(source))

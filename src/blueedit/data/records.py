@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from blueedit.config import UserInputError
-
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from blueedit.config import UserInputError
 
 
 class EditRecordError(UserInputError):
@@ -128,6 +129,31 @@ def validate_request(req: EditRequest, index: int | None = None) -> EditRequest:
 def validate_requests(requests: list[EditRequest]) -> list[EditRequest]:
     """Validate a whole batch before anything is edited (a round is atomic)."""
     return [validate_request(r, i) for i, r in enumerate(requests)]
+
+
+class DuplicateRecordsWarning(UserWarning):
+    """Edit records that repeat an earlier record were dropped."""
+
+
+def drop_duplicate_records(requests: list[EditRequest], source: str = "the edit records") -> list[EditRequest]:
+    """``requests`` without the records that repeat an earlier one's ``prompt``, ``subject`` and
+    ``target_new`` (the same edit: editing it again only adds rounds), in their order; the first
+    of each is kept. A :class:`DuplicateRecordsWarning` gives the number dropped."""
+    seen: set[tuple[str, str, str]] = set()
+    kept, dropped = [], []
+    for i, r in enumerate(requests):
+        key = (r.prompt, r.subject, r.target_new)
+        if key in seen:
+            dropped.append(i)
+        else:
+            seen.add(key)
+            kept.append(r)
+    if dropped:
+        shown = ", ".join(map(str, dropped[:5])) + (", ..." if len(dropped) > 5 else "")
+        warnings.warn(f"{source}: {len(dropped)} edit records repeat an earlier record's prompt, subject and "
+                      f"target_new and are dropped (records {shown}); {len(kept)} distinct records remain",
+                      DuplicateRecordsWarning, stacklevel=2)
+    return kept
 
 
 def check_unique_case_ids(requests: list[EditRequest], source: str = "the edit records") -> list[EditRequest]:
