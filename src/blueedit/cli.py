@@ -356,20 +356,22 @@ class BlueEditCLI(LightningCLI):
 
     @staticmethod
     def _cheap_model_checks(spec, model_cfg: dict[str, Any], dm: EditDataModule) -> None:
-        """With a local model directory at hand (no download, no conversion), check prompt lengths
-        and the editing layers against its tokenizer and config now; otherwise the module checks
-        them after loading, still before statistics and editing."""
-        from blueedit.models.loading import context_length, default_cache_dir, local_model_dir
+        """Check prompt lengths and the editing layers against the model's tokenizer and config,
+        read alone before any weights (a GGUF's metadata, a hub model's tokenizer files:
+        :func:`~blueedit.models.loading.tokenizer_source`); where they cannot be read so, the
+        module checks after loading, still before statistics and editing."""
+        from blueedit.models.loading import context_length, default_cache_dir, tokenizer_source
 
         cache = model_cfg.get("cache_dir") or _as_dict(model_cfg.get("stats")).get("cache_dir") or default_cache_dir()
-        directory = local_model_dir(spec, cache)
-        if directory is None:
+        where = tokenizer_source(spec, cache)
+        if where is None:
             return
         from transformers import AutoConfig, AutoTokenizer
 
+        directory, kwargs = where
         try:
-            tokenizer = AutoTokenizer.from_pretrained(directory)
-            config = AutoConfig.from_pretrained(directory)
+            tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+            config = AutoConfig.from_pretrained(directory, **kwargs)
             context = context_length(config)
         except Exception as e:  # the full load reports real problems with the model directory
             log.debug("prompt lengths are checked after loading: %s", e)

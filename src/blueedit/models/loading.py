@@ -7,8 +7,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import glob
 import logging
 import os
+import shutil
+import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +122,58 @@ def _gguf_cache_dir(directory: str, filename: str, cache_dir: Path) -> Path:
     return cache_dir / "models" / f"{Path(filename).stem}-{digest}"
 
 
+def fill_once(target: Path, write: Callable[[Path], None]) -> Path:
+    """Make the directory ``target`` (complete once it holds ``config.json``) exactly once, also
+    when several processes ask for it at the same time.
+
+    Under an exclusive lock on ``<target>.lock`` (``fcntl.flock``; released by the system if the
+    process dies): when ``target`` is complete it is returned as it is; otherwise the temporary
+    directories of crashed runs (``<target>.tmp*``) and an incomplete ``target`` are removed,
+    ``write(tmp)`` fills a fresh temporary directory, and it is renamed to ``target``. The
+    temporary directory is removed whatever happens. Where ``fcntl`` is missing, the rename is
+    made only if ``target`` is still absent, and a process that loses the race removes its own
+    directory and uses the winner's.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    complete = lambda: (target / "config.json").is_file()  # noqa: E731
+    with _exclusive(target.with_name(target.name + ".lock")) as locked:
+        if complete():
+            return target
+        if locked:  # no other process is converting: every temporary directory is a crashed run's
+            for stale in target.parent.glob(glob.escape(target.name) + ".tmp*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if target.exists():
+                shutil.rmtree(target)
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            write(tmp)
+            try:
+                os.rename(tmp, target)  # fails when another process's directory is already there
+            except OSError:
+                if not complete():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@contextmanager
+def _exclusive(lock: Path):
+    """Hold an exclusive ``flock`` on the file ``lock`` (yields True), or yield False where the
+    system has none."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    with open(lock, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def check_tied_embeddings(model) -> None:
     """Tie ``lm_head`` to the input embeddings when the config says so and the loader did not."""
     if not getattr(model.config, "tie_word_embeddings", False):
@@ -196,6 +253,31 @@ def local_model_dir(spec: ModelConfig, cache_dir: str | Path | None = None) -> P
     return directory if (directory / "config.json").is_file() else None
 
 
+def tokenizer_source(spec: ModelConfig, cache_dir: str | Path | None = None) -> tuple[str, dict] | None:
+    """Where the tokenizer and config of ``spec`` are read without reading any weights:
+    ``(name_or_path, from_pretrained kwargs)``. A local model directory (or an already
+    de-quantized GGUF) as it is; a GGUF file not yet de-quantized through ``gguf_file`` (its
+    metadata only); a hub model by its id (its tokenizer and config files only). ``None`` where
+    none is at hand without slow work (a packaged GGUF not yet assembled)."""
+    directory = local_model_dir(spec, cache_dir)
+    if directory is not None:
+        return str(directory), {}
+    source, gguf = spec.name_or_path, spec.gguf_file
+    try:
+        packaged = resolve_packaged(source, cache_dir, assemble=False)
+    except FileNotFoundError:
+        return None
+    if packaged:
+        source, gguf = packaged
+    elif source.endswith(".gguf") and Path(source).is_file():
+        source, gguf = str(Path(source).parent), Path(source).name
+    if gguf:
+        return (source, {"gguf_file": gguf}) if (Path(source).expanduser() / gguf).is_file() else None
+    if looks_local(source):
+        return None
+    return source, {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+
+
 def context_length(config) -> int | None:
     """The model's maximum sequence length from its config, when it states one."""
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
@@ -226,16 +308,17 @@ def load_model_and_tokenizer(spec: ModelConfig, cache_dir: str | Path | None = N
     kwargs = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if gguf and Path(source).is_dir():
         converted = _gguf_cache_dir(source, gguf, cache)
-        if not (converted / "config.json").is_file():
+
+        def dequantize(tmp: Path, source=source, gguf=gguf) -> None:
             log.info("de-quantizing %s once into %s", gguf, converted)
             model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
             check_tied_embeddings(model)
             forget_gguf_origin(model)
-            tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            tmp.rename(converted) if not converted.exists() else None
+
+        fill_once(converted, dequantize)
         source, gguf = str(converted), None
     if gguf:
         kwargs["gguf_file"] = gguf
