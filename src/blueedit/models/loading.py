@@ -234,19 +234,29 @@ def check_model_source(spec: ModelConfig) -> None:
         raise FileNotFoundError(f"model.name_or_path {name!r} has no config.json: not a Hugging Face model directory")
 
 
-def local_model_dir(spec: ModelConfig, cache_dir: str | Path | None = None) -> Path | None:
-    """The local Hugging Face directory the model would be loaded from without converting or
-    downloading anything (a local directory, or an already de-quantized GGUF); else ``None``."""
-    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+def _source_and_gguf(spec: ModelConfig, cache: Path) -> tuple[str, str | None] | None:
+    """``(directory or hub id, GGUF file name or None)`` of ``spec`` without assembling a packaged
+    GGUF; ``None`` when a packaged model's packages are missing."""
     source, gguf = spec.name_or_path, spec.gguf_file
     try:
         packaged = resolve_packaged(source, cache, assemble=False)
     except FileNotFoundError:
         return None
     if packaged:
-        source, gguf = packaged
-    elif source.endswith(".gguf") and Path(source).is_file():
-        source, gguf = str(Path(source).parent), Path(source).name
+        return packaged
+    if source.endswith(".gguf") and Path(source).is_file():
+        return str(Path(source).parent), Path(source).name
+    return source, gguf
+
+
+def local_model_dir(spec: ModelConfig, cache_dir: str | Path | None = None) -> Path | None:
+    """The local Hugging Face directory the model would be loaded from without converting or
+    downloading anything (a local directory, or an already de-quantized GGUF); else ``None``."""
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    found = _source_and_gguf(spec, cache)
+    if found is None:
+        return None
+    source, gguf = found
     if not Path(source).expanduser().is_dir() or (gguf and not (Path(source).expanduser() / gguf).is_file()):
         return None
     directory = _gguf_cache_dir(source, gguf, cache) if gguf else Path(source).expanduser()
@@ -262,15 +272,10 @@ def tokenizer_source(spec: ModelConfig, cache_dir: str | Path | None = None) -> 
     directory = local_model_dir(spec, cache_dir)
     if directory is not None:
         return str(directory), {}
-    source, gguf = spec.name_or_path, spec.gguf_file
-    try:
-        packaged = resolve_packaged(source, cache_dir, assemble=False)
-    except FileNotFoundError:
+    found = _source_and_gguf(spec, Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+    if found is None:
         return None
-    if packaged:
-        source, gguf = packaged
-    elif source.endswith(".gguf") and Path(source).is_file():
-        source, gguf = str(Path(source).parent), Path(source).name
+    source, gguf = found
     if gguf:
         return (source, {"gguf_file": gguf}) if (Path(source).expanduser() / gguf).is_file() else None
     if looks_local(source):
