@@ -472,6 +472,16 @@ def test_every_kind_of_state_tensor_is_verified(tmp_path):
             carry.read_state(bad)
         assert str(exc.value) == f"{bad / carry.STATE_FILE} is damaged: tensor {name!r} fails its SHA-256 checksum; " \
                                  "nothing was used or written"
+    # the metadata too: another base model's name, or another round count, written over the original
+    for entry, old_text, new_text in (("meta", b'\\"base_model\\": \\"b\\"', b'\\"base_model\\": \\"c\\"'),
+                                      ("rounds_done", b'"rounds_done":"2"', b'"rounds_done":"1"')):
+        bad = tmp_path / f"metadata-{entry}"
+        shutil.copytree(intact, bad)
+        raw = (bad / carry.STATE_FILE).read_bytes()
+        assert raw.count(old_text) == 1, entry
+        (bad / carry.STATE_FILE).write_bytes(raw.replace(old_text, new_text))
+        with pytest.raises(ChecksumError, match=f"is damaged: metadata entry {entry!r} fails its SHA-256 checksum"):
+            carry.read_header(bad)
 
 
 def test_a_damaged_state_is_neither_continued_reverted_nor_shown(tiny, edited, tmp_path, capsys, monkeypatch):
@@ -505,7 +515,7 @@ def test_a_damaged_state_is_neither_continued_reverted_nor_shown(tiny, edited, t
 
 
 def test_reverted_and_continued_states_carry_fresh_checksums(tiny, edited, tmp_path):
-    from blueedit.models.loading import tensor_digests
+    from blueedit.models.loading import entry_digests
     from safetensors.torch import load_file
 
     work, more = tmp_path / "work", tmp_path / "more"
@@ -513,7 +523,7 @@ def test_reverted_and_continued_states_carry_fresh_checksums(tiny, edited, tmp_p
     main(["revert", str(work), "--rounds", "1"])
     _edit(tiny, work, "r4-6.json", more, "memit", "boundary")
     for d in (work, more):
-        assert carry.read_header(d)["sha256"] == tensor_digests(load_file(str(d / carry.STATE_FILE)))
+        assert carry.read_header(d)["sha256"] == entry_digests(load_file(str(d / carry.STATE_FILE)))
 
 
 def test_a_twice_continued_model_names_the_original_base(tiny, tmp_path):

@@ -247,12 +247,17 @@ def test_saved_model_reloads_with_routing_intact(tok, tmp_path):
             assert torch.equal(loaded(**enc).logits, model(**enc).logits), text
     # a damaged side memory is refused, naming the file and the tensor, and nothing is attached
     intact = (out / SIDE_MEMORY_FILE).read_bytes()
-    for name in ("current", "current_mask", "original"):
+    for name in ("current", "current_mask", "original", "counters", "config"):
         saved = torch.load(out / SIDE_MEMORY_FILE, weights_only=True)
-        t = saved["state"][name].reshape(-1)
-        t[t.numel() // 2] = ~t[t.numel() // 2] if t.dtype == torch.bool else t[t.numel() // 2] + 1e-3
+        if name == "counters":
+            saved["state"]["current_threshold"] *= 1.5
+        elif name == "config":
+            saved["config"]["mask_ratio"] /= 2
+        else:
+            t = saved["state"][name].reshape(-1)
+            t[t.numel() // 2] = ~t[t.numel() // 2] if t.dtype == torch.bool else t[t.numel() // 2] + 1e-3
         torch.save(saved, out / SIDE_MEMORY_FILE)
-        with pytest.raises(ValueError, match=f"{SIDE_MEMORY_FILE} is damaged: tensor '{name}' fails its SHA-256 "
+        with pytest.raises(ValueError, match=f"{SIDE_MEMORY_FILE} is damaged: entry '{name}' fails its SHA-256 "
                                              "checksum; nothing was used or written"):
             load_model_and_tokenizer(ModelConfig(name_or_path=str(out), dtype="float32"), tmp_path / "cache")
         (out / SIDE_MEMORY_FILE).write_bytes(intact)

@@ -87,7 +87,7 @@ def write_state(path: str | Path, state: EditorState, meta: dict[str, Any]) -> i
     from safetensors.torch import save_file
 
     from blueedit.editing.statistics import atomic_write
-    from blueedit.models.loading import tensor_digests
+    from blueedit.models.loading import entry_digests
 
     tensors: dict[str, torch.Tensor] = {}
     for group in ("history", "projection", "original", "fisher"):
@@ -106,16 +106,20 @@ def write_state(path: str | Path, state: EditorState, meta: dict[str, Any]) -> i
         "context_templates": json.dumps(list(state.context_templates)),
         "total_rounds": json.dumps(state.total_rounds),
         "meta": json.dumps(meta, default=str),
-        "sha256": json.dumps(tensor_digests(tensors)),
     }
+    header["metadata_sha256"] = json.dumps(entry_digests(header))
+    header["sha256"] = json.dumps(entry_digests(tensors))
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=header))
     return Path(path).stat().st_size
 
 
 def read_header(directory: str | Path) -> dict[str, Any]:
-    """The metadata of ``DIR``'s editor state (no tensors read): ``meta`` plus ``rounds_done``,
-    ``finalized``, ``context_templates``."""
+    """The metadata of ``DIR``'s editor state (no tensors read), each entry verified against its
+    recorded SHA-256: ``meta`` plus ``rounds_done``, ``finalized``, ``context_templates``,
+    ``total_rounds`` and ``sha256`` (the tensors' checksums, ``None`` in older files)."""
     from safetensors import safe_open
+
+    from blueedit.models.loading import verify_digests
 
     path = state_path(directory)
     if not path.is_file():
@@ -128,11 +132,14 @@ def read_header(directory: str | Path) -> dict[str, Any]:
         raise CarryError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
     if header.get("format") != STATE_FORMAT:
         raise CarryError(f"{path} has format {header.get('format')!r}, this blueedit reads {STATE_FORMAT!r}")
+    recorded = header.pop("metadata_sha256", None)
+    tensor_digests = header.pop("sha256", None)
+    verify_digests(path, header, None if recorded is None else json.loads(recorded), kind="metadata entry")
     return {"meta": json.loads(header["meta"]), "rounds_done": int(header["rounds_done"]),
             "finalized": json.loads(header["finalized"]),
             "context_templates": json.loads(header["context_templates"]),
             "total_rounds": json.loads(header.get("total_rounds", "null")),
-            "sha256": json.loads(header["sha256"]) if "sha256" in header else None}
+            "sha256": None if tensor_digests is None else json.loads(tensor_digests)}
 
 
 def read_state(directory: str | Path) -> tuple[EditorState, dict[str, Any]]:
@@ -140,7 +147,7 @@ def read_state(directory: str | Path) -> tuple[EditorState, dict[str, Any]]:
     SHA-256 (:class:`~blueedit.models.loading.ChecksumError` names the tensor at fault)."""
     from safetensors.torch import load_file
 
-    from blueedit.models.loading import verify_or_warn
+    from blueedit.models.loading import verify_digests
 
     header = read_header(directory)
     path = state_path(directory)
@@ -148,7 +155,7 @@ def read_state(directory: str | Path) -> tuple[EditorState, dict[str, Any]]:
         tensors = load_file(str(path))
     except Exception as e:  # a damaged header or truncated data
         raise CarryError(f"{path} is unreadable ({type(e).__name__}: {e}); nothing was used or written") from None
-    verify_or_warn(path, tensors, header["sha256"])
+    verify_digests(path, tensors, header["sha256"])
     state = EditorState(context_templates=header["context_templates"], rounds_done=header["rounds_done"],
                         finalized=header["finalized"], total_rounds=header["total_rounds"])
     rounds: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
@@ -307,7 +314,7 @@ def check_weights(directory, expected: dict[int, torch.Tensor], actual: dict[int
         if diff > tol:
             raise CarryError(f"{directory}: W_out of layer {l} differs from what its editor state rebuilds "
                              f"(max |Δ| {diff:.3g} > {tol:.3g}); the weights were changed after editing "
-                             f"(the editor state itself verified against its checksums)")
+                             "(the editor state file itself passed its checksums)")
 
 
 @dataclass

@@ -476,15 +476,15 @@ def load_requests(
             validated (and, for Hub sources, downloaded).
         zsre_target: ``answers`` or ``alt``, the zsRE field used as the new target.
 
-    Raises:
-        EditRecordError: a record is malformed (the message names its index, ``case_id`` and field),
-            two records share a ``case_id``, or the source holds no records.
-
     Records that repeat an earlier one's prompt, subject and ``target_new`` are dropped with a
     :class:`~blueedit.data.records.DuplicateRecordsWarning` giving their count
     (:func:`~blueedit.data.records.drop_duplicate_records`).
+
+    Raises:
+        EditRecordError: a record is malformed (the message names its index, ``case_id`` and field),
+            two records share a ``case_id``, or the source holds no records (or the file is empty).
         FileNotFoundError: the file, or the data directory for a benchmark name, is missing.
-        ValueError: a bad option.
+        ValueError: a bad option, or a file that is not UTF-8 text.
     """
     if format != "auto" and format not in FORMATS:
         raise UserInputError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")

