@@ -328,13 +328,16 @@ def test_repeated_records_are_dropped_with_their_count_in_seconds(tmp_path):
         dm.setup()
     assert time.perf_counter() - t0 < 10
     assert len(dm.requests) == 1 and dm.num_rounds == 1 and dm.requests[0].case_id == 0
-    assert str(caught[0].message) == (f"{str(path)!r}: 9999 edit records repeat an earlier record's prompt, subject "
-                                      "and target_new and are dropped (records 1, 2, 3, 4, 5, ...); 1 distinct "
-                                      "records remain")
-    # records that differ in any of the three are kept, in order
-    variants = [R0, {**R0, "case_id": 7, "target_new": "Latin"}, {**R0, "case_id": 8, "subject": "Someone"}, R1]
+    assert str(caught[0].message) == (f"{str(path)!r}: 9999 edit records repeat an earlier record in everything but "
+                                      "case_id and are dropped (records 1, 2, 3, 4, 5, ...); 1 distinct records "
+                                      "remain")
+    # a repeat under another case_id is dropped; records that differ in any other field are kept, in order
+    variants = [R0, {**R0, "case_id": 7, "target_new": "Latin"}, {**R0, "case_id": 8, "subject": "Someone"},
+                {**R0, "case_id": 9, "paraphrases": ["Another paraphrase of {}".format(R0["subject"])]},
+                {**R0, "case_id": 10}, R1]
     path.write_text(json.dumps(variants))
-    assert [r.case_id for r in load_requests(str(path))] == [0, 7, 8, 1]
+    with pytest.warns(DuplicateRecordsWarning, match="1 edit records repeat .* \\(records 4\\); 5 distinct"):
+        assert [r.case_id for r in load_requests(str(path))] == [0, 7, 8, 9, 1]
 
 
 def test_max_edits_refuses_a_longer_stream_before_the_model_is_loaded(tiny, tmp_path, capsys, loads):

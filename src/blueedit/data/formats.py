@@ -476,7 +476,7 @@ def load_requests(
             validated (and, for Hub sources, downloaded).
         zsre_target: ``answers`` or ``alt``, the zsRE field used as the new target.
 
-    Records that repeat an earlier one's prompt, subject and ``target_new`` are dropped with a
+    Records that repeat an earlier one in everything but ``case_id`` are dropped with a
     :class:`~blueedit.data.records.DuplicateRecordsWarning` giving their count
     (:func:`~blueedit.data.records.drop_duplicate_records`).
 

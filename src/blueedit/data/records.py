@@ -136,13 +136,16 @@ class DuplicateRecordsWarning(UserWarning):
 
 
 def drop_duplicate_records(requests: list[EditRequest], source: str = "the edit records") -> list[EditRequest]:
-    """``requests`` without the records that repeat an earlier one's ``prompt``, ``subject`` and
-    ``target_new`` (the same edit: editing it again only adds rounds), in their order; the first
-    of each is kept. A :class:`DuplicateRecordsWarning` gives the number dropped."""
-    seen: set[tuple[str, str, str]] = set()
+    """``requests`` without the records that repeat an earlier one in everything but ``case_id``
+    (the same edit of the same fact, evaluated on the same prompts: editing it again only adds
+    rounds), in their order; the first of each is kept. A :class:`DuplicateRecordsWarning` gives
+    the number dropped. Records that share the prompt, subject and ``target_new`` but differ in
+    their evaluation prompts or ``target_true`` are different benchmark records and are kept (the
+    EasyEdit CounterFact set holds four such pairs)."""
+    seen: set[tuple] = set()
     kept, dropped = [], []
     for i, r in enumerate(requests):
-        key = (r.prompt, r.subject, r.target_new)
+        key = tuple(getattr(r, name) for name in r.__dataclass_fields__ if name != "case_id")
         if key in seen:
             dropped.append(i)
         else:
@@ -150,8 +153,8 @@ def drop_duplicate_records(requests: list[EditRequest], source: str = "the edit 
             kept.append(r)
     if dropped:
         shown = ", ".join(map(str, dropped[:5])) + (", ..." if len(dropped) > 5 else "")
-        warnings.warn(f"{source}: {len(dropped)} edit records repeat an earlier record's prompt, subject and "
-                      f"target_new and are dropped (records {shown}); {len(kept)} distinct records remain",
+        warnings.warn(f"{source}: {len(dropped)} edit records repeat an earlier record in everything but case_id "
+                      f"and are dropped (records {shown}); {len(kept)} distinct records remain",
                       DuplicateRecordsWarning, stacklevel=2)
     return kept
 
