@@ -73,6 +73,18 @@ def test_fill_once_writes_once_under_a_race_and_clears_crashed_runs(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["m-123", "m-123.lock"]
 
 
+def test_fill_once_clears_crashed_runs_beside_a_complete_directory(tmp_path):
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    crashed = [tmp_path / "m.tmp999999", tmp_path / "m.tmp999998-0badf00d"]  # processes that are gone
+    running = tmp_path / f"m.tmp{os.getpid()}"  # a process still converting (this one)
+    for d in (*crashed, running):
+        d.mkdir()
+    assert fill_once(target, lambda tmp: pytest.fail("converted again")) == target
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", "m.lock", running.name])
+
+
 def test_fill_once_removes_its_directory_when_writing_fails(tmp_path):
     target = tmp_path / "m"
 

@@ -130,23 +130,23 @@ def fill_once(target: Path, write: Callable[[Path], None]) -> Path:
     when several processes ask for it at the same time.
 
     Under an exclusive lock on ``<target>.lock`` (``fcntl.flock``; released by the system if the
-    process dies): when ``target`` is complete it is returned as it is; otherwise the temporary
-    directories of crashed runs (``<target>.tmp*``) and an incomplete ``target`` are removed,
-    ``write(tmp)`` fills a fresh temporary directory, and it is renamed to ``target``. The
-    temporary directory is removed whatever happens. Where ``fcntl`` is missing, the rename is
-    made only if ``target`` is still absent, and a process that loses the race removes its own
-    directory and uses the winner's.
+    process dies), the temporary directories of crashed runs (``<target>.tmp<pid>...``) are
+    removed; when ``target`` is complete it is returned as it is; otherwise an incomplete
+    ``target`` is removed, ``write(tmp)`` fills a fresh temporary directory, and it is renamed to
+    ``target``. The temporary directory is removed whatever happens. Where ``fcntl`` is missing,
+    the rename is made only if ``target`` is still absent, and a process that loses the race
+    removes its own directory and uses the winner's.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     complete = lambda: (target / "config.json").is_file()  # noqa: E731
     with _exclusive(target.with_name(target.name + ".lock")) as locked:
+        if locked:
+            for stale in _crashed_runs(target):
+                shutil.rmtree(stale, ignore_errors=True)
         if complete():
             return target
-        if locked:  # no other process is converting: every temporary directory is a crashed run's
-            for stale in target.parent.glob(glob.escape(target.name) + ".tmp*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            if target.exists():
-                shutil.rmtree(target)
+        if locked and target.exists():  # no other process is converting: an incomplete directory is a crashed run's
+            shutil.rmtree(target)
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
             write(tmp)
@@ -158,6 +158,23 @@ def fill_once(target: Path, write: Callable[[Path], None]) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _crashed_runs(target: Path) -> list[Path]:
+    """The temporary directories ``<target>.tmp<pid>[-<id>]`` whose process is no longer running
+    (called with the lock held, so that no running process of this version is writing one)."""
+    out = []
+    for p in target.parent.glob(glob.escape(target.name) + ".tmp*"):
+        digits = p.name[len(target.name) + 4:].split("-", 1)[0]
+        if not digits.isdigit():
+            continue
+        try:
+            os.kill(int(digits), 0)
+        except ProcessLookupError:
+            out.append(p)
+        except (PermissionError, OverflowError):
+            continue
+    return out
 
 
 @contextmanager
