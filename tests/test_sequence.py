@@ -217,7 +217,8 @@ def test_bad_options_fail_before_any_run(tiny, extra, message):
 def test_joined_datasets(tiny, tmp_path):
     bench = load_benchmark("sequence")
     edits = str(tiny / "edits.json")
-    more_records = [{**r, "case_id": r["case_id"] + 100} for r in RECORDS]
+    # other edits (a repeat of a record under another case_id would be dropped as a duplicate)
+    more_records = [{**r, "case_id": r["case_id"] + 100, "target_new": r["target_new"] + "s"} for r in RECORDS]
     more = tmp_path / "more.json"
     more.write_text(json.dumps(more_records))
     joined_name = f"{edits}+{more}"
