@@ -165,9 +165,7 @@ class EditDataModule(L.LightningDataModule):
         zsre_target: ``answers`` or ``alt``: the zsRE field used as the new target.
         eval_dataset: records to evaluate after editing (default: the edited records).
         num_workers: DataLoader workers (0 is right: a round is a handful of strings).
-        max_edits: refuse, before the model is loaded, a stream of more than ``max_edits`` records
-            (after ``num_edits`` and the removal of repeated records); ``None``: no limit. A guard
-            against launching a far longer run than meant (``--data.max_edits 1000``).
+        max_edits: refuse more records than this before loading the model (``None``: no limit).
     """
 
     def __init__(
