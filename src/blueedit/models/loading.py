@@ -133,7 +133,8 @@ def fill_once(target: Path, write: Callable[[Path], None]) -> Path:
     process dies), the temporary directories of crashed runs (``<target>.tmp<pid>...``) are
     removed; when ``target`` is complete it is returned as it is; otherwise an incomplete
     ``target`` is removed, ``write(tmp)`` fills a fresh temporary directory, and it is renamed to
-    ``target``. The temporary directory is removed whatever happens. Where ``fcntl`` is missing,
+    ``target``. The temporary directory is removed whatever happens. Without the lock (no ``fcntl``,
+    or a cache where the lock file cannot be created),
     the rename is made only if ``target`` is still absent, and a process that loses the race
     removes its own directory and uses the winner's.
     """
@@ -180,13 +181,15 @@ def _crashed_runs(target: Path) -> list[Path]:
 @contextmanager
 def _exclusive(lock: Path):
     """Hold an exclusive ``flock`` on the file ``lock`` (yields True), or yield False where the
-    system has none."""
+    system has none or the lock file cannot be created (a read-only cache)."""
     try:
         import fcntl
-    except ImportError:
+
+        fh = open(lock, "a")
+    except (ImportError, OSError):
         yield False
         return
-    with open(lock, "a") as fh:
+    with fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield True
