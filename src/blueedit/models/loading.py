@@ -133,10 +133,10 @@ def fill_once(target: Path, write: Callable[[Path], None]) -> Path:
     process dies), the temporary directories of crashed runs (``<target>.tmp<pid>...``) are
     removed; when ``target`` is complete it is returned as it is; otherwise an incomplete
     ``target`` is removed, ``write(tmp)`` fills a fresh temporary directory, and it is renamed to
-    ``target``. The temporary directory is removed whatever happens. Without the lock (no ``fcntl``,
-    or a cache where the lock file cannot be created),
-    the rename is made only if ``target`` is still absent, and a process that loses the race
-    removes its own directory and uses the winner's.
+    ``target``. The temporary directory is removed whatever happens. Without the lock (no
+    ``fcntl``, or a cache where the lock file cannot be created), the rename is made only if
+    ``target`` is still absent, and a process that loses the race removes its own directory and
+    uses the winner's.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     complete = lambda: (target / "config.json").is_file()  # noqa: E731
