@@ -682,7 +682,7 @@ def load_side_memory(model, directory: str | Path, adapter: ModelAdapter | None 
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, or not a torch file
-        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e}); nothing was used") from None
+        raise UserInputError(f"{path} is unreadable ({type(e).__name__}: {e}); nothing was used") from None
     verify_digests(path, side_memory_entries(saved), saved.get("sha256"), kind="entry")
     cfg = WiseConfig(**{k: v for k, v in saved["config"].items()})
     adapter = adapter or ModelAdapter(model)

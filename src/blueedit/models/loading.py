@@ -394,7 +394,7 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-class ChecksumError(ValueError):
+class ChecksumError(UserInputError):
     """A saved file's tensor or metadata entry does not match the SHA-256 recorded for it: the
     file is damaged."""
 
