@@ -40,11 +40,10 @@ _SENTENCE_END = re.compile(r"(?<!e\.g)(?<=[^.\s])\.\s")  # a period after a word
 
 
 def method_names() -> tuple[str, ...]:
-    """The values of ``editing.method``, read from the config dataclass's annotation."""
-    from blueedit.editing.editor import EditingConfig
+    """The values of ``editing.method``: every method of the registry (built-in and registered)."""
+    from blueedit.methods.registry import method_names as registered
 
-    hint = typing.get_type_hints(EditingConfig)["method"]
-    return tuple(typing.get_args(hint))
+    return tuple(registered())
 
 
 def description(subcommands: typing.Iterable[str]) -> str:
