@@ -38,39 +38,28 @@ round and 2× a ``boundary`` round with five critical layers.
 
 Example::
 
-    python benchmarks/weight_shift.py --name wse_counterfact --batch-sizes 10 50 100 \\
+    python -m blueedit.bench.weight_shift --name wse_counterfact --batch-sizes 10 50 100 \\
         --sequence-batch-size 10 --sequence-edits 200 --sequence-wse-every 50 --from counterfact_memit
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from jsonargparse import Namespace
 
-import _common as C  # noqa: E402
-
+from blueedit.bench import harness as C
 
 MEASURES = ("frobenius", "relative")  # what the figures can plot (the paper's error, or it over ‖Δ*‖_F)
 
 
-def _sequence_module():
-    spec = importlib.util.spec_from_file_location("bench_sequence_for_wse", Path(__file__).with_name("sequence.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> tuple[Namespace, list[str]]:
+    p = C.plain_parser(__doc__.split("\n\n")[0])
     p.add_argument("--name", default="weight_shift", help="figures under <out>/<name>; runs named <name>_e<E>")
     p.add_argument("--batch-sizes", nargs="*", type=int, default=[10, 50, 100])
     p.add_argument("--batch-rounds", type=int, default=1, help="rounds per batch-size run (the first is diagnosed)")
@@ -84,14 +73,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--measure", choices=MEASURES, default="frobenius",
                    help="what the figures plot: ‖Δ* − Δ‖_F (the paper's) or it over ‖Δ*‖_F")
     p.add_argument("--figures-only", action="store_true", help="do not run anything; plot what exists")
-    p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"))
-    args, rest = p.parse_known_args(argv)
-    return args, rest
+    p.add_argument("--out", default=str(C.RESULTS))
+    own, rest = C.split_options(list(sys.argv[1:] if argv is None else argv), p)
+    return p.parse_args(own), rest
 
 
-def run_all(args: argparse.Namespace, rest: list[str]) -> list[str]:
+def run_all(args: Namespace, rest: list[str]) -> list[str]:
     """The batch-size runs and the sequence-length run; returns their result names."""
-    seq = _sequence_module()
+    from blueedit.bench import sequence as seq
+
     jobs = [(f"{args.name}_e{E}", E, E * args.batch_rounds, E * args.batch_rounds) for E in args.batch_sizes]
     if args.sequence_batch_size > 0:
         jobs.append((f"{args.name}_seq", args.sequence_batch_size, args.sequence_edits, args.sequence_wse_every))
@@ -242,6 +232,7 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    record = C.RunRecord("weight_shift", argv)
     args, rest = parse_args(argv)
     names = run_all(args, rest)
     out_root = Path(args.out)
@@ -252,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"rows": [], "figure_rows": []}
     distance_E = args.distance_batch_size or max(args.batch_sizes or [args.sequence_batch_size])
     fig_rows = figures(rows, out_root / args.name, distance_E, args.measure)
+    record.write(out_root / args.name, sources=names + list(args.sources))
     print(f"[weight_shift] {len(rows)} diagnosed layer writes from {len(records)} runs -> {out_root / args.name}")
     return {"rows": rows, "figure_rows": fig_rows}
 
