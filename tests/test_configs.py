@@ -25,7 +25,7 @@ from blueedit.config_headers import (
 )
 from blueedit.data.datamodule import EditDataModule
 from blueedit.module import EditingModule
-from conftest import REPO, make_model, make_tokenizer
+from helpers import REPO, make_model, make_tokenizer
 
 CONFIGS = sorted(p.relative_to(REPO).as_posix()
                  for folder in ("configs", "examples") for p in (REPO / folder).rglob("*.yaml"))

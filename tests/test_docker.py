@@ -7,17 +7,16 @@ the versions/entry points they rely on must agree with pyproject.toml.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import posixpath
 import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,7 @@ import blueedit.module
 from blueedit.cli import check_output_dir, main
 from blueedit.data.formats import load_requests
 from blueedit.data.records import EditRecordError, check_prompt_lengths
-from conftest import make_model, make_tokenizer
-from test_module import RECORDS
+from helpers import RECORDS, make_model, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +170,8 @@ def test_module_checks_prompt_lengths_before_statistics(tiny, tmp_path, monkeypa
     """Without a cheap tokenizer (e.g. a hub model), the module checks after loading, before C_0."""
     import lightning as L
 
-    from test_module import _data, _module
+    from helpers import tiny_data as _data
+    from helpers import tiny_module as _module
 
     module = _module(tiny)
     module.max_prompt_tokens = 5
