@@ -163,3 +163,66 @@ def test_layer_sweep_windows_from_starts_and_bad_input():
     runs = [{"score": 50.0, "layers": [1]}, {"score": nan, "layers": [2]}, {"score": 50.0, "layers": [3]}]
     assert sweep.choose(runs)["layers"] == [1]  # ties: the earlier window; failed runs never chosen
     assert sweep.choose([{"score": nan}]) is None
+
+
+# -- the package's benchmarks: entry points and run records ---------------------------------------
+def test_every_benchmark_runs_as_a_module_and_lists_its_options(capsys):
+    """``python -m blueedit.bench NAME --help`` for every benchmark, and the list without a name."""
+    from blueedit.bench import BENCHMARKS
+    from blueedit.bench.__main__ import main
+
+    main([])
+    listed = capsys.readouterr().out
+    for name in BENCHMARKS:
+        assert name in listed
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert "--out" in capsys.readouterr().out, name
+    with pytest.raises(SystemExit, match="unknown benchmark 'nope'"):
+        main(["nope"])
+
+
+def test_run_record_holds_command_versions_commit_and_times(tmp_path):
+    import json
+
+    from blueedit.bench.harness import RunRecord
+
+    record = RunRecord("quality", ["--num-edits", "3", "--out", "a b"])
+    path = record.write(tmp_path / "out", note="x")
+    data = json.loads(path.read_text())
+    assert path.name == "run.json"
+    assert data["command"] == "python -m blueedit.bench.quality --num-edits 3 --out 'a b'"
+    assert set(data["versions"]) >= {"python", "torch", "transformers", "blueedit"}
+    assert set(data["git"]) == {"commit", "dirty"}
+    if data["git"]["commit"] is not None:  # a source checkout
+        assert len(data["git"]["commit"]) == 40
+    assert data["started"] <= data["finished"] and data["wall_seconds"] >= 0 and data["note"] == "x"
+
+
+def test_every_result_directory_has_a_run_record():
+    """Each directory of benchmarks/results/ holds run.json naming the command(s) that wrote it."""
+    import json
+
+    from helpers import REPO
+
+    results = REPO / "benchmarks" / "results"
+    dirs = [d for d in sorted(results.iterdir()) if d.is_dir()]
+    assert dirs
+    for d in dirs:
+        path = d / "run.json"
+        assert path.is_file(), f"{d.name} has no run.json"
+        record = json.loads(path.read_text())
+        commands = record.get("commands") or [record.get("command")]
+        assert all(isinstance(c, str) and c for c in commands), d.name
+
+
+def test_split_options_keeps_the_rest_for_another_benchmark():
+    from blueedit.bench.harness import plain_parser, split_options
+
+    p = plain_parser("x")
+    p.add_argument("--name")
+    p.add_argument("--batch-sizes", nargs="*", type=int)
+    own, rest = split_options(["--name", "a", "--runs", "m:d", "--batch-sizes", "1", "-2", "--set", "k=v"], p)
+    assert own == ["--name", "a", "--batch-sizes", "1", "-2"]
+    assert rest == ["--runs", "m:d", "--set", "k=v"]
