@@ -64,6 +64,33 @@ def plain_parser(doc: str):
     return ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+#: The benchmarks' short flags, one vocabulary: flag -> (the config field it sets, help). Each
+#: benchmark offers the ones it needs (:func:`shorthands`).
+SHORTHANDS: dict[str, tuple[str, str]] = {
+    "--method": ("editing.method", "editing method"),
+    "--strategy": ("editing.strategy", "distribute or boundary (BLUE)"),
+    "--layers": ("editing.layers", "critical layers, comma-separated"),
+    "--lam": ("editing.mom2_update_weight", "λ"),
+    "--v-lr": ("editing.target.v_lr", "target learning rate"),
+    "--steps": ("editing.target.v_num_grad_steps", "target optimization steps"),
+    "--loss-layer": ("editing.target.loss_layer", "target loss layer (default: the last block)"),
+    "--kl-factor": ("editing.target.kl_factor", "KL weight"),
+    "--weight-decay": ("editing.target.v_weight_decay", "weight decay of δ"),
+    "--clamp": ("editing.target.clamp_norm_factor", "clamp of ‖δ‖"),
+    "--L2": ("editing.L2", "AlphaEdit's ridge term"),
+    "--nullspace-threshold": ("editing.nullspace_threshold", "AlphaEdit's eigenvalue threshold"),
+    "--stats-samples": ("stats.num_samples", "texts for C_0"),
+    "--stats-max-length": ("stats.max_length", "tokens per C_0 text"),
+    "--stats-batch-size": ("stats.batch_size", "texts per statistics batch"),
+    "--stats-corpus": ("stats.corpus", "C_0 corpus"),
+}
+
+
+def shorthands(*flags: str) -> dict[str, tuple[str, str]]:
+    """The entries of :data:`SHORTHANDS` for ``flags``."""
+    return {flag: SHORTHANDS[flag] for flag in flags}
+
+
 def benchmark_parser(doc: str, *, shorthands: dict[str, tuple[str, str]] | None = None, stats_defaults=None,
                      editing_defaults=None):
     """A jsonargparse parser with the ``--editing.*`` (:class:`EditingConfig`, including
@@ -110,6 +137,18 @@ def _field_type(dotted: str):
     if ann.startswith("float"):
         return float
     return str
+
+
+def add_model_options(parser) -> None:
+    """The options of a benchmark that loads one model: ``--model``, ``--dtype``, ``--device``,
+    ``--threads``, ``--data-dir`` and ``--cache-dir`` (what :func:`prepare_edit_bench` reads)."""
+    parser.add_argument("--model", default="smollm2-135m", help="model alias, hub id or directory")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--data-dir", default=None, help="benchmark data (default $BLUEEDIT_DATA_DIR)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="statistics and converted-model cache (default ~/.cache/blueedit)")
 
 
 def benchmark_configs(parser, args):

@@ -31,21 +31,14 @@ from blueedit.bench import quality as Q
 METRICS = Q.METRICS
 
 
-SHORTHANDS = {
-    "--method": ("editing.method", "editing method"),
-    "--strategy": ("editing.strategy", "distribute or boundary (BLUE)"),
-    "--lam": ("editing.mom2_update_weight", "λ"),
-    "--v-lr": ("editing.target.v_lr", "target learning rate"),
-    "--steps": ("editing.target.v_num_grad_steps", "target optimization steps"),
-    "--stats-samples": ("stats.num_samples", "texts for C_0"),
-    "--stats-max-length": ("stats.max_length", "tokens per C_0 text"),
-    "--stats-corpus": ("stats.corpus", "C_0 corpus"),
-}
+SHORTHANDS = C.shorthands(
+    "--method", "--strategy", "--lam", "--v-lr", "--steps", "--stats-samples", "--stats-max-length",
+    "--stats-corpus")
 
 
 def build_parser():
     p = C.benchmark_parser(__doc__, shorthands=SHORTHANDS, stats_defaults=Q.STATS_DEFAULTS)
-    p.add_argument("--model", default="smollm2-135m")
+    C.add_model_options(p)
     p.add_argument("--dataset", default="counterfact_dev")
     p.add_argument("--num-edits", type=int, default=20)
     p.add_argument("--edits-per-round", type=int, default=10)
@@ -53,11 +46,6 @@ def build_parser():
                    help="candidate windows of consecutive layers, e.g. 2-6 4-8 (overrides --starts)")
     p.add_argument("--starts", default="2,4,6", help="first layer of each candidate window")
     p.add_argument("--window-size", type=int, default=5)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--cache-dir", default=None, help="statistics and converted-model cache (default ~/.cache/blueedit)")
     p.add_argument("--out", default=str(C.RESULTS / "layer_sweep"), help="writes <out>.csv and <out>.md ('' to skip)")
     return p
 

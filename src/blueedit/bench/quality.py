@@ -30,24 +30,15 @@ from blueedit.bench import harness as C
 METRICS = ("efficacy", "generalization", "specificity")
 
 
-#: Short flags kept beside the ``--editing.*`` / ``--stats.*`` groups: flag -> (option, help).
-SHORTHANDS = {
-    "--layers": ("editing.layers", "critical layers, comma-separated"),
-    "--lam": ("editing.mom2_update_weight", "λ for every method"),
-    "--v-lr": ("editing.target.v_lr", "target learning rate"),
-    "--steps": ("editing.target.v_num_grad_steps", "target optimization steps"),
-    "--L2": ("editing.L2", "AlphaEdit's ridge α"),
-    "--nullspace-threshold": ("editing.nullspace_threshold", "AlphaEdit's eigenvalue threshold"),
-    "--stats-samples": ("stats.num_samples", "texts for C_0"),
-    "--stats-max-length": ("stats.max_length", "tokens per C_0 text"),
-    "--stats-corpus": ("stats.corpus", "C_0 corpus"),
-}
+SHORTHANDS = C.shorthands(
+    "--layers", "--lam", "--v-lr", "--steps", "--L2", "--nullspace-threshold", "--stats-samples",
+    "--stats-max-length", "--stats-corpus")
 STATS_DEFAULTS = {"corpus": "wikipedia-sample", "num_samples": 300, "max_length": 256}
 
 
 def build_parser():
     p = C.benchmark_parser(__doc__, shorthands=SHORTHANDS, stats_defaults=STATS_DEFAULTS)
-    p.add_argument("--model", default="smollm2-135m")
+    C.add_model_options(p)
     p.add_argument("--dataset", default=None, help="edit records (default counterfact_eval; counterfact_dev with --dev)")
     p.add_argument("--num-edits", type=int, default=100)
     p.add_argument("--edits-per-round", type=int, default=10)
@@ -63,11 +54,6 @@ def build_parser():
     p.add_argument("--dev", action="store_true", help="grid over --lams × --v-lrs on the dev set; print the best")
     p.add_argument("--lams", default="1500", help="λ values for --dev")
     p.add_argument("--v-lrs", default="0.5", help="v_lr values for --dev")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--cache-dir", default=None, help="statistics and converted-model cache (default ~/.cache/blueedit)")
     p.add_argument("--out", default=str(C.RESULTS / "quality"), help="writes <out>.json and <out>.md ('' to skip)")
     p.add_argument("--no-pre-edit", action="store_true",
                    help="skip the evaluation of the unedited model (e.g. runs to be --combine'd with one that has it)")

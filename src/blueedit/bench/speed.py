@@ -46,18 +46,9 @@ ROWS = [
 ]
 
 
-SHORTHANDS = {
-    "--method": ("editing.method", "editing method"),
-    "--strategy": ("editing.strategy", "distribute or boundary (BLUE)"),
-    "--layers": ("editing.layers", "critical layers, comma-separated"),
-    "--steps": ("editing.target.v_num_grad_steps", "target optimization steps"),
-    "--v-lr": ("editing.target.v_lr", "target learning rate"),
-    "--loss-layer": ("editing.target.loss_layer", "target loss layer (default: the last block)"),
-    "--lam": ("editing.mom2_update_weight", "λ"),
-    "--stats-samples": ("stats.num_samples", "Wikipedia-sample texts for C_0"),
-    "--stats-max-length": ("stats.max_length", "tokens per statistics text"),
-    "--stats-batch-size": ("stats.batch_size", "texts per statistics batch"),
-}
+SHORTHANDS = C.shorthands(
+    "--method", "--strategy", "--layers", "--steps", "--v-lr", "--loss-layer", "--lam", "--stats-samples",
+    "--stats-max-length", "--stats-batch-size")
 
 
 def build_parser():

@@ -78,22 +78,9 @@ PUBLISHED_FILES = ("memit/memit_seq_main.py", "memit/memit_hparams.py", "AlphaEd
                    "AlphaEdit/AlphaEdit_hparams.py", "util/nethook.py", "globals.yml")
 
 
-SHORTHANDS = {
-    "--layers": ("editing.layers", "the critical layers, comma-separated (BLUE edits the first and last)"),
-    "--lam": ("editing.mom2_update_weight", "λ, MEMIT"),
-    "--v-lr": ("editing.target.v_lr", "target learning rate"),
-    "--steps": ("editing.target.v_num_grad_steps", "target optimization steps"),
-    "--loss-layer": ("editing.target.loss_layer", "target loss layer (default: the last block)"),
-    "--kl-factor": ("editing.target.kl_factor", "KL weight"),
-    "--weight-decay": ("editing.target.v_weight_decay", "weight decay of δ"),
-    "--clamp": ("editing.target.clamp_norm_factor", "clamp of ‖δ‖"),
-    "--L2": ("editing.L2", "AlphaEdit's ridge term (default: configs/smollm2-135m/alphaedit.yaml)"),
-    "--nullspace-threshold": ("editing.nullspace_threshold",
-                              "AlphaEdit's threshold (default: configs/smollm2-135m/alphaedit.yaml)"),
-    "--stats-samples": ("stats.num_samples", "texts for C_0"),
-    "--stats-max-length": ("stats.max_length", "tokens per C_0 text"),
-    "--stats-corpus": ("stats.corpus", "C_0 corpus"),
-}
+SHORTHANDS = C.shorthands(
+    "--layers", "--lam", "--v-lr", "--steps", "--loss-layer", "--kl-factor", "--weight-decay", "--clamp",
+    "--L2", "--nullspace-threshold", "--stats-samples", "--stats-max-length", "--stats-corpus")
 
 
 def build_parser():
@@ -105,13 +92,8 @@ def build_parser():
     p.add_argument("--edits-per-round", type=int, default=25)
     p.add_argument("--methods", default=",".join(PAIRS), help=f"subset of {','.join(PAIRS)}")
     p.add_argument("--sides", default=",".join(SIDES), help="published, blueedit or both")
-    p.add_argument("--model", default="smollm2-135m")
+    C.add_model_options(p)
     p.add_argument("--dataset", default="counterfact_eval")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--cache-dir", default=None, help="statistics and converted-model cache (default ~/.cache/blueedit)")
     p.add_argument("--published-log", default=None, help="file for the published code's console output")
     p.add_argument("--no-pre-edit", action="store_true", help="skip the evaluation of the unedited model")
     p.add_argument("--eval-every-round", action="store_true",

@@ -132,6 +132,20 @@ def _label(method: str, strategy: str) -> str:
     return name + (" + BLUE" if strategy == "boundary" else "")
 
 
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> None:
+    """Label, grid and legend ``ax``, write ``fig`` to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None,
             measure: str = "frobenius") -> list[dict[str, Any]]:
     """The three figures of ``measure`` (``frobenius`` or ``relative``) and their points (returned,
@@ -165,14 +179,8 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None,
         if ds:
             ax.plot(ds, ys, style(s), marker="o", label=_label(m, s))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer distance L − l (L: last critical layer)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"Weight shift error vs layer distance ({E_d} edits / round)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "wse_vs_distance.png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out_dir / "wse_vs_distance.png", "layer distance L − l (L: last critical layer)", ylabel,
+          f"Weight shift error vs layer distance ({E_d} edits / round)")
 
     # 2. against batch size: round 0 (the unedited model), mean over layers
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -190,14 +198,8 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None,
             ax.plot(xs, ys, style(s), marker="o", label=_label(m, s))
     if Es:
         ax.set_xticks(Es)
-    ax.set_xlabel("edits per round (batch size)")
-    ax.set_ylabel(ylabel + ", mean over layers")
-    ax.set_title("Weight shift error vs batch size (first round)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "wse_vs_batch_size.png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out_dir / "wse_vs_batch_size.png", "edits per round (batch size)", ylabel + ", mean over layers",
+          "Weight shift error vs batch size (first round)")
 
     # 3. against sequence length: edits before the diagnosed round, mean over layers
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -213,14 +215,8 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None,
             if len(xs) > 0:
                 ax.plot(xs, ys, style(s), marker="o", label=f"{_label(m, s)}, {E} / round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("edits made before the diagnosed round")
-    ax.set_ylabel(ylabel + ", mean over layers")
-    ax.set_title("Weight shift error vs sequence length", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "wse_vs_sequence.png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out_dir / "wse_vs_sequence.png", "edits made before the diagnosed round", ylabel + ", mean over layers",
+          "Weight shift error vs sequence length", legend_size=7)
 
     for r in fig_rows:
         r["measure"] = measure
