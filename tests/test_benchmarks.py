@@ -200,6 +200,18 @@ def test_run_record_holds_command_versions_commit_and_times(tmp_path):
     assert data["started"] <= data["finished"] and data["wall_seconds"] >= 0 and data["note"] == "x"
 
 
+def test_harness_records_a_shell_benchmark(tmp_path):
+    """``python -m blueedit.bench.harness record``: the record of a command another process ran."""
+    import json
+
+    from blueedit.bench.harness import main
+
+    main(["record", str(tmp_path), "--command", "bash benchmarks/x.sh a", "--started", "2020-01-01T00:00:00+00:00"])
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert data["command"] == "bash benchmarks/x.sh a" and data["started"].startswith("2020-01-01")
+    assert data["wall_seconds"] > 3600 * 24 * 365 and data["cpu_seconds"] is None
+
+
 def test_every_result_directory_has_a_run_record():
     """Each directory of benchmarks/results/ holds run.json naming the command(s) that wrote it."""
     import json

@@ -540,19 +540,30 @@ class RunRecord:
     """The record of one benchmark invocation: created when it starts, read when its results are
     written. :meth:`as_dict` gives ``command``, ``versions``, ``git`` (commit and whether the
     checkout had uncommitted changes), ``started`` / ``finished`` (UTC), ``wall_seconds`` and
-    ``cpu_seconds``; a JSON result holds it under ``"run"``, a result directory as ``run.json``."""
+    ``cpu_seconds``; a JSON result holds it under ``"run"``, a result directory as ``run.json``.
+
+    ``command`` / ``started`` (ISO time) record a command run by another process, e.g. a shell
+    benchmark (``python -m blueedit.bench.harness record``): its CPU time is not known here."""
 
     FILENAME = "run.json"
 
-    def __init__(self, name: str, argv: list[str] | None):
-        self.command = command_line(name, argv)
-        self.started = utc_now()
+    def __init__(self, name: str, argv: list[str] | None, *, command: str | None = None,
+                 started: str | None = None):
+        self.command = command or command_line(name, argv)
+        self.started = started or utc_now()
+        self._own = started is None
         self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def as_dict(self, **extra) -> dict:
+        finished = utc_now()
+        if self._own:
+            wall, cpu = time.perf_counter() - self._t0, time.process_time() - self._c0
+        else:
+            parse = datetime.datetime.fromisoformat
+            wall, cpu = (parse(finished) - parse(self.started)).total_seconds(), None
         return {"command": self.command, "versions": versions(), "git": git_commit(), "started": self.started,
-                "finished": utc_now(), "wall_seconds": round(time.perf_counter() - self._t0, 3),
-                "cpu_seconds": round(time.process_time() - self._c0, 3), **extra}
+                "finished": finished, "wall_seconds": round(wall, 3),
+                "cpu_seconds": None if cpu is None else round(cpu, 3), **extra}
 
     def write(self, directory: Path, **extra) -> Path:
         """``directory/run.json`` (written whole, through a temporary file)."""
@@ -593,3 +604,19 @@ def method_presets() -> dict[str, tuple[str, dict, dict]]:
 
     return {"pmet": ("pmet", {}, {"top1_nll_factor": 0.1}),
             "hse": ("memit", dict(hse.PRESET["editing"]), dict(hse.PRESET["target"]))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m blueedit.bench.harness record DIR --command CMD --started ISO``: write the run
+    record of a command run by a shell benchmark into its result directory ``DIR``."""
+    p = plain_parser(main.__doc__)
+    p.add_argument("action", choices=["record"])
+    p.add_argument("directory")
+    p.add_argument("--command", required=True)
+    p.add_argument("--started", required=True, help="when the command started (ISO 8601, with time zone)")
+    args = p.parse_args(argv)
+    print(RunRecord("", None, command=args.command, started=args.started).write(Path(args.directory)))
+
+
+if __name__ == "__main__":
+    main()
