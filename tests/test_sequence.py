@@ -94,6 +94,12 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny):
     assert [r["index"] for r in rec_b["rounds"]] == [0, 1, 2]
     assert sorted({h["round"] for h in rec_b["weight_shift"]}) == [0, 1, 2]  # every 2 edits: every round
     assert [h["round"] for h in rec_b["drift"]] == [-1, 0, 1, 2]
+    # each evaluation's per-record values, the run's command and its code commit are kept
+    assert [len(h["records"]) for h in rec_b["sequence"]] == [6, 2, 4, 6]
+    assert rec_b["command"].startswith("python -m blueedit.bench.sequence --name resumed")
+    assert set(rec_b["git"]) == {"commit", "dirty"} and rec_b["finished"]
+    run = json.loads((tiny / "results" / "resumed" / "run.json").read_text())
+    assert run["command"].startswith("python -m blueedit.bench.sequence") and run["runs_finished"] == ["memit_distribute"]
 
     full_ckpt = tiny / "work" / "full" / "memit_distribute" / "checkpoints" / "last.ckpt"
     wa = torch.load(full_ckpt, map_location="cpu", weights_only=True)["state_dict"]

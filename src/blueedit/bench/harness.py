@@ -239,16 +239,23 @@ def scoped_editing_config(base, method: str, strategy: str, overrides: dict[str,
         raise SystemExit(f"{option} for {method}:{strategy}: {e}") from e
 
 
-def parse_int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _parse_list(text: str | list, kind):
+    """``"1,2, 3"`` -> ``[kind(1), kind(2), kind(3)]``; a list (a value jsonargparse checks again
+    after parsing) is converted element by element."""
+    items = text if isinstance(text, list) else text.split(",")
+    return [kind(x.strip() if isinstance(x, str) else x) for x in items if not isinstance(x, str) or x.strip()]
 
 
-def parse_float_list(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+def parse_int_list(text: str | list) -> list[int]:
+    return _parse_list(text, int)
 
 
-def parse_str_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+def parse_float_list(text: str | list) -> list[float]:
+    return _parse_list(text, float)
+
+
+def parse_str_list(text: str | list) -> list[str]:
+    return _parse_list(text, str)
 
 
 def versions() -> dict[str, str]:
@@ -561,9 +568,13 @@ class RunRecord:
         else:
             parse = datetime.datetime.fromisoformat
             wall, cpu = (parse(finished) - parse(self.started)).total_seconds(), None
-        return {"command": self.command, "versions": versions(), "git": git_commit(), "started": self.started,
-                "finished": finished, "wall_seconds": round(wall, 3),
-                "cpu_seconds": None if cpu is None else round(cpu, 3), **extra}
+        record = {"command": self.command, "versions": versions(), "git": git_commit(), "started": self.started,
+                  "finished": finished, "wall_seconds": round(wall, 3),
+                  "cpu_seconds": None if cpu is None else round(cpu, 3)}
+        clash = sorted(set(extra) & set(record))
+        if clash:
+            raise ValueError(f"run record fields {clash} are the record's own")
+        return {**record, **extra}
 
     def write(self, directory: Path, **extra) -> Path:
         """``directory/run.json`` (written whole, through a temporary file)."""

@@ -644,7 +644,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if out_dir is not None and (out_dir / "runs").is_dir():
         keep = [run_key(spec) for spec in args.runs] if args.report_only and args.keep_csv_runs else []
         result.update(assemble(out_dir, title, keep))
-        invocation.write(out_dir, finished=finished, pending=pending, report_only=bool(args.report_only))
+        invocation.write(out_dir, runs_finished=finished, runs_pending=pending, report_only=bool(args.report_only))
     return result
 
 
