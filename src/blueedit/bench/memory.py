@@ -12,7 +12,7 @@ backward pass, the activations of every block from the edit layer to the loss la
 and prints the estimated peak for a round under ``editing.max_batch_tokens``:
 
     python -m blueedit.bench.memory --shape llama3-8b --max-batch-tokens 2048 --compute-dtype bfloat16
-    python -m blueedit.bench.memory --shape smollm2-135m-shape --max-batch-tokens 2048   # compare: speed.py
+    python -m blueedit.bench.memory --shape smollm2-135m-shape --max-batch-tokens 2048   # compare: blueedit.bench.speed
 
 Without a budget (``--max-batch-tokens 0``) it uses ``--edits-per-round`` × 7 prompts × ``--prompt-tokens``.
 """

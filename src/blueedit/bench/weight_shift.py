@@ -14,15 +14,15 @@ the work), so a small error over a small norm can exceed the errors of the lower
 
 This script
 
-1. runs ``benchmarks/sequence.py`` (unless ``--figures-only``; the runs are resumable and skipped
-   when finished, like every ``sequence.py`` run), with no diagnostics but the weight shift error:
+1. runs :mod:`blueedit.bench.sequence` (unless ``--figures-only``; the runs are resumable and skipped
+   when finished, like every ``sequence`` run), with no diagnostics but the weight shift error:
 
    - per batch size E of ``--batch-sizes``, ``<name>_e<E>``: ``--batch-rounds`` rounds of E edits
      (default 1), the first round diagnosed;
    - ``<name>_seq``: ``--sequence-edits`` edits in rounds of ``--sequence-batch-size``, a round
      diagnosed every ``--sequence-wse-every`` edits;
 
-2. reads the ``WeightShiftError`` histories of those runs, and of the finished ``sequence.py``
+2. reads the ``WeightShiftError`` histories of those runs, and of the finished ``sequence``
    results named by ``--from`` (e.g. the long runs), and writes under ``--out``/``<name>``:
 
    - ``wse_vs_distance.png``: the error per written layer against ``L − l`` (mean over the
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None) -> tuple[Namespace, list[str]]:
     p.add_argument("--distance-batch-size", type=int, default=None,
                    help="the E whose runs give the distance figure (default: the largest of --batch-sizes)")
     p.add_argument("--from", dest="sources", nargs="*", default=[],
-                   help="more finished sequence.py result names whose weight shift histories are plotted")
+                   help="more finished sequence result names whose weight shift histories are plotted")
     p.add_argument("--measure", choices=MEASURES, default="frobenius",
                    help="what the figures plot: ‖Δ* − Δ‖_F (the paper's) or it over ‖Δ*‖_F")
     p.add_argument("--figures-only", action="store_true", help="do not run anything; plot what exists")
