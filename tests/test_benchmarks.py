@@ -181,6 +181,10 @@ def test_every_benchmark_runs_as_a_module_and_lists_its_options(capsys):
         assert "--out" in capsys.readouterr().out, name
     with pytest.raises(SystemExit, match="unknown benchmark 'nope'"):
         main(["nope"])
+    from blueedit.cli import main as blueedit_main  # `blueedit bench` is the same entry point
+
+    blueedit_main(["bench"])
+    assert "wise_sweep" in capsys.readouterr().out
 
 
 def test_run_record_holds_command_versions_commit_and_times(tmp_path):

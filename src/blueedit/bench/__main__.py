@@ -1,5 +1,5 @@
-"""``python -m blueedit.bench NAME [OPTIONS]``: run benchmark NAME (``python -m blueedit.bench``
-lists them)."""
+"""``python -m blueedit.bench NAME [OPTIONS]`` or ``blueedit bench NAME [OPTIONS]``: run benchmark
+NAME (without NAME: list them)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from blueedit.bench import BENCHMARKS
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m blueedit.bench NAME [OPTIONS]   (NAME --help for its options)\n\nbenchmarks:")
+        print("usage: blueedit bench NAME [OPTIONS], or python -m blueedit.bench.NAME [OPTIONS]"
+              "   (NAME --help for its options)\n\nbenchmarks:")
         for name, what in BENCHMARKS.items():
             print(f"  {name:15s} {what}")
         return
