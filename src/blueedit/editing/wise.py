@@ -285,7 +285,7 @@ class WiseState:
         }
 
     @classmethod
-    def from_dict(cls, d: dict, device: torch.device | str = "cpu") -> "WiseState":
+    def from_dict(cls, d: dict, device: torch.device | str = "cpu") -> WiseState:
         to = lambda t: None if t is None else t.to(device)  # noqa: E731
         return cls(int(d["layer"]), to(d["original"]), to(d["current"]), to(d["current_mask"]),
                    float(d["current_threshold"]), int(d["current_edits"]), [to(s) for s in d["shards"]],
