@@ -295,7 +295,7 @@ def test_checkpoint_settings_leave_out_default_new_options(monkeypatch):
 
 
 def test_sequence_benchmark_runs_presets():
-    """benchmarks/sequence.py accepts ``pmet`` and ``hse`` runs and writes their options into the
+    """blueedit.bench.sequence accepts ``pmet`` and ``hse`` runs and writes their options into the
     generated config."""
     from helpers import benchmark as _load
 

@@ -102,7 +102,7 @@ def test_with_a_post_mlp_norm_the_residual_is_the_mlp_output_change():
 
 
 def test_post_norm_gain_measures_what_the_norm_does(tmp_path):
-    """``benchmarks/post_norm_gain.py``: the gain is 1 without a norm, ``c`` for a norm that scales by
+    """``blueedit.bench.post_norm_gain``: the gain is 1 without a norm, ``c`` for a norm that scales by
     ``c``, and runs end to end on a tiny Gemma 3 (whose post-MLP RMSNorm amplifies a small ``m``)."""
     import json
 
