@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, RECORDS, benchmark, make_model, make_tokenizer
+from helpers import RECORDS, REPO, benchmark, make_model, make_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -181,8 +181,7 @@ def combine(paths: list[str], out: Path, record: C.RunRecord | None = None) -> d
 
 def main(argv: list[str] | None = None) -> None:
     record = C.RunRecord("lifelong", argv)
-    p = C.plain_parser(__doc__.split("
-")[0])
+    p = C.plain_parser(__doc__.split("\n")[0])
     p.add_argument("--runs", nargs="+", help="NAME=CONFIG[,CONFIG...], one per row (later configs override earlier ones)")
     p.add_argument("--combine", nargs="+", metavar="JSON",
                    help="join the rows of these lifelong_T<T>.json files into --out (no run)")
