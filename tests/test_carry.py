@@ -514,8 +514,9 @@ def test_a_damaged_state_is_neither_continued_reverted_nor_shown(tiny, edited, t
 
 
 def test_reverted_and_continued_states_carry_fresh_checksums(tiny, edited, tmp_path):
-    from blueedit.models.loading import entry_digests
     from safetensors.torch import load_file
+
+    from blueedit.models.loading import entry_digests
 
     work, more = tmp_path / "work", tmp_path / "more"
     shutil.copytree(edited, work)

@@ -217,7 +217,7 @@ def test_the_settings_that_decide_an_edit_come_from_field_metadata():
     """One definition (``blueedit.config.setting``) gives the resume check's free settings, the
     options added later, and the settings free between sittings of an edited model."""
     from blueedit import carry
-    from blueedit.config import settings_added_later, settings_in_roles
+    from blueedit.config import settings_in_roles
     from blueedit.module import EditingModule
 
     speed = {"editing.key_batch_size", "editing.max_batch_tokens", "stats.batch_size", "stats.cache_dir"}

