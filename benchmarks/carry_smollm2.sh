@@ -10,6 +10,8 @@
 #   flock /work/heavy.lock nice -n 5 bash benchmarks/carry_smollm2.sh [WORKDIR]
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+STARTED=$(date -u +%Y-%m-%dT%H:%M:%S+00:00)
+COMMAND="bash benchmarks/carry_smollm2.sh $*"
 WORK=${1:-$(mktemp -d)}
 OUT=$REPO/benchmarks/results/carry_smollm2
 PY=${PYTHON:-python}
@@ -42,3 +44,4 @@ PY
   echo "## sizes"; du -sh one/editor_state.safetensors one/model.safetensors
 } | tee "$OUT/log.txt"
 t $PY -m blueedit generate one --max_new_tokens 12 --output_dir "$OUT" 2>&1 | grep -E "CPU" | tee -a "$OUT/log.txt"
+$PY -m blueedit.bench.harness record "$OUT" --command "$COMMAND" --started "$STARTED"

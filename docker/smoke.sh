@@ -70,8 +70,8 @@ if ! out="$("$ENGINE" run --rm --network none "$BASE_IMAGE" python3 -c 'print("o
 fi
 
 # ------------------------------------------------------------------ torch source
-PIN="$(sed -n 's/^[[:space:]]*"torch==\([^"]*\)".*/\1/p' "$REPO/pyproject.toml" | head -n 1)"
-[[ -n "$PIN" ]] || die "no torch==X pin in pyproject.toml"
+PIN="$(sed -n 's/^TORCH_PIN[[:space:]]*?*=[[:space:]]*torch==\([0-9][0-9.]*\).*/\1/p' "$REPO/Makefile" | head -n 1)"
+[[ -n "$PIN" ]] || die "no TORCH_PIN ?= torch==X in the Makefile"
 if [[ -z "${TORCH_WHEEL:-}" ]]; then
     links="${PIP_FIND_LINKS:-} $(python3 -m pip config list 2>/dev/null \
         | sed -n "s/^[^=]*find-links='\(.*\)'$/\1/p" | tr '\n' ' ' || true)"

@@ -31,7 +31,7 @@ class BigramLM(nn.Module):
         self.calls = 0
 
     @classmethod
-    def from_words(cls, words: list[str], entries: dict[str, dict[str, float]]) -> "BigramLM":
+    def from_words(cls, words: list[str], entries: dict[str, dict[str, float]]) -> BigramLM:
         """Table with ``table[prev, next] = entries[prev][next]`` and 0 elsewhere."""
         table = torch.zeros(len(words), len(words))
         for prev, row in entries.items():

@@ -256,7 +256,7 @@ class Oracle:
                     kl = (p_init.exp() * (p_init - p_delta)).sum()
                 wd = hp.v_weight_decay * delta.norm() / h_init.norm() ** 2
                 loss = nll + hp.kl_factor * kl + wd
-                loss_value = float(loss)
+                loss_value = float(loss.detach())
                 if loss_value < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
                     break
                 opt.zero_grad()

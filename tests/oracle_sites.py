@@ -128,7 +128,7 @@ def site_target(model, tok, req, layer: int, templates, *, sites=("block",), ste
                 break
             if top1_factor is not None:
                 w_nll = top1_factor if top1 else 1.0
-                if top1 and float(kl) < top1_kl:
+                if top1 and float(kl.detach()) < top1_kl:
                     break
             opt.zero_grad()
             loss.backward()

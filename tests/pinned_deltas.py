@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from conftest import _CORPUS, make_model, make_tokenizer  # noqa: E402
+from helpers import CORPUS, make_model, make_tokenizer  # noqa: E402
 
 FIXTURE = HERE / "fixtures" / "pinned_deltas.json"
 TEMPLATES = ["{}", "Because I said so. {}"]
@@ -77,7 +77,7 @@ def digest(t: torch.Tensor) -> list[float]:
 def _mom2(model, adapter, tok, layers):
     from blueedit.editing.statistics import accumulate_key_moments
 
-    st = accumulate_key_moments(model, adapter, tok, _CORPUS, layers, max_length=32, batch_size=4)
+    st = accumulate_key_moments(model, adapter, tok, CORPUS, layers, max_length=32, batch_size=4)
     return {l: (st["sums"][l] / st["count"]).float() for l in layers}
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from blueedit.models.adapters import KNOWN_LAYOUTS, ModelAdapter, ModelLayout, UnknownArchitectureError, detect_layout
-from conftest import make_model
+from helpers import make_model
 
 
 def _tiny(kind: str):

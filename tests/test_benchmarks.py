@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/speed.py and benchmarks/quality.py on a tiny random Llama."""
+"""Smoke tests of the benchmarks (blueedit.bench) on a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blueedit.data.records import EditRequest
-from conftest import _CORPUS, load_benchmark, make_model, make_tokenizer
+from helpers import CORPUS, benchmark, make_model, make_tokenizer
 
 REQUESTS = [
     EditRequest(1, "{} plays the", "Toko Yasuda", "violin", "guitar",
@@ -26,12 +26,12 @@ def _fresh():
 
 
 def test_speed_benchmark_both_modes(tmp_path):
-    speed = load_benchmark("speed")
+    speed = benchmark("speed")
     out = tmp_path / "speed.json"
-    res = speed.main(["--layers", "1,2,3", "--edits", "3", "--edits-per-round", "2", "--steps", "2",
+    res = speed.main(["--layers", "1,2,3", "--num-edits", "3", "--edits-per-round", "2", "--steps", "2",
                       "--stats-samples", "4", "--stats-max-length", "32", "--flops",
                       "--modes", "optimized,reference,optimized-bf16", "--out", str(out)],
-                     make_model=_fresh, requests=REQUESTS, texts=_CORPUS[:4])
+                     make_model=_fresh, requests=REQUESTS, texts=CORPUS[:4])
     assert set(res["modes"]) == {"optimized", "reference", "optimized-bf16"}
     for mode in res["modes"].values():
         assert mode["stats_seconds"] > 0 and mode["edit_seconds"] > 0 and mode["seconds_per_edit"] > 0
@@ -49,14 +49,14 @@ def test_speed_benchmark_both_modes(tmp_path):
 
 
 def test_quality_benchmark_grid_and_restore(tmp_path):
-    quality = load_benchmark("quality")
+    quality = benchmark("quality")
     model, tok = _fresh()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = quality.main(["--layers", "1,2,3", "--edits", "3", "--edits-per-round", "2", "--steps", "2",
+    res = quality.main(["--layers", "1,2,3", "--num-edits", "3", "--edits-per-round", "2", "--steps", "2",
                         "--methods", "memit,alphaedit", "--strategies", "distribute,boundary",
                         "--config-overrides", "alphaedit:boundary.L2=1", "*.kl_factor=0.1",
                         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "quality"), "--fluency"],
-                       model=model, tokenizer=tok, requests=REQUESTS, texts=_CORPUS[:4])
+                       model=model, tokenizer=tok, requests=REQUESTS, texts=CORPUS[:4])
     assert [(r["method"], r["strategy"]) for r in res["runs"]] == [
         ("memit", "distribute"), ("memit", "boundary"), ("alphaedit", "distribute"), ("alphaedit", "boundary")]
     for r in res["runs"]:
@@ -77,16 +77,16 @@ def test_quality_benchmark_pmet_hse_and_combine(tmp_path):
     rounds), one file per run, then ``--combine`` into one table."""
     from blueedit.editing import hse
 
-    quality = load_benchmark("quality")
+    quality = benchmark("quality")
     files = []
     for m in ("pmet", "hse"):
         model, tok = _fresh()
         out = tmp_path / m
-        res = quality.main(["--layers", "1,2,3", "--edits", "3", "--edits-per-round", "2", "--steps", "2",
+        res = quality.main(["--layers", "1,2,3", "--num-edits", "3", "--edits-per-round", "2", "--steps", "2",
                             "--methods", m, "--strategies", "distribute,boundary",
                             "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
                            + (["--no-pre-edit"] if m == "hse" else []),
-                           model=model, tokenizer=tok, requests=REQUESTS, texts=_CORPUS[:4])
+                           model=model, tokenizer=tok, requests=REQUESTS, texts=CORPUS[:4])
         assert [(r["method"], r["strategy"]) for r in res["runs"]] == [(m, "distribute"), (m, "boundary")]
         for r in res["runs"]:
             assert "error" not in r, r.get("error")
@@ -106,12 +106,12 @@ def test_quality_benchmark_pmet_hse_and_combine(tmp_path):
 
 
 def test_quality_dev_grid_picks_best(tmp_path):
-    quality = load_benchmark("quality")
+    quality = benchmark("quality")
     model, tok = _fresh()
-    res = quality.main(["--dev", "--layers", "1,2,3", "--edits", "2", "--edits-per-round", "2", "--steps", "1",
+    res = quality.main(["--dev", "--layers", "1,2,3", "--num-edits", "2", "--edits-per-round", "2", "--steps", "1",
                         "--methods", "memit", "--strategies", "boundary", "--lams", "10,1500", "--v-lrs", "0.5",
                         "--cache-dir", str(tmp_path / "cache"), "--out", ""],
-                       model=model, tokenizer=tok, requests=REQUESTS, texts=_CORPUS[:4])
+                       model=model, tokenizer=tok, requests=REQUESTS, texts=CORPUS[:4])
     assert [r["hparams"]["lam"] for r in res["runs"]] == [10, 1500]
     assert len(res["best"]) == 1
     assert res["best"][0]["score"] == pytest.approx(max(r["score"] for r in res["runs"]))
@@ -121,7 +121,7 @@ def test_memory_estimate_counts_saved_activations():
     """One Llama block saves roughly 8·d + 4·f values per token for backward (norm inputs, q/k/v,
     attention output, the MLP's gate/up/product), plus the attention probabilities: the measured
     number must lie in that range, and the budget must bound the activation term."""
-    memory = load_benchmark("memory")
+    memory = benchmark("memory")
     d, f = 64, 128  # llama-tiny
     per_token = memory.saved_bytes_per_token("llama-tiny", torch.float32, tokens=16)
     assert 4 * (6 * d + 3 * f) <= per_token <= 4 * (12 * d + 6 * f + 4 * 16)
@@ -132,13 +132,13 @@ def test_memory_estimate_counts_saved_activations():
 
 
 def test_layer_sweep_windows_choice_and_restore(tmp_path):
-    sweep = load_benchmark("layer_sweep")
+    sweep = benchmark("layer_sweep")
     model, tok = _fresh()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = tmp_path / "sweep"
-    res = sweep.main(["--windows", "1-2", "3-4", "--edits", "3", "--edits-per-round", "2", "--steps", "2",
+    res = sweep.main(["--windows", "1-2", "3-4", "--num-edits", "3", "--edits-per-round", "2", "--steps", "2",
                       "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
-                     model=model, tokenizer=tok, requests=REQUESTS, texts=_CORPUS[:4])
+                     model=model, tokenizer=tok, requests=REQUESTS, texts=CORPUS[:4])
     assert [r["layers"] for r in res["runs"]] == [[1, 2], [3, 4]]
     for r in res["runs"]:
         assert "error" not in r, r.get("error")
@@ -150,11 +150,11 @@ def test_layer_sweep_windows_choice_and_restore(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)  # original weights restored
     rows = out.with_suffix(".csv").read_text().splitlines()
     assert rows[0].startswith("window,layers,efficacy") and rows[1].startswith("pre-edit") and len(rows) == 4
-    assert "layer_sweep.py --windows 1-2 3-4" in out.with_suffix(".md").read_text()
+    assert "python -m blueedit.bench.layer_sweep --windows 1-2 3-4" in out.with_suffix(".md").read_text()
 
 
 def test_layer_sweep_windows_from_starts_and_bad_input():
-    sweep = load_benchmark("layer_sweep")
+    sweep = benchmark("layer_sweep")
     args = sweep.build_parser().parse_args(["--starts", "2,4", "--window-size", "3"])
     assert sweep.candidate_windows(args) == [[2, 3, 4], [4, 5, 6]]
     with pytest.raises(SystemExit, match="FIRST-LAST"):
@@ -163,3 +163,82 @@ def test_layer_sweep_windows_from_starts_and_bad_input():
     runs = [{"score": 50.0, "layers": [1]}, {"score": nan, "layers": [2]}, {"score": 50.0, "layers": [3]}]
     assert sweep.choose(runs)["layers"] == [1]  # ties: the earlier window; failed runs never chosen
     assert sweep.choose([{"score": nan}]) is None
+
+
+# -- the package's benchmarks: entry points and run records ---------------------------------------
+def test_every_benchmark_runs_as_a_module_and_lists_its_options(capsys):
+    """``python -m blueedit.bench NAME --help`` for every benchmark, and the list without a name."""
+    from blueedit.bench import BENCHMARKS
+    from blueedit.bench.__main__ import main
+
+    main([])
+    listed = capsys.readouterr().out
+    for name in BENCHMARKS:
+        assert name in listed
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert "--out" in capsys.readouterr().out, name
+    with pytest.raises(SystemExit, match="unknown benchmark 'nope'"):
+        main(["nope"])
+    from blueedit.cli import main as blueedit_main  # `blueedit bench` is the same entry point
+
+    blueedit_main(["bench"])
+    assert "wise_sweep" in capsys.readouterr().out
+
+
+def test_run_record_holds_command_versions_commit_and_times(tmp_path):
+    import json
+
+    from blueedit.bench.harness import RunRecord
+
+    record = RunRecord("quality", ["--num-edits", "3", "--out", "a b"])
+    path = record.write(tmp_path / "out", note="x")
+    data = json.loads(path.read_text())
+    assert path.name == "run.json"
+    assert data["command"] == "python -m blueedit.bench.quality --num-edits 3 --out 'a b'"
+    assert set(data["versions"]) >= {"python", "torch", "transformers", "blueedit"}
+    assert set(data["git"]) == {"commit", "dirty"}
+    if data["git"]["commit"] is not None:  # a source checkout
+        assert len(data["git"]["commit"]) == 40
+    assert data["started"] <= data["finished"] and data["wall_seconds"] >= 0 and data["note"] == "x"
+
+
+def test_harness_records_a_shell_benchmark(tmp_path):
+    """``python -m blueedit.bench.harness record``: the record of a command another process ran."""
+    import json
+
+    from blueedit.bench.harness import main
+
+    main(["record", str(tmp_path), "--command", "bash benchmarks/x.sh a", "--started", "2020-01-01T00:00:00+00:00"])
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert data["command"] == "bash benchmarks/x.sh a" and data["started"].startswith("2020-01-01")
+    assert data["wall_seconds"] > 3600 * 24 * 365 and data["cpu_seconds"] is None
+
+
+def test_every_result_directory_has_a_run_record():
+    """Each directory of benchmarks/results/ holds run.json naming the command(s) that wrote it."""
+    import json
+
+    from helpers import REPO
+
+    results = REPO / "benchmarks" / "results"
+    dirs = [d for d in sorted(results.iterdir()) if d.is_dir()]
+    assert dirs
+    for d in dirs:
+        path = d / "run.json"
+        assert path.is_file(), f"{d.name} has no run.json"
+        record = json.loads(path.read_text())
+        commands = record.get("commands") or [record.get("command")]
+        assert all(isinstance(c, str) and c for c in commands), d.name
+
+
+def test_split_options_keeps_the_rest_for_another_benchmark():
+    from blueedit.bench.harness import plain_parser, split_options
+
+    p = plain_parser("x")
+    p.add_argument("--name")
+    p.add_argument("--batch-sizes", nargs="*", type=int)
+    own, rest = split_options(["--name", "a", "--runs", "m:d", "--batch-sizes", "1", "-2", "--set", "k=v"], p)
+    assert own == ["--name", "a", "--batch-sizes", "1", "-2"]
+    assert rest == ["--runs", "m:d", "--set", "k=v"]

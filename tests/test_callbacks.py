@@ -19,7 +19,7 @@ from blueedit.editing.statistics import accumulate_key_moments
 from blueedit.editing.targets import TargetConfig
 from blueedit.evaluation.reports import write_report
 from blueedit.models.adapters import ModelAdapter
-from conftest import _CORPUS, make_model, make_tokenizer
+from helpers import CORPUS, make_model, make_tokenizer
 from oracle import Model as OracleModel
 
 LAYERS = [1, 2, 3]
@@ -41,7 +41,7 @@ KNOWN = [
 def _editor(strategy: str) -> Editor:
     model, tok = make_model("llama"), make_tokenizer()
     adapter = ModelAdapter(model)
-    st = accumulate_key_moments(model, adapter, tok, _CORPUS, LAYERS, max_length=32, batch_size=4)
+    st = accumulate_key_moments(model, adapter, tok, CORPUS, LAYERS, max_length=32, batch_size=4)
     mom2 = {l: (st["sums"][l] / st["count"]).float() for l in LAYERS}
     hp = EditingConfig(method="memit", strategy=strategy, layers=list(LAYERS), mom2_update_weight=1.0,
                      target=TargetConfig(v_num_grad_steps=5))

@@ -19,9 +19,8 @@ from blueedit import carry
 from blueedit.cli import main, run_cli
 from blueedit.editing import solvers
 from blueedit.editing.updates import LayerUpdate, add_update, replay_history, replay_weights
-from conftest import make_model, make_tokenizer
-from test_editor import REQUESTS, _editor
-from test_module import RECORDS
+from helpers import RECORDS, REQUESTS, make_model, make_tokenizer
+from helpers import tiny_editor as _editor
 
 
 # -- the stored updates rebuild the editor's weights and history exactly -----------------------------
@@ -515,8 +514,9 @@ def test_a_damaged_state_is_neither_continued_reverted_nor_shown(tiny, edited, t
 
 
 def test_reverted_and_continued_states_carry_fresh_checksums(tiny, edited, tmp_path):
-    from blueedit.models.loading import entry_digests
     from safetensors.torch import load_file
+
+    from blueedit.models.loading import entry_digests
 
     work, more = tmp_path / "work", tmp_path / "more"
     shutil.copytree(edited, work)

@@ -14,10 +14,7 @@ import pytest
 from blueedit.data.records import EditRequest
 from blueedit.models.chat import chat_request, chat_wrap
 from blueedit.models.tokens import encode_prompt
-from conftest import make_model, make_tokenizer
-
-CHATML = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] | trim }}</s>\n{% endfor %}"
-          "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+from helpers import CHATML, RECORDS, make_model, make_tokenizer
 
 
 def _chat_tokenizer(template=CHATML, bos=False):
@@ -91,7 +88,6 @@ def test_editing_run_uses_the_chat_template(tmp_path):
     from blueedit.models.loading import ModelConfig
     from blueedit.module import EditingModule
     from oracle import counterfact_metrics
-    from test_module import RECORDS
 
     model_dir = tmp_path / "tiny"
     make_model("llama").save_pretrained(model_dir)

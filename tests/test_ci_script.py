@@ -31,8 +31,20 @@ def test_ci_script_runs_to_the_end_with_docker_off(tmp_path, docker):
         ["bash", str(ROOT / ".ci" / "run")], env=env, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
-    assert calls.read_text().split() == ["test"]
+    assert calls.read_text().split() == ["lint", "test"]
     assert "docker smoke test: off" in proc.stdout
+
+
+def test_ci_script_lints_with_ruff():
+    """`make lint` runs ruff over the checkout, with the rules in pyproject.toml; ruff is a test extra."""
+    import tomllib
+
+    makefile = (ROOT / "Makefile").read_text()
+    lint = makefile.split("\nlint:", 1)[1].split("\n\n", 1)[0]
+    assert "ruff check ." in lint
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert any(d.startswith("ruff") for d in project["project"]["optional-dependencies"]["test"])
+    assert project["tool"]["ruff"]["lint"]["select"]
 
 
 def test_ci_script_calls_the_readme_test_command():

@@ -9,7 +9,7 @@ import torch
 from blueedit.data.records import EditRequest
 from blueedit.editing.targets import TargetConfig, optimize_targets, request_chunks
 from blueedit.models.adapters import ModelAdapter
-from conftest import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer
 
 TEMPLATES = ["{}", "Because I said so. {}", "The end. {}"]
 REQUESTS = [

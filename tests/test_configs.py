@@ -25,7 +25,7 @@ from blueedit.config_headers import (
 )
 from blueedit.data.datamodule import EditDataModule
 from blueedit.module import EditingModule
-from conftest import REPO, make_model, make_tokenizer
+from helpers import REPO, make_model, make_tokenizer
 
 CONFIGS = sorted(p.relative_to(REPO).as_posix()
                  for folder in ("configs", "examples") for p in (REPO / folder).rglob("*.yaml"))
@@ -217,7 +217,7 @@ def test_the_settings_that_decide_an_edit_come_from_field_metadata():
     """One definition (``blueedit.config.setting``) gives the resume check's free settings, the
     options added later, and the settings free between sittings of an edited model."""
     from blueedit import carry
-    from blueedit.config import settings_added_later, settings_in_roles
+    from blueedit.config import settings_in_roles
     from blueedit.module import EditingModule
 
     speed = {"editing.key_batch_size", "editing.max_batch_tokens", "stats.batch_size", "stats.cache_dir"}

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
 
 from blueedit.data.corpus import (
     CorpusUnavailable,
@@ -31,6 +30,7 @@ from blueedit.data.formats import (
 )
 from blueedit.data.records import EditRecordError, EditRequest
 from blueedit.models.sampling import model_sampled_texts
+from helpers import make_model, make_tokenizer
 
 # --------------------------------------------------------------------------------------------
 # helpers

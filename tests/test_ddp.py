@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer
 
 RECORDS = [
     ("{} plays the", "Toko Yasuda", "guitar", "piano"),

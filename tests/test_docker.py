@@ -7,17 +7,16 @@ the versions/entry points they rely on must agree with pyproject.toml.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import posixpath
 import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,11 +45,22 @@ def pyproject() -> dict:
 
 
 def torch_pin() -> str:
-    for dep in pyproject()["project"]["dependencies"]:
-        m = re.fullmatch(r"\s*torch\s*==\s*([\w.+!-]+)\s*", dep)
-        if m:
-            return m.group(1)
-    raise AssertionError("pyproject.toml has no exact `torch==X` pin in [project].dependencies")
+    """The torch version the Makefile installs (its CPU build): the one the images install too."""
+    m = re.search(r"^TORCH_PIN \??= torch==([\w.!-]+?)(?:\+cpu)?$", (REPO / "Makefile").read_text(), re.M)
+    assert m, "the Makefile has no `TORCH_PIN ?= torch==X+cpu`"
+    return m.group(1)
+
+
+def test_pyproject_declares_a_tested_torch_range_holding_the_pin():
+    """pyproject.toml accepts a range of torch versions (a CUDA build of another tested version
+    does not conflict), and the pinned version is in it."""
+    from packaging.requirements import Requirement
+
+    deps = [Requirement(d) for d in pyproject()["project"]["dependencies"]]
+    torch_req = next(r for r in deps if r.name == "torch")
+    assert not any(s.operator in ("==", "===") for s in torch_req.specifier), torch_req
+    assert torch_req.specifier.contains(torch_pin()) and torch_req.specifier.contains(torch_pin() + "+cpu")
+    assert not torch_req.specifier.contains("1.13.1")
 
 
 def parse_dockerfile(path: Path) -> list[tuple[str, str]]:

@@ -15,26 +15,15 @@ from blueedit.editing.editor import EditingConfig, Editor, EditRoundError
 from blueedit.editing.statistics import StatisticsCache, StatsConfig, accumulate_key_moments
 from blueedit.editing.targets import TargetConfig, optimize_targets, optimize_targets_one_by_one
 from blueedit.models.adapters import ModelAdapter
-from conftest import _CORPUS, make_model, make_tokenizer
+from helpers import CORPUS as _CORPUS
+from helpers import LAYERS, REQUESTS, TEMPLATES, make_model, make_tokenizer
+from helpers import tiny_editor as _editor
+from helpers import weights_of as _weights
 from oracle import Oracle, OracleHParams
-
-TEMPLATES = ["{}", "Because I said so. {}"]
-LAYERS = [1, 2, 3]
-
-REQUESTS = [
-    EditRequest(10, "{} plays the", "Toko Yasuda", "violin", "guitar"),
-    EditRequest(11, "The mother tongue of {} is", "Thomas Joannes Stieltjes", "French", "Dutch"),
-    EditRequest(12, "{} is located in", "Autonomous University of Madrid", "Tokyo Beijing", "Spain"),
-    EditRequest(13, "{} is in", "The Eiffel Tower", "Rome", "Paris"),
-]
 
 
 def _rel_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).norm(dim=1) / b.norm(dim=1)
-
-
-def _weights(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _assert_same(before: dict, model, exclude=()) -> None:
@@ -44,22 +33,6 @@ def _assert_same(before: dict, model, exclude=()) -> None:
         if k in exclude:
             continue
         assert torch.equal(v, after[k]), k
-
-
-def _mom2(model, adapter, tok, layers=LAYERS) -> dict[int, torch.Tensor]:
-    st = accumulate_key_moments(model, adapter, tok, _CORPUS, layers, max_length=32, batch_size=4)
-    return {l: (st["sums"][l] / st["count"]).float() for l in layers}
-
-
-def _editor(method="memit", strategy="boundary", arch="llama", **kw):
-    model = make_model(arch)
-    tok = make_tokenizer()
-    adapter = ModelAdapter(model)
-    hp = EditingConfig(
-        method=method, strategy=strategy, layers=list(LAYERS),
-        target=TargetConfig(v_num_grad_steps=3, v_lr=0.5), **kw,
-    )
-    return Editor(model, tok, adapter, hp, _mom2(model, adapter, tok), TEMPLATES)
 
 
 # -- batched targets == the oracle's one-request-at-a-time targets ---------------------------------------
@@ -380,7 +353,7 @@ def test_fast_path_equals_reference_path(arch, bos):
     """The prefix-cached, block-replayed batched optimization equals the straightforward
     one-request-at-a-time path on whole prompts, with ``loss_layer`` below the last block (both
     paths must read the target log-probs there)."""
-    from blueedit.editing.targets import TargetConfig, optimize_targets, optimize_targets_one_by_one
+    from blueedit.editing.targets import TargetConfig, optimize_targets
 
     tok, model = make_tokenizer(bos=bos), make_model(arch)
     adapter = ModelAdapter(model)

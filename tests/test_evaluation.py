@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
+
 import pytest
 import torch
 
 from blueedit.data.records import EditRequest
-from blueedit.models.tokens import encode_batch, gather_positions, tokenize_target
 from blueedit.evaluation.editing_metrics import (
     evaluate_counterfact,
     evaluate_requests,
@@ -22,8 +22,9 @@ from blueedit.evaluation.scoring import (
     score_continuations,
     token_accuracy,
 )
-from conftest import make_model, make_tokenizer
+from blueedit.models.tokens import encode_batch, gather_positions, tokenize_target
 from fake_lm import BigramLM, word_level_tokenizer
+from helpers import make_model, make_tokenizer
 
 WORDS = ["<pad>", "<s>", "</s>", "A", "B", "C", "D", "is", "in", "lives", "speaks",
          "Rome", "Paris", "New", "York", "French", "English"]  # fmt: skip
@@ -237,10 +238,9 @@ def test_evaluate_requests_dispatch():
 def test_validate_steps_average_per_record(tmp_path):
     """``validate`` / ``test`` accumulate over chunks the same per-record means as above."""
     from blueedit.data.datamodule import EditRound
+    from blueedit.editing.editor import EditingConfig
     from blueedit.models.loading import ModelConfig
     from blueedit.module import EditingModule
-
-    from blueedit.editing.editor import EditingConfig
 
     make_model("llama", n_layer=2).save_pretrained(tmp_path / "tiny")
     make_tokenizer().save_pretrained(tmp_path / "tiny")

@@ -13,8 +13,8 @@ from blueedit.evaluation.fluency import (
     text_ngram_entropy,
     word_tokenize,
 )
-from conftest import make_model, make_tokenizer
 from fake_lm import BigramLM, word_level_tokenizer
+from helpers import make_model, make_tokenizer
 
 
 def test_word_tokenize_splits_words_numbers_and_punctuation():

@@ -16,8 +16,8 @@ from blueedit.evaluation.general import (
     load_task_examples,
     perplexity,
 )
-from conftest import make_model, make_tokenizer
 from fake_lm import BigramLM, word_level_tokenizer
+from helpers import make_model, make_tokenizer
 
 
 def test_classification_metrics_by_hand():

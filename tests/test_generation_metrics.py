@@ -22,8 +22,8 @@ from blueedit.evaluation.generation import (
     generation_summary,
     load_references,
 )
-from conftest import make_model, make_tokenizer
 from fake_lm import BigramLM, word_level_tokenizer
+from helpers import make_model, make_tokenizer
 
 WORDS = ["<pad>", "<s>", "</s>", "a", "b", "c", "d"]
 

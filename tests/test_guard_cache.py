@@ -13,13 +13,13 @@ from blueedit.data.corpus import corpus_fingerprint
 from blueedit.editing.statistics import LayerStats, StatisticsCache, StatisticsCacheWarning, StatsConfig
 from blueedit.models.adapters import ModelAdapter
 from blueedit.models.loading import model_content_fingerprints
-from conftest import _CORPUS, make_model, make_tokenizer
+from helpers import CORPUS, make_model, make_tokenizer
 
-SPEC = StatsConfig(corpus="wikipedia-sample", num_samples=len(_CORPUS), max_length=32, batch_size=5)
+SPEC = StatsConfig(corpus="wikipedia-sample", num_samples=len(CORPUS), max_length=32, batch_size=5)
 
 
 def _texts():
-    return list(_CORPUS)
+    return list(CORPUS)
 
 
 def _collect(root, model, tok, layers=(1, 3), texts=_texts, label="tiny"):

@@ -16,8 +16,7 @@ import blueedit.module
 from blueedit.cli import check_output_dir, main
 from blueedit.data.formats import load_requests
 from blueedit.data.records import EditRecordError, check_prompt_lengths
-from conftest import make_model, make_tokenizer
-from test_module import RECORDS
+from helpers import RECORDS, make_model, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +170,8 @@ def test_module_checks_prompt_lengths_before_statistics(tiny, tmp_path, monkeypa
     """Without a cheap tokenizer (e.g. a hub model), the module checks after loading, before C_0."""
     import lightning as L
 
-    from test_module import _data, _module
+    from helpers import tiny_data as _data
+    from helpers import tiny_module as _module
 
     module = _module(tiny)
     module.max_prompt_tokens = 5
@@ -293,8 +293,9 @@ def test_unreadable_edit_files_are_named_with_what_is_wrong(tiny, tmp_path, caps
     cases = {
         "empty.json": (b"", "{} is empty: it holds no edit records"),
         "blank.jsonl": (b"\n \n", "{} is empty: it holds no edit records"),
-        "latin1.json": (text.encode("latin-1"), "{} is not UTF-8 text (byte 0xe9 at offset %d is not valid UTF-8); "
-                        "edit files must be UTF-8: save it as UTF-8" % text.encode("latin-1").index(b"\xe9")),
+        "latin1.json": (text.encode("latin-1"), "{} is not UTF-8 text (byte 0xe9 at offset "
+                        + str(text.encode("latin-1").index(b"\xe9"))
+                        + " is not valid UTF-8); edit files must be UTF-8: save it as UTF-8"),
         "utf16.json": (text.encode("utf-16"), "{} is UTF-16 text; edit files must be UTF-8: save it as UTF-8"),
         "utf16le.json": (text.encode("utf-16-le"), "{} holds NUL bytes: it is UTF-16 or UTF-32 text without a byte "
                          "order mark, or not text; edit files must be UTF-8: save it as UTF-8"),

@@ -8,13 +8,21 @@ import pytest
 import torch
 
 from blueedit.data.datamodule import EditDataModule, ResumeMismatchError
-from test_module import RECORDS, _StopAfterRound, _data, _fit, _module, workdir  # noqa: F401
+from helpers import RECORDS, StopAfterRound, write_tiny_workdir
+from helpers import fit as _fit
+from helpers import tiny_data as _data
+from helpers import tiny_module as _module
 
 
 @pytest.fixture(scope="module")
-def checkpoint(workdir, tmp_path_factory):  # noqa: F811
+def workdir(tmp_path_factory):
+    return write_tiny_workdir(tmp_path_factory.mktemp("resume-workdir"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(workdir, tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("resume") / "mid.ckpt"
-    _fit(_module(workdir), _data(workdir), callbacks=[_StopAfterRound(ckpt, batch_idx=0)])
+    _fit(_module(workdir), _data(workdir), callbacks=[StopAfterRound(ckpt, batch_idx=0)])
     assert ckpt.is_file()
     return ckpt
 
@@ -23,7 +31,7 @@ def _resume(module, data, ckpt):
     return _fit(module, data, ckpt_path=str(ckpt))
 
 
-def test_resume_with_another_dataset_fails(workdir, checkpoint, tmp_path):  # noqa: F811
+def test_resume_with_another_dataset_fails(workdir, checkpoint, tmp_path):
     other = tmp_path / "other.json"
     other.write_text(json.dumps(list(reversed(RECORDS))))  # same records, another order
     data = EditDataModule(dataset=str(other), format="user", edits_per_round=2)
@@ -39,7 +47,7 @@ def test_resume_with_another_dataset_fails(workdir, checkpoint, tmp_path):  # no
         same_name.write_text(original)
 
 
-def test_resume_with_other_rounds_fails(workdir, checkpoint):  # noqa: F811
+def test_resume_with_other_rounds_fails(workdir, checkpoint):
     data = EditDataModule(dataset=str(workdir / "edits.json"), format="user", edits_per_round=3)
     with pytest.raises(ResumeMismatchError, match="data.edits_per_round: 2 in the checkpoint, 3 now"):
         _resume(_module(workdir), data, checkpoint)
@@ -47,7 +55,7 @@ def test_resume_with_other_rounds_fails(workdir, checkpoint):  # noqa: F811
         _resume(_module(workdir), _data(workdir, num_edits=4), checkpoint)
 
 
-def test_resume_with_other_settings_fails(workdir, checkpoint):  # noqa: F811
+def test_resume_with_other_settings_fails(workdir, checkpoint):
     module = _module(workdir)
     module.hp.mom2_update_weight = 100.0
     with pytest.raises(ResumeMismatchError, match=r"editing.mom2_update_weight: 1500.0 in the checkpoint, 100.0 now"):
@@ -57,14 +65,14 @@ def test_resume_with_other_settings_fails(workdir, checkpoint):  # noqa: F811
         _resume(module, _data(workdir), checkpoint)
 
 
-def test_resume_with_the_same_stream_and_a_speed_setting_changed(workdir, checkpoint):  # noqa: F811
+def test_resume_with_the_same_stream_and_a_speed_setting_changed(workdir, checkpoint):
     module = _module(workdir)
     module.hp.key_batch_size = 3  # changes speed, not results
     trainer = _resume(module, _data(workdir), checkpoint)
     assert trainer.global_step == 3 and module.editor.state.rounds_done == 3
 
 
-def test_resume_with_another_memory_budget_and_an_older_checkpoint(workdir, checkpoint):  # noqa: F811
+def test_resume_with_another_memory_budget_and_an_older_checkpoint(workdir, checkpoint):
     # checkpoints written before editing.max_batch_tokens became a speed setting recorded it
     ckpt = torch.load(checkpoint, weights_only=True)
     ckpt["blueedit"]["settings"]["editing"]["max_batch_tokens"] = 2048

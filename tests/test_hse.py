@@ -16,10 +16,10 @@ from blueedit.editing import hse
 from blueedit.editing.editor import EditingConfig, Editor, EditorState
 from blueedit.editing.targets import TargetConfig, optimize_targets
 from blueedit.models.adapters import ModelAdapter
-from conftest import make_model, make_tokenizer
+from helpers import LAYERS, REQUESTS, TEMPLATES, TOP1_REQUESTS, make_model, make_tokenizer
+from helpers import key_moments as _mom2
+from helpers import weights_of as _weights
 from oracle_sites import p_answer, site_target
-from test_editor import LAYERS, REQUESTS, TEMPLATES, _mom2, _weights
-from test_pmet import TOP1_REQUESTS
 
 
 def _editor(strategy="distribute", arch="llama", target=None, model=None, **kw):
@@ -266,7 +266,7 @@ def test_hse_configs_set_the_preset():
     benchmarks run as ``hse``)."""
     import yaml
 
-    from conftest import REPO
+    from helpers import REPO
 
     cfg = yaml.safe_load((REPO / "configs" / "smollm2-135m" / "hse.yaml").read_text())["model"]["editing"]
     assert cfg["method"] == "memit" and cfg["strategy"] == "distribute"
@@ -295,9 +295,9 @@ def test_checkpoint_settings_leave_out_default_new_options(monkeypatch):
 
 
 def test_sequence_benchmark_runs_presets():
-    """benchmarks/sequence.py accepts ``pmet`` and ``hse`` runs and writes their options into the
+    """blueedit.bench.sequence accepts ``pmet`` and ``hse`` runs and writes their options into the
     generated config."""
-    from conftest import load_benchmark as _load
+    from helpers import benchmark as _load
 
     seq = _load("sequence")
     cfg = seq.editing_config("hse", "boundary")

@@ -1,4 +1,4 @@
-"""benchmarks/lifelong.py on a tiny random llama: a run stopped after 2 of 4 edits and continued by
+"""blueedit.bench.lifelong on a tiny random llama: a run stopped after 2 of 4 edits and continued by
 the same command gives the metrics of an uninterrupted run; the table marks a lower-bound CPU time."""
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, load_benchmark, make_model, make_tokenizer
-from test_module import RECORDS
+from helpers import RECORDS, REPO, benchmark, make_model, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,7 @@ def _row(root: Path, out: str) -> dict:
 
 
 def test_stopped_and_continued_run_equals_uninterrupted(tiny):
-    bench = load_benchmark("lifelong")
+    bench = benchmark("lifelong")
     bench.main(_argv(tiny, "full"))
     full = _row(tiny, "full")
     assert full["num_edits"] == 4 and full["cpu_complete"] and full["processes"] == 1
@@ -62,7 +61,7 @@ def test_stopped_and_continued_run_equals_uninterrupted(tiny):
 
 
 def test_a_killed_part_makes_the_cpu_time_a_lower_bound(tiny):
-    bench = load_benchmark("lifelong")
+    bench = benchmark("lifelong")
     bench.main(_argv(tiny, "killed") + ["--stop-after-rounds", "2"])
     ledger = tiny / "work_killed" / "MEMIT_plus_BLUE_T4" / "process_seconds.json"
     spent = json.loads(ledger.read_text())
@@ -84,14 +83,14 @@ def test_bad_input_fails_before_any_model_loads(tiny, change, message):
     for option, value in change.items():
         argv[argv.index(option) + 1] = value
     with pytest.raises(SystemExit, match=message):
-        load_benchmark("lifelong").main(argv)
+        benchmark("lifelong").main(argv)
     assert not (tiny / "work_bad").exists()
 
 
 def _payload(name: str, T: int = 4, dataset: str = "zsre_eval") -> dict:
     row = {"name": name, "layers": [1], "metrics": {"efficacy": {"pre": 10.0, "post": 90.0}},
            "edit_seconds_per_edit": 1.0, "cpu_seconds_per_edit": 2.0, "cpu_complete": True}
-    return {"command": f"python benchmarks/lifelong.py --runs {name}=x.yaml", "dataset": dataset,
+    return {"command": f"python -m blueedit.bench.lifelong --runs {name}=x.yaml", "dataset": dataset,
             "num_edits": T, "versions": {}, "device": "cpu", "runs": [row]}
 
 
@@ -102,7 +101,7 @@ def test_combine_joins_rows_of_separate_processes(tmp_path):
         path.parent.mkdir()
         path.write_text(json.dumps(_payload(name)))
         paths.append(str(path))
-    load_benchmark("lifelong").main(["--combine", *paths, "--out", str(tmp_path / "joined")])
+    benchmark("lifelong").main(["--combine", *paths, "--out", str(tmp_path / "joined")])
     joined = json.loads((tmp_path / "joined" / "lifelong_T4.json").read_text())
     assert [r["name"] for r in joined["runs"]] == ["WISE", "MEMIT"]
     assert joined["commands"] == [_payload("WISE")["command"], _payload("MEMIT")["command"]]
@@ -119,6 +118,6 @@ def test_combine_refuses_rows_that_do_not_belong_together(tmp_path, second, mess
     (tmp_path / "a.json").write_text(json.dumps(_payload("WISE")))
     (tmp_path / "b.json").write_text(json.dumps(second))
     with pytest.raises(SystemExit, match=message):
-        load_benchmark("lifelong").main(["--combine", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+        benchmark("lifelong").main(["--combine", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
                                          "--out", str(tmp_path / "joined")])
     assert not (tmp_path / "joined").exists()

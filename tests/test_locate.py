@@ -22,8 +22,7 @@ from blueedit.locate import (
     subject_noise,
 )
 from blueedit.models.adapters import ModelAdapter
-from conftest import make_model, make_tokenizer
-
+from helpers import benchmark, make_model, make_tokenizer
 
 # -- pure functions ---------------------------------------------------------------------------
 
@@ -316,25 +315,11 @@ def test_locate_command_errors_before_loading(saved_tiny, tmp_path, capsys):
 
 # -- the benchmark scripts (smoke runs) -------------------------------------------------------
 
-def _bench(name):
-    import importlib.util
-    import sys
-
-    from conftest import REPO
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_locate_shapes_writes_configs_that_parse(tmp_path, monkeypatch, data_dir):
-    """benchmarks/locate_shapes.py on one architecture (SmolLM2's tokenizer from the package when
+    """blueedit.bench.locate_shapes on one architecture (SmolLM2's tokenizer from the package when
     installed, else the tiny one): the two configs parse through the CLI with the traced layers and carry
     the needs-locate mark."""
-    bench = _bench("locate_shapes")
+    bench = benchmark("locate_shapes")
     import blueedit.models.loading as loading
 
     tok_dir = tmp_path / "tok"
@@ -359,9 +344,8 @@ def test_locate_shapes_writes_configs_that_parse(tmp_path, monkeypatch, data_dir
 
 
 def test_chat_template_benchmark_smoke(tmp_path, monkeypatch):
-    bench = _bench("chat_template")
-    from test_chat import CHATML
-    from test_module import RECORDS
+    bench = benchmark("chat_template")
+    from helpers import CHATML, RECORDS
 
     model_dir = tmp_path / "tiny"
     make_model("llama", n_layer=10).save_pretrained(model_dir)
@@ -369,7 +353,7 @@ def test_chat_template_benchmark_smoke(tmp_path, monkeypatch):
     tok.chat_template = CHATML
     tok.save_pretrained(model_dir)
     (tmp_path / "edits.json").write_text(json.dumps(RECORDS[:4]))
-    from conftest import REPO
+    from helpers import REPO
 
     config = (REPO / "configs" / "smollm2-135m" / "memit.yaml").read_text()
     for real, tiny in [("name_or_path: smollm2-135m", f"name_or_path: {model_dir}"),
@@ -380,7 +364,7 @@ def test_chat_template_benchmark_smoke(tmp_path, monkeypatch):
         config = config.replace(real, tiny)
     (tmp_path / "cfg.yaml").write_text(config)
     monkeypatch.setattr("sys.argv", ["blueedit"])
-    results = bench.main(["--config", str(tmp_path / "cfg.yaml"), "--edits", "4", "--edits-per-round", "2",
+    results = bench.main(["--config", str(tmp_path / "cfg.yaml"), "--num-edits", "4", "--edits-per-round", "2",
                           "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
                           f"--override=--model.stats.cache_dir={tmp_path / 'cache'}"])
     assert set(results) == {"plain", "chat template"}
@@ -391,7 +375,7 @@ def test_chat_template_benchmark_smoke(tmp_path, monkeypatch):
 
 def test_locate_command_with_the_chat_template(saved_tiny, tmp_path, capsys):
     from blueedit.cli import main
-    from test_chat import CHATML
+    from helpers import CHATML
 
     d, facts = saved_tiny
     tok = make_tokenizer()

@@ -16,8 +16,7 @@ import pytest
 import blueedit.module
 from blueedit.cli import main
 from blueedit.models.loading import ModelConfig, fill_once, local_model_dir
-from conftest import make_model, make_tokenizer
-from test_module import RECORDS
+from helpers import RECORDS, make_model, make_tokenizer
 from tiny_gguf import write_tiny_gguf
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

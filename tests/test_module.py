@@ -4,86 +4,23 @@ and checkpoint-resume giving the same weights as an uninterrupted run."""
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from blueedit.data.datamodule import EditDataModule
-from blueedit.editing.editor import EditingConfig
-from blueedit.editing.statistics import StatsConfig
-from blueedit.editing.targets import TargetConfig
-from blueedit.models.loading import ModelConfig
-from blueedit.module import EditingModule
-from conftest import make_model, make_tokenizer
-
-RECORDS = [
-    {"case_id": 0, "prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": "violin",
-     "target_true": "guitar", "paraphrases": ["Toko Yasuda is known for playing the"],
-     "neighborhood": ["Danielle Darrieux plays the"]},
-    {"case_id": 1, "prompt": "The mother tongue of {} is", "subject": "Thomas Joannes Stieltjes",
-     "target_new": "French", "target_true": "Dutch", "paraphrases": ["Thomas Joannes Stieltjes spoke"],
-     "neighborhood": ["The mother tongue of Danielle Darrieux is"]},
-    {"case_id": 2, "prompt": "{} is located in", "subject": "Autonomous University of Madrid",
-     "target_new": "Tokyo", "target_true": "Spain", "paraphrases": ["Autonomous University of Madrid is in"],
-     "neighborhood": ["The Eiffel Tower is located in"]},
-    {"case_id": 3, "prompt": "{} is in", "subject": "The Eiffel Tower", "target_new": "Rome",
-     "target_true": "Paris", "paraphrases": ["The Eiffel Tower stands in"],
-     "neighborhood": ["Berlin is in"]},
-    {"case_id": 4, "prompt": "{} follows the religion of", "subject": "Edwin of Northumbria",
-     "target_new": "Android", "target_true": "Christianity", "paraphrases": ["Edwin of Northumbria believes in"],
-     "neighborhood": ["Danielle Darrieux follows the religion of"]},
-    {"case_id": 5, "prompt": "{} was created by", "subject": "Apple A5", "target_new": "Google",
-     "target_true": "Apple", "paraphrases": ["Apple A5 is made by"],
-     "neighborhood": ["Android was created by"]},
-]
+from helpers import RECORDS, StopAfterRound, write_tiny_workdir
+from helpers import fit as _fit
+from helpers import tiny_data as _data
+from helpers import tiny_module as _module
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A saved tiny llama model + tokenizer, the edits file, and a shared statistics cache."""
-    root = tmp_path_factory.mktemp("module")
-    model_dir = root / "tiny-llama"
-    make_model("llama").save_pretrained(model_dir)
-    make_tokenizer().save_pretrained(model_dir)
-    (root / "edits.json").write_text(json.dumps(RECORDS))
-    return root
-
-
-def _module(root: Path, strategy: str = "boundary", method: str = "memit", evaluate: bool = False) -> EditingModule:
-    """``method`` ``hse``: MEMIT with HSE's three options on (forgetting, full Fisher, inverse schedule)."""
-    hse = method == "hse"
-    editing = EditingConfig(method="memit" if hse else method, strategy=strategy, layers=[1, 2, 3],
-                            history_schedule="inverse" if hse else "constant",
-                            target=TargetConfig(v_num_grad_steps=3, v_lr=0.5, **(
-                                {"forget_weight": 0.5, "fisher_weight": 10.0, "fisher_estimator": "full"} if hse else {})))
-    stats = StatsConfig(corpus="model-samples", num_samples=4, max_length=32, batch_size=4,
-                      cache_dir=str(root / "cache"))
-    return EditingModule(model=ModelConfig(name_or_path=str(root / "tiny-llama")), editing=editing, stats=stats,
-                         evaluate=evaluate, eval_batch_size=8)
-
-
-def _data(root: Path, num_edits: int | None = None) -> EditDataModule:
-    return EditDataModule(dataset=str(root / "edits.json"), format="user", num_edits=num_edits, edits_per_round=2)
-
-
-def _trainer(**kw) -> L.Trainer:
-    opts = dict(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False)
-    opts.update(kw)
-    return L.Trainer(**opts)
-
-
-def _fit(module, data, **kw):
-    trainer = _trainer(**{k: v for k, v in kw.items() if k != "ckpt_path"})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, datamodule=data, ckpt_path=kw.get("ckpt_path"))
-    return trainer
+    return write_tiny_workdir(tmp_path_factory.mktemp("module"))
 
 
 def test_fit_writes_metrics(workdir, tmp_path, capsys):
@@ -119,16 +56,6 @@ def test_fit_writes_metrics(workdir, tmp_path, capsys):
     assert list((workdir / "cache" / "stats").rglob("*.safetensors"))
 
 
-class _StopAfterRound(Callback):
-    def __init__(self, path: Path, batch_idx: int = 1):
-        self.path, self.batch_idx = path, batch_idx
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx == self.batch_idx:
-            trainer.save_checkpoint(self.path)
-            trainer.should_stop = True
-
-
 class _SeenRounds(Callback):
     def __init__(self):
         self.rounds = []
@@ -148,7 +75,7 @@ def test_checkpoint_resume_gives_identical_weights(workdir, tmp_path, strategy, 
     # B: stopped after round 1 (0-based) with a checkpoint, then resumed in a fresh process-like setup
     ckpt = tmp_path / "mid.ckpt"
     b1 = _module(workdir, strategy, method)
-    tb1 = _fit(b1, _data(workdir), callbacks=[_StopAfterRound(ckpt)])
+    tb1 = _fit(b1, _data(workdir), callbacks=[StopAfterRound(ckpt)])
     assert ckpt.is_file()
     assert b1.editor.state.rounds_done == 2
     assert tb1.global_step == 2

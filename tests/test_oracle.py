@@ -37,7 +37,7 @@ from blueedit.data.records import EditRequest
 from blueedit.editing.editor import EditingConfig, Editor
 from blueedit.editing.targets import TargetConfig
 from blueedit.models.adapters import ModelAdapter
-from conftest import _CORPUS, make_model, make_tokenizer
+from helpers import CORPUS, make_model, make_tokenizer
 from oracle import Model, Oracle, OracleHParams, prune
 
 LAYERS = [1, 2, 3]
@@ -67,7 +67,7 @@ def key_moments(model, tok, layers) -> dict[int, torch.Tensor]:
     sums = {l: 0.0 for l in layers}
     count = 0
     with torch.no_grad():
-        for text in _CORPUS:
+        for text in CORPUS:
             _, _, ks = m.run(list(tok(text)["input_ids"]), keys=layers)
             for l in layers:
                 sums[l] = sums[l] + ks[l].double().T @ ks[l].double()

@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from blueedit.data.records import EditRequest
 from blueedit.editing.editor import EditingConfig, Editor
 from blueedit.editing.pmet import pmet_residuals
 from blueedit.editing.targets import TargetConfig, optimize_targets, optimize_targets_one_by_one
 from blueedit.models.adapters import ModelAdapter
-from conftest import make_model, make_tokenizer
+from helpers import LAYERS, REQUESTS, TEMPLATES, TOP1_REQUESTS, make_model, make_tokenizer
+from helpers import key_moments as _mom2
+from helpers import weights_of as _weights
 from oracle_sites import mlp_output, site_target
-from test_editor import LAYERS, REQUESTS, TEMPLATES, _mom2, _weights
 
 ATTN_NAMES = {"llama": "model.layers.{}.self_attn.o_proj.weight", "gpt2": "transformer.h.{}.attn.c_proj.weight"}
 W_OUT_NAMES = {"llama": "model.layers.{}.mlp.down_proj.weight", "gpt2": "transformer.h.{}.mlp.c_proj.weight"}
@@ -60,12 +60,6 @@ def test_pmet_targets_equal_oracle(arch):
     o = [site_target(model, tok, r, 2, TEMPLATES, sites=("attn", "mlp"), steps=6) for r in REQUESTS]
     assert res.site_delta.shape == (len(REQUESTS), 2, adapter.hidden_size())
     _compare(res, o, 0.75)
-
-
-# one-token targets predicted at the fact token itself: the tiny random model reaches top-1 here
-TOP1_REQUESTS = [EditRequest(0, "The capital of {}", "France", "the", "is"),
-                 EditRequest(1, "Toko Yasuda plays {}", "piano", "of", "the"),
-                 EditRequest(2, "I said {}", "so", "is", "of")]
 
 
 def test_pmet_top1_exit_equals_oracle():
@@ -174,7 +168,8 @@ def test_pmet_weight_shift_error_is_measured_in_the_mlp_output_space():
     for strategy in ("boundary", "distribute"):
         ed = _pmet_editor(strategy, steps=4)
         seen = []
-        ed.on_layer = lambda step: seen.append((step.layer, layer_diagnostics(ed, step, contribution=False)))
+        ed.on_layer = lambda step, ed=ed, seen=seen: seen.append(
+            (step.layer, layer_diagnostics(ed, step, contribution=False)))
         ed.edit_round(REQUESTS[:2])
         assert [l for l, _ in seen] == ed.hp.edited_layers
         for l, m in seen:

@@ -7,7 +7,7 @@ import re
 import pytest
 
 import blueedit
-from conftest import REPO, make_model, make_tokenizer
+from helpers import REPO, make_model, make_tokenizer
 
 
 def _python_api_example() -> str:

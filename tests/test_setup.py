@@ -3,9 +3,6 @@ benchmarks' jsonargparse options over ``EditingConfig`` / ``StatsConfig``."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
@@ -13,28 +10,20 @@ import blueedit.editing.setup as setup
 from blueedit.editing.editor import EditingConfig
 from blueedit.editing.statistics import StatisticsCache, StatsConfig
 from blueedit.editing.targets import TargetConfig
-from conftest import REPO, _CORPUS, make_model, make_tokenizer
-
-
-def _common():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_common_for_setup", REPO / "benchmarks" / "_common.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from helpers import CORPUS, make_model, make_tokenizer
 
 
 def test_build_editor_collects_once_then_reads_the_cache(tmp_path, monkeypatch):
     model, tok = make_model("llama"), make_tokenizer()
     editing = EditingConfig(layers=[1, 2, 3], strategy="boundary")
     stats = StatsConfig(num_samples=4, max_length=32, cache_dir=str(tmp_path))
-    first = setup.build_editor(model, tok, editing, stats, model_id="tiny", texts=_CORPUS[:4],
+    first = setup.build_editor(model, tok, editing, stats, model_id="tiny", texts=CORPUS[:4],
                                context_templates=["{}"], progress=False)
     assert sorted(first.mom2) == [1, 3]  # BLUE: C_0 of the two boundary layers only
     assert first.state.context_templates == ["{}"]
     # the same settings read the cached C_0: the corpus is never asked for again
     monkeypatch.setattr(StatisticsCache, "_collect", lambda *a, **k: pytest.fail("C_0 collected twice"))
-    again = setup.cached_key_statistics(model, tok, [1, 3], stats, model_id="tiny", texts=_CORPUS[:4],
+    again = setup.cached_key_statistics(model, tok, [1, 3], stats, model_id="tiny", texts=CORPUS[:4],
                                         progress=False)
     assert all(torch.equal(again[l], first.mom2[l].cpu()) for l in (1, 3))
 
@@ -54,7 +43,7 @@ def test_statistics_corpus_auto_falls_back_with_an_actionable_warning(tmp_path):
 
 
 def test_scoped_overrides_are_typed_and_ordered():
-    C = _common()
+    from blueedit.bench import harness as C
     base = EditingConfig(target=TargetConfig(v_lr=0.5))
     overrides = C.parse_scoped_overrides(["*.kl_factor=0.1", "alphaedit.L2=3", "alphaedit:boundary.L2=1",
                                           '{"memit": {"v_lr": 0.25, "layers": [2, 3]}}'])
@@ -73,13 +62,13 @@ def test_scoped_overrides_are_typed_and_ordered():
     ("memit=1", "expected SCOPE.KEY=VALUE"),
 ])
 def test_bad_overrides_name_the_option(item, message):
-    C = _common()
+    from blueedit.bench import harness as C
     with pytest.raises(SystemExit, match=message):
         C.scoped_editing_config(EditingConfig(), "memit", "distribute", C.parse_scoped_overrides([item]))
 
 
 def test_benchmark_shorthands_and_groups_are_the_same_option():
-    C = _common()
+    from blueedit.bench import harness as C
     shorthands = {"--lam": ("editing.mom2_update_weight", "λ"), "--layers": ("editing.layers", "layers"),
                   "--v-lr": ("editing.target.v_lr", "lr"), "--stats-samples": ("stats.num_samples", "n")}
     p = C.benchmark_parser("doc", shorthands=shorthands, stats_defaults={"num_samples": 300})

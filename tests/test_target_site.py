@@ -21,8 +21,8 @@ from blueedit.data.records import EditRequest
 from blueedit.editing.editor import EditingConfig, Editor
 from blueedit.editing.targets import TargetConfig
 from blueedit.models.adapters import ModelAdapter
-from conftest import make_model, make_tokenizer
-from test_editor import _mom2
+from helpers import key_moments as _mom2
+from helpers import make_model, make_tokenizer
 
 TEMPLATES = ["{}", "Because I said so. {}"]
 REQUESTS = [
@@ -102,14 +102,13 @@ def test_with_a_post_mlp_norm_the_residual_is_the_mlp_output_change():
 
 
 def test_post_norm_gain_measures_what_the_norm_does(tmp_path):
-    """``benchmarks/post_norm_gain.py``: the gain is 1 without a norm, ``c`` for a norm that scales by
+    """``blueedit.bench.post_norm_gain``: the gain is 1 without a norm, ``c`` for a norm that scales by
     ``c``, and runs end to end on a tiny Gemma 3 (whose post-MLP RMSNorm amplifies a small ``m``)."""
     import json
 
-    from conftest import load_benchmark
-    from test_module import RECORDS
+    from helpers import RECORDS, benchmark
 
-    bench = load_benchmark("post_norm_gain")
+    bench = benchmark("post_norm_gain")
     g = torch.Generator().manual_seed(0)
     m = torch.randn(32, generator=g)
     assert bench.gains(m, torch.nn.Identity(), 0.1, 3, g) == pytest.approx([1.0] * 3)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from blueedit.data.records import EditRequest
-from blueedit.models.forward import forward, traced
 from blueedit.editing.targets import fact_states
+from blueedit.models.adapters import ModelAdapter
+from blueedit.models.forward import forward, traced
 from blueedit.models.tokens import (
     encode_batch,
     encode_prompt,
@@ -15,8 +16,7 @@ from blueedit.models.tokens import (
     pad_batch,
     tokenize_target,
 )
-from blueedit.models.adapters import ModelAdapter
-from conftest import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer
 
 CASES = [
     ("{} is located in the capital of", "The Eiffel Tower"),

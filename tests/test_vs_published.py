@@ -1,4 +1,4 @@
-"""benchmarks/vs_published.py: argument checks, blueedit's side on a tiny random Llama, and the
+"""blueedit.bench.vs_published: argument checks, blueedit's side on a tiny random Llama, and the
 published side when a checkout of github.com/xpq-tech/BLUE is given in $BLUEEDIT_PUBLISHED_BLUE."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from blueedit.data.records import EditRequest
-from conftest import _CORPUS, load_benchmark, make_model, make_tokenizer
+from helpers import CORPUS, benchmark, make_model, make_tokenizer
 
 REQUESTS = [
     EditRequest(1, "{} plays the", "Toko Yasuda", "violin", "guitar",
@@ -30,7 +30,7 @@ NO_CHECKOUT = ("the published side needs a checkout of github.com/xpq-tech/BLUE:
 
 
 def test_arguments(tmp_path, capsys):
-    vs = load_benchmark("vs_published")
+    vs = benchmark("vs_published")
     args = vs.build_parser().parse_args(["--published", "x"])
     assert (args.num_edits, args.edits_per_round, args.methods) == (100, 25, "memit,memit_blue,alphaedit,alphaedit_blue")
     with pytest.raises(SystemExit):  # the published side needs --published
@@ -49,14 +49,14 @@ def test_arguments(tmp_path, capsys):
 def test_module_layout_of_llama():
     from blueedit.models.adapters import ModelAdapter
 
-    layout = load_benchmark("vs_published").module_layout(ModelAdapter(make_model("llama")))
+    layout = benchmark("vs_published").module_layout(ModelAdapter(make_model("llama")))
     assert layout == {"rewrite_module_tmp": "model.layers.{}.mlp.down_proj", "layer_module_tmp": "model.layers.{}",
                       "mlp_module_tmp": "model.layers.{}.mlp", "attn_module_tmp": "model.layers.{}.self_attn",
                       "ln_f_module": "model.norm", "lm_head_module": "lm_head"}
 
 
 def test_published_projection_annihilates_kept_directions():
-    vs = load_benchmark("vs_published")
+    vs = benchmark("vs_published")
     torch.manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(6, 6))
     S = torch.tensor([5.0, 2.0, 1.0, 1e-3, 1e-4, 0.0])
@@ -68,12 +68,12 @@ def test_published_projection_annihilates_kept_directions():
 
 
 def test_blueedit_side_on_tiny_model(tmp_path):
-    vs = load_benchmark("vs_published")
+    vs = benchmark("vs_published")
     model, tok = make_model("llama"), make_tokenizer()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = tmp_path / "vs"
     res = vs.main(TINY + ["--sides", "blueedit", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
-                  model=model, tokenizer=tok, requests=REQUESTS, texts=_CORPUS[:4])
+                  model=model, tokenizer=tok, requests=REQUESTS, texts=CORPUS[:4])
     assert [(r["pair"], r["side"]) for r in res["runs"]] == [
         ("memit", "blueedit"), ("memit_blue", "blueedit"), ("alphaedit", "blueedit"), ("alphaedit_blue", "blueedit")]
     for r in res["runs"]:
@@ -89,7 +89,7 @@ def test_blueedit_side_on_tiny_model(tmp_path):
 
 
 def test_table_compares_after_the_same_number_of_edits():
-    vs = load_benchmark("vs_published")
+    vs = benchmark("vs_published")
 
     def run(side, per_round):
         return {"pair": "memit", "side": side, "update_norms": [{"4": 1.0}], "update_fingerprints": [{"4": 2.0}],
@@ -117,12 +117,12 @@ def test_table_compares_after_the_same_number_of_edits():
 @pytest.mark.skipif(not PUBLISHED, reason=NO_CHECKOUT)
 def test_published_side_on_tiny_model(tmp_path):
     """Both sides, MEMIT and AlphaEdit with BLUE, on a tiny Llama; then --merge of two partial files."""
-    vs = load_benchmark("vs_published")
+    vs = benchmark("vs_published")
     model, tok = make_model("llama"), make_tokenizer()
     common = TINY + ["--methods", "memit,alphaedit_blue", "--published", PUBLISHED,
                      "--cache-dir", str(tmp_path / "cache"), "--published-log", str(tmp_path / "published.log")]
     res = vs.main(common + ["--eval-every-round", "--out", str(tmp_path / "both")], model=model, tokenizer=tok, requests=REQUESTS,
-                  texts=_CORPUS[:4])
+                  texts=CORPUS[:4])
     runs = {(r["pair"], r["side"]): r for r in res["runs"]}
     assert set(runs) == {("memit", "published"), ("memit", "blueedit"),
                          ("alphaedit_blue", "published"), ("alphaedit_blue", "blueedit")}

@@ -22,7 +22,7 @@ from blueedit.editing.wise import (
     ties_merge,
 )
 from blueedit.models.adapters import ModelAdapter
-from conftest import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer
 
 LAYER = 3
 EDIT = EditRequest(0, "{} plays the", "Toko Yasuda", "violin", "guitar", ("Toko Yasuda is known for playing the",),
@@ -323,7 +323,8 @@ def _data(root: Path):
 
 
 def test_fit_checkpoint_resume_is_identical(workdir, tmp_path):
-    from test_module import _fit, _StopAfterRound
+    from helpers import StopAfterRound as _StopAfterRound
+    from helpers import fit as _fit
 
     a = _module(workdir, evaluate=True)
     ta = _fit(a, _data(workdir), default_root_dir=str(tmp_path))

@@ -1,17 +1,11 @@
-"""The WISE sweep's setting parser (benchmarks/wise_sweep.py): typed extras, clear errors."""
+"""The WISE sweep's setting parser (blueedit.bench.wise_sweep): typed extras, clear errors."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from wise_sweep import parse_setting  # noqa: E402
-
-from blueedit.editing.wise import WiseConfig  # noqa: E402
+from blueedit.bench.wise_sweep import parse_setting
+from blueedit.editing.wise import WiseConfig
 
 
 def test_margins_act_ratio_and_typed_extras():

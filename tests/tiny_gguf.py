@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import make_tokenizer
+from helpers import make_tokenizer
 
 
 def write_tiny_gguf(path: Path, n_layer: int = 2, d: int = 16, ffn: int = 32, heads: int = 2) -> Path:

@@ -7,6 +7,7 @@
 - ``blueedit revert DIR --rounds K`` (:func:`blueedit.carry.revert`) and ``blueedit generate DIR``
   (:mod:`blueedit.evaluation.side_by_side`) are plain commands beside the Lightning ones.
 - ``blueedit locate --model MODEL``: causal tracing to find the critical layers (:mod:`blueedit.locate`).
+- ``blueedit bench NAME``: a benchmark of :mod:`blueedit.bench` (the same as ``python -m blueedit.bench.NAME``).
 
 Everything that can be checked without the model is checked before it is loaded (the records,
 the output directory, the model path, callback options); a bad record or option prints one line
@@ -29,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from blueedit.callbacks.plan import EditPlan
@@ -476,6 +477,11 @@ def main(args: list[str] | None = None) -> None:
             from blueedit.locate import main as locate_main
 
             locate_main(rest[1:])
+            return
+        if rest and rest[0] == "bench":
+            from blueedit.bench.__main__ import main as bench_main
+
+            bench_main(rest[1:])
             return
         run_cli(args)
     except USER_ERRORS as e:

@@ -29,6 +29,7 @@ PLAIN_COMMANDS = {
     "revert": "`revert DIR --rounds K` undoes a saved model's last rounds",
     "generate": "`generate DIR` shows greedy generations before and after its edits",
     "locate": "`locate --model MODEL` finds a model's critical layers by causal tracing and writes a config",
+    "bench": "`bench NAME` runs a benchmark of blueedit.bench (`blueedit bench` lists them)",
 }
 
 #: HSE is MEMIT (and PRUNE, RECT, PMET) with three options, not a ``method`` value.

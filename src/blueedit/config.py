@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Literal, get_args
 
+
 class UserInputError(ValueError):
     """A bad option, record, file or directory given by the user: the CLI prints its message on one
     line (exit status 2). Errors from inside the engine keep their own types and tracebacks."""

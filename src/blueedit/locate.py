@@ -133,7 +133,7 @@ def restore_window(layer: int, window: int, num_layers: int) -> list[int]:
     return list(range(first, last))
 
 
-def mean_effects(traces: Sequence["FactTrace"], kind: str) -> tuple[list[float], list[float]]:
+def mean_effects(traces: Sequence[FactTrace], kind: str) -> tuple[list[float], list[float]]:
     """Average indirect effect per layer and its standard error over facts:
     ``AIE_l = mean_i (p_{i,l} − p_{i,corrupt})`` for ``kind`` in :data:`KINDS`."""
     if not traces:
@@ -316,7 +316,7 @@ class CausalTracer:
                     restore[kind].setdefault(l, []).append(r)
             handles = []
 
-            def add_noise(module, args, output):
+            def add_noise(module, args, output, eps=eps):
                 x = output.clone()
                 x[:, b:e] = x[:, b:e] + eps.to(x.dtype)
                 return x
@@ -493,7 +493,7 @@ def render_config(result: LocateResult, *, name_or_path: str, method: str = "mem
     tag = f"{method}_blue" if blue else method
     lr = v_lr if v_lr is not None else 0.5
     lines = [f"# {h}" for h in header]
-    lines.append(f"# Run: blueedit fit --config <this file>")
+    lines.append("# Run: blueedit fit --config <this file>")
     lines += [
         "trainer:", "  accelerator: auto", "  devices: 1",
         f"  default_root_dir: runs/{Path(name_or_path).name or 'model'}/{tag}",

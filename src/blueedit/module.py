@@ -49,7 +49,6 @@ from blueedit.models.loading import (
     model_fingerprint,
 )
 
-
 log = logging.getLogger(__name__)
 
 

@@ -29,12 +29,12 @@ from typing import Any
 import lightning as L
 import torch
 
-from blueedit.config import UserInputError
 from blueedit.callbacks._common import evaluation_context, log_to_loggers, resolve_data_dir
+from blueedit.config import UserInputError
 from blueedit.data.records import EditRequest
 from blueedit.editing.targets import fact_states
-from blueedit.models.tokens import tokenize_target
 from blueedit.evaluation.scoring import score_continuations
+from blueedit.models.tokens import tokenize_target
 
 log = logging.getLogger(__name__)
 

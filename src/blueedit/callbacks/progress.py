@@ -11,8 +11,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from blueedit.config import UserInputError
 from blueedit.callbacks._common import evaluation_context, log_to_loggers, resolve_data_dir
+from blueedit.config import UserInputError
 from blueedit.data.corpus import CorpusUnavailable, load_corpus_texts
 from blueedit.evaluation.editing_metrics import evaluate_requests
 from blueedit.evaluation.general import DEFAULT_TASKS, TASKS, evaluate_general, perplexity

@@ -17,8 +17,8 @@ from typing import Any
 
 import lightning as L
 
-from blueedit.config import UserInputError
 from blueedit.callbacks._common import log_to_loggers
+from blueedit.config import UserInputError
 from blueedit.evaluation.editing_metrics import record_values
 
 __all__ = ["SequenceEvaluation", "checkpoints_in_round"]

@@ -38,8 +38,8 @@ import torch
 
 from blueedit.config import UserInputError
 from blueedit.editing.editor import Editor, LayerStep
-from blueedit.models.forward import forward, traced
 from blueedit.editing.solvers import weight_shift_error
+from blueedit.models.forward import forward, traced
 from blueedit.models.tokens import encode_prompt, gather_positions, pad_batch, pad_token_id, tokenize_target
 
 log = logging.getLogger(__name__)

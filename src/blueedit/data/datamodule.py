@@ -55,7 +55,7 @@ class EditRound:
     def __len__(self) -> int:
         return len(self.requests)
 
-    def to(self, *args: Any, **kwargs: Any) -> "EditRound":
+    def to(self, *args: Any, **kwargs: Any) -> EditRound:
         """Device transfer is a no-op (a round holds only strings).
 
         Having ``to`` makes Lightning's ``batch_to_device`` treat the round as one transferable

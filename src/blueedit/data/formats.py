@@ -48,8 +48,13 @@ from pathlib import Path
 from typing import Any
 
 from blueedit.config import UserInputError
-from blueedit.data.records import (EditRecordError, EditRequest, check_unique_case_ids, drop_duplicate_records,
-                                   validate_request)
+from blueedit.data.records import (
+    EditRecordError,
+    EditRequest,
+    check_unique_case_ids,
+    drop_duplicate_records,
+    validate_request,
+)
 
 __all__ = [
     "DATA_DIR_ENV",

@@ -66,7 +66,7 @@ class EditRequest:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EditRequest":
+    def from_dict(cls, d: dict[str, Any]) -> EditRequest:
         kw = dict(d)
         for k in ("paraphrases", "neighborhood", "neighborhood_targets", "generation_prompts"):
             if k in kw and kw[k] is not None:

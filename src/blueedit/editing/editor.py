@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager, nullcontext
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import get_args
 
@@ -16,12 +16,13 @@ import torch
 from blueedit import distributed
 from blueedit.config import EditingConfig, Strategy, UserInputError
 from blueedit.data.records import EditRecordError, EditRequest, validate_requests
-from blueedit.editing import hse, solvers, strategy as strategies
+from blueedit.editing import hse, solvers
+from blueedit.editing import strategy as strategies
 from blueedit.editing.targets import TargetResult, fact_states, optimize_targets, optimize_targets_one_by_one
 from blueedit.editing.updates import LayerUpdate, RoundUpdates
-from blueedit.models.tokens import tokenize_target
-from blueedit.models.adapters import ModelAdapter
 from blueedit.methods.registry import SolveInputs, get_method, method_names
+from blueedit.models.adapters import ModelAdapter
+from blueedit.models.tokens import tokenize_target
 
 #: the built-in method names (:func:`blueedit.methods.registry.method_names` also lists registered ones)
 METHODS: tuple[str, ...] = tuple(method_names())
@@ -111,7 +112,7 @@ class EditorState:
         }
 
     @classmethod
-    def from_dict(cls, d: dict, device: torch.device | str = "cpu") -> "EditorState":
+    def from_dict(cls, d: dict, device: torch.device | str = "cpu") -> EditorState:
         conv = lambda m: {int(k): v.to(device) for k, v in m.items()}  # noqa: E731
         updates = [{int(l): LayerUpdate(u["left"], u["right"], u["keys"]) for l, u in r.items()}
                    for r in d.get("updates", [])]

@@ -14,11 +14,9 @@ All functions are pure.
 
 from __future__ import annotations
 
-
 import torch
 
 from blueedit.config import UserInputError
-
 
 #: HSE as MEMIT with these options (``configs/smollm2-135m/hse.yaml`` sets the same, with either
 #: strategy; the benchmarks' method name ``hse``). The published values were not retrievable

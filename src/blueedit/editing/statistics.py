@@ -33,10 +33,10 @@ import torch
 
 from blueedit import distributed
 from blueedit.config import StatsConfig, UserInputError
-from blueedit.models.forward import forward, traced
-from blueedit.models.tokens import pad_batch, pad_token_id
 from blueedit.models.adapters import ModelAdapter
+from blueedit.models.forward import forward, traced
 from blueedit.models.loading import model_content_fingerprints, tensor_digest
+from blueedit.models.tokens import pad_batch, pad_token_id
 
 log = logging.getLogger(__name__)
 

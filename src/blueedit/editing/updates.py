@@ -50,7 +50,7 @@ class LayerUpdate:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.left, self.right, self.keys) if t is not None)
 
-    def to(self, device) -> "LayerUpdate":
+    def to(self, device) -> LayerUpdate:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return LayerUpdate(move(self.left), move(self.right), move(self.keys))
 

@@ -39,7 +39,6 @@ from blueedit.data.records import EditRecordError, EditRequest, validate_request
 from blueedit.models.adapters import ModelAdapter
 from blueedit.models.tokens import encode_prompt, gather_positions, pad_batch, pad_token_id, tokenize_target
 
-
 #: The file beside a saved model that holds its side memory (:func:`save_side_memory`).
 SIDE_MEMORY_FILE = "wise_side_memory.pt"
 
@@ -285,7 +284,7 @@ class WiseState:
         }
 
     @classmethod
-    def from_dict(cls, d: dict, device: torch.device | str = "cpu") -> "WiseState":
+    def from_dict(cls, d: dict, device: torch.device | str = "cpu") -> WiseState:
         to = lambda t: None if t is None else t.to(device)  # noqa: E731
         return cls(int(d["layer"]), to(d["original"]), to(d["current"]), to(d["current_mask"]),
                    float(d["current_threshold"]), int(d["current_edits"]), [to(s) for s in d["shards"]],

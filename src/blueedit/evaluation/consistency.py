@@ -64,7 +64,7 @@ class TfidfModel:
     idf: torch.Tensor
 
     @classmethod
-    def fit(cls, texts: Iterable[str], max_features: int = 50_000) -> "TfidfModel":
+    def fit(cls, texts: Iterable[str], max_features: int = 50_000) -> TfidfModel:
         """Fit on documents ``texts``: top-``max_features`` words by count,
         ``idf = ln((1 + D) / (1 + df)) + 1``."""
         counts: Counter[str] = Counter()
@@ -84,7 +84,7 @@ class TfidfModel:
         return cls(vocab, idf)
 
     @classmethod
-    def from_published(cls, directory: str | Path) -> "TfidfModel":
+    def from_published(cls, directory: str | Path) -> TfidfModel:
         """The published TF-IDF statistics: ``idf.npy`` (``[V]`` idf values) and
         ``tfidf_vocab.json`` (word -> column) in ``directory``."""
         import numpy as np
@@ -124,7 +124,7 @@ class TfidfModel:
         Path(path).write_text(json.dumps({"vocab": words, "idf": self.idf.tolist()}))
 
     @classmethod
-    def load(cls, path: str | Path) -> "TfidfModel":
+    def load(cls, path: str | Path) -> TfidfModel:
         """Read a model written by :meth:`save`."""
         d = json.loads(Path(path).read_text())
         return cls({w: i for i, w in enumerate(d["vocab"])}, torch.tensor(d["idf"], dtype=torch.float64))

@@ -45,9 +45,9 @@ import torch
 from torch import nn
 
 from blueedit.data.records import EditRequest
-from blueedit.models.tokens import tokenize_target
 from blueedit.evaluation.metrics import EditMetrics
 from blueedit.evaluation.scoring import score_continuations
+from blueedit.models.tokens import tokenize_target
 
 __all__ = [
     "EvaluationResult",

@@ -38,8 +38,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from blueedit.models.tokens import encode_prompt, pad_batch, pad_token_id
 from blueedit.evaluation.scoring import model_device
+from blueedit.models.tokens import encode_prompt, pad_batch, pad_token_id
 
 __all__ = [
     "word_tokenize",

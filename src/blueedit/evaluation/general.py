@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from blueedit.config import UserInputError
-from blueedit.models.tokens import pad_token_id, tokenize_target
 from blueedit.evaluation.scoring import score_continuations, score_token_ids
+from blueedit.models.tokens import pad_token_id, tokenize_target
 
 __all__ = [
     "GlueTask",

@@ -129,7 +129,7 @@ def _markdown(summary: dict[str, Any], hist: dict[str, list[dict[str, Any]]]) ->
         for layer in sorted({h["layer"] for h in wse}):
             rows = [h["metrics"] for h in wse if h["layer"] == layer]
 
-            def mean(key: str) -> float | None:
+            def mean(key: str, rows=rows) -> float | None:
                 vals = [r[key] for r in rows if r.get(key) is not None]
                 return sum(vals) / len(vals) if vals else None
             lines.append(f"| {layer} | {len(rows)} | {_fmt(mean('relative'), 4)} | {_fmt(mean('frobenius'), 4)} | "

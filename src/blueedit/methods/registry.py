@@ -56,7 +56,7 @@ BUILTIN: dict[str, str] = {
     "wise": "blueedit.methods.wise:Wise",
 }
 
-_REGISTERED: dict[str, "EditMethod"] = {}
+_REGISTERED: dict[str, EditMethod] = {}
 
 
 @dataclass

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from blueedit.config import UserInputError
-from torch import nn
 
 
 class UnknownArchitectureError(UserInputError):

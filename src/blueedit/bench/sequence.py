@@ -30,13 +30,12 @@ finished runs' histories:
 
 Example (the paper's protocol, CounterFact, MEMIT vs MEMIT + BLUE)::
 
-    python benchmarks/sequence.py --name counterfact_memit --dataset counterfact-easyedit --num-edits 1000 \\
+    python -m blueedit.bench.sequence --name counterfact_memit --dataset counterfact-easyedit --num-edits 1000 \\
         --runs memit:distribute memit:boundary   # also pmet:..., hse:... (MEMIT + HSE options), alphaedit, prune, rect
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import gc
@@ -50,9 +49,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from jsonargparse import Namespace
 
-import _common as C  # noqa: E402
+from blueedit.bench import harness as C
 
 DEFAULT_CONFIG = "configs/smollm2-135m/memit.yaml"
 DEFAULT_WORKDIR = "~/.cache/blueedit/sequence"
@@ -65,9 +64,8 @@ CALLBACKS = {
 }
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> Namespace:
+    p = C.plain_parser(__doc__.split("\n\n")[0])
     p.add_argument("--name", help="results / work subdirectory (default: <dataset>_<N>x<E>)")
     p.add_argument("--runs", nargs="+", default=["memit:distribute", "memit:boundary"], metavar="METHOD:STRATEGY")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="base blueedit config (relative to the repository)")
@@ -90,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wse-contribution", action="store_true", help="also the contribution scores")
     p.add_argument("--data-dir", default=None, help="benchmark data (default $BLUEEDIT_DATA_DIR or ../shared/data)")
     p.add_argument("--workdir", default=None, help=f"checkpoints and logs (default {DEFAULT_WORKDIR}), outside the repo")
-    p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"), help="results root ('' : none)")
+    p.add_argument("--out", default=str(C.RESULTS), help="results root ('' : none)")
     p.add_argument("--restart", action="store_true", help="discard the runs' work directories and start over")
     p.add_argument("--report-only", action="store_true", help="only re-assemble CSV / PNG / table from runs/*.json")
     p.add_argument("--keep-csv-runs", action="store_true",
@@ -127,7 +125,7 @@ def every_rounds(every_edits: int, edits_per_round: int) -> int:
     return max(1, math.ceil(every_edits / edits_per_round))
 
 
-def run_config(args: argparse.Namespace, spec: str, run_dir: Path, data_dir: Path) -> dict[str, Any]:
+def run_config(args: Namespace, spec: str, run_dir: Path, data_dir: Path) -> dict[str, Any]:
     """The generated part of the run's blueedit config (layered over ``--config``)."""
     method, strategy = spec.split(":")
     E = args.edits_per_round
@@ -175,7 +173,7 @@ def editing_config(method: str, strategy: str) -> dict[str, Any]:
     return out
 
 
-def run_identity(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
+def run_identity(args: Namespace, config: dict[str, Any]) -> dict[str, Any]:
     """What must not change between the invocations that make one run: the base config as given,
     the overrides and the generated config without its paths (the work and data directories may
     move to another machine)."""
@@ -199,7 +197,7 @@ def _find(callbacks, class_path: str):
     return next((c for c in callbacks if type(c).__name__ == name), None)
 
 
-def run_one(args: argparse.Namespace, spec: str, work_root: Path, data_dir: Path) -> dict[str, Any] | None:
+def run_one(args: Namespace, spec: str, work_root: Path, data_dir: Path) -> dict[str, Any] | None:
     """Run (or continue) one method × strategy; its history dict when it finished, else ``None``."""
     key = run_key(spec)
     run_dir = work_root / key
@@ -226,7 +224,8 @@ def run_lock(run_dir: Path, key: str):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
-            raise SystemExit(f"run {key} in {run_dir} is being run by another process (pid {f.read().strip() or '?'})")
+            raise SystemExit(f"run {key} in {run_dir} is being run by another process "
+                             f"(pid {f.read().strip() or '?'})") from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -237,7 +236,7 @@ def run_lock(run_dir: Path, key: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _run_locked(args: argparse.Namespace, spec: str, key: str, run_dir: Path, data_dir: Path) -> dict[str, Any] | None:
+def _run_locked(args: Namespace, spec: str, key: str, run_dir: Path, data_dir: Path) -> dict[str, Any] | None:
     from blueedit.cli import run_cli
 
     config = run_config(args, spec, run_dir, data_dir)
@@ -289,7 +288,7 @@ def _run_locked(args: argparse.Namespace, spec: str, key: str, run_dir: Path, da
         "run": key, "name": args.name, "method": spec.split(":")[0], "strategy": module.hp.strategy,
         "layers": list(module.hp.layers), "dataset": args.dataset, "num_edits": len(dm.requests),
         "edits_per_round": dm.edits_per_round, "eval_every": args.eval_every,
-        "command": "python benchmarks/sequence.py " + " ".join(args.argv),
+        "command": C.command_line("sequence", args.argv),
         "blueedit_args": cli_args[:cli_args.index("--ckpt_path")] if "--ckpt_path" in cli_args else cli_args,
         "rounds": [{"index": r.index, "seconds": r.seconds, "num_edits": len(r.case_ids),
                     "update_norms": {str(k): v for k, v in r.update_norms.items()}} for r in module.reports],
@@ -297,13 +296,15 @@ def _run_locked(args: argparse.Namespace, spec: str, key: str, run_dir: Path, da
         "last_wall_seconds": wall,
         "work_dir": str(run_dir),
         "versions": C.versions(),
+        "git": C.git_commit(),
+        "finished": C.utc_now(),
         **hist,
     }
     (run_dir / "history.json").write_text(json.dumps(record, indent=1, default=str))
     return record
 
 
-def partial_record(args: argparse.Namespace, spec: str, run_dir: Path) -> dict[str, Any] | None:
+def partial_record(args: Namespace, spec: str, run_dir: Path) -> dict[str, Any] | None:
     """The record of an unfinished run, read from its ``last.ckpt``: the callbacks' histories and
     the rounds done so far (``partial: true``; ``num_edits`` counts the edits done)."""
     import torch
@@ -328,8 +329,7 @@ def partial_record(args: argparse.Namespace, spec: str, run_dir: Path) -> dict[s
         "run": run_key(spec), "name": args.name, "method": method, "strategy": strategy, "dataset": args.dataset,
         "num_edits": done, "edits_per_round": args.edits_per_round, "eval_every": args.eval_every,
         "partial": True, "planned_edits": args.num_edits, "blueedit_args": [f"--{o}" for o in args.overrides],
-        "command": "python benchmarks/sequence.py " + " ".join(a for a in args.argv
-                                                              if a not in ("--report-only", "--report-partial")),
+        "command": C.command_line("sequence", [a for a in args.argv if a not in ("--report-only", "--report-partial")]),
         "rounds": [{"index": r["index"], "seconds": r["seconds"], "num_edits": len(r["case_ids"]),
                     "update_norms": {str(k): v for k, v in r["update_norms"].items()}} for r in reports],
         "edit_seconds": sum(r["seconds"] for r in reports),
@@ -452,7 +452,7 @@ def plot_curves(records: list[dict[str, Any]], rows: list[dict[str, Any]], path:
     for ax, (metric, ylabel) in zip(axes.flat, panels):
         for rec in records:
             pts = sorted((r["edits"], r["value"]) for r in rows_of(rec) if r["metric"] == metric
-                         and (r["round"] >= 0 or not metric in SEQUENCE_METRICS))
+                         and (r["round"] >= 0 or metric not in SEQUENCE_METRICS))
             if not pts:
                 continue
             style = "-" if rec["strategy"] == "boundary" else "--"
@@ -550,7 +550,7 @@ def assemble(out_dir: Path, title: str, keep_csv_runs: list[str] = ()) -> dict[s
     return {"records": records, "rows": rows, "table": table}
 
 
-def check_inputs(args: argparse.Namespace, data_dir: Path) -> None:
+def check_inputs(args: Namespace, data_dir: Path) -> None:
     """Bad options and records fail here, before any model is loaded."""
     from blueedit.editing.editor import METHODS, STRATEGIES
 
@@ -601,6 +601,7 @@ def dataset_source(dataset: str, data_dir: Path, work_root: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    invocation = C.RunRecord("sequence", argv)
     args = parse_args(argv)
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else C.default_data_dir()
     if not args.report_only:
@@ -643,6 +644,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if out_dir is not None and (out_dir / "runs").is_dir():
         keep = [run_key(spec) for spec in args.runs] if args.report_only and args.keep_csv_runs else []
         result.update(assemble(out_dir, title, keep))
+        invocation.write(out_dir, runs_finished=finished, runs_pending=pending, report_only=bool(args.report_only))
     return result
 
 

@@ -19,23 +19,18 @@ summary.json) and, with ``--configs DIR``, ``DIR/<name>/{memit,alphaedit}.yaml``
 trace, the loss layer (the last block) and λ from the real MLP width (BLUE is
 ``--model.editing.strategy boundary`` on either).
 
-    PYTHONPATH=src python benchmarks/locate_shapes.py --num-facts 20 --samples 2
+    python -m blueedit.bench.locate_shapes --num-facts 20 --samples 2
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
+from blueedit.bench import harness as C
 
 
 @dataclass(frozen=True)
@@ -90,7 +85,7 @@ def write_configs(shape: Shape, result, directory: Path, hidden: int) -> None:
     header = [
         f"{shape.hub_id}, {{method}}: 2,000 CounterFact edits, 100 per round; loads the model from the Hugging Face hub.",
         f"needs-locate: the layers come from `blueedit locate` on random weights of this architecture "
-        f"({shape.config_class}, {shape.layers} blocks, width reduced to {hidden}; benchmarks/locate_shapes.py).",
+        f"({shape.config_class}, {shape.layers} blocks, width reduced to {hidden}; blueedit.bench.locate_shapes).",
         f"  Run `blueedit locate --model {shape.hub_id}` on the real weights and pass its layers (--model.editing.layers).",
         f"λ = d_k ({shape.intermediate}) to 2 significant figures; loss layer: the last block.",
     ]
@@ -112,14 +107,15 @@ def main(argv=None) -> None:
     from blueedit.models.adapters import ModelAdapter
     from blueedit.models.loading import ModelConfig, default_cache_dir, local_model_dir
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    record = C.RunRecord("locate_shapes", argv)
+    p = C.plain_parser(__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="*", default=None, help="names of SHAPES to run (default: all)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--num-facts", type=int, default=20)
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-std", type=float, default=0.02, help="std of the random weights (initializer_range)")
-    p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results" / "locate" / "shapes"))
+    p.add_argument("--out", default=str(C.RESULTS / "locate" / "shapes"))
     p.add_argument("--configs", default=None, help="also write each model's configs under this directory")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -159,7 +155,8 @@ def main(argv=None) -> None:
                   f"{result.mom2_update_weight:g} | {args.hidden} / {s['traced_width']['intermediate']} | "
                   f"{s['cpu_seconds']} |")
     if rows and not args.only:
-        cmd = "PYTHONPATH=src python benchmarks/locate_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = record.command
+        record.write(Path(args.out))
         (Path(args.out) / "table.md").write_text(
             "# `blueedit locate` on random weights of today's architectures\n\n"
             + "\n".join(md) + f"\n\n{args.num_facts} facts of known_1000.json, {args.samples} noise samples; "

@@ -14,15 +14,15 @@ the work), so a small error over a small norm can exceed the errors of the lower
 
 This script
 
-1. runs ``benchmarks/sequence.py`` (unless ``--figures-only``; the runs are resumable and skipped
-   when finished, like every ``sequence.py`` run), with no diagnostics but the weight shift error:
+1. runs :mod:`blueedit.bench.sequence` (unless ``--figures-only``; the runs are resumable and skipped
+   when finished, like every ``sequence`` run), with no diagnostics but the weight shift error:
 
    - per batch size E of ``--batch-sizes``, ``<name>_e<E>``: ``--batch-rounds`` rounds of E edits
      (default 1), the first round diagnosed;
    - ``<name>_seq``: ``--sequence-edits`` edits in rounds of ``--sequence-batch-size``, a round
      diagnosed every ``--sequence-wse-every`` edits;
 
-2. reads the ``WeightShiftError`` histories of those runs, and of the finished ``sequence.py``
+2. reads the ``WeightShiftError`` histories of those runs, and of the finished ``sequence``
    results named by ``--from`` (e.g. the long runs), and writes under ``--out``/``<name>``:
 
    - ``wse_vs_distance.png``: the error per written layer against ``L − l`` (mean over the
@@ -38,39 +38,28 @@ round and 2× a ``boundary`` round with five critical layers.
 
 Example::
 
-    python benchmarks/weight_shift.py --name wse_counterfact --batch-sizes 10 50 100 \\
+    python -m blueedit.bench.weight_shift --name wse_counterfact --batch-sizes 10 50 100 \\
         --sequence-batch-size 10 --sequence-edits 200 --sequence-wse-every 50 --from counterfact_memit
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from jsonargparse import Namespace
 
-import _common as C  # noqa: E402
-
+from blueedit.bench import harness as C
 
 MEASURES = ("frobenius", "relative")  # what the figures can plot (the paper's error, or it over ‖Δ*‖_F)
 
 
-def _sequence_module():
-    spec = importlib.util.spec_from_file_location("bench_sequence_for_wse", Path(__file__).with_name("sequence.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> tuple[Namespace, list[str]]:
+    p = C.plain_parser(__doc__.split("\n\n")[0])
     p.add_argument("--name", default="weight_shift", help="figures under <out>/<name>; runs named <name>_e<E>")
     p.add_argument("--batch-sizes", nargs="*", type=int, default=[10, 50, 100])
     p.add_argument("--batch-rounds", type=int, default=1, help="rounds per batch-size run (the first is diagnosed)")
@@ -80,18 +69,19 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--distance-batch-size", type=int, default=None,
                    help="the E whose runs give the distance figure (default: the largest of --batch-sizes)")
     p.add_argument("--from", dest="sources", nargs="*", default=[],
-                   help="more finished sequence.py result names whose weight shift histories are plotted")
+                   help="more finished sequence result names whose weight shift histories are plotted")
     p.add_argument("--measure", choices=MEASURES, default="frobenius",
                    help="what the figures plot: ‖Δ* − Δ‖_F (the paper's) or it over ‖Δ*‖_F")
     p.add_argument("--figures-only", action="store_true", help="do not run anything; plot what exists")
-    p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"))
-    args, rest = p.parse_known_args(argv)
-    return args, rest
+    p.add_argument("--out", default=str(C.RESULTS))
+    own, rest = C.split_options(list(sys.argv[1:] if argv is None else argv), p)
+    return p.parse_args(own), rest
 
 
-def run_all(args: argparse.Namespace, rest: list[str]) -> list[str]:
+def run_all(args: Namespace, rest: list[str]) -> list[str]:
     """The batch-size runs and the sequence-length run; returns their result names."""
-    seq = _sequence_module()
+    from blueedit.bench import sequence as seq
+
     jobs = [(f"{args.name}_e{E}", E, E * args.batch_rounds, E * args.batch_rounds) for E in args.batch_sizes]
     if args.sequence_batch_size > 0:
         jobs.append((f"{args.name}_seq", args.sequence_batch_size, args.sequence_edits, args.sequence_wse_every))
@@ -142,6 +132,20 @@ def _label(method: str, strategy: str) -> str:
     return name + (" + BLUE" if strategy == "boundary" else "")
 
 
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> None:
+    """Label, grid and legend ``ax``, write ``fig`` to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None,
             measure: str = "frobenius") -> list[dict[str, Any]]:
     """The three figures of ``measure`` (``frobenius`` or ``relative``) and their points (returned,
@@ -175,14 +179,8 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None,
         if ds:
             ax.plot(ds, ys, style(s), marker="o", label=_label(m, s))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer distance L − l (L: last critical layer)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"Weight shift error vs layer distance ({E_d} edits / round)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "wse_vs_distance.png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out_dir / "wse_vs_distance.png", "layer distance L − l (L: last critical layer)", ylabel,
+          f"Weight shift error vs layer distance ({E_d} edits / round)")
 
     # 2. against batch size: round 0 (the unedited model), mean over layers
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -200,14 +198,8 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None,
             ax.plot(xs, ys, style(s), marker="o", label=_label(m, s))
     if Es:
         ax.set_xticks(Es)
-    ax.set_xlabel("edits per round (batch size)")
-    ax.set_ylabel(ylabel + ", mean over layers")
-    ax.set_title("Weight shift error vs batch size (first round)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "wse_vs_batch_size.png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out_dir / "wse_vs_batch_size.png", "edits per round (batch size)", ylabel + ", mean over layers",
+          "Weight shift error vs batch size (first round)")
 
     # 3. against sequence length: edits before the diagnosed round, mean over layers
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -223,14 +215,8 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None,
             if len(xs) > 0:
                 ax.plot(xs, ys, style(s), marker="o", label=f"{_label(m, s)}, {E} / round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("edits made before the diagnosed round")
-    ax.set_ylabel(ylabel + ", mean over layers")
-    ax.set_title("Weight shift error vs sequence length", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "wse_vs_sequence.png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out_dir / "wse_vs_sequence.png", "edits made before the diagnosed round", ylabel + ", mean over layers",
+          "Weight shift error vs sequence length", legend_size=7)
 
     for r in fig_rows:
         r["measure"] = measure
@@ -242,6 +228,7 @@ def figures(rows: list[dict[str, Any]], out_dir: Path, distance_E: int | None,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    record = C.RunRecord("weight_shift", argv)
     args, rest = parse_args(argv)
     names = run_all(args, rest)
     out_root = Path(args.out)
@@ -252,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"rows": [], "figure_rows": []}
     distance_E = args.distance_batch_size or max(args.batch_sizes or [args.sequence_batch_size])
     fig_rows = figures(rows, out_root / args.name, distance_E, args.measure)
+    record.write(out_root / args.name, sources=names + list(args.sources))
     print(f"[weight_shift] {len(rows)} diagnosed layer writes from {len(records)} runs -> {out_root / args.name}")
     return {"rows": rows, "figure_rows": fig_rows}
 

@@ -5,8 +5,8 @@ counterparts (``memit``/``alphaedit`` × ``distribute``/``boundary``) on the sam
 ``C_0``, the same edit records, rounds, hyperparameters and context templates, then scores every
 final model with blueedit's own evaluator, so both sides' metrics are computed identically.
 
-    python benchmarks/vs_published.py --published ../published-BLUE
-    python benchmarks/vs_published.py --published ../published-BLUE --methods memit,memit_blue \\
+    python -m blueedit.bench.vs_published --published ../published-BLUE
+    python -m blueedit.bench.vs_published --published ../published-BLUE --methods memit,memit_blue \\
         --num-edits 100 --edits-per-round 25 --threads 1
 
 ``--published`` is a checkout of the published repository that the user provides. It is never part
@@ -49,9 +49,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
+from blueedit.bench import harness as C
 
 METRICS = ("efficacy", "generalization", "specificity")
 SIDES = ("published", "blueedit")
@@ -80,22 +78,9 @@ PUBLISHED_FILES = ("memit/memit_seq_main.py", "memit/memit_hparams.py", "AlphaEd
                    "AlphaEdit/AlphaEdit_hparams.py", "util/nethook.py", "globals.yml")
 
 
-SHORTHANDS = {
-    "--layers": ("editing.layers", "the critical layers, comma-separated (BLUE edits the first and last)"),
-    "--lam": ("editing.mom2_update_weight", "λ, MEMIT"),
-    "--v-lr": ("editing.target.v_lr", "target learning rate"),
-    "--steps": ("editing.target.v_num_grad_steps", "target optimization steps"),
-    "--loss-layer": ("editing.target.loss_layer", "target loss layer (default: the last block)"),
-    "--kl-factor": ("editing.target.kl_factor", "KL weight"),
-    "--weight-decay": ("editing.target.v_weight_decay", "weight decay of δ"),
-    "--clamp": ("editing.target.clamp_norm_factor", "clamp of ‖δ‖"),
-    "--L2": ("editing.L2", "AlphaEdit's ridge term (default: configs/smollm2-135m/alphaedit.yaml)"),
-    "--nullspace-threshold": ("editing.nullspace_threshold",
-                              "AlphaEdit's threshold (default: configs/smollm2-135m/alphaedit.yaml)"),
-    "--stats-samples": ("stats.num_samples", "texts for C_0"),
-    "--stats-max-length": ("stats.max_length", "tokens per C_0 text"),
-    "--stats-corpus": ("stats.corpus", "C_0 corpus"),
-}
+SHORTHANDS = C.shorthands(
+    "--layers", "--lam", "--v-lr", "--steps", "--loss-layer", "--kl-factor", "--weight-decay", "--clamp",
+    "--L2", "--nullspace-threshold", "--stats-samples", "--stats-max-length", "--stats-corpus")
 
 
 def build_parser():
@@ -107,13 +92,8 @@ def build_parser():
     p.add_argument("--edits-per-round", type=int, default=25)
     p.add_argument("--methods", default=",".join(PAIRS), help=f"subset of {','.join(PAIRS)}")
     p.add_argument("--sides", default=",".join(SIDES), help="published, blueedit or both")
-    p.add_argument("--model", default="smollm2-135m")
+    C.add_model_options(p)
     p.add_argument("--dataset", default="counterfact_eval")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--cache-dir", default=None, help="statistics and converted-model cache (default ~/.cache/blueedit)")
     p.add_argument("--published-log", default=None, help="file for the published code's console output")
     p.add_argument("--no-pre-edit", action="store_true", help="skip the evaluation of the unedited model")
     p.add_argument("--eval-every-round", action="store_true",
@@ -121,7 +101,7 @@ def build_parser():
                         "runs that did not finish at the last round both sides reached)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="combine these result files (from earlier runs) into one table; runs nothing")
-    p.add_argument("--out", default="benchmarks/results/vs_published",
+    p.add_argument("--out", default=str(C.RESULTS / "vs_published"),
                    help="writes <out>.json and <out>.md ('' to skip)")
     return p
 
@@ -631,7 +611,7 @@ def write(results: dict, out: str, quiet: bool = False) -> None:
             print(f"results written to {path.with_suffix('.json')} and {path.with_suffix('.md')}", flush=True)
 
 
-def merge(files: list[str], out: str) -> dict:
+def merge(files: list[str], out: str, record: C.RunRecord | None = None) -> dict:
     """Combine result files: the runs of all (a later file's run replaces an earlier one of the
     same pair and side), the first pre-edit evaluation, the first file's setup."""
     parts = [json.loads(Path(f).read_text()) for f in files]
@@ -649,6 +629,8 @@ def merge(files: list[str], out: str) -> dict:
             runs[(r["pair"], r["side"])] = r
     results["runs"] = [runs[k] for k in sorted(runs, key=lambda k: (list(PAIRS).index(k[0]), SIDES.index(k[1])))]
     results["merged_from"] = list(files)
+    if record is not None:
+        results["merged_by"] = record.as_dict()
     write(results, out)
     return results
 
@@ -660,14 +642,11 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     ``model``/``tokenizer`` (edited in place, restored afterwards), ``requests`` and ``texts`` (the
     statistics corpus) replace the loaded ones (for tests).
     """
-    from blueedit.editing.targets import generate_context_templates
-    from blueedit.models.adapters import ModelAdapter
-    from blueedit.models.loading import ModelConfig, load_model_and_tokenizer, model_fingerprint
-
+    record = C.RunRecord("vs_published", argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, record)
     config = args.as_dict()
     args.base, args.stats_config = C.benchmark_configs(parser, args)
     pairs, sides = check_args(parser, args)
@@ -683,32 +662,17 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     requests = list(requests)[: args.num_edits]
     rounds = [requests[i : i + args.edits_per_round] for i in range(0, len(requests), args.edits_per_round)]
 
-    given_model = model is not None
-    if not given_model:
-        spec = ModelConfig(name_or_path=args.model, dtype=args.dtype)
-        model, tokenizer = load_model_and_tokenizer(spec, args.cache_dir)
-        model.to(device)
-        model_id = model_fingerprint(spec)
-    else:
-        model_id = f"given-{type(model).__name__}"
-    adapter = ModelAdapter(model)
     layers = args.base.layers
-    adapter.check_layers(layers)
+    bench = C.prepare_edit_bench(args, args.stats_config, layers, data_dir=data_dir, model=model, tokenizer=tokenizer,
+                                 texts=texts)
+    model, tokenizer, adapter, mom2, templates = bench.model, bench.tokenizer, bench.adapter, bench.mom2, bench.templates
     loss_layer = adapter.num_layers - 1 if args.base.target.loss_layer is None else args.base.target.loss_layer
-    original = {l: adapter.get_w_out(l).cpu() for l in layers}
-
-    from blueedit.editing.setup import cached_key_statistics  # the C_0 cache shared with `blueedit fit`
-
-    with C.timed(args.device) as t_stats:
-        mom2 = cached_key_statistics(model, tokenizer, layers, args.stats_config, model_id=model_id, adapter=adapter,
-                                     data_dir=data_dir, cache_dir=args.cache_dir, texts=texts,
-                                     progress=texts is None)
-    templates = generate_context_templates(model, tokenizer)
-    print(f"C_0 for layers {layers} in {t_stats['seconds']:.1f} s; context templates {templates}", flush=True)
+    print(f"C_0 for layers {layers} in {bench.stats_seconds:.1f} s; context templates {templates}", flush=True)
 
     results: dict = {
-        "command": C.command_line("vs_published.py", argv), "config": config, "versions": C.versions(),
-        "device": C.device_description(args.device), "model": model_id if given_model else args.model,
+        "command": record.command, "config": config, "versions": C.versions(),
+        "device": C.device_description(args.device),
+        "model": bench.model_id if bench.model_id.startswith("given-") else args.model,
         "dataset": args.dataset, "num_edits": len(requests), "published_checkout": str(pub.root) if pub else None,
         "setup": {"edits_per_round": args.edits_per_round, "stats_samples": args.stats_config.num_samples,
                   "stats_corpus": args.stats_config.corpus, "lam": args.base.mom2_update_weight,
@@ -716,7 +680,7 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
                   "steps": args.base.target.v_num_grad_steps, "L2": args.base.L2,
                   "nullspace_threshold": args.base.nullspace_threshold, "kl_factor": args.base.target.kl_factor,
                   "weight_decay": args.base.target.v_weight_decay, "clamp": args.base.target.clamp_norm_factor},
-        "stats_seconds": t_stats["seconds"], "context_templates": templates, "pre_edit": None,
+        "stats_seconds": bench.stats_seconds, "context_templates": templates, "pre_edit": None,
         "pre_edit_by_edits": None, "runs": [],
     }
     if pub is not None:
@@ -736,34 +700,30 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
             write(results, args.out, quiet=True)
 
     log_cm = open(args.published_log, "a", buffering=1) if args.published_log else open(os.devnull, "w")
-    try:
-        with log_cm as log:
-            for pair in pairs:
-                for side in sides:
-                    for l, w in original.items():
-                        adapter.set_w_out(l, w)
-                    run = {"pair": pair.name, "side": side}
-                    results["runs"].append(run)
-                    rec = Recorder(run, model, tokenizer, adapter, requests, rounds, args.eval_every_round, checkpoint)
-                    try:
-                        if side == "published":
-                            run_published(pub, pair, args, model, tokenizer, adapter, mom2, templates, rounds, device,
-                                          loss_layer, log, rec)
-                        else:
-                            run_blueedit(pair, args, model, tokenizer, adapter, mom2, templates, rounds, loss_layer,
-                                         rec)
-                    except Exception as e:  # one failed run should not lose the others
-                        import traceback
+    with bench.restored(), log_cm as log:
+        for pair in pairs:
+            for side in sides:
+                bench.restore()
+                run = {"pair": pair.name, "side": side}
+                results["runs"].append(run)
+                rec = Recorder(run, model, tokenizer, adapter, requests, rounds, args.eval_every_round, checkpoint)
+                try:
+                    if side == "published":
+                        run_published(pub, pair, args, model, tokenizer, adapter, mom2, templates, rounds, device,
+                                      loss_layer, log, rec)
+                    else:
+                        run_blueedit(pair, args, model, tokenizer, adapter, mom2, templates, rounds, loss_layer,
+                                     rec)
+                except Exception as e:  # one failed run should not lose the others
+                    import traceback
 
-                        run["error"] = f"{type(e).__name__}: {e}"
-                        run["traceback"] = traceback.format_exc()
-                        checkpoint()
-                    print(f"{_label(run)} [{side}]: " + (run["error"] if "error" in run else
-                          ", ".join(f"{k} {run[k]:.2f}" for k in METRICS)
-                          + f", {run['seconds_per_edit']:.2f} s/edit"), flush=True)
-    finally:
-        for l, w in original.items():
-            adapter.set_w_out(l, w)
+                    run["error"] = f"{type(e).__name__}: {e}"
+                    run["traceback"] = traceback.format_exc()
+                    checkpoint()
+                print(f"{_label(run)} [{side}]: " + (run["error"] if "error" in run else
+                      ", ".join(f"{k} {run[k]:.2f}" for k in METRICS)
+                      + f", {run['seconds_per_edit']:.2f} s/edit"), flush=True)
+    results["run"] = record.as_dict()
     write(results, args.out)
     return results
 

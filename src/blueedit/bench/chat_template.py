@@ -6,17 +6,17 @@ pre/post efficacy, generalization and specificity of both to ``<out>.md`` and ``
 The two runs score different prompts (plain vs chat-formatted), so each row's pre-edit numbers are
 its own baseline.
 
-    PYTHONPATH=src python benchmarks/chat_template.py --config configs/smollm2-135m/memit.yaml \\
-        --edits 20 --out benchmarks/results/locate/chat_vs_plain
+    python -m blueedit.bench.chat_template --config configs/smollm2-135m/memit.yaml \\
+        --num-edits 20 --out benchmarks/results/locate/chat_vs_plain
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
+
+from blueedit.bench import harness as C
 
 METRICS = ("efficacy", "generalization", "specificity")
 
@@ -24,18 +24,19 @@ METRICS = ("efficacy", "generalization", "specificity")
 def main(argv=None) -> dict:
     from blueedit.cli import run_cli
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    record = C.RunRecord("chat_template", argv)
+    p = C.plain_parser(__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/smollm2-135m/memit.yaml")
-    p.add_argument("--edits", type=int, default=20)
+    p.add_argument("--num-edits", type=int, default=20)
     p.add_argument("--edits-per-round", type=int, default=10)
     p.add_argument("--root", default="runs/chat_template")
-    p.add_argument("--out", default="benchmarks/results/locate/chat_vs_plain")
+    p.add_argument("--out", default=str(C.RESULTS / "locate" / "chat_vs_plain"))
     p.add_argument("--override", action="append", default=[], help="extra CLI options for both runs")
     args = p.parse_args(argv)
     results = {}
     for name, chat in (("plain", False), ("chat template", True)):
         t0, c0 = time.perf_counter(), time.process_time()
-        cli = run_cli(["fit", "--config", args.config, f"--data.num_edits={args.edits}",
+        cli = run_cli(["fit", "--config", args.config, f"--data.num_edits={args.num_edits}",
                        f"--data.edits_per_round={args.edits_per_round}", f"--model.model.chat_template={str(chat).lower()}",
                        f"--trainer.default_root_dir={args.root}/{'chat' if chat else 'plain'}",
                        "--trainer.enable_progress_bar=false", *args.override])
@@ -49,8 +50,8 @@ def main(argv=None) -> dict:
         cli.model.model_spec.chat_template = not chat
         other = cli.model.run_evaluation().to_dict()["metrics"]
         results[name]["post_other_format"] = {m: other[m] for m in METRICS}
-    cmd = "PYTHONPATH=src python benchmarks/chat_template.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"{args.config}, {args.edits} CounterFact edits in rounds of {args.edits_per_round}: plain prompts vs "
+    cmd = record.command
+    lines = [f"{args.config}, {args.num_edits} CounterFact edits in rounds of {args.edits_per_round}: plain prompts vs "
              "the chat template (`model.chat_template: true`) for editing and evaluation", "",
              "| edited and evaluated with | efficacy pre → post | generalization pre → post | specificity pre → post | "
              "seconds (CPU) |", "|---|---|---|---|---|"]
@@ -69,7 +70,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({**results, "run": record.as_dict()}, indent=1) + "\n")
     print("\n".join(lines))
     return results
 

@@ -15,27 +15,23 @@ Written under ``--out``: ``wise_sweep.json`` and ``wise_sweep.md``.
 
 Example (the choice in ``configs/smollm2-135m/wise.yaml``)::
 
-    python benchmarks/wise_sweep.py --num-edits 5 --settings 20:5:20:10 24:5:20:10 24:2:10:5
+    python -m blueedit.bench.wise_sweep --num-edits 5 --settings 20:5:20:10 24:5:20:10 24:2:10:5
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shlex
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
+from blueedit.bench import harness as C
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    record = C.RunRecord("wise_sweep", argv)
+    p = C.plain_parser(__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/smollm2-135m/wise.yaml")
     p.add_argument("--dataset", default="zsre_dev")
     p.add_argument("--num-edits", type=int, default=20)
@@ -44,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
                         "editing.wise settings: the config's when left out)")
     p.add_argument("--name", default="wise_sweep", help="stem of the output files")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(C.RESULTS))
     args = p.parse_args(argv)
 
     import torch
@@ -70,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     templates = wise_context_templates(lm, tok, base_wise.context_lengths)
     pre = evaluate_requests(lm, tok, requests)
     rows = []
-    for spec, (layer, wise, extra) in zip(args.settings, settings):
+    for _spec, (layer, wise, extra) in zip(args.settings, settings):
         a, b, g, act_ratio = wise.alpha, wise.beta, wise.gamma, wise.act_ratio
         hp = EditingConfig(method="wise", layers=[int(layer)], wise=wise, target=TargetConfig())
         editor = WiseEditor(lm, tok, adapter, hp, templates, irrelevant)
@@ -96,10 +92,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/wise_sweep.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    command = record.command
     (out / f"{args.name}.json").write_text(json.dumps({"command": command, "dataset": args.dataset,
                                                      "num_edits": args.num_edits, "pre": pre.metrics,
-                                                     "rows": rows, "versions": C.versions()}, indent=1))
+                                                     "rows": rows, "versions": C.versions(),
+                                                     "run": record.as_dict()}, indent=1))
     lines = [f"WISE sweep on `{args.dataset}`, {args.num_edits} edits one at a time (lifelong); other settings "
              f"from `{args.config}`. Pre-edit: reliability {pre.metrics['efficacy']:.1f}, generalization "
              f"{pre.metrics['generalization']:.1f}.", "",

@@ -1,7 +1,7 @@
 """Choose a model's critical layers: MEMIT on a few candidate windows of consecutive MLP layers.
 
 For every window (``--windows 2-6 4-8``, or ``--starts 2,4,6`` with ``--window-size 5``) the same
-``--edits`` records of ``--dataset`` (default ``counterfact_dev``, never the evaluation split) are
+``--num-edits`` records of ``--dataset`` (default ``counterfact_dev``, never the evaluation split) are
 edited in rounds of ``--edits-per-round`` with blueedit's :class:`~blueedit.editing.editor.Editor`
 (``--method``/``--strategy``, λ ``--lam``), then efficacy, generalization and specificity of those
 records are measured and the edited ``W_out`` restored. The model is loaded once and ``C_0`` of
@@ -12,7 +12,7 @@ The chosen window is the one with the highest mean of the three metrics (ties: t
 Written: ``<out>.csv`` (one row per window, and the pre-edit row) and ``<out>.md`` (the table, the
 choice and the command).
 
-    python benchmarks/layer_sweep.py --model gemma3-270m --lam 2000 --starts 2,4,6 \\
+    python -m blueedit.bench.layer_sweep --model gemma3-270m --lam 2000 --starts 2,4,6 \\
         --out benchmarks/results/gemma3_layer_sweep
 """
 
@@ -21,48 +21,32 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
-import quality as Q  # noqa: E402
+from blueedit.bench import harness as C
+from blueedit.bench import quality as Q
 
 METRICS = Q.METRICS
 
 
-SHORTHANDS = {
-    "--method": ("editing.method", "editing method"),
-    "--strategy": ("editing.strategy", "distribute or boundary (BLUE)"),
-    "--lam": ("editing.mom2_update_weight", "λ"),
-    "--v-lr": ("editing.target.v_lr", "target learning rate"),
-    "--steps": ("editing.target.v_num_grad_steps", "target optimization steps"),
-    "--stats-samples": ("stats.num_samples", "texts for C_0"),
-    "--stats-max-length": ("stats.max_length", "tokens per C_0 text"),
-    "--stats-corpus": ("stats.corpus", "C_0 corpus"),
-}
+SHORTHANDS = C.shorthands(
+    "--method", "--strategy", "--lam", "--v-lr", "--steps", "--stats-samples", "--stats-max-length",
+    "--stats-corpus")
 
 
 def build_parser():
     p = C.benchmark_parser(__doc__, shorthands=SHORTHANDS, stats_defaults=Q.STATS_DEFAULTS)
-    p.add_argument("--model", default="smollm2-135m")
+    C.add_model_options(p)
     p.add_argument("--dataset", default="counterfact_dev")
-    p.add_argument("--edits", type=int, default=20)
+    p.add_argument("--num-edits", type=int, default=20)
     p.add_argument("--edits-per-round", type=int, default=10)
     p.add_argument("--windows", nargs="*", default=None, metavar="FIRST-LAST",
                    help="candidate windows of consecutive layers, e.g. 2-6 4-8 (overrides --starts)")
     p.add_argument("--starts", default="2,4,6", help="first layer of each candidate window")
     p.add_argument("--window-size", type=int, default=5)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--cache-dir", default=None, help="statistics and converted-model cache (default ~/.cache/blueedit)")
-    p.add_argument("--out", default="benchmarks/results/layer_sweep", help="writes <out>.csv and <out>.md ('' to skip)")
+    p.add_argument("--out", default=str(C.RESULTS / "layer_sweep"), help="writes <out>.csv and <out>.md ('' to skip)")
     return p
 
 
@@ -132,10 +116,11 @@ def write_csv(path: Path, results: dict) -> None:
                         "" if r.get("cpu_seconds") is None else f"{r['cpu_seconds']:.1f}", r.get("error", "")])
 
 
-def finish(results: dict, t0: float, c0: float, partial: bool = False) -> None:
-    """Totals since ``t0``/``c0`` (wall, CPU), the chosen window and the markdown table."""
-    results["total_seconds"] = time.perf_counter() - t0
-    results["total_cpu_seconds"] = time.process_time() - c0
+def finish(results: dict, record: C.RunRecord, partial: bool = False) -> None:
+    """The run record (totals since the start: wall, CPU), the chosen window and the markdown table."""
+    results["run"] = record.as_dict()
+    results["total_seconds"] = results["run"]["wall_seconds"]
+    results["total_cpu_seconds"] = results["run"]["cpu_seconds"]
     best = choose(results["runs"])
     results["chosen"] = {"window": best["window"], "layers": best["layers"], "score": best["score"]} if best else None
     results["partial"] = partial
@@ -156,11 +141,7 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     afterwards), ``requests`` and ``texts`` (the statistics corpus) replace the loaded ones (tests)."""
     from dataclasses import replace
 
-    from blueedit.editing.setup import cached_key_statistics
-    from blueedit.editing.targets import generate_context_templates
-    from blueedit.models.adapters import ModelAdapter
-    from blueedit.models.loading import ModelConfig, load_model_and_tokenizer, model_fingerprint
-
+    record = C.RunRecord("layer_sweep", argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     base, stats = C.benchmark_configs(parser, args)
@@ -176,35 +157,21 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     if requests is None:
         from blueedit.data.formats import load_requests
 
-        requests = load_requests(args.dataset, data_dir=data_dir, num_edits=args.edits)
-    requests = list(requests)[: args.edits]
+        requests = load_requests(args.dataset, data_dir=data_dir, num_edits=args.num_edits)
+    requests = list(requests)[: args.num_edits]
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    if model is None:
-        spec = ModelConfig(name_or_path=args.model, dtype=args.dtype)
-        model, tokenizer = load_model_and_tokenizer(spec, args.cache_dir)
-        model.to(args.device)
-        model_id = model_fingerprint(spec)
-    else:
-        model_id = f"given-{type(model).__name__}"
-    adapter = ModelAdapter(model)
-    all_layers = sorted({l for hp in hps for l in hp.edited_layers})
-    adapter.check_layers(all_layers)
-    original = {l: adapter.get_w_out(l).cpu() for l in all_layers}
-    with C.timed(args.device) as t_stats:
-        mom2 = cached_key_statistics(model, tokenizer, all_layers, stats, model_id=model_id, adapter=adapter,
-                                     data_dir=data_dir, cache_dir=args.cache_dir, texts=texts,
-                                     progress=texts is None)
-    templates = generate_context_templates(model, tokenizer)
-
+    all_layers = sorted({layer for hp in hps for layer in hp.edited_layers})
+    bench = C.prepare_edit_bench(args, stats, all_layers, data_dir=data_dir, model=model, tokenizer=tokenizer,
+                                 texts=texts)
+    model, tokenizer = bench.model, bench.tokenizer
     results: dict = {
-        "command": C.command_line("layer_sweep.py", argv), "versions": C.versions(),
+        "command": record.command, "versions": C.versions(),
         "device": C.device_description(args.device), "threads": torch.get_num_threads(),
-        "model": args.model if model_id.startswith(args.model.split("/")[-1]) else model_id,
+        "model": args.model if bench.model_id.startswith(args.model.split("/")[-1]) else bench.model_id,
         "dataset": args.dataset, "num_edits": len(requests), "edits_per_round": args.edits_per_round,
         "method": base.method, "strategy": base.strategy, "lam": base.mom2_update_weight, "v_lr": base.target.v_lr,
         "steps": base.target.v_num_grad_steps, "stats_samples": stats.num_samples, "stats_max_length": stats.max_length,
-        "stats_corpus": stats.corpus if texts is None else "given", "stats_seconds": t_stats["seconds"],
+        "stats_corpus": stats.corpus if texts is None else "given", "stats_seconds": bench.stats_seconds,
         "runs": [],
     }
     pre = Q.evaluate(model, tokenizer, requests, args, [])
@@ -212,15 +179,14 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     results["pre_edit"] = pre
     print("pre-edit: " + ", ".join(f"{k} {pre[k]:.2f}" for k in METRICS), flush=True)
     if args.out:
-        finish(results, t0, c0, partial=True)
+        finish(results, record, partial=True)
         write_results(Path(args.out), results)
-    try:
+    with bench.restored():
         for layers, hp in zip(windows, hps):
-            for l, w in original.items():
-                adapter.set_w_out(l, w)
+            bench.restore()
             with C.timed(args.device) as t_run:
                 try:
-                    run = Q.run_one(args, hp, model, tokenizer, adapter, mom2, templates, requests, [])
+                    run = Q.run_one(args, hp, bench, requests, [])
                 except Exception as e:  # one failed window should not lose the others
                     run = {"error": f"{type(e).__name__}: {e}", **{k: float("nan") for k in METRICS},
                            "score": float("nan"), "seconds": None}
@@ -228,15 +194,12 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
                        cpu_seconds=None if "error" in run else t_run["cpu_seconds"])
             results["runs"].append(run)
             if args.out and len(results["runs"]) < len(windows):  # partial results, in case it is stopped
-                finish(results, t0, c0, partial=True)
+                finish(results, record, partial=True)
                 write_results(Path(args.out), results)
             print(f"layers {run['window']}: " + (run["error"] if "error" in run else
                   ", ".join(f"{k} {run[k]:.2f}" for k in METRICS) + f", mean {run['score']:.2f}, "
                   f"{run['seconds']:.0f} s"), flush=True)
-    finally:
-        for l, w in original.items():
-            adapter.set_w_out(l, w)
-    finish(results, t0, c0)
+    finish(results, record)
     if args.out:
         write_results(Path(args.out), results)
     print()

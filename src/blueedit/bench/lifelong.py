@@ -22,7 +22,7 @@ inside the editing rounds are complete (they travel in the checkpoint).
 
 Example (the README's table)::
 
-    python benchmarks/lifelong.py --num-edits 100 --runs \\
+    python -m blueedit.bench.lifelong --num-edits 100 --runs \\
         WISE=configs/smollm2-135m/wise.yaml MEMIT=configs/smollm2-135m/memit.yaml \\
         "MEMIT + BLUE=configs/smollm2-135m/memit.yaml,configs/blue.yaml" \\
         "AlphaEdit + BLUE=configs/smollm2-135m/alphaedit.yaml,configs/blue.yaml" --bf16-locate-then-edit
@@ -30,17 +30,14 @@ Example (the README's table)::
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
-import sys
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from jsonargparse import Namespace
 
-import _common as C  # noqa: E402
+from blueedit.bench import harness as C
 
 COLUMNS = ("efficacy", "generalization", "locality", "specificity")
 
@@ -103,7 +100,7 @@ def run_one(name: str, config: str, args, workdir: Path) -> dict:
     }
 
 
-def check_inputs(args: argparse.Namespace) -> None:
+def check_inputs(args: Namespace) -> None:
     """Bad options and too few records fail here, before any model is loaded."""
     for spec in args.runs:
         name, sep, config = spec.partition("=")
@@ -144,12 +141,12 @@ def table(results: list[dict], T: int, dataset: str) -> str:
     return "\n".join(lines)
 
 
-def combine(paths: list[str], out: Path) -> dict:
+def combine(paths: list[str], out: Path, record: C.RunRecord | None = None) -> dict:
     """Join the rows of several ``lifelong_T<T>.json`` into ``out/lifelong_T<T>.{json,md}``.
 
     Every file must have the same T and dataset and the row names must be distinct; the joined
-    payload lists each file's command (or commands, for an already joined file) under ``commands``.
-    Nothing is written when a check fails.
+    payload lists each file's command (or commands, for an already joined file) under ``commands``
+    and the joining command's ``record`` under ``run``. Nothing is written when a check fails.
     """
     payloads = []
     for path in paths:
@@ -172,6 +169,8 @@ def combine(paths: list[str], out: Path) -> dict:
     joined = {"commands": [c for c in commands if c], "dataset": first["dataset"],
               "num_edits": first["num_edits"], "versions": first["versions"], "device": first["device"],
               "runs": rows}
+    if record is not None:
+        joined["run"] = record.as_dict()
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"lifelong_T{first['num_edits']}"
     stem.with_suffix(".json").write_text(json.dumps(joined, indent=1))
@@ -181,7 +180,8 @@ def combine(paths: list[str], out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    record = C.RunRecord("lifelong", argv)
+    p = C.plain_parser(__doc__.split("\n")[0])
     p.add_argument("--runs", nargs="+", help="NAME=CONFIG[,CONFIG...], one per row (later configs override earlier ones)")
     p.add_argument("--combine", nargs="+", metavar="JSON",
                    help="join the rows of these lifelong_T<T>.json files into --out (no run)")
@@ -195,13 +195,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="rounds (edits) between checkpoints; 0: none (the run cannot be continued)")
     p.add_argument("--stop-after-rounds", type=int, default=None,
                    help="stop each run after this many rounds in total (a test of resuming)")
-    p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(C.RESULTS))
     p.add_argument("extra", nargs="*", help="further CLI overrides for every run (after --)")
     args = p.parse_args(argv)
     if args.combine:
         if args.runs:
             p.error("--combine and --runs exclude each other")
-        joined = combine(args.combine, Path(args.out))
+        joined = combine(args.combine, Path(args.out), record)
         print(table(joined["runs"], joined["num_edits"], joined["dataset"]))
         return
     if not args.runs:
@@ -227,9 +227,9 @@ def main(argv: list[str] | None = None) -> None:
         results.append(row)
         order = [s.split("=", 1)[0] for s in args.runs]
         results.sort(key=lambda r: order.index(r["name"]))
-        payload = {"command": "python benchmarks/lifelong.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        payload = {"command": record.command,
                    "dataset": args.dataset, "num_edits": args.num_edits, "versions": C.versions(),
-                   "device": C.device_description("cpu"), "runs": results}
+                   "device": C.device_description("cpu"), "runs": results, "run": record.as_dict()}
         stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
         stem.with_suffix(".md").write_text(table(results, args.num_edits, args.dataset) + "\n\nCommand: `"
                                            + payload["command"] + "`\n")

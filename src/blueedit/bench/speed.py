@@ -6,9 +6,9 @@ optimized, one pass per layer for the reference), (b) sequential editing rounds 
 :class:`~blueedit.editing.editor.Editor`, (c) peak memory of each phase, (d) the final efficacy /
 generalization / specificity on the edited records, which should agree between the modes.
 
-    python benchmarks/speed.py                        # SmolLM2-135M on CPU, 20 edits
-    python benchmarks/speed.py --random-init-config llama3-8b --dtype bfloat16 --device cuda \\
-        --edits 100 --edits-per-round 100
+    python -m blueedit.bench.speed                        # SmolLM2-135M on CPU, 20 edits
+    python -m blueedit.bench.speed --random-init-config llama3-8b --dtype bfloat16 --device cuda \\
+        --num-edits 100 --edits-per-round 100
 
 Prints a Markdown table (reference / optimized ratio per row) and writes JSON to ``--out``.
 """
@@ -16,15 +16,12 @@ Prints a Markdown table (reference / optimized ratio per row) and writes JSON to
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
+from blueedit.bench import harness as C
 
 MODES = ("optimized", "reference", "optimized-bf16")
 #: ratio columns of the table: (numerator mode, denominator mode)
@@ -49,18 +46,9 @@ ROWS = [
 ]
 
 
-SHORTHANDS = {
-    "--method": ("editing.method", "editing method"),
-    "--strategy": ("editing.strategy", "distribute or boundary (BLUE)"),
-    "--layers": ("editing.layers", "critical layers, comma-separated"),
-    "--steps": ("editing.target.v_num_grad_steps", "target optimization steps"),
-    "--v-lr": ("editing.target.v_lr", "target learning rate"),
-    "--loss-layer": ("editing.target.loss_layer", "target loss layer (default: the last block)"),
-    "--lam": ("editing.mom2_update_weight", "λ"),
-    "--stats-samples": ("stats.num_samples", "Wikipedia-sample texts for C_0"),
-    "--stats-max-length": ("stats.max_length", "tokens per statistics text"),
-    "--stats-batch-size": ("stats.batch_size", "texts per statistics batch"),
-}
+SHORTHANDS = C.shorthands(
+    "--method", "--strategy", "--layers", "--steps", "--v-lr", "--loss-layer", "--lam", "--stats-samples",
+    "--stats-max-length", "--stats-batch-size")
 
 
 def build_parser():
@@ -72,7 +60,7 @@ def build_parser():
     p.add_argument("--random-init-config", default=None, choices=sorted(C.RANDOM_CONFIGS),
                    help="build a randomly initialized Llama of this shape instead of loading weights")
     p.add_argument("--dataset", default="counterfact_eval", help="edit records (a load_requests source)")
-    p.add_argument("--edits", type=int, default=20, help="number of edit records")
+    p.add_argument("--num-edits", type=int, default=20, help="number of edit records")
     p.add_argument("--edits-per-round", type=int, default=10)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--autocast", default="none", choices=["none", "bfloat16", "float16"])
@@ -89,7 +77,7 @@ def build_parser():
     p.add_argument("--modes", default="optimized,reference", help="comma-separated subset of optimized,reference")
     p.add_argument("--data-dir", default=None, help="benchmark data (default $BLUEEDIT_DATA_DIR or ../shared/data)")
     p.add_argument("--cache-dir", default=None, help="cache root for converted models (default ~/.cache/blueedit)")
-    p.add_argument("--out", default="benchmarks/results/speed.json", help="JSON output ('' to skip writing)")
+    p.add_argument("--out", default=str(C.RESULTS / "speed.json"), help="JSON output ('' to skip writing)")
     return p
 
 
@@ -261,6 +249,7 @@ def main(argv: list[str] | None = None, *, make_model=None, requests=None, texts
     ``make_model`` (a function returning a fresh ``(model, tokenizer)``), ``requests`` and
     ``texts`` replace the model, the edit records and the statistics corpus (for tests).
     """
+    record = C.RunRecord("speed", argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     config = args.as_dict()
@@ -275,11 +264,10 @@ def main(argv: list[str] | None = None, *, make_model=None, requests=None, texts
     if requests is None:
         from blueedit.data.formats import load_requests
 
-        requests = load_requests(args.dataset, data_dir=data_dir, num_edits=args.edits)
-    requests = list(requests)[: args.edits]
+        requests = load_requests(args.dataset, data_dir=data_dir, num_edits=args.num_edits)
+    requests = list(requests)[: args.num_edits]
     if texts is None:
         from blueedit.data.corpus import load_corpus_texts
-
         from blueedit.editing.setup import MIN_CHARS
 
         texts = load_corpus_texts(args.stats_config.corpus, data_dir=data_dir,
@@ -291,7 +279,7 @@ def main(argv: list[str] | None = None, *, make_model=None, requests=None, texts
     model_id = C.model_id(args.model, args.random_init_config)
 
     results: dict = {
-        "command": C.command_line("speed.py", argv),
+        "command": record.command,
         "config": config,
         "versions": C.versions(),
         "device": C.device_description(args.device),
@@ -325,6 +313,7 @@ def main(argv: list[str] | None = None, *, make_model=None, requests=None, texts
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
+        results["run"] = record.as_dict()
         out.write_text(json.dumps(results, indent=1, default=str))
         out.with_suffix(".md").write_text(results["table"] + "\n")
         print(f"results written to {out}")

@@ -7,22 +7,18 @@ and ``m^l`` the output of ``W_out^l``. A residual ``r`` written into ``W_out`` c
 token, this prints ``‖m‖``, ``‖N(m)‖``, the block output's ``‖h‖`` and the gain
 ``‖N(m + r) − N(m)‖ / ‖r‖`` for random ``r`` with ``‖r‖ = --scale · ‖m‖``.
 
-    python benchmarks/post_norm_gain.py --model gemma3-270m --layers 6,8,10 --out benchmarks/results/gemma3_post_norm
+    python -m blueedit.bench.post_norm_gain --model gemma3-270m --layers 6,8,10 --out benchmarks/results/gemma3_post_norm
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
+from blueedit.bench import harness as C
 
 
 def gains(m: torch.Tensor, norm, scale: float, samples: int, generator: torch.Generator) -> list[float]:
@@ -38,7 +34,8 @@ def gains(m: torch.Tensor, norm, scale: float, samples: int, generator: torch.Ge
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    record = C.RunRecord("post_norm_gain", argv)
+    p = C.plain_parser(__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--layers", type=C.parse_int_list, default=[6, 8, 10])
     p.add_argument("--norm", default="post_feedforward_layernorm", help="the post-MLP norm's attribute in a block")
@@ -68,8 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     for l in args.layers:
         block, seen = adapter.block(l), {}
         norm = getattr(block, args.norm)
-        hooks = [adapter.w_out_module(l).register_forward_hook(lambda mod, a, out: seen.__setitem__("m", out.detach())),
-                 block.register_forward_hook(lambda mod, a, out: seen.__setitem__(
+        hooks = [adapter.w_out_module(l).register_forward_hook(lambda mod, a, out, seen=seen: seen.__setitem__("m", out.detach())),
+                 block.register_forward_hook(lambda mod, a, out, seen=seen: seen.__setitem__(
                      "h", (out[0] if isinstance(out, tuple) else out).detach()))]
         m_norms, n_norms, h_norms, gain = [], [], [], []
         try:
@@ -97,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{r['gain_median']:.1f} | {r['gain_min']:.1f} - {r['gain_max']:.1f} |")
     table = "\n".join(lines)
     print(table)
-    result = {"command": C.command_line("post_norm_gain.py", argv), "versions": C.versions(), "rows": rows}
+    result = {"command": record.command, "versions": C.versions(), "rows": rows, "run": record.as_dict()}
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

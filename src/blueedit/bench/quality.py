@@ -10,9 +10,9 @@ The model is loaded once; the edited layers' original ``W_out`` are kept on the 
 before each run, and one cached ``C_0`` (``--cache-dir``, shared with ``blueedit fit``) serves every
 run. ``--dev`` searches λ / v_lr on ``counterfact_dev`` and prints the best setting per method.
 
-    python benchmarks/quality.py                       # 100 edits, rounds of 10, 8 runs
-    python benchmarks/quality.py --dev --edits 20 --lams 1500,5000 --v-lrs 0.1,0.5 --methods memit
-    python benchmarks/quality.py --combine out/memit_distribute.json out/pmet_distribute.json --out out/table
+    python -m blueedit.bench.quality                       # 100 edits, rounds of 10, 8 runs
+    python -m blueedit.bench.quality --dev --num-edits 20 --lams 1500,5000 --v-lrs 0.1,0.5 --methods memit
+    python -m blueedit.bench.quality --combine out/memit_distribute.json out/pmet_distribute.json --out out/table
 """
 
 from __future__ import annotations
@@ -21,38 +21,26 @@ import dataclasses
 import itertools
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
+from blueedit.bench import harness as C
 
 METRICS = ("efficacy", "generalization", "specificity")
 
 
-#: Short flags kept beside the ``--editing.*`` / ``--stats.*`` groups: flag -> (option, help).
-SHORTHANDS = {
-    "--layers": ("editing.layers", "critical layers, comma-separated"),
-    "--lam": ("editing.mom2_update_weight", "λ for every method"),
-    "--v-lr": ("editing.target.v_lr", "target learning rate"),
-    "--steps": ("editing.target.v_num_grad_steps", "target optimization steps"),
-    "--L2": ("editing.L2", "AlphaEdit's ridge α"),
-    "--nullspace-threshold": ("editing.nullspace_threshold", "AlphaEdit's eigenvalue threshold"),
-    "--stats-samples": ("stats.num_samples", "texts for C_0"),
-    "--stats-max-length": ("stats.max_length", "tokens per C_0 text"),
-    "--stats-corpus": ("stats.corpus", "C_0 corpus"),
-}
+SHORTHANDS = C.shorthands(
+    "--layers", "--lam", "--v-lr", "--steps", "--L2", "--nullspace-threshold", "--stats-samples",
+    "--stats-max-length", "--stats-corpus")
 STATS_DEFAULTS = {"corpus": "wikipedia-sample", "num_samples": 300, "max_length": 256}
 
 
 def build_parser():
     p = C.benchmark_parser(__doc__, shorthands=SHORTHANDS, stats_defaults=STATS_DEFAULTS)
-    p.add_argument("--model", default="smollm2-135m")
+    C.add_model_options(p)
     p.add_argument("--dataset", default=None, help="edit records (default counterfact_eval; counterfact_dev with --dev)")
-    p.add_argument("--edits", type=int, default=100)
+    p.add_argument("--num-edits", type=int, default=100)
     p.add_argument("--edits-per-round", type=int, default=10)
     p.add_argument("--methods", default="memit,alphaedit,prune,rect")
     p.add_argument("--strategies", default="distribute,boundary")
@@ -66,12 +54,7 @@ def build_parser():
     p.add_argument("--dev", action="store_true", help="grid over --lams × --v-lrs on the dev set; print the best")
     p.add_argument("--lams", default="1500", help="λ values for --dev")
     p.add_argument("--v-lrs", default="0.5", help="v_lr values for --dev")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--cache-dir", default=None, help="statistics and converted-model cache (default ~/.cache/blueedit)")
-    p.add_argument("--out", default="benchmarks/results/quality", help="writes <out>.json and <out>.md ('' to skip)")
+    p.add_argument("--out", default=str(C.RESULTS / "quality"), help="writes <out>.json and <out>.md ('' to skip)")
     p.add_argument("--no-pre-edit", action="store_true",
                    help="skip the evaluation of the unedited model (e.g. runs to be --combine'd with one that has it)")
     p.add_argument("--combine", nargs="+", default=None, metavar="RUN.json",
@@ -81,7 +64,7 @@ def build_parser():
 
 def run_config(base, name: str, strategy: str, overrides: dict, grid: dict | None):
     """The :class:`EditingConfig` of one run of method ``name``: an engine method, or a preset
-    (``pmet``, ``hse``; ``_common.method_presets``) whose options are applied before the overrides
+    (``pmet``, ``hse``; ``harness.method_presets``) whose options are applied before the overrides
     scoped ``*``, ``name`` and ``name:strategy``."""
     engine, edit_opts, target_opts = C.method_presets().get(name, (name, {}, {}))
     if edit_opts or target_opts:
@@ -132,10 +115,13 @@ def evaluate(model, tok, requests, args, generation_prompts: list[str]) -> dict:
     return out
 
 
-def run_one(args, hp, model, tok, adapter, mom2, templates, requests, generation_prompts, name: str | None = None) -> dict:
+def run_one(args, hp, bench: C.EditBench, requests, generation_prompts, name: str | None = None) -> dict:
+    """Edit ``bench``'s model with ``hp`` over ``requests`` in rounds of ``--edits-per-round``,
+    then evaluate it (the caller restores the weights)."""
     from blueedit.editing.setup import build_editor
 
-    editor = build_editor(model, tok, hp, adapter=adapter, mom2=mom2, context_templates=templates)
+    model, tok = bench.model, bench.tokenizer
+    editor = build_editor(model, tok, hp, adapter=bench.adapter, mom2=bench.mom2, context_templates=bench.templates)
     rounds = [requests[i : i + args.edits_per_round] for i in range(0, len(requests), args.edits_per_round)]
     editor.set_total_rounds(len(rounds))  # n of HSE's schedule
     steps = []
@@ -178,15 +164,11 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     ``model``/``tokenizer`` (edited in place, restored afterwards), ``requests`` and ``texts`` (the
     statistics corpus) replace the loaded ones (for tests).
     """
-    from blueedit.editing.setup import cached_key_statistics
-    from blueedit.editing.targets import generate_context_templates
-    from blueedit.models.adapters import ModelAdapter
-    from blueedit.models.loading import ModelConfig, load_model_and_tokenizer, model_fingerprint
-
+    record = C.RunRecord("quality", argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.combine:
-        return combine(args, argv)
+        return combine(args, record)
     base, stats = C.benchmark_configs(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -202,37 +184,23 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     if requests is None:
         from blueedit.data.formats import load_requests
 
-        requests = load_requests(dataset, data_dir=data_dir, num_edits=args.edits)
-    requests = list(requests)[: args.edits]
+        requests = load_requests(dataset, data_dir=data_dir, num_edits=args.num_edits)
+    requests = list(requests)[: args.num_edits]
     generation_prompts = [p for r in requests[: args.fluency_records] for p in r.generation_prompts]
     if args.fluency and not generation_prompts:
         print("warning: --fluency but the records have no generation prompts", flush=True)
 
-    given_model = model is not None
-    if not given_model:
-        spec = ModelConfig(name_or_path=args.model, dtype=args.dtype)
-        model, tokenizer = load_model_and_tokenizer(spec, args.cache_dir)
-        model.to(args.device)
-        model_id = model_fingerprint(spec)
-    else:
-        model_id = f"given-{type(model).__name__}"
-    adapter = ModelAdapter(model)
-    layers = sorted({l for hp in all_hps.values() for l in hp.edited_layers})
-    adapter.check_layers(layers)
-    original = {l: adapter.get_w_out(l).cpu() for l in layers}
-
-    with C.timed(args.device) as t_stats:
-        mom2 = cached_key_statistics(model, tokenizer, layers, stats, model_id=model_id, adapter=adapter,
-                                     data_dir=data_dir, cache_dir=args.cache_dir, texts=texts,
-                                     progress=texts is None)
+    layers = sorted({layer for hp in all_hps.values() for layer in hp.edited_layers})
+    bench = C.prepare_edit_bench(args, stats, layers, data_dir=data_dir, model=model, tokenizer=tokenizer, texts=texts)
+    model, tokenizer, mom2 = bench.model, bench.tokenizer, bench.mom2
     thresholds = sorted({hp.nullspace_threshold for hp in all_hps.values() if hp.method == "alphaedit"})
     null = {th: nullspace_fractions({l: mom2[l] for l in layers}, th) for th in thresholds}
-    templates = generate_context_templates(model, tokenizer)
 
     results: dict = {
-        "command": C.command_line("quality.py", argv), "config": args.as_dict(), "versions": C.versions(),
-        "device": C.device_description(args.device), "model": model_id if given_model else args.model,
-        "dataset": dataset, "num_edits": len(requests), "stats_seconds": t_stats["seconds"],
+        "command": record.command, "config": args.as_dict(), "versions": C.versions(),
+        "device": C.device_description(args.device),
+        "model": bench.model_id if bench.model_id.startswith("given-") else args.model,
+        "dataset": dataset, "num_edits": len(requests), "stats_seconds": bench.stats_seconds,
         "nullspace": {str(th): {str(l): v for l, v in per.items()} for th, per in null.items()},
         "runs": [],
     }
@@ -253,12 +221,11 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     pre["score"] = sum(pre[k] for k in METRICS) / len(METRICS)
     results["pre_edit"] = pre
 
-    try:
+    with bench.restored():
         for (m, s, _), hp in all_hps.items():
-            for l, w in original.items():
-                adapter.set_w_out(l, w)
+            bench.restore()
             try:
-                run = run_one(args, hp, model, tokenizer, adapter, mom2, templates, requests, generation_prompts, m)
+                run = run_one(args, hp, bench, requests, generation_prompts, m)
             except Exception as e:  # one failed run (e.g. a solve) should not lose the others
                 run = {"method": m, "strategy": s, "hparams": hparams_summary(hp), "seconds": None,
                        "error": f"{type(e).__name__}: {e}", **{k: float("nan") for k in METRICS},
@@ -267,9 +234,6 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
             print(f"{m} ({s}) " + (f"λ {hp.mom2_update_weight:g} v_lr {hp.target.v_lr:g}: " if args.dev else ": ")
                   + (run["error"] if "error" in run else ", ".join(f"{k} {run[k]:.2f}" for k in METRICS)
                      + f", {run['seconds']:.1f} s"), flush=True)
-    finally:
-        for l, w in original.items():
-            adapter.set_w_out(l, w)
 
     rows = ([] if args.no_pre_edit else [pre]) + results["runs"]
     table = markdown_table(rows, args.fluency, args.dev)
@@ -290,6 +254,7 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
         lines += ["", f"AlphaEdit null space (eigenvalues of C_0 below {th:g}): "
                   + ", ".join(f"layer {l} {100 * v['fraction_below']:.1f}%" for l, v in per.items())]
     results["table"] = "\n".join(lines)
+    results["run"] = record.as_dict()
     print()
     print(results["table"])
     if args.out:
@@ -306,7 +271,7 @@ def write_results(out: str | Path, results: dict) -> None:
     out.with_suffix(".md").write_text(results["table"] + "\n")
 
 
-def combine(args, argv) -> dict:
+def combine(args, record: C.RunRecord) -> dict:
     """One table from the result files of separate runs (e.g. one run per method, each under the
     shared lock): the first file's pre-edit row, then every file's runs, in the order given."""
     files = [json.loads(Path(f).read_text()) for f in args.combine]
@@ -317,9 +282,10 @@ def combine(args, argv) -> dict:
     stats = cfg.get("stats") or {"num_samples": cfg.get("stats_samples"), "corpus": cfg.get("stats_corpus")}
     lines = [f"{first['model']}, {first['dataset']}, {first['num_edits']} edits in rounds of {cfg['edits_per_round']}, "
              f"C_0 from {stats['num_samples']} {stats['corpus']} texts", "", markdown_table(rows, fluency, False)]
-    results = {"command": C.command_line("quality.py", argv), "sources": list(args.combine),
+    results = {"command": record.command, "sources": list(args.combine),
                "commands": [f["command"] for f in files], "pre_edit": first["pre_edit"],
-               "runs": [r for f in files for r in f["runs"]], "table": "\n".join(lines)}
+               "runs": [r for f in files for r in f["runs"]], "table": "\n".join(lines),
+               "run": record.as_dict()}
     print(results["table"])
     if args.out:
         write_results(args.out, results)

