@@ -6,7 +6,8 @@ process: LightningCLI, ``EditingModule``, ``EditDataModule``) on the base ``--co
 - ``--dataset`` (``counterfact_eval``, ``zsre_eval``, ``counterfact-easyedit``, a records file, or
   sets of one format joined with ``+``), ``--num-edits`` N in rounds of ``--edits-per-round`` E;
 - ``SequenceEvaluation``: efficacy / generalization / specificity of all records edited so far,
-  every ``--eval-every`` K edits (and before editing, on all N records);
+  every ``--eval-every`` K edits (and before editing, on all N records); teacher-forced, and with
+  ``--wild`` also in the wild (the model's greedy answers, ``*_wild``);
 - ``GeneralCapability`` (GLUE-style subset + perplexity) every ``--general-every`` edits,
   ``HiddenStateDrift`` every round, ``WeightShiftError`` every ``--wse-every`` edits;
 - a ``ModelCheckpoint`` after every round (``last.ckpt``) in the run's work directory
@@ -26,7 +27,10 @@ finished runs' histories:
   drift, weight shift error, per-round seconds and update norms) and its command;
 - ``sequence.csv``: one row per run × checkpoint (in edits) × metric;
 - ``curves.png``: metric against edits, one line per method × strategy;
-- ``table.md``: pre-edit and final values per run, and the time it took.
+- ``table.md``: pre-edit and final values per run, and the time it took (each column names its
+  protocol: TF = teacher forcing, wild = generated answers);
+- ``retention_<run>_<metric>.csv`` / ``.png`` / ``_forgetting.csv``: the retention matrix of
+  ``efficacy`` (and ``efficacy_wild``): per evaluation, the success of each round's edits.
 
 Example (the paper's protocol, CounterFact, MEMIT vs MEMIT + BLUE)::
 
@@ -88,6 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="diagnose the weight shift error of rounds 0, n, 2n, ... with n = this / E rounds (0: off); "
                         "a diagnosed round costs one extra target optimization per edited layer")
     p.add_argument("--wse-contribution", action="store_true", help="also the contribution scores")
+    p.add_argument("--wild", action="store_true", help="also evaluate in the wild (greedy answers, *_wild metrics)")
+    p.add_argument("--wild-max-new-tokens", type=int, default=40, help="token cap of one answer in the wild")
     p.add_argument("--data-dir", default=None, help="benchmark data (default $BLUEEDIT_DATA_DIR or ../shared/data)")
     p.add_argument("--workdir", default=None, help=f"checkpoints and logs (default {DEFAULT_WORKDIR}), outside the repo")
     p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"), help="results root ('' : none)")
@@ -159,7 +165,8 @@ def run_config(args: argparse.Namespace, spec: str, run_dir: Path, data_dir: Pat
                        "init_args": {"save_dir": str(run_dir), "name": "logs", "flush_logs_every_n_steps": 1}},
             "callbacks": callbacks,
         },
-        "model": {"editing": editing_config(method, strategy), "evaluate": False},
+        "model": {"editing": editing_config(method, strategy), "evaluate": False,
+                  **({"wild_metrics": True, "wild": {"max_new_tokens": args.wild_max_new_tokens}} if args.wild else {})},
         "data": {"dataset": getattr(args, "dataset_source", args.dataset), "data_dir": str(data_dir),
                  "num_edits": args.num_edits,
                  "edits_per_round": E},
@@ -428,6 +435,9 @@ PANELS = [
     ("efficacy", "Efficacy (%)"),
     ("generalization", "Generalization (%)"),
     ("specificity", "Specificity (%)"),
+    ("efficacy_wild", "Efficacy in the wild (%)"),
+    ("generalization_wild", "Generalization in the wild (%)"),
+    ("locality_wild", "Neighborhood answers unchanged (%)"),
     ("fluency", "Fluency (generation entropy)"),
     ("consistency", "Consistency (TF-IDF)"),
     ("general/mean", "General capability (mean of tasks)"),
@@ -479,8 +489,11 @@ def _duration(seconds: float) -> str:
 def markdown_table(records: list[dict[str, Any]], title: str) -> str:
     """Pre-edit and final value per run of the editing metrics, general capability and drift."""
     fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
-    cols = [("efficacy", "Eff."), ("generalization", "Gen."), ("specificity", "Spe."),
-            ("general/mean", "General"), ("general/perplexity", "PPL"), ("drift/probe_accuracy", "Probe acc."),
+    cols = [("efficacy", "Eff. TF"), ("generalization", "Gen. TF"), ("specificity", "Spe. TF")]
+    if any(r["metric"] == "efficacy_wild" for rec in records for r in rows_of(rec)):
+        cols += [("efficacy_wild", "Eff. wild"), ("generalization_wild", "Gen. wild"),
+                 ("specificity_wild", "Spe. wild"), ("locality_wild", "Loc. wild")]
+    cols += [("general/mean", "General"), ("general/perplexity", "PPL"), ("drift/probe_accuracy", "Probe acc."),
             ("weight_shift/relative/mean", "WSE rel.")]
     lines = [f"### {title}", "",
              "| method | strategy | edits | " + " | ".join(c[1] for c in cols) + " | edit time | s / edit |",
@@ -498,8 +511,10 @@ def markdown_table(records: list[dict[str, Any]], title: str) -> str:
         edits = f"{rec['num_edits']} of {rec['planned_edits']} (partial)" if rec.get("partial") else rec["num_edits"]
         lines.append(f"| {rec['method']} | {_strategy(rec)} | {edits} | " + " | ".join(cells)
                      + (" | - | - |" if secs is None else f" | {_duration(secs)} | {secs / max(1, rec['num_edits']):.2f} |"))
-    lines += ["", "Pre-edit → after the last edit (all edited records). Eff./Gen./Spe.: % (CounterFact: "
-              "success rates; zsRE: token accuracy). General: mean headline metric of the GLUE-style tasks. "
+    lines += ["", "Pre-edit → after the last edit (all edited records). TF: teacher forcing, Eff./Gen./Spe. in % "
+              "(CounterFact: success rates; zsRE: token accuracy). wild: the model's greedy answer (stopped at a "
+              "newline, a sentence's period, EOS or the token cap) contains the new object (Eff., Gen.) or the "
+              "neighborhood answer (Spe.); Loc.: neighborhood answers unchanged from the unedited model's. General: mean headline metric of the GLUE-style tasks. "
               "WSE: relative weight shift error, mean over layers, of the last diagnosed round. "
               "Edit time: the rounds' editing time (evaluations excluded)."]
     kept = [rec for rec in records if rec.get("from_csv")]
@@ -544,10 +559,27 @@ def assemble(out_dir: Path, title: str, keep_csv_runs: list[str] = ()) -> dict[s
         return {"records": [], "rows": []}
     rows = write_csv(records, out_dir / "sequence.csv")
     plot_curves(records, rows, out_dir / "curves.png", title)
+    write_retentions(records, out_dir)
     table = markdown_table(records, title)
     (out_dir / "table.md").write_text(table + "\n")
     print(table)
     return {"records": records, "rows": rows, "table": table}
+
+
+RETENTION_METRICS = ("efficacy", "efficacy_wild")
+
+
+def write_retentions(records: list[dict[str, Any]], out_dir: Path) -> None:
+    """The retention matrix of each run and metric of :data:`RETENTION_METRICS` whose
+    evaluations kept per-record values."""
+    from blueedit.evaluation.retention import retention_from_history, write_retention
+
+    for rec in records:
+        for metric in RETENTION_METRICS:
+            r = retention_from_history(rec.get("sequence") or [], rec["edits_per_round"], metric)
+            if r is not None:
+                write_retention(r, out_dir, f"retention_{rec['run']}_{metric}",
+                                f"{_label(rec)}: {metric} of each round's edits ({rec['dataset']})")
 
 
 def check_inputs(args: argparse.Namespace, data_dir: Path) -> None:
