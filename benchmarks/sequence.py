@@ -94,6 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wse-contribution", action="store_true", help="also the contribution scores")
     p.add_argument("--wild", action="store_true", help="also evaluate in the wild (greedy answers, *_wild metrics)")
     p.add_argument("--wild-max-new-tokens", type=int, default=40, help="token cap of one answer in the wild")
+    p.add_argument("--wild-neighborhood", type=int, default=None,
+                   help="answer only the first this many neighborhood prompts of a record in the wild (default: all)")
     p.add_argument("--data-dir", default=None, help="benchmark data (default $BLUEEDIT_DATA_DIR or ../shared/data)")
     p.add_argument("--workdir", default=None, help=f"checkpoints and logs (default {DEFAULT_WORKDIR}), outside the repo")
     p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"), help="results root ('' : none)")
@@ -166,7 +168,9 @@ def run_config(args: argparse.Namespace, spec: str, run_dir: Path, data_dir: Pat
             "callbacks": callbacks,
         },
         "model": {"editing": editing_config(method, strategy), "evaluate": False,
-                  **({"wild_metrics": True, "wild": {"max_new_tokens": args.wild_max_new_tokens}} if args.wild else {})},
+                  **({"wild_metrics": True, "wild": {"max_new_tokens": args.wild_max_new_tokens,
+                                                    "neighborhood_prompts": args.wild_neighborhood}}
+                     if args.wild else {})},
         "data": {"dataset": getattr(args, "dataset_source", args.dataset), "data_dir": str(data_dir),
                  "num_edits": args.num_edits,
                  "edits_per_round": E},

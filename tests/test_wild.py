@@ -126,8 +126,9 @@ def test_wild_records_scores_exact_match_first_answer_and_unchanged_neighborhood
 def test_wild_records_asks_through_the_given_wrapper_and_limits_records():
     tok = word_level_tokenizer(WORDS)
     lm = bigram({"x": {"Paris": 5}, "Paris": {"</s>": 5}})
-    recs = wild_records(lm, tok, _records(), WildConfig(num_records=1), ask=lambda p: f"{p} x")
+    recs = wild_records(lm, tok, _records(), WildConfig(num_records=1, neighborhood_prompts=1), ask=lambda p: f"{p} x")
     assert len(recs) == 1 and recs[0]["answer_rewrite"] == "Paris" and recs[0]["efficacy_wild"]
+    assert recs[0]["answers_neighborhood"] == ["Paris"] and recs[0]["specificity_wild"] == [False]
 
 
 def test_wild_config_rejects_bad_values():
@@ -135,6 +136,8 @@ def test_wild_config_rejects_bad_values():
         WildConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="wild.batch_size"):
         WildConfig(batch_size=0)
+    with pytest.raises(ValueError, match="wild.neighborhood_prompts"):
+        WildConfig(neighborhood_prompts=-1)
 
 
 # -- batched, cached generation equals a plain loop ------------------------------------------------

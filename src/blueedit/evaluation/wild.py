@@ -87,20 +87,25 @@ class WildConfig:
             (the model answers as the assistant). Ignored when the model is already prompted
             through its chat template (``model.chat_template``).
         num_records: score only the first ``num_records`` evaluated records (``None``: all).
+        neighborhood_prompts: answer only the first this many neighborhood prompts of a record
+            (``None``: all; CounterFact has 10, most of the cost).
     """
 
     max_new_tokens: int = 40
     batch_size: int = 32
     chat_template: bool = False
     num_records: int | None = None
+    neighborhood_prompts: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"wild.{name} must be an integer >= 1, got {v!r}")
-        if self.num_records is not None and self.num_records < 0:
-            raise ValueError(f"wild.num_records must be >= 0 or null, got {self.num_records}")
+        for name in ("num_records", "neighborhood_prompts"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"wild.{name} must be an integer >= 0 or null, got {v!r}")
 
 
 # -- the stopping rule and the scores (pure functions on strings) ----------------------------------
@@ -260,9 +265,9 @@ def generate_answers(model: nn.Module, tokenizer, prompts: Sequence[str], *, max
 
 
 # -- records -------------------------------------------------------------------------------------
-def _prompts_of(req: EditRequest) -> dict[str, list[str]]:
+def _prompts_of(req: EditRequest, neighborhood_prompts: int | None) -> dict[str, list[str]]:
     return {"rewrite": [req.filled_prompt], "paraphrases": list(req.paraphrases),
-            "neighborhood": list(req.neighborhood)}
+            "neighborhood": list(req.neighborhood)[:neighborhood_prompts]}
 
 
 def wild_records(model: nn.Module, tokenizer, requests: list[EditRequest], spec: WildConfig | None = None,
@@ -281,7 +286,7 @@ def wild_records(model: nn.Module, tokenizer, requests: list[EditRequest], spec:
     spans: list[dict[str, tuple[int, int]]] = []
     for req in chosen:
         span = {}
-        for group, prompts in _prompts_of(req).items():
+        for group, prompts in _prompts_of(req, spec.neighborhood_prompts).items():
             span[group] = (len(flat), len(flat) + len(prompts))
             flat += [ask(p) if ask is not None else p for p in prompts]
         spans.append(span)
