@@ -112,7 +112,8 @@ def test_fit_writes_metrics(workdir, tmp_path, capsys):
     assert summary["strategy"] == "boundary" and summary["layers"] == [1, 3]
     expected["post"] = counterfact_metrics(module.lm, module.tokenizer, requests)
     for name in ("efficacy", "generalization", "specificity"):
-        assert set(summary["metrics"][name]) == {"pre", "post"}
+        assert set(summary["metrics"][name]) == {"pre", "post", "protocol"}
+        assert summary["metrics"][name]["protocol"] == "teacher forcing"
         for when in ("pre", "post"):
             assert summary["metrics"][name][when] == pytest.approx(expected[when][name]), (name, when)
     # the statistics were cached on disk

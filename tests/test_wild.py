@@ -168,3 +168,38 @@ def test_cached_left_padded_batches_match_a_plain_loop(arch):
     got = generate_answers(model, tok, prompts, max_new_tokens=12, batch_size=3)
     assert got == want
     assert len(set(want)) > 1  # the prompts do lead to different answers
+
+
+# -- in fit and validate ----------------------------------------------------------------------------
+def test_fit_and_validate_report_both_protocols(tmp_path, capsys):
+    import json
+    import warnings
+    from pathlib import Path
+
+    from blueedit.module import EditingModule
+    from test_module import RECORDS, _data, _fit, _module, _trainer
+
+    root = tmp_path
+    make_model("llama").save_pretrained(root / "tiny-llama")
+    make_tokenizer().save_pretrained(root / "tiny-llama")
+    (root / "edits.json").write_text(json.dumps(RECORDS))
+    base = _module(root, "boundary", evaluate=True)
+    module = EditingModule(model=base.model_spec, editing=base.hp, stats=base.stats_spec, evaluate=True,
+                           eval_batch_size=8, wild_metrics=True, wild=WildConfig(max_new_tokens=6, batch_size=4))
+    trainer = _fit(module, _data(root), default_root_dir=str(root / "run"))
+    summary = json.loads((Path(trainer.log_dir or trainer.default_root_dir) / "metrics.json").read_text())
+    m = summary["metrics"]
+    assert m["efficacy"]["protocol"] == "teacher forcing" and m["efficacy_wild"]["protocol"] == "wild"
+    assert m["locality_wild"]["pre"] is None and m["locality_wild"]["post"] is not None  # against the pre answers
+    post = summary["records"]["post"][0]
+    assert isinstance(post["answer_rewrite"], str) and len(post["locality_wild"]) == 1
+    assert "| efficacy_wild | wild |" in capsys.readouterr().out
+
+    val = _trainer(default_root_dir=str(root / "val"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = val.validate(module, datamodule=_data(root))
+    saved = json.loads((Path(val.log_dir or val.default_root_dir) / "eval_metrics.json").read_text())
+    assert saved["protocols"]["efficacy_wild"] == "wild" and saved["protocols"]["efficacy"] == "teacher forcing"
+    assert saved["metrics"]["efficacy_wild"] == pytest.approx(m["efficacy_wild"]["post"])  # the same edited model
+    assert "val/efficacy_wild" in out[0] and "locality_wild" not in saved["metrics"]
