@@ -66,6 +66,7 @@ CALLBACKS = {
     "general": "blueedit.callbacks.progress.GeneralCapability",
     "drift": "blueedit.callbacks.drift.HiddenStateDrift",
     "weight_shift": "blueedit.callbacks.weight_shift.WeightShiftError",
+    "health": "blueedit.callbacks.health.HealthGate",
 }
 
 
@@ -96,6 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wild-max-new-tokens", type=int, default=40, help="token cap of one answer in the wild")
     p.add_argument("--wild-neighborhood", type=int, default=None,
                    help="answer only the first this many neighborhood prompts of a record in the wild (default: all)")
+    p.add_argument("--health-gate", default=None, metavar="SIGNAL:MAX_RATIO",
+                   help="undo (refuse) a round whose health signal crosses MAX_RATIO: perplexity:1.5 (WikiText-2 "
+                        "chunks against the unedited model) or update_norm:3 (against the first round)")
     p.add_argument("--data-dir", default=None, help="benchmark data (default $BLUEEDIT_DATA_DIR or ../shared/data)")
     p.add_argument("--workdir", default=None, help=f"checkpoints and logs (default {DEFAULT_WORKDIR}), outside the repo")
     p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results"), help="results root ('' : none)")
@@ -115,6 +119,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--runs {spec!r}: expected METHOD:STRATEGY, e.g. memit:boundary")
     if args.keep_csv_runs and not args.report_only:
         p.error("--keep-csv-runs needs --report-only")
+    if args.health_gate is not None:
+        signal, _, ratio = args.health_gate.partition(":")
+        try:
+            args.health_gate = {"signal": signal, "max_ratio": float(ratio)}
+        except ValueError:
+            p.error(f"--health-gate {args.health_gate!r}: expected SIGNAL:MAX_RATIO, e.g. perplexity:1.5")
+        if signal not in ("perplexity", "update_norm") or not args.health_gate["max_ratio"] > 0:
+            p.error(f"--health-gate {signal}:{ratio}: SIGNAL is perplexity or update_norm, MAX_RATIO > 0")
     for o in args.overrides:
         if "=" not in o:
             p.error(f"--set {o!r}: expected KEY=VALUE")
@@ -156,6 +168,8 @@ def run_config(args: argparse.Namespace, spec: str, run_dir: Path, data_dir: Pat
         callbacks.append({"class_path": CALLBACKS["drift"],
                           "init_args": {"num_probes": args.drift_probes,
                                         "every_n_rounds": every_rounds(drift_every, E)}})
+    if args.health_gate is not None:
+        callbacks.append({"class_path": CALLBACKS["health"], "init_args": dict(args.health_gate)})
     if args.wse_every > 0:
         callbacks.append({"class_path": CALLBACKS["weight_shift"],
                           "init_args": {"every_n_rounds": every_rounds(args.wse_every, E),
@@ -394,6 +408,9 @@ def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
         rel = [h["metrics"]["relative"] for h in wse if h["round"] == r and not math.isnan(h["metrics"]["relative"])]
         if rel:
             add(r, "weight_shift/relative/mean", sum(rel) / len(rel))
+    for h in record.get("health") or []:
+        add(h["round"], "health/ratio", h["ratio"])
+        add(h["round"], "health/refused", float(h["refused"]))
     for r in record.get("rounds") or []:
         for l, n in r["update_norms"].items():
             add(r["index"], f"update_norm/layer{l}", n)
@@ -521,6 +538,12 @@ def markdown_table(records: list[dict[str, Any]], title: str) -> str:
               "neighborhood answer (Spe.); Loc.: neighborhood answers unchanged from the unedited model's. General: mean headline metric of the GLUE-style tasks. "
               "WSE: relative weight shift error, mean over layers, of the last diagnosed round. "
               "Edit time: the rounds' editing time (evaluations excluded)."]
+    for rec in records:
+        refused = [h["round"] for h in rec.get("health") or [] if h["refused"]]
+        if refused:
+            lines.append(f"{_label(rec)}: health gate refused and undid round(s) {', '.join(map(str, refused))} "
+                         f"({sum(min(rec['edits_per_round'], rec['num_edits'] - r * rec['edits_per_round']) for r in refused)} "
+                         "edits; still evaluated, as failures where the model does not know them).")
     kept = [rec for rec in records if rec.get("from_csv")]
     if kept:
         lines.append("Reported from the rows of an earlier `sequence.csv` (no run record; edit time unknown): "

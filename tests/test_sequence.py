@@ -297,7 +297,8 @@ def test_wild_protocol_and_retention_matrices(tiny):
     argv = _argv(tiny, "wild")
     for opt, value in (("--general-every", "4"), ("--wse-every", "2"), ("--num-edits", "6")):
         argv[argv.index(opt) + 1] = {"--general-every": "0", "--wse-every": "0", "--num-edits": "4"}[opt]
-    out = bench.main(argv + ["--wild", "--wild-max-new-tokens", "5", "--drift-every", "0"])
+    out = bench.main(argv + ["--wild", "--wild-max-new-tokens", "5", "--drift-every", "0",
+                             "--health-gate", "update_norm:1e-9"])  # round 1 crosses: refused
     assert out["finished"] == ["memit_distribute"]
     rows = _csv(tiny / "results" / "wild" / "sequence.csv")
     by = {(r["metric"], int(r["round"])) for r in rows}
@@ -307,7 +308,10 @@ def test_wild_protocol_and_retention_matrices(tiny):
     rec = json.loads((tiny / "results" / "wild" / "runs" / "memit_distribute.json").read_text())
     last = rec["sequence"][-1]
     assert len(last["records"]) == 4 and all("efficacy_wild" in r and "efficacy" in r for r in last["records"])
+    assert [h["refused"] for h in rec["health"]] == [False, True]
+    assert {("health/refused", 1)} <= by
     table = (tiny / "results" / "wild" / "table.md").read_text()
+    assert "refused and undid round(s) 1 (2 edits" in table
     assert "Eff. TF" in table and "Eff. wild" in table and "Loc. wild" in table
     for metric in ("efficacy", "efficacy_wild"):
         cells = _csv(tiny / "results" / "wild" / f"retention_memit_distribute_{metric}.csv")
