@@ -228,5 +228,6 @@ def test_the_settings_that_decide_an_edit_come_from_field_metadata():
     assert EditingModule.LATER_OPTIONS == {
         "editing.history_schedule": "constant", "editing.target.forget_weight": 0.0,
         "editing.target.fisher_weight": 0.0, "editing.target.fisher_estimator": "diagonal",
-        "editing.target.top1_nll_factor": None, "editing.target.top1_kl_stop": 0.01, "editing.target.site": "block"}
+        "editing.target.top1_nll_factor": None, "editing.target.top1_kl_stop": 0.01, "editing.target.site": "block",
+        "editing.target.stop_after": "none"}
     assert "editing.mom2_update_weight" not in carry.FREE_SETTINGS | EditingModule.RESUMABLE_SETTINGS

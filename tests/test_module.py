@@ -43,13 +43,14 @@ def test_fit_writes_metrics(workdir, tmp_path, capsys):
     path = Path(trainer.log_dir) / "metrics.json"
     assert path.is_file()
     printed = capsys.readouterr().out  # the table reaches the terminal after the progress bars close
-    assert "| metric | pre | post |" in printed and f"metrics written to {path}" in printed
+    assert "| metric | protocol | pre | post |" in printed and f"metrics written to {path}" in printed
     summary = json.loads(path.read_text())
     assert summary["num_edits"] == 6 and summary["rounds"] == 3
     assert summary["strategy"] == "boundary" and summary["layers"] == [1, 3]
     expected["post"] = counterfact_metrics(module.lm, module.tokenizer, requests)
     for name in ("efficacy", "generalization", "specificity"):
-        assert set(summary["metrics"][name]) == {"pre", "post"}
+        assert set(summary["metrics"][name]) == {"pre", "post", "protocol"}
+        assert summary["metrics"][name]["protocol"] == "teacher forcing"
         for when in ("pre", "post"):
             assert summary["metrics"][name][when] == pytest.approx(expected[when][name]), (name, when)
     # the statistics were cached on disk

@@ -293,3 +293,32 @@ def test_report_keeps_a_run_known_only_from_the_csv(tmp_path):
 def test_keep_csv_runs_needs_report_only():
     with pytest.raises(SystemExit):
         benchmark("sequence").parse_args(["--runs", "memit:boundary", "--keep-csv-runs"])
+
+
+def test_wild_protocol_and_retention_matrices(tiny):
+    """--wild: both protocols per evaluation, neighborhood answers compared with the unedited
+    model's, and a retention matrix per protocol."""
+    bench = benchmark("sequence")
+    argv = _argv(tiny, "wild")
+    for opt in ("--general-every", "--wse-every", "--num-edits"):
+        argv[argv.index(opt) + 1] = {"--general-every": "0", "--wse-every": "0", "--num-edits": "4"}[opt]
+    out = bench.main(argv + ["--wild", "--wild-max-new-tokens", "5", "--drift-every", "0",
+                             "--health-gate", "update_norm:1e-9"])  # round 1 crosses: refused
+    assert out["finished"] == ["memit_distribute"]
+    rows = _csv(tiny / "results" / "wild" / "sequence.csv")
+    by = {(r["metric"], int(r["round"])) for r in rows}
+    assert {("efficacy", 1), ("efficacy_wild", -1), ("efficacy_wild", 1), ("locality_wild", 0),
+            ("specificity_wild", 1)} <= by
+    assert ("locality_wild", -1) not in by  # the unedited model is the reference
+    rec = json.loads((tiny / "results" / "wild" / "runs" / "memit_distribute.json").read_text())
+    last = rec["sequence"][-1]
+    assert len(last["records"]) == 4 and all("efficacy_wild" in r and "efficacy" in r for r in last["records"])
+    assert [h["refused"] for h in rec["health"]] == [False, True]
+    assert {("health/refused", 1)} <= by
+    table = (tiny / "results" / "wild" / "table.md").read_text()
+    assert "refused and undid round(s) 1 (2 edits" in table
+    assert "Eff. TF" in table and "Eff. wild" in table and "Loc. wild" in table
+    for metric in ("efficacy", "efficacy_wild"):
+        cells = _csv(tiny / "results" / "wild" / f"retention_memit_distribute_{metric}.csv")
+        assert {(c["eval_round"], c["origin_round"]) for c in cells} == {("0", "0"), ("1", "0"), ("1", "1")}
+        assert (tiny / "results" / "wild" / f"retention_memit_distribute_{metric}.png").stat().st_size > 0

@@ -105,6 +105,7 @@ def write_state(path: str | Path, state: EditorState, meta: dict[str, Any]) -> i
         "finalized": json.dumps(state.finalized),
         "context_templates": json.dumps(list(state.context_templates)),
         "total_rounds": json.dumps(state.total_rounds),
+        "refused_rounds": json.dumps([r for r, updates in enumerate(state.updates) if not updates]),
         "meta": json.dumps(meta, default=str),
     }
     header["metadata_sha256"] = json.dumps(entry_digests(header))
@@ -139,7 +140,8 @@ def read_header(directory: str | Path) -> dict[str, Any]:
             "finalized": json.loads(header["finalized"]),
             "context_templates": json.loads(header["context_templates"]),
             "total_rounds": json.loads(header.get("total_rounds", "null")),
-            "sha256": None if tensor_digests is None else json.loads(tensor_digests)}
+            "sha256": None if tensor_digests is None else json.loads(tensor_digests),
+            "refused_rounds": json.loads(header.get("refused_rounds", "[]"))}
 
 
 def read_state(directory: str | Path) -> tuple[EditorState, dict[str, Any]]:
@@ -165,6 +167,8 @@ def read_state(directory: str | Path) -> tuple[EditorState, dict[str, Any]]:
             getattr(state, parts[0])[int(parts[1])] = t
         elif parts[0] == "round":
             rounds.setdefault(int(parts[1]), {}).setdefault(int(parts[2]), {})[parts[3]] = t
+    for r in header["refused_rounds"]:  # rounds refused by a health gate: no update
+        rounds.setdefault(int(r), {})
     if sorted(rounds) != list(range(len(rounds))) or len(rounds) != state.rounds_done:
         raise CarryError(f"{state_path(directory)} holds updates of rounds {sorted(rounds)} for "
                          f"{state.rounds_done} rounds done: the file is damaged")
@@ -399,6 +403,36 @@ def _link_or_copy_file(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
+def replayed_history(updates: list, like: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """The edit history ``H^l`` of every layer of ``like`` rebuilt from the rounds ``updates``
+    (in ``like``'s shapes, dtypes and devices)."""
+    return {l: replay_history(updates, l, h.shape[0], h.dtype, h.device) for l, h in like.items()}
+
+
+def refuse_last_round(state: EditorState, adapter) -> dict[int, torch.Tensor]:
+    """Undo the last round of ``state`` in place, exactly: its update becomes an empty round (the
+    round still counts, so later rounds keep their indices), the edit history ``H^l`` and the
+    edited weights are rebuilt from ``W_0`` and the other rounds' stored factors (as
+    :func:`revert` does; on one machine bit-identical to the weights before the round), and the
+    weights are written through ``adapter``. Returns the weights written.
+
+    Raises :class:`CarryError` for a state that cannot be undone round by round (HSE's Fisher sum,
+    PRUNE's restraint already applied, no round yet)."""
+    if state.fisher:
+        raise CarryError("the last round cannot be refused: HSE's Fisher penalty (target.fisher_weight > 0) keeps "
+                         "its information as one sum, not per round")
+    if state.finalized:
+        raise CarryError("the last round cannot be refused: post-processing (PRUNE) was already applied")
+    if not state.updates or not state.updates[-1]:
+        raise CarryError("there is no applied round to refuse")
+    state.updates[-1] = {}
+    state.history = replayed_history(state.updates, state.history)
+    weights = working_weights(state)
+    for l, w in weights.items():
+        adapter.set_w_out(l, w)
+    return weights
+
+
 def revert(directory: str | Path, rounds: int) -> dict[str, Any]:
     """Return ``DIR`` to its state before its last ``rounds`` rounds: the edited matrices in its
     safetensors files, its editor state and ``edits.json``. Written to a new directory beside it
@@ -437,8 +471,7 @@ def revert(directory: str | Path, rounds: int) -> dict[str, Any]:
     kept_state = EditorState(history={}, projection=dict(state.projection), original=dict(state.original),
                              rounds_done=keep, context_templates=list(state.context_templates),
                              finalized=state.finalized and keep > 0, updates=state.updates[:keep])
-    for l, h in state.history.items():
-        kept_state.history[l] = replay_history(kept_state.updates, l, h.shape[0], h.dtype)
+    kept_state.history = replayed_history(kept_state.updates, state.history)
     new_w = saved_weights(kept_state, prune_base) if keep else {l: w.clone() for l, w in state.original.items()}
 
     tmp = directory.with_name(f".{directory.name}.revert-{uuid.uuid4().hex[:8]}")

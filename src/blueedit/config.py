@@ -102,6 +102,9 @@ FisherEstimator = Literal["diagonal", "full"]
 #: Where the single target of the MEMIT-family methods lives (``editing.target.site``): the block
 #: output (``block``, as published) or ``W_out``'s output (``mlp``, before any post-MLP norm).
 TargetSite = Literal["block", "mlp"]
+#: What the optimized target ends with after ``o*`` (``editing.target.stop_after``): nothing, the
+#: tokenizer's EOS, a newline or a period, so the edited model also stops after the new answer.
+TargetStop = Literal["none", "eos", "newline", "period"]
 
 
 @dataclass
@@ -128,6 +131,11 @@ class TargetConfig:
     with ``strategy: boundary`` (the residual distribution spreads a block-output δ) and not for
     PMET (its own two sites) or WISE (docs/algorithms.md, "Targets at the MLP output").
 
+    ``stop_after``: the target is ``o*`` followed by an end-of-answer token (``eos``: the
+    tokenizer's EOS, for instruct models whose turn ends there; ``newline`` or ``period`` for base
+    models), so the edited model stops after the new answer instead of running on (docs/wild.md).
+    ``none`` (default): ``o*`` alone, as published.
+
     PMET's published early exit: with ``top1_nll_factor`` set (published: 0.1), once ``o*`` is the
     top-1 token at every target position of every rewriting prompt of a request, the NLL term of
     its next step is weighted by that factor, and the request stops when its KL term is below
@@ -148,11 +156,13 @@ class TargetConfig:
     top1_nll_factor: float | None = setting(None, added_later=True)
     top1_kl_stop: float = setting(0.01, added_later=True)
     site: TargetSite = setting("block", added_later=True)
+    stop_after: TargetStop = setting("none", added_later=True)
 
     def __post_init__(self) -> None:
         from blueedit.config import check_choice
 
         check_choice("editing.target.site", self.site, TargetSite)
+        check_choice("editing.target.stop_after", self.stop_after, TargetStop)
         check_choice("editing.target.fisher_estimator", self.fisher_estimator, FisherEstimator)
         for name in ("forget_weight", "fisher_weight"):
             if getattr(self, name) < 0:

@@ -38,9 +38,11 @@ from blueedit.evaluation.generation import (
     generation_summary,
     load_references,
 )
+from blueedit.evaluation.metrics import metric_protocol
+from blueedit.evaluation.wild import WildConfig, add_wild_locality, wild_records, wild_summary
 from blueedit.methods.registry import BUILTIN, get_method
 from blueedit.models.adapters import ModelAdapter
-from blueedit.models.chat import chat_requests, has_chat_template
+from blueedit.models.chat import chat_requests, chat_wrap, has_chat_template
 from blueedit.models.loading import (
     ModelConfig,
     context_length,
@@ -77,6 +79,11 @@ class EditingModule(L.LightningModule):
             Slow: 100 tokens per generation prompt.
         generation: how the generation metrics are computed (sampling, number of records,
             reference texts); see :class:`~blueedit.evaluation.generation.GenerationMetricsConfig`.
+        wild_metrics: also score the model's own greedy answers ("in the wild": ``*_wild``
+            metrics beside the teacher-forced ones, :mod:`blueedit.evaluation.wild`), pre and post
+            in ``metrics.json``, in ``validate`` / ``test`` and in ``SequenceEvaluation``.
+        wild: how the answers are generated (token cap, batch size, chat-template questions,
+            number of records); see :class:`~blueedit.evaluation.wild.WildConfig`.
         data_dir: benchmark data directory (linked from ``data.data_dir`` by the CLI).
         cache_dir: cache root for converted models and statistics.
         debug: after every round, check that the edited weights are bit-identical on every rank
@@ -95,6 +102,8 @@ class EditingModule(L.LightningModule):
         eval_batch_size: int = 32,
         generation_metrics: bool = False,
         generation: GenerationMetricsConfig = GenerationMetricsConfig(),
+        wild_metrics: bool = False,
+        wild: WildConfig = WildConfig(),
         data_dir: str | None = None,
         cache_dir: str | None = None,
         debug: bool = False,
@@ -114,6 +123,8 @@ class EditingModule(L.LightningModule):
             if not Path(self.generation.attribute_snippets).expanduser().is_file():
                 raise FileNotFoundError(f"generation.attribute_snippets: {self.generation.attribute_snippets} not found")
         self._references: References | None | bool = False  # False: not loaded yet
+        self.wild_metrics = wild_metrics
+        self.wild = deepcopy(wild or WildConfig())
         self.data_dir = data_dir
         self.cache_dir = Path(cache_dir or self.stats_spec.cache_dir or default_cache_dir()).expanduser()
         self.debug = debug
@@ -124,7 +135,8 @@ class EditingModule(L.LightningModule):
         self.save_hyperparameters({
             "model": asdict(self.model_spec), "editing": asdict(self.hp), "stats": asdict(self.stats_spec),
             "evaluate": evaluate, "eval_batch_size": eval_batch_size, "generation_metrics": generation_metrics,
-            "generation": asdict(self.generation), "data_dir": data_dir, "cache_dir": cache_dir, "debug": debug,
+            "generation": asdict(self.generation), "wild_metrics": wild_metrics, "wild": asdict(self.wild),
+            "data_dir": data_dir, "cache_dir": cache_dir, "debug": debug,
             "max_prompt_tokens": max_prompt_tokens,
         })
         self.automatic_optimization = False
@@ -417,6 +429,9 @@ class EditingModule(L.LightningModule):
         if self.evaluate:
             post = self.run_evaluation(progress=self._progress_label("evaluation after editing"))
             add_locality(post, self.pre_metrics)
+            if self.wild_metrics:
+                add_wild_locality(post.records, (self.pre_metrics or {}).get("records"))
+                post.metrics.update(wild_summary(post.records))
             self.post_metrics = post.to_dict()
             self.write_metrics()
 
@@ -447,16 +462,39 @@ class EditingModule(L.LightningModule):
                 res = evaluate_requests(self.lm, self.tokenizer, requests, batch_size=self.eval_batch_size,
                                         progress=progress)
                 self._add_generation(res, requests)
+                self._add_wild(res, requests, progress)
                 return res
             local = distributed.shard(requests)
             res = evaluate_requests(self.lm, self.tokenizer, local, batch_size=self.eval_batch_size, sync=True,
                                     progress=progress)
             self._add_generation(res, local)
+            self._add_wild(res, local, progress, summarize=False)
         res.records = distributed.gather_objects(res.records, len(requests))
         res.num_records = len(requests)
         if self.generation_metrics:
             res.metrics.update(generation_summary(res.records))
+        if self.wild_metrics:
+            res.metrics.update(wild_summary(res.records))
         return res
+
+    def _add_wild(self, res: EvaluationResult, requests: list[EditRequest], progress: str | None = None,
+                  summarize: bool = True) -> None:
+        """Merge the in-the-wild answers and scores of ``requests`` (as prompted) into ``res``'s
+        records (by position) and, with ``summarize``, their means into its metrics."""
+        if not self.wild_metrics:
+            return
+        ask = None
+        if self.wild.chat_template and not self.model_spec.chat_template:
+            if not has_chat_template(self.tokenizer):
+                raise ValueError(f"wild.chat_template is true but the tokenizer of {self.model_spec.name_or_path!r} "
+                                 "has no chat template")
+            ask = lambda prompt: chat_wrap(self.tokenizer, prompt)  # noqa: E731
+        label = None if progress is None else f"{progress} (in the wild)"
+        answers = wild_records(self.lm, self.tokenizer, requests, self.wild, ask=ask, progress=label)
+        for rec, wild in zip(res.records, answers):
+            rec.update({k: v for k, v in wild.items() if k != "case_id"})
+        if summarize:
+            res.metrics.update(wild_summary(res.records))
 
     def references(self) -> References | None:
         """The consistency reference texts, loaded once (``None`` when not available)."""
@@ -502,8 +540,8 @@ class EditingModule(L.LightningModule):
             "rounds": len(self.reports),
             "edit_seconds": sum(r.seconds for r in self.reports),
             "kind": post.get("kind") or pre.get("kind"),
-            "metrics": {n: {"pre": (pre.get("metrics") or {}).get(n), "post": (post.get("metrics") or {}).get(n)}
-                        for n in names},
+            "metrics": {n: {"pre": (pre.get("metrics") or {}).get(n), "post": (post.get("metrics") or {}).get(n),
+                            "protocol": metric_protocol(n)} for n in names},
             "records": {"pre": pre.get("records"), "post": post.get("records")},
         }
         path = out_dir / "metrics.json"
@@ -542,6 +580,7 @@ class EditingModule(L.LightningModule):
             setattr(self, f"_{stage}_meters", meters)
         res = evaluate_requests(self.lm, self.tokenizer, requests, kind=kind, batch_size=self.eval_batch_size,
                                 metrics=meters)
+        self._add_wild(res, requests, summarize=False)
         st = self._eval_state
         st["kind"] = res.kind
         st["num_records"] += res.num_records
@@ -559,6 +598,8 @@ class EditingModule(L.LightningModule):
         metrics: dict[str, float] = meters.results() if meters is not None else {}
         if self.generation_metrics:
             metrics.update(generation_summary(st.get("generation") or []))
+        if self.wild_metrics:
+            metrics.update(wild_summary(st.get("records") or []))
         self._eval_state = None
         setattr(self, f"_{stage}_meters", None)
         if self._trainer is None:  # called directly (no trainer): just the numbers
@@ -578,10 +619,12 @@ class EditingModule(L.LightningModule):
             records = [{**r, **{k: v for k, v in gens[i].items() if k != "case_id"}} if i < len(gens) else r
                        for i, r in enumerate(records)]
         payload = {"stage": stage, "model": self.model_spec.name_or_path, "kind": st["kind"],
-                   "num_records": st["num_records"], "metrics": metrics, "records": records}
+                   "num_records": st["num_records"], "metrics": metrics,
+                   "protocols": {name: metric_protocol(name) for name in metrics}, "records": records}
         path = out_dir / "eval_metrics.json"
         path.write_text(json.dumps(payload, indent=1, default=str))
-        self.print(f"{stage} metrics written to {path}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        self.print(f"{stage} metrics written to {path}: "
+                   + ", ".join(f"{k} ({metric_protocol(k)}) {v:.2f}" for k, v in metrics.items()))
 
     def on_validation_epoch_start(self) -> None:
         self._eval_meters("val")
@@ -608,10 +651,10 @@ def metrics_table(summary: dict) -> str:
         f"{summary['method']} ({summary['strategy']}), {summary['num_edits']} edits in {summary['rounds']} rounds, "
         f"{summary['edit_seconds']:.1f} s editing",
         "",
-        "| metric | pre | post |",
-        "|---|---:|---:|",
+        "| metric | protocol | pre | post |",
+        "|---|---|---:|---:|",
     ]
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for name, v in summary["metrics"].items():
-        lines.append(f"| {name} | {fmt(v['pre'])} | {fmt(v['post'])} |")
+        lines.append(f"| {name} | {metric_protocol(name)} | {fmt(v['pre'])} | {fmt(v['post'])} |")
     return "\n".join(lines)

@@ -6,7 +6,8 @@ process: LightningCLI, ``EditingModule``, ``EditDataModule``) on the base ``--co
 - ``--dataset`` (``counterfact_eval``, ``zsre_eval``, ``counterfact-easyedit``, a records file, or
   sets of one format joined with ``+``), ``--num-edits`` N in rounds of ``--edits-per-round`` E;
 - ``SequenceEvaluation``: efficacy / generalization / specificity of all records edited so far,
-  every ``--eval-every`` K edits (and before editing, on all N records);
+  every ``--eval-every`` K edits (and before editing, on all N records); teacher-forced, and with
+  ``--wild`` also in the wild (the model's greedy answers, ``*_wild``);
 - ``GeneralCapability`` (GLUE-style subset + perplexity) every ``--general-every`` edits,
   ``HiddenStateDrift`` every round, ``WeightShiftError`` every ``--wse-every`` edits;
 - a ``ModelCheckpoint`` after every round (``last.ckpt``) in the run's work directory
@@ -26,7 +27,10 @@ finished runs' histories:
   drift, weight shift error, per-round seconds and update norms) and its command;
 - ``sequence.csv``: one row per run × checkpoint (in edits) × metric;
 - ``curves.png``: metric against edits, one line per method × strategy;
-- ``table.md``: pre-edit and final values per run, and the time it took.
+- ``table.md``: pre-edit and final values per run, and the time it took (each column names its
+  protocol: TF = teacher forcing, wild = generated answers);
+- ``retention_<run>_<metric>.csv`` / ``.png`` / ``_forgetting.csv``: the retention matrix of
+  ``efficacy`` (and ``efficacy_wild``): per evaluation, the success of each round's edits.
 
 Example (the paper's protocol, CounterFact, MEMIT vs MEMIT + BLUE)::
 
@@ -61,6 +65,7 @@ CALLBACKS = {
     "general": "blueedit.callbacks.progress.GeneralCapability",
     "drift": "blueedit.callbacks.drift.HiddenStateDrift",
     "weight_shift": "blueedit.callbacks.weight_shift.WeightShiftError",
+    "health": "blueedit.callbacks.health.HealthGate",
 }
 
 
@@ -86,6 +91,13 @@ def parse_args(argv: list[str] | None) -> Namespace:
                    help="diagnose the weight shift error of rounds 0, n, 2n, ... with n = this / E rounds (0: off); "
                         "a diagnosed round costs one extra target optimization per edited layer")
     p.add_argument("--wse-contribution", action="store_true", help="also the contribution scores")
+    p.add_argument("--wild", action="store_true", help="also evaluate in the wild (greedy answers, *_wild metrics)")
+    p.add_argument("--wild-max-new-tokens", type=int, default=40, help="token cap of one answer in the wild")
+    p.add_argument("--wild-neighborhood", type=int, default=None,
+                   help="answer only the first this many neighborhood prompts of a record in the wild (default: all)")
+    p.add_argument("--health-gate", default=None, metavar="SIGNAL:MAX_RATIO",
+                   help="undo (refuse) a round whose health signal crosses MAX_RATIO: perplexity:1.5 (WikiText-2 "
+                        "chunks against the unedited model) or update_norm:3 (against the first round)")
     p.add_argument("--data-dir", default=None, help="benchmark data (default $BLUEEDIT_DATA_DIR or ../shared/data)")
     p.add_argument("--workdir", default=None, help=f"checkpoints and logs (default {DEFAULT_WORKDIR}), outside the repo")
     p.add_argument("--out", default=str(C.RESULTS), help="results root ('' : none)")
@@ -105,6 +117,14 @@ def parse_args(argv: list[str] | None) -> Namespace:
             p.error(f"--runs {spec!r}: expected METHOD:STRATEGY, e.g. memit:boundary")
     if args.keep_csv_runs and not args.report_only:
         p.error("--keep-csv-runs needs --report-only")
+    if args.health_gate is not None:
+        signal, _, ratio = args.health_gate.partition(":")
+        try:
+            args.health_gate = {"signal": signal, "max_ratio": float(ratio)}
+        except ValueError:
+            p.error(f"--health-gate {args.health_gate!r}: expected SIGNAL:MAX_RATIO, e.g. perplexity:1.5")
+        if signal not in ("perplexity", "update_norm") or not args.health_gate["max_ratio"] > 0:
+            p.error(f"--health-gate {signal}:{ratio}: SIGNAL is perplexity or update_norm, MAX_RATIO > 0")
     for o in args.overrides:
         if "=" not in o:
             p.error(f"--set {o!r}: expected KEY=VALUE")
@@ -146,6 +166,8 @@ def run_config(args: Namespace, spec: str, run_dir: Path, data_dir: Path) -> dic
         callbacks.append({"class_path": CALLBACKS["drift"],
                           "init_args": {"num_probes": args.drift_probes,
                                         "every_n_rounds": every_rounds(drift_every, E)}})
+    if args.health_gate is not None:
+        callbacks.append({"class_path": CALLBACKS["health"], "init_args": dict(args.health_gate)})
     if args.wse_every > 0:
         callbacks.append({"class_path": CALLBACKS["weight_shift"],
                           "init_args": {"every_n_rounds": every_rounds(args.wse_every, E),
@@ -157,7 +179,10 @@ def run_config(args: Namespace, spec: str, run_dir: Path, data_dir: Path) -> dic
                        "init_args": {"save_dir": str(run_dir), "name": "logs", "flush_logs_every_n_steps": 1}},
             "callbacks": callbacks,
         },
-        "model": {"editing": editing_config(method, strategy), "evaluate": False},
+        "model": {"editing": editing_config(method, strategy), "evaluate": False,
+                  **({"wild_metrics": True, "wild": {"max_new_tokens": args.wild_max_new_tokens,
+                                                    "neighborhood_prompts": args.wild_neighborhood}}
+                     if args.wild else {})},
         "data": {"dataset": getattr(args, "dataset_source", args.dataset), "data_dir": str(data_dir),
                  "num_edits": args.num_edits,
                  "edits_per_round": E},
@@ -383,6 +408,9 @@ def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
         rel = [h["metrics"]["relative"] for h in wse if h["round"] == r and not math.isnan(h["metrics"]["relative"])]
         if rel:
             add(r, "weight_shift/relative/mean", sum(rel) / len(rel))
+    for h in record.get("health") or []:
+        add(h["round"], "health/ratio", h["ratio"])
+        add(h["round"], "health/refused", float(h["refused"]))
     for r in record.get("rounds") or []:
         for l, n in r["update_norms"].items():
             add(r["index"], f"update_norm/layer{l}", n)
@@ -428,6 +456,9 @@ PANELS = [
     ("efficacy", "Efficacy (%)"),
     ("generalization", "Generalization (%)"),
     ("specificity", "Specificity (%)"),
+    ("efficacy_wild", "Efficacy in the wild (%)"),
+    ("generalization_wild", "Generalization in the wild (%)"),
+    ("locality_wild", "Neighborhood answers unchanged (%)"),
     ("fluency", "Fluency (generation entropy)"),
     ("consistency", "Consistency (TF-IDF)"),
     ("general/mean", "General capability (mean of tasks)"),
@@ -479,8 +510,11 @@ def _duration(seconds: float) -> str:
 def markdown_table(records: list[dict[str, Any]], title: str) -> str:
     """Pre-edit and final value per run of the editing metrics, general capability and drift."""
     fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
-    cols = [("efficacy", "Eff."), ("generalization", "Gen."), ("specificity", "Spe."),
-            ("general/mean", "General"), ("general/perplexity", "PPL"), ("drift/probe_accuracy", "Probe acc."),
+    cols = [("efficacy", "Eff. TF"), ("generalization", "Gen. TF"), ("specificity", "Spe. TF")]
+    if any(r["metric"] == "efficacy_wild" for rec in records for r in rows_of(rec)):
+        cols += [("efficacy_wild", "Eff. wild"), ("generalization_wild", "Gen. wild"),
+                 ("specificity_wild", "Spe. wild"), ("locality_wild", "Loc. wild")]
+    cols += [("general/mean", "General"), ("general/perplexity", "PPL"), ("drift/probe_accuracy", "Probe acc."),
             ("weight_shift/relative/mean", "WSE rel.")]
     lines = [f"### {title}", "",
              "| method | strategy | edits | " + " | ".join(c[1] for c in cols) + " | edit time | s / edit |",
@@ -498,10 +532,18 @@ def markdown_table(records: list[dict[str, Any]], title: str) -> str:
         edits = f"{rec['num_edits']} of {rec['planned_edits']} (partial)" if rec.get("partial") else rec["num_edits"]
         lines.append(f"| {rec['method']} | {_strategy(rec)} | {edits} | " + " | ".join(cells)
                      + (" | - | - |" if secs is None else f" | {_duration(secs)} | {secs / max(1, rec['num_edits']):.2f} |"))
-    lines += ["", "Pre-edit → after the last edit (all edited records). Eff./Gen./Spe.: % (CounterFact: "
-              "success rates; zsRE: token accuracy). General: mean headline metric of the GLUE-style tasks. "
+    lines += ["", "Pre-edit → after the last edit (all edited records). TF: teacher forcing, Eff./Gen./Spe. in % "
+              "(CounterFact: success rates; zsRE: token accuracy). wild: the model's greedy answer (stopped at a "
+              "newline, a sentence's period, EOS or the token cap) contains the new object (Eff., Gen.) or the "
+              "neighborhood answer (Spe.); Loc.: neighborhood answers unchanged from the unedited model's. General: mean headline metric of the GLUE-style tasks. "
               "WSE: relative weight shift error, mean over layers, of the last diagnosed round. "
               "Edit time: the rounds' editing time (evaluations excluded)."]
+    for rec in records:
+        refused = [h["round"] for h in rec.get("health") or [] if h["refused"]]
+        if refused:
+            lines.append(f"{_label(rec)}: health gate refused and undid round(s) {', '.join(map(str, refused))} "
+                         f"({sum(min(rec['edits_per_round'], rec['num_edits'] - r * rec['edits_per_round']) for r in refused)} "
+                         "edits; still evaluated, as failures where the model does not know them).")
     kept = [rec for rec in records if rec.get("from_csv")]
     if kept:
         lines.append("Reported from the rows of an earlier `sequence.csv` (no run record; edit time unknown): "
@@ -544,10 +586,27 @@ def assemble(out_dir: Path, title: str, keep_csv_runs: list[str] = ()) -> dict[s
         return {"records": [], "rows": []}
     rows = write_csv(records, out_dir / "sequence.csv")
     plot_curves(records, rows, out_dir / "curves.png", title)
+    write_retentions(records, out_dir)
     table = markdown_table(records, title)
     (out_dir / "table.md").write_text(table + "\n")
     print(table)
     return {"records": records, "rows": rows, "table": table}
+
+
+RETENTION_METRICS = ("efficacy", "efficacy_wild")
+
+
+def write_retentions(records: list[dict[str, Any]], out_dir: Path) -> None:
+    """The retention matrix of each run and metric of :data:`RETENTION_METRICS` whose
+    evaluations kept per-record values."""
+    from blueedit.evaluation.retention import retention_from_history, write_retention
+
+    for rec in records:
+        for metric in RETENTION_METRICS:
+            r = retention_from_history(rec.get("sequence") or [], rec["edits_per_round"], metric)
+            if r is not None:
+                write_retention(r, out_dir, f"retention_{rec['run']}_{metric}",
+                                f"{_label(rec)}: {metric} of each round's edits ({rec['dataset']})")
 
 
 def check_inputs(args: Namespace, data_dir: Path) -> None:

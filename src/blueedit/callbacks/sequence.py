@@ -7,7 +7,9 @@ generalization and specificity (plus the probability margins on CounterFact) fro
 :func:`blueedit.evaluation.editing_metrics.evaluate_requests`, through
 :meth:`blueedit.module.EditingModule.run_evaluation` (PRUNE's restrained weights, sharded under
 DDP). This is the long-sequence protocol of ``docs/algorithms.md``: a metric at ``n`` edits says
-how well the model still holds all ``n`` edits, not only the last round's.
+how well the model still holds all ``n`` edits, not only the last round's. With the module's
+``wild_metrics`` each evaluation also has the in-the-wild metrics, ``locality_wild`` against the
+unedited model's answers of the evaluation before editing (``evaluate_pre``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import lightning as L
 from blueedit.callbacks._common import log_to_loggers
 from blueedit.config import UserInputError
 from blueedit.evaluation.editing_metrics import record_values
+from blueedit.evaluation.wild import add_wild_locality, wild_summary, wild_values
 
 __all__ = ["SequenceEvaluation", "checkpoints_in_round"]
 
@@ -67,6 +70,8 @@ class SequenceEvaluation(L.Callback):
         self.every_n_edits = every_n_edits
         self.evaluate_pre = evaluate_pre
         self.history: list[dict[str, Any]] = []
+        #: the unedited model's in-the-wild neighborhood answers, by case id (``locality_wild``)
+        self.pre_answers: list[dict[str, Any]] = []
 
     @staticmethod
     def _datamodule(trainer):
@@ -79,9 +84,16 @@ class SequenceEvaluation(L.Callback):
         dm = self._datamodule(trainer)
         requests = list(dm.requests) if round_index < 0 else list(dm.requests[:num_edited])
         res = pl_module.run_evaluation(requests)  # a collective under DDP: every rank calls it
+        if round_index < 0:
+            self.pre_answers = [{"case_id": r.get("case_id"), "answers_neighborhood": r["answers_neighborhood"]}
+                                for r in res.records if "answers_neighborhood" in r]
+        elif self.pre_answers:
+            add_wild_locality(res.records, self.pre_answers)
+            res.metrics.update(wild_summary(res.records))
         entry = {"edits": num_edited, "round": round_index, "num_records": len(requests), "kind": res.kind,
                  "metrics": {k: float(v) for k, v in res.metrics.items()},
-                 "records": [{"case_id": rec.get("case_id"), **record_values(rec, res.kind)} for rec in res.records]}
+                 "records": [{"case_id": rec.get("case_id"), **record_values(rec, res.kind), **wild_values(rec)}
+                             for rec in res.records]}
         self.history.append(entry)
         logs = {f"sequence/{k}": v for k, v in entry["metrics"].items() if not math.isnan(v)}
         logs["sequence/edits"] = float(num_edited)
@@ -109,10 +121,11 @@ class SequenceEvaluation(L.Callback):
             self._evaluate(trainer, pl_module, min((index + 1) * k, n), index)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "every_n_edits": self.every_n_edits}
+        return {"history": self.history, "every_n_edits": self.every_n_edits, "pre_answers": self.pre_answers}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+        self.pre_answers = list(state_dict.get("pre_answers", []))
 
     def curve(self, metric: str) -> list[tuple[int, float]]:
         """``(edits, value)`` of ``metric`` for every evaluation after editing began."""

@@ -10,7 +10,19 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.aggregation import MeanMetric
 
-__all__ = ["EditMetrics", "mean_meter"]
+__all__ = ["EditMetrics", "mean_meter", "metric_protocol"]
+
+
+def metric_protocol(name: str) -> str:
+    """How the metric ``name`` was measured, as every written table shows it: ``wild`` (the
+    model's own greedy answer, :mod:`blueedit.evaluation.wild`), ``sampled`` (fluency and
+    consistency of sampled texts) or ``teacher forcing`` (the probability of the target tokens
+    placed after the prompt: every other editing metric)."""
+    if "_wild" in name:
+        return "wild"
+    if name in ("fluency", "consistency"):
+        return "sampled"
+    return "teacher forcing"
 
 
 def mean_meter(sync: bool = False) -> MeanMetric:

@@ -30,6 +30,8 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from blueedit.evaluation.metrics import metric_protocol
+
 log = logging.getLogger(__name__)
 
 __all__ = ["write_report", "collect_histories"]
@@ -96,9 +98,9 @@ def _markdown(summary: dict[str, Any], hist: dict[str, list[dict[str, Any]]]) ->
     ]
     metrics = summary.get("metrics") or {}
     if metrics:
-        lines += ["## Editing metrics", "", "| metric | pre | post |", "|---|---:|---:|"]
+        lines += ["## Editing metrics", "", "| metric | protocol | pre | post |", "|---|---|---:|---:|"]
         for name, v in metrics.items():
-            lines.append(f"| {name} | {_fmt(v.get('pre'))} | {_fmt(v.get('post'))} |")
+            lines.append(f"| {name} | {metric_protocol(name)} | {_fmt(v.get('pre'))} | {_fmt(v.get('post'))} |")
         lines.append("")
     general = hist.get("general")
     if general:

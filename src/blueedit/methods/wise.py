@@ -23,6 +23,9 @@ class Wise(EditMethod):
         if hp.target.site != "block":
             raise UserInputError(f"editing.target.site {hp.target.site!r} does not apply to editing.method 'wise' "
                              "(WISE has no target); leave it at 'block'")
+        if hp.target.stop_after != "none":
+            raise UserInputError("editing.target.stop_after does not apply to editing.method 'wise' (WISE has no "
+                                 "target vector); leave it at 'none'")
         if hp.strategy == "boundary":
             raise UserInputError("editing.strategy 'boundary' (BLUE) does not apply to editing.method 'wise': WISE "
                              "trains a side memory at one layer; remove the strategy or set it to 'distribute'")

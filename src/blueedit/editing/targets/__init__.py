@@ -151,7 +151,8 @@ def optimize_targets(
     loss_layer = _check_target_args(adapter, layer, hp, max_batch_tokens, sites, fisher)
     sites = tuple(sites)
     device = next(model.parameters()).device
-    rows = target_rows(tokenizer, requests, templates, hp.kl_prompt, forget=hp.forget_weight > 0)
+    rows = target_rows(tokenizer, requests, templates, hp.kl_prompt, forget=hp.forget_weight > 0,
+                       stop_after=hp.stop_after)
     n_req, S = len(requests), len(sites)
     # the KL term compares the model's next-token distributions (its final logits, as the published
     # ``compute_z``); the target log-probs are read at ``loss_layer``. Both come from one pass that

@@ -31,13 +31,31 @@ class TargetRow:
     is_old: bool = False  # an unlikelihood row: the target is the old answer o
 
 
+_STOP_TEXT = {"newline": "\n", "period": "."}
+
+
+def stop_ids(tokenizer, stop_after: str) -> list[int]:
+    """The token ids placed after ``o*`` in the optimized target (``editing.target.stop_after``):
+    ``[]`` for ``none``, ``[EOS]`` for ``eos``, the tokens of ``"\n"`` or ``"."`` otherwise."""
+    if stop_after == "none":
+        return []
+    if stop_after == "eos":
+        if tokenizer.eos_token_id is None:
+            raise ValueError("editing.target.stop_after 'eos': the tokenizer has no EOS token")
+        return [int(tokenizer.eos_token_id)]
+    ids = tokenizer(_STOP_TEXT[stop_after], add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [i for i in ids if bos is None or i != bos]
+
+
 def target_rows(tokenizer, requests: list[EditRequest], templates: list[str], kl_prompt: str,
-                forget: bool = False) -> list[TargetRow]:
-    """Every request's rows, request by request: its rewriting prompts, (``forget``) the same
-    prompts with the old answer, its KL prompt."""
+                forget: bool = False, stop_after: str = "none") -> list[TargetRow]:
+    """Every request's rows, request by request: its rewriting prompts (target ``o*`` followed by
+    :func:`stop_ids`), (``forget``) the same prompts with the old answer, its KL prompt."""
     rows = []
+    stop = stop_ids(tokenizer, stop_after)
     for i, r in enumerate(requests):
-        target = tokenize_target(tokenizer, r.target_new)
+        target = tokenize_target(tokenizer, r.target_new) + stop
         for c in templates:
             ids, fact = encode_prompt(tokenizer, c.replace("{}", r.prompt, 1), r.subject)
             rows.append(TargetRow(ids, fact, target, i, False))
