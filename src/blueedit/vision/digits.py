@@ -193,3 +193,55 @@ def load_or_train(cfg: TrainConfig | None = None, cache_root: str | Path | None 
     (tmp / "training.json").write_text(json.dumps(info, indent=1))
     os.replace(tmp, out) if not out.exists() else None
     return ViTForImageClassification.from_pretrained(out).eval(), out
+
+
+@dataclass
+class Group:
+    """One subpopulation: the held-out images of class ``label`` under ``transform`` that the base
+    model gets wrong (``x``: ``[n, 1, 8, 8]``, ``y``: ``[n]``, all equal to ``label``)."""
+
+    transform: str
+    label: int
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @property
+    def name(self) -> str:
+        return f"{self.transform}/{self.label}"
+
+
+@dataclass
+class Bed:
+    """The editing bed of one trained model: the groups, the locality set (clean held-out images
+    the model gets right), its sensitive subset (top-2 probability gap below ``sensitive_gap``) and
+    the unrelated training images ``U`` (for ``P`` and mean ablation)."""
+
+    groups: list[Group]
+    locality_x: torch.Tensor
+    locality_y: torch.Tensor
+    sensitive: torch.Tensor
+    unrelated_x: torch.Tensor
+
+
+@torch.no_grad()
+def build_bed(model, split: DigitsSplit, transforms: tuple[str, ...] = TRANSFORMS, min_size: int = 4,
+              groups_per_transform: int | None = None, sensitive_gap: float = 0.5) -> Bed:
+    """Groups of at least ``min_size`` failures per (transform, class); per transform the
+    ``groups_per_transform`` largest (ties: the smaller class first), all when None."""
+    from blueedit.vision.metrics import top2_gap
+
+    groups: list[Group] = []
+    for t in transforms:
+        x = apply_transform(t, split.heldout_x)
+        wrong = predict(model, x) != split.heldout_y
+        found = []
+        for c in range(int(split.heldout_y.max()) + 1):
+            sel = wrong & (split.heldout_y == c)
+            if int(sel.sum()) >= min_size:
+                found.append(Group(t, c, x[sel], split.heldout_y[sel]))
+        found.sort(key=lambda g: (-len(g.y), g.label))
+        groups += found[:groups_per_transform] if groups_per_transform else found
+    logits = logits_of(model, split.heldout_x)
+    right = logits.argmax(-1) == split.heldout_y
+    loc_x, loc_y = split.heldout_x[right], split.heldout_y[right]
+    return Bed(groups, loc_x, loc_y, top2_gap(logits[right]) < sensitive_gap, split.train_x)

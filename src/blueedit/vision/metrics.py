@@ -41,3 +41,22 @@ def top2_gap(logits: torch.Tensor) -> torch.Tensor:
     """Top-1 minus top-2 softmax probability per row (``[n]``): small gaps mark sensitive images."""
     p = logits.softmax(-1).topk(2, dim=-1).values
     return p[:, 0] - p[:, 1]
+
+
+@torch.no_grad()
+def edit_metrics(model, group_x: torch.Tensor, group_y: torch.Tensor, edited: torch.Tensor, locality_x: torch.Tensor,
+                 locality_before: torch.Tensor, sensitive: torch.Tensor | None = None,
+                 batch_size: int = 512) -> dict[str, float]:
+    """SR, GR and LR (and ``lr_sensitive`` on the ``sensitive`` subset of the locality images) of
+    ``model`` as it is now: ``group_x`` / ``group_y`` the group's failures with ``edited`` marking
+    the edit images, ``locality_before`` the base model's predictions on ``locality_x``."""
+    def pred(x):
+        return torch.cat([model(pixel_values=x[i:i + batch_size]).logits.argmax(-1) for i in range(0, len(x), batch_size)])
+
+    g = pred(group_x)
+    after = pred(locality_x)
+    out = {"sr": success_rate(g[edited], group_y[edited]), "gr": generalization_rate(g, group_y, edited),
+           "lr": locality_rate(locality_before, after)}
+    if sensitive is not None and bool(sensitive.any()):
+        out["lr_sensitive"] = locality_rate(locality_before[sensitive], after[sensitive])
+    return out
