@@ -14,12 +14,14 @@ weight C), ``ft-attn`` (the last two blocks' attention output projections), ``he
 total effect, no P), ``P`` (no head removed), ``heads+P-k<K>-lam<λ>`` (total effect),
 ``direct+P``, ``greedy+P``, ``mean+P`` (mean ablation), ``random+P``.
 
-Written under ``--out``: ``vit_digits.csv`` (one line per edit), ``vit_digits.json`` (means,
+Each seed's edits go to ``--out``/runs/seed<N>.json; seeds can run in separate processes and be
+joined with ``--report-only``. Written under ``--out``: ``vit_digits.csv`` (one line per edit), ``vit_digits.json`` (means,
 per transform, over seeds; the run record), ``vit_digits.md`` and ``vit_digits_pareto.png``.
 
-Example (the committed results; about 30 CPU-minutes on one thread)::
+Example (the committed results: three processes, then the join; about 20 CPU-minutes in all)::
 
-    python benchmarks/vit_digits.py --seeds 0 1 2
+    for s in 0 1 2; do python benchmarks/vit_digits.py --seeds $s --edits-per-group 3 --multi-per-group 1 & done; wait
+    python benchmarks/vit_digits.py --seeds 0 1 2 --edits-per-group 3 --multi-per-group 1 --report-only
 """
 
 from __future__ import annotations
@@ -205,6 +207,44 @@ def markdown(payload) -> str:
     return "\n".join(lines)
 
 
+def run_seed(seed: int, args, rows, specs, started: float) -> dict:
+    """Train (or read) the seed's model, build its bed, run every row: the seed's record."""
+    from blueedit.vision.digits import TRANSFORMS, TrainConfig, accuracy, apply_transform, build_bed, \
+        load_digits_split, load_or_train, predict
+    from blueedit.vision.heads import EditHooks
+    from blueedit.vision.vit import ViTAdapter
+
+    wall0, cpu0 = time.time(), time.process_time()
+    split = load_digits_split()
+    model, _ = load_or_train(TrainConfig(seed=seed, steps=args.train_steps), args.cache_dir)
+    train_cpu = time.process_time() - cpu0
+    adapter = ViTAdapter.of(model)
+    bed = build_bed(model, split, groups_per_transform=args.groups_per_transform)
+    record = {"seed": seed, "clean_accuracy": accuracy(model, split.heldout_x, split.heldout_y),
+              "transformed_accuracy": {t: accuracy(model, apply_transform(t, split.heldout_x), split.heldout_y)
+                                       for t in TRANSFORMS},
+              "groups": [g.name + f" ({len(g.y)})" for g in bed.groups], "locality": len(bed.locality_y),
+              "sensitive": int(bed.sensitive.sum()), "premise": premise(model, adapter, split.heldout_x),
+              "num_layers": adapter.num_layers, "train_cpu_seconds": round(train_cpu, 1),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall0))}
+    base_loc = predict(model, bed.locality_x)
+    hooks = EditHooks(adapter)
+    lines = []
+    for size in [1] + list(args.multi):
+        chosen = rows if size == 1 else [r for r in rows if r in MULTI_ROWS]
+        limit = args.edits_per_group if size == 1 else args.multi_per_group
+        for name in chosen:
+            n = len(lines)
+            lines += [{"seed": seed, **r} for r in run_row(name, specs[name], model, adapter, hooks, bed, base_loc,
+                                                          lambda g: edit_sets(g, size, limit), seed)]
+            print(f"seed {seed} images {size} {name}: {len(lines) - n} edits ({time.time() - started:.0f}s)", flush=True)
+    hooks.remove()
+    edit_cpu = sum(r["cpu_seconds"] for r in lines)
+    record.update(lines=lines, wall_seconds=round(time.time() - wall0, 1),
+                  other_cpu_seconds=round(time.process_time() - cpu0 - train_cpu - edit_cpu, 1))
+    return record
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the digits ViT")
@@ -215,16 +255,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--multi-per-group", type=int, default=2, help="multi-image edit sets per group")
     p.add_argument("--rows", nargs="*", default=None, help="row names (default: all)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--report-only", action="store_true",
+                   help="only join the per-seed records under OUT/runs (seeds run in separate processes)")
     p.add_argument("--cache-dir", default=None, help="where the trained models are cached (default $BLUEEDIT_CACHE)")
     p.add_argument("--out", default=str(C.REPO / "benchmarks" / "results" / "vit_digits"))
     args = p.parse_args(argv)
 
     import torch
 
-    from blueedit.vision.digits import TRANSFORMS, TrainConfig, accuracy, apply_transform, build_bed, load_digits_split, \
-        load_or_train, predict
-    from blueedit.vision.heads import EditHooks
-    from blueedit.vision.vit import ViTAdapter
+    from blueedit.vision.digits import TRANSFORMS
 
     torch.set_num_threads(args.threads)
     specs = row_specs()
@@ -233,36 +272,33 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {', '.join(specs)}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    split = load_digits_split()
+    (out / "runs").mkdir(parents=True, exist_ok=True)
     started, cpu0 = time.time(), time.process_time()
-    lines, premises, accs, t_accs, info = [], [], [], {t: [] for t in TRANSFORMS}, {}
-    train_cpu = 0.0
+    settings = {k: getattr(args, k) for k in ("train_steps", "groups_per_transform", "edits_per_group", "multi",
+                                              "multi_per_group")}
+    if not args.report_only:
+        for seed in args.seeds:
+            record = run_seed(seed, args, rows, specs, started)
+            record.update(settings=settings, command=C.command_line("vit_digits.py", argv), rows=rows)
+            (out / "runs" / f"seed{seed}.json").write_text(json.dumps(record))
+    records = []
     for seed in args.seeds:
-        t0 = time.process_time()
-        model, directory = load_or_train(TrainConfig(seed=seed, steps=args.train_steps), args.cache_dir)
-        train_cpu += time.process_time() - t0
-        adapter = ViTAdapter.of(model)
-        accs.append(accuracy(model, split.heldout_x, split.heldout_y))
-        for t in TRANSFORMS:
-            t_accs[t].append(accuracy(model, apply_transform(t, split.heldout_x), split.heldout_y))
-        bed = build_bed(model, split, groups_per_transform=args.groups_per_transform)
-        info.setdefault("groups", []).append([g.name + f" ({len(g.y)})" for g in bed.groups])
-        info.setdefault("locality", []).append(len(bed.locality_y))
-        info.setdefault("sensitive", []).append(int(bed.sensitive.sum()))
-        premises.append(premise(model, adapter, split.heldout_x))
-        base_loc = predict(model, bed.locality_x)
-        hooks = EditHooks(adapter)
-        for size in [1] + list(args.multi):
-            chosen = rows if size == 1 else [r for r in rows if r in MULTI_ROWS]
-            limit = args.edits_per_group if size == 1 else args.multi_per_group
-            for name in chosen:
-                for r in run_row(name, specs[name], model, adapter, hooks, bed, base_loc,
-                                 lambda g: edit_sets(g, size, limit), seed):
-                    lines.append({"seed": seed, **r})
-                print(f"seed {seed} images {size} {name}: {sum(1 for r in lines if r['seed'] == seed and r['row'] == name and r['images'] == size)} edits "
-                      f"({time.time() - started:.0f}s)", flush=True)
-        hooks.remove()
+        path = out / "runs" / f"seed{seed}.json"
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing: run --seeds {seed} first")
+        record = json.loads(path.read_text())
+        if record["settings"] != settings:
+            raise SystemExit(f"{path} was run with {record['settings']}, not {settings}")
+        records.append(record)
+    lines = [l for r in records for l in r["lines"]]
+    rows = [r for r in specs if any(l["row"] == r for l in lines)]
+    accs = [r["clean_accuracy"] for r in records]
+    t_accs = {t: [r["transformed_accuracy"][t] for r in records] for t in TRANSFORMS}
+    premises = [r["premise"] for r in records]
+    info = {"groups": [r["groups"] for r in records], "locality": [r["locality"] for r in records],
+            "sensitive": [r["sensitive"] for r in records]}
+    train_cpu = sum(r["train_cpu_seconds"] for r in records)
+    num_layers = records[0]["num_layers"]
     edit_cpu = sum(r["cpu_seconds"] for r in lines)
     per_t = summarize(lines, ("row", "images", "transform"))
     per_all = summarize([{**r, "transform": "all"} for r in lines], ("row", "images", "transform"))
@@ -281,15 +317,16 @@ def main(argv: list[str] | None = None) -> None:
         "device": C.device_description("cpu"), "seeds": args.seeds, "rows": rows, "transforms": list(TRANSFORMS),
         "model": "ViT from config: 8x8 images, patch 2, d 64, 4 blocks x 4 heads, MLP 128, "
                  f"{args.train_steps} AdamW steps x 128 on clean digits with +-1-pixel shifts",
-        "num_layers": adapter.num_layers,
+        "num_layers": num_layers, "seed_commands": [r["command"] for r in records],
+        "seed_wall_seconds": [r["wall_seconds"] for r in records],
         "clean_accuracy": mean(accs), "transformed_accuracy": {t: mean(v) for t, v in t_accs.items()},
         "groups_per_seed": [len(g) for g in info["groups"]], "groups": info["groups"],
         "locality_per_seed": info["locality"], "sensitive_per_seed": info["sensitive"],
         "premise": {k: mean([p_[k] for p_ in premises]) for k in premises[0]},
         "premise_per_seed": premises, "summary": summary,
-        "wall_seconds": round(time.time() - started, 1), "cpu_seconds": round(time.process_time() - cpu0, 1),
+        "cpu_seconds": round(edit_cpu + train_cpu + sum(r["other_cpu_seconds"] for r in records), 1),
         "edit_cpu_seconds": round(edit_cpu, 1), "train_cpu_seconds": round(train_cpu, 1),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seed_started": [r["started"] for r in records],
     }
     (out / "vit_digits.json").write_text(json.dumps(payload, indent=1))
     (out / "vit_digits.md").write_text(markdown(payload))

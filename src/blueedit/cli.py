@@ -418,6 +418,15 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> BlueEditCLI:
     (its ``model``, ``datamodule`` and ``trainer``). ``run=False``: ``args`` hold no subcommand;
     the classes are only instantiated (what the config tests use)."""
     quiet_lightning()
+    argv = list(sys.argv[1:] if args is None else args)
+    from blueedit.vision.cli import is_vision_command  # a config naming a blueedit.vision model: the vision track
+
+    if is_vision_command(argv):
+        from blueedit.vision.cli import run_vision_cli
+
+        return run_vision_cli(args, run=run, trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0,
+                              parser_kwargs={"prog": "blueedit", "exit_on_error": False},
+                              save_config_kwargs={"overwrite": True})
     return BlueEditCLI(
         EditingModule,
         EditDataModule,
@@ -461,6 +470,11 @@ def main(args: list[str] | None = None) -> None:
         # plain commands beside the Lightning ones, each with its own parser
         if rest and rest[0] == "revert":
             from blueedit.carry import revert_main
+            from blueedit.vision.state import is_edited_vit, revert_main as vision_revert_main
+
+            if any(is_edited_vit(a) for a in rest[1:] if not a.startswith("-")):
+                vision_revert_main(rest[1:])
+                return
 
             revert_main(rest[1:])
             return

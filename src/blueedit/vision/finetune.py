@@ -47,7 +47,7 @@ def finetune_edit(model, params: list[torch.nn.Parameter], x: torch.Tensor, y: t
     for step in range(max_steps):
         logits = model(pixel_values=x).logits
         ce = F.cross_entropy(logits, y)
-        if bool((logits.argmax(-1) == y).all()) and float(ce) <= stop_loss:
+        if bool((logits.argmax(-1) == y).all()) and float(ce.detach()) <= stop_loss:
             return step
         loss = ce + l1 * sum((p - p0).abs().sum() for p, p0 in zip(params, start)) if l1 else ce
         opt.zero_grad(set_to_none=True)

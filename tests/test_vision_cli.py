@@ -1,0 +1,101 @@
+"""The vision track's Lightning shape on an untrained 2-layer ViT: ``blueedit fit`` on the digits
+bed, resume, ``blueedit edit --output``, the loader and ``revert``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from blueedit.cli import main  # noqa: E402
+from blueedit.vision.digits import apply_transform, load_digits_split  # noqa: E402
+from blueedit.vision.state import is_edited_vit, load_edited, read_state  # noqa: E402
+from blueedit.vision.vit import digits_vit_config, load_vit  # noqa: E402
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "vit-digits" / "refinevit.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tinyvit")
+    load_vit(config=digits_vit_config(num_layers=2, hidden_size=16, intermediate_size=32)).save_pretrained(out)
+    return out
+
+
+def _args(tiny_dir, root, *extra):
+    return ["--config", CONFIG, "--model.init_args.model.name_or_path", str(tiny_dir),
+            "--model.init_args.refine.steps", "20", "--model.init_args.refine.lam", "0.01",
+            "--model.init_args.refine.lr", "0.1", "--data.init_args.groups_per_transform", "1",
+            "--data.init_args.edits_per_group", "2", "--trainer.default_root_dir", str(root),
+            "--trainer.logger.init_args.save_dir", str(root), "--trainer.enable_progress_bar", "false", *extra]
+
+
+def _metrics(root: Path) -> dict:
+    return json.loads(sorted(root.rglob("vision_metrics.json"))[-1].read_text())
+
+
+def test_fit_runs_one_edit_per_step_and_resumes(tiny_dir, tmp_path):
+    main(["fit", *_args(tiny_dir, tmp_path / "full")])
+    full = _metrics(tmp_path / "full")
+    assert full["mean"]["rounds"] == 8 == len(full["rounds"])  # 4 transforms x 1 group x 2 edits
+    assert all(0.0 <= r[k] <= 1.0 for r in full["rounds"] for k in ("sr", "gr", "lr"))
+    assert full["mean"]["sr"] > 0  # P can move the untrained model's small logits
+    ckpt_full = torch.load(sorted((tmp_path / "full").rglob("*.ckpt"))[-1], weights_only=False)
+    # interrupted after 3 rounds, then resumed from its checkpoint: the same rounds and the same last edit
+    every_step = json.dumps([{"class_path": "blueedit.vision.callbacks.SubpopulationMetrics"},
+                             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                              "init_args": {"every_n_train_steps": 1, "save_top_k": -1}}])
+    main(["fit", *_args(tiny_dir, tmp_path / "part", "--trainer.max_steps", "3", "--trainer.callbacks", every_step)])
+    part_ckpt = [p for p in (tmp_path / "part").rglob("*.ckpt") if "step=3" in p.name][0]
+    assert torch.load(part_ckpt, weights_only=False)["state_dict"]["last_round"].item() == 2
+    main(["fit", *_args(tiny_dir, tmp_path / "resumed", "--ckpt_path", str(part_ckpt))])
+    resumed = _metrics(tmp_path / "resumed")
+    assert [r["round"] for r in resumed["rounds"]] == list(range(8))
+    assert resumed["rounds"] == full["rounds"]
+    ckpt = torch.load(sorted((tmp_path / "resumed").rglob("*.ckpt"))[-1], weights_only=False)
+    for key in ("mask", "projection"):
+        assert torch.equal(ckpt["state_dict"][key], ckpt_full["state_dict"][key])
+
+
+def test_edit_output_load_and_revert_restore_the_original_bit_for_bit(tiny_dir, tmp_path):
+    split = load_digits_split()
+    x = apply_transform("inversion", split.heldout_x[:2])
+    torch.save({"images": x, "labels": split.heldout_y[:2]}, tmp_path / "edits.pt")
+    out = tmp_path / "edited"
+    main(["edit", *_args(tiny_dir, tmp_path / "run"), "--edits", str(tmp_path / "edits.pt"), "--output", str(out)])
+    assert is_edited_vit(out)
+    state, record = read_state(out)
+    assert record["method"] == "refinevit" and record["rounds"][0]["images"] == 2
+    assert state.projection is not None and state.mask.shape == (2, 4)
+    base = load_vit(str(tiny_dir))
+    model, hooks = load_edited(out)
+    probe = split.heldout_x[:50]
+    with torch.no_grad():
+        edited_logits = model(pixel_values=probe).logits
+        hooks.remove()
+        assert torch.equal(model(pixel_values=probe).logits, base(pixel_values=probe).logits)
+    assert not torch.equal(edited_logits, base(pixel_values=probe).logits)
+    original = (tiny_dir / "model.safetensors").read_bytes()
+    assert (out / "model.safetensors").read_bytes() == original
+    main(["revert", str(out)])
+    assert not is_edited_vit(out)
+    assert (out / "model.safetensors").read_bytes() == original
+    with pytest.raises(SystemExit):  # a second edit into the same directory needs --overwrite
+        main(["edit", *_args(tiny_dir, tmp_path / "run2"), "--edits", str(tmp_path / "edits.pt"), "--output", str(out)])
+
+
+def test_bad_edit_file_is_refused_before_editing(tiny_dir, tmp_path, capsys):
+    x = torch.rand(2, 1, 8, 8)
+    x[1, 0, 3, 3] = float("nan")
+    torch.save({"images": x, "labels": torch.tensor([1, 2])}, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit) as e:
+        main(["edit", *_args(tiny_dir, tmp_path / "run"), "--edits", str(tmp_path / "bad.pt"), "--output",
+              str(tmp_path / "never")])
+    assert e.value.code == 2
+    assert "image 1 has non-finite values" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
