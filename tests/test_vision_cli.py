@@ -99,3 +99,50 @@ def test_bad_edit_file_is_refused_before_editing(tiny_dir, tmp_path, capsys):
     assert e.value.code == 2
     assert "image 1 has non-finite values" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_vit_b16_directory_edits_with_its_own_images(tmp_path):
+    """The hub path (a ViT-B/16 directory, as google/vit-base-patch16-224 would be downloaded),
+    on a randomly initialized model of that architecture: edit with the file's unrelated and
+    locality images, save, load."""
+    from blueedit.vision.vit import vit_b16_config
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "vit-b16"
+    load_vit(config=vit_b16_config(num_labels=5)).save_pretrained(model_dir)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 224, 224, generator=g)
+    base = load_vit(str(model_dir))
+    with torch.no_grad():
+        wrong = base(pixel_values=images).logits.argmax(-1)
+    torch.save({"images": images, "labels": (wrong + 1) % 5, "unrelated": torch.rand(4, 3, 224, 224, generator=g),
+                "locality": torch.rand(3, 3, 224, 224, generator=g)}, tmp_path / "edits.pt")
+    out = tmp_path / "edited"
+    main(["edit", "--config", CONFIG, "--model.init_args.model.name_or_path", str(model_dir),
+          "--model.init_args.refine.score", "direct", "--model.init_args.refine.steps", "30",
+          "--model.init_args.refine.lr", "0.1", "--model.init_args.refine.lam", "0.01",
+          "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger.init_args.save_dir",
+          str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
+          "--edits", str(tmp_path / "edits.pt"), "--output", str(out)])
+    state, _ = read_state(out)
+    assert state.mask.shape == (12, 12) and state.projection.shape == (768, 768)
+    edited, hooks = load_edited(out)
+    with torch.no_grad():
+        assert torch.equal(edited(pixel_values=images).logits.argmax(-1), (wrong + 1) % 5)
+
+
+def test_digits_bed_refuses_another_image_shape_and_bad_options(tmp_path):
+    from blueedit.vision.datamodule import DigitsEditDataModule, load_edit_file
+
+    with pytest.raises(ValueError, match="data.transforms"):
+        DigitsEditDataModule(transforms=["blur"])
+    with pytest.raises(ValueError, match="images_per_edit 4 must be below"):
+        DigitsEditDataModule(images_per_edit=4)
+    torch.save({"images": torch.rand(2, 1, 8, 8), "labels": torch.tensor([1, 2]), "unrelated": torch.rand(3, 1, 4, 4)},
+               tmp_path / "e.pt")
+    with pytest.raises(ValueError, match="'unrelated' images are"):
+        load_edit_file(tmp_path / "e.pt")
+    torch.save({"images": torch.rand(2, 1, 8, 8), "labels": torch.tensor([1])}, tmp_path / "e.pt")
+    with pytest.raises(ValueError, match="2 images but 1 labels"):
+        load_edit_file(tmp_path / "e.pt")
