@@ -276,3 +276,36 @@ def test_vit_b16_architecture_from_a_config():
     assert out.shape == (1, 10)
     with pytest.raises(ValueError, match="either"):
         load_vit()
+
+
+def test_transforms_and_augmentation():
+    from blueedit.vision.digits import apply_transform, random_small_shift
+
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 1, 2] = 1.0
+    assert apply_transform("shift", x)[0, 0, 3, 4] == 1.0
+    assert apply_transform("rotation", x)[0, 0, 5, 1] == 1.0  # 90 degrees counter-clockwise: (r, c) -> (7 - c, r)
+    assert int(apply_transform("dilation", x).sum()) == 9
+    assert torch.equal(apply_transform("inversion", x), 1 - x)
+    with pytest.raises(ValueError, match="transform 'blur'"):
+        apply_transform("blur", x)
+    shifted = random_small_shift(x.repeat(50, 1, 1, 1), torch.Generator().manual_seed(0))
+    rows, cols = torch.nonzero(shifted[:, 0], as_tuple=True)[1:]
+    assert shifted.sum(dim=(1, 2, 3)).eq(1).all()  # every pixel kept (none falls off: it is 1 away from the edge)
+    assert set(rows.tolist()) == {0, 1, 2} and set(cols.tolist()) == {1, 2, 3}
+
+
+def test_bed_groups_are_failures_of_one_class_under_one_transform(tiny):
+    from blueedit.vision.digits import DigitsSplit, build_bed, predict
+
+    g = torch.Generator().manual_seed(0)
+    split = DigitsSplit(torch.rand(20, 1, 8, 8, generator=g), torch.arange(20) % 10,
+                        torch.rand(60, 1, 8, 8, generator=g), torch.arange(60) % 10)
+    bed = build_bed(tiny, split, transforms=("inversion",), min_size=2, groups_per_transform=3, sensitive_gap=0.5)
+    assert 0 < len(bed.groups) <= 3
+    sizes = [len(gr.y) for gr in bed.groups]
+    assert sizes == sorted(sizes, reverse=True)
+    for gr in bed.groups:
+        assert gr.transform == "inversion" and (gr.y == gr.label).all()
+        assert (predict(tiny, gr.x) != gr.y).all()
+    assert (predict(tiny, bed.locality_x) == bed.locality_y).all()
