@@ -30,9 +30,9 @@ class VisionEdit:
     group: int = -1
     edited: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
 
-    def to(self, *args: Any, **kwargs: Any) -> "VisionEdit":
-        return VisionEdit(self.index, self.x.to(*args, **kwargs), self.y.to(*args, **kwargs) if kwargs.get("device") or args else self.y,
-                          self.group, self.edited)
+    def to(self, device: Any = None, **kwargs: Any) -> "VisionEdit":
+        """Lightning's device transfer: the images and labels move, their dtypes stay."""
+        return VisionEdit(self.index, self.x.to(device), self.y.to(device), self.group, self.edited)
 
 
 class EditSetDataset(Dataset[VisionEdit]):

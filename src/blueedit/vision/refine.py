@@ -307,6 +307,8 @@ def refine_edit(hooks: EditHooks, x: torch.Tensor, y: torch.Tensor, unrelated_x:
     adapter = hooks.adapter
     hooks.clear()
     L, H = adapter.num_layers, adapter.num_heads
+    unrelated_x = unrelated_x.to(x.device)
+    reference_x = None if reference_x is None else reference_x.to(x.device)
     with torch.no_grad():
         logits = adapter.model(pixel_values=x).logits
     top2 = logits.topk(2, dim=-1).indices
@@ -342,7 +344,7 @@ def refine_edit(hooks: EditHooks, x: torch.Tensor, y: torch.Tensor, unrelated_x:
     hooks.mask = mask
     projection = None
     if cfg.projection:
-        u = unrelated_x[torch.randperm(len(unrelated_x), generator=gen)[:cfg.unrelated]]
+        u = unrelated_x[torch.randperm(len(unrelated_x), generator=gen)[:cfg.unrelated].to(x.device)]
         with hooks.masked(torch.zeros_like(mask)):
             r_u = _reps(adapter, u)
         r_tilde_u, r_tilde_x = _reps(adapter, u), _reps(adapter, x)
