@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -191,7 +192,10 @@ def load_or_train(cfg: TrainConfig | None = None, cache_root: str | Path | None 
             "transformed_heldout_accuracy": {t: accuracy(model, apply_transform(t, split.heldout_x), split.heldout_y)
                                              for t in TRANSFORMS}}
     (tmp / "training.json").write_text(json.dumps(info, indent=1))
-    os.replace(tmp, out) if not out.exists() else None
+    if out.exists():  # another process cached the same settings meanwhile: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
     return ViTForImageClassification.from_pretrained(out).eval(), out
 
 

@@ -92,9 +92,9 @@ class VisionEditingModule(L.LightningModule):
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """The edit state only (the ViT's weights never change)."""
-        from blueedit.vision.state import _tensors
+        from blueedit.vision.state import state_tensors
 
-        return {**_tensors(self.edit_state()), "last_round": torch.tensor(self.last_round)}
+        return {**state_tensors(self.edit_state()), "last_round": torch.tensor(self.last_round)}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         from blueedit.vision.state import apply_state

@@ -109,7 +109,7 @@ def cls_decomposition(adapter: ViTAdapter, x: torch.Tensor) -> ClsDecomposition:
     L = adapter.num_layers
     blocks = [adapter.o_proj(l) for l in range(L)]
     handles = [adapter.final_norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("final", a[0][:, 0]))]
-    handles.append(_block_module(adapter, 0).register_forward_pre_hook(_embedding_hook(seen), with_kwargs=True))
+    handles.append(adapter.block(0).register_forward_pre_hook(_embedding_hook(seen), with_kwargs=True))
     for l in range(L):
         handles.append(blocks[l].register_forward_pre_hook(lambda m, a, l=l: seen.__setitem__(f"z{l}", a[0][:, 0])))
         handles.append(adapter.mlp_out(l).register_forward_hook(lambda m, a, o, l=l: seen.__setitem__(f"m{l}", o[:, 0])))
@@ -123,12 +123,6 @@ def cls_decomposition(adapter: ViTAdapter, x: torch.Tensor) -> ClsDecomposition:
                         for l in range(L)])
     return ClsDecomposition(seen["embedding"], heads, bias, torch.stack([seen[f"m{l}"] for l in range(L)], 1),
                             seen["final"], logits)
-
-
-def _block_module(adapter: ViTAdapter, layer: int):
-    from blueedit.vision.vit import LAYOUTS, _get
-
-    return _get(adapter.model, LAYOUTS[adapter.layout][0])[layer]
 
 
 def _embedding_hook(seen: dict[str, torch.Tensor]):

@@ -39,7 +39,7 @@ def is_edited_vit(directory: str | Path) -> bool:
     return (Path(directory) / STATE_FILE).is_file()
 
 
-def _tensors(state: EditState) -> dict[str, torch.Tensor]:
+def state_tensors(state: EditState) -> dict[str, torch.Tensor]:
     out = {"mask": state.mask.to(torch.uint8).contiguous()}
     if state.projection is not None:
         out["projection"] = state.projection.detach().contiguous()
@@ -75,7 +75,7 @@ def save_edited(model, state: EditState, output: str | Path, record: dict[str, A
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
-        save_file(_tensors(state), str(tmp / STATE_FILE))
+        save_file(state_tensors(state), str(tmp / STATE_FILE))
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1, default=str))
 
     return _write_atomically(Path(output).expanduser().absolute(), write, overwrite)

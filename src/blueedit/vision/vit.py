@@ -71,19 +71,19 @@ class ViTAdapter:
         raise AdapterError(f"{type(model).__name__} is not a ViTForImageClassification this adapter knows "
                            f"(looked for {', '.join(v[0] for v in LAYOUTS.values())})")
 
-    def _block(self, layer: int) -> nn.Module:
+    def block(self, layer: int) -> nn.Module:
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"block {layer} out of range 0..{self.num_layers - 1}")
         return _get(self.model, LAYOUTS[self.layout][0])[layer]
 
     def o_proj(self, layer: int) -> nn.Linear:
-        return _get(self._block(layer), LAYOUTS[self.layout][1])
+        return _get(self.block(layer), LAYOUTS[self.layout][1])
 
     def mlp_in(self, layer: int) -> nn.Linear:
-        return _get(self._block(layer), LAYOUTS[self.layout][2])
+        return _get(self.block(layer), LAYOUTS[self.layout][2])
 
     def mlp_out(self, layer: int) -> nn.Linear:
-        return _get(self._block(layer), LAYOUTS[self.layout][3])
+        return _get(self.block(layer), LAYOUTS[self.layout][3])
 
     @property
     def final_norm(self) -> nn.LayerNorm:
