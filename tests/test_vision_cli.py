@@ -80,6 +80,10 @@ def test_edit_output_load_and_revert_restore_the_original_bit_for_bit(tiny_dir, 
         hooks.remove()
         assert torch.equal(model(pixel_values=probe).logits, base(pixel_values=probe).logits)
     assert not torch.equal(edited_logits, base(pixel_values=probe).logits)
+    with pytest.raises(SystemExit):  # continuing an edited directory would drop its edit: refused
+        main(["edit", *_args(out, tmp_path / "run3"), "--edits", str(tmp_path / "edits.pt"), "--output",
+              str(tmp_path / "again")])
+    assert not (tmp_path / "again").exists()
     original = (tiny_dir / "model.safetensors").read_bytes()
     assert (out / "model.safetensors").read_bytes() == original
     main(["revert", str(out)])

@@ -50,6 +50,12 @@ def load_model(spec: VisionModelConfig):
     if spec.name_or_path == "digits":
         model, _ = load_or_train(spec.train, spec.cache_dir or default_cache_root())
         return model
+    from blueedit.vision.state import is_edited_vit
+
+    if is_edited_vit(spec.name_or_path):
+        raise ValueError(f"model.name_or_path {spec.name_or_path!r} is an edited ViT: an edit starts from the base "
+                         "model and would drop its head mask and P; edit the base model (blueedit revert DIR gives it "
+                         "back) with all images in one --edits file")
     return load_vit(spec.name_or_path)
 
 
