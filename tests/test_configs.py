@@ -27,8 +27,11 @@ from blueedit.data.datamodule import EditDataModule
 from blueedit.module import EditingModule
 from helpers import REPO, make_model, make_tokenizer
 
-CONFIGS = sorted(p.relative_to(REPO).as_posix()
-                 for folder in ("configs", "examples") for p in (REPO / folder).rglob("*.yaml"))
+ALL_CONFIGS = sorted(p.relative_to(REPO).as_posix()
+                     for folder in ("configs", "examples") for p in (REPO / folder).rglob("*.yaml"))
+#: Configs of the vision track (``model.class_path`` in ``blueedit.vision``): their own test below.
+VISION_CONFIGS = [c for c in ALL_CONFIGS if c.startswith("configs/vit-")]
+CONFIGS = [c for c in ALL_CONFIGS if c not in VISION_CONFIGS]
 MODEL_CONFIGS = [c for c in CONFIGS if c.count("/") == 2 and c.startswith("configs/")]
 
 
@@ -231,3 +234,22 @@ def test_the_settings_that_decide_an_edit_come_from_field_metadata():
         "editing.target.top1_nll_factor": None, "editing.target.top1_kl_stop": 0.01, "editing.target.site": "block",
         "editing.target.stop_after": "none"}
     assert "editing.mom2_update_weight" not in carry.FREE_SETTINGS | EditingModule.RESUMABLE_SETTINGS
+
+@pytest.mark.parametrize("config", VISION_CONFIGS)
+def test_vision_config_instantiates(config, tmp_path, monkeypatch):
+    import blueedit.vision.module
+    from blueedit.vision.datamodule import DigitsEditDataModule
+    from blueedit.vision.module import VisionEditingModule
+    from blueedit.vision.vit import digits_vit_config, load_vit
+
+    asked = []
+    monkeypatch.setattr(blueedit.vision.module, "load_model", lambda spec: asked.append(spec) or load_vit(
+        config=digits_vit_config(num_layers=2, hidden_size=16, intermediate_size=32)))
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("sys.argv", ["blueedit"])
+    cli = run_cli(["--config", config, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert isinstance(cli.model, VisionEditingModule) and isinstance(cli.datamodule, DigitsEditDataModule)
+    assert [a.name_or_path for a in asked] == ["digits"]
+    text = (REPO / config).read_text()
+    assert f"score: {cli.model.refine.score}" in text and f"k: {cli.model.refine.k}" in text
+

@@ -421,6 +421,15 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> BlueEditCLI:
     (its ``model``, ``datamodule`` and ``trainer``). ``run=False``: ``args`` hold no subcommand;
     the classes are only instantiated (what the config tests use)."""
     quiet_lightning()
+    argv = list(sys.argv[1:] if args is None else args)
+    from blueedit.vision.cli import is_vision_command  # a config naming a blueedit.vision model: the vision track
+
+    if is_vision_command(argv):
+        from blueedit.vision.cli import run_vision_cli
+
+        return run_vision_cli(args, run=run, trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0,
+                              parser_kwargs={"prog": "blueedit", "exit_on_error": False},
+                              save_config_kwargs={"overwrite": True})
     return BlueEditCLI(
         EditingModule,
         EditDataModule,
@@ -465,6 +474,12 @@ def main(args: list[str] | None = None) -> None:
         # plain commands beside the Lightning ones, each with its own parser
         if rest and rest[0] == "revert":
             from blueedit.carry import revert_main
+            from blueedit.vision.state import is_edited_vit
+            from blueedit.vision.state import revert_main as vision_revert_main
+
+            if any(is_edited_vit(a) for a in rest[1:] if not a.startswith("-")):
+                vision_revert_main(rest[1:])
+                return
 
             revert_main(rest[1:])
             return
@@ -485,11 +500,32 @@ def main(args: list[str] | None = None) -> None:
             return
         run_cli(args)
     except USER_ERRORS as e:
-        if verbose:
+        _exit_with_user_error(e, verbose)
+    except ValueError as e:  # the parser wraps what a module's __init__ raised while it was instantiated
+        cause = _user_error_in_chain(e)
+        if cause is None:
             raise
-        print(f"blueedit: error: {_user_message(e)} (--verbose or {VERBOSE_ENV}=1 for the traceback)",
-              file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit_with_user_error(cause, verbose, e)
+
+
+def _user_error_in_chain(error: BaseException) -> BaseException | None:
+    """The first of :data:`USER_ERRORS` among ``error``'s causes and contexts, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, USER_ERRORS):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _exit_with_user_error(error: BaseException, verbose: bool, raised: BaseException | None = None) -> None:
+    """Print ``error`` on one line and exit with status 2 (``--verbose``: raise it instead)."""
+    if verbose:
+        raise raised or error
+    print(f"blueedit: error: {_user_message(error)} (--verbose or {VERBOSE_ENV}=1 for the traceback)",
+          file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

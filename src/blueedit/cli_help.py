@@ -59,7 +59,8 @@ def description(subcommands: typing.Iterable[str]) -> str:
         f"Subcommands: {lightning} (`fit` runs a sequential editing experiment evaluated before and after, "
         "`edit` applies your edits and saves the edited model, `validate` / `test` evaluate a saved model); "
         f"{plain} ({', '.join(PLAIN_COMMANDS)} --help). "
-        "Start from a config: blueedit fit --config configs/quickstart.yaml. "
+        "Start from a config: blueedit fit --config configs/quickstart.yaml. A config whose model.class_path "
+        "names blueedit.vision edits vision transformers (RefineViT: configs/vit-digits/refinevit.yaml). "
         "`blueedit fit --help` lists the editing options, `--help-all` every option."
     )
 
