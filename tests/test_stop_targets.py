@@ -8,7 +8,7 @@ from blueedit.config import EditingConfig, TargetConfig
 from blueedit.data.records import EditRequest
 from blueedit.editing.targets.batching import stop_ids, target_rows
 from blueedit.models.tokens import tokenize_target
-from conftest import make_tokenizer
+from helpers import make_tokenizer
 
 REQ = EditRequest(case_id=1, prompt="{} plays the", subject="Toko Yasuda", target_new="piano", target_true="guitar")
 

@@ -20,8 +20,8 @@ from blueedit.evaluation.wild import (
     wild_summary,
     wild_values,
 )
-from conftest import make_model, make_tokenizer
 from fake_lm import BigramLM, word_level_tokenizer
+from helpers import make_model, make_tokenizer
 
 
 # -- the stopping rule ---------------------------------------------------------------------------
