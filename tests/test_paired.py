@@ -128,3 +128,62 @@ def test_align_records_names_the_fault():
         align_records([{}], [{"case_id": 1}], "run_a", "run_b")
     with pytest.raises(ValueError, match="case_id 2: efficacy is in B only"):
         compare_records([{"case_id": 2}], [{"case_id": 2, "efficacy": 0.0}], ["efficacy"])
+
+
+# -- benchmarks/paired.py on a synthetic pair of sequence run records ------------------------------
+def _run_record(run: str, efficacy_of, points=(50, 100), with_records=True) -> dict:
+    history = [{"edits": 0, "round": -1, "num_records": 100, "kind": "counterfact", "metrics": {},
+                "records": [{"case_id": i, "efficacy": 0.0} for i in range(100)]}]
+    for edits in points:
+        entry = {"edits": edits, "round": edits // 50 - 1, "num_records": edits, "kind": "counterfact",
+                 "metrics": {}}
+        if with_records:
+            entry["records"] = [{"case_id": i, "efficacy": efficacy_of(i, edits), "generalization": 50.0,
+                                 "specificity": 100.0 * (i % 3 == 0)} for i in range(edits)]
+        history.append(entry)
+    return {"run": run, "sequence": history, "versions": {"transformers": "x.y", "torch": "t"}}
+
+
+def test_paired_cli_compares_every_evaluation_point(tmp_path):
+    import csv
+    import json
+
+    from conftest import load_benchmark
+
+    paired = load_benchmark("paired")
+    runs = tmp_path / "res" / "runs"
+    runs.mkdir(parents=True)
+    # A fails records 0-9 at 50 edits and 0-19 at 100; B fails none: B leads by 20 points at both points
+    (runs / "m_distribute.json").write_text(json.dumps(
+        _run_record("m_distribute", lambda i, e: 0.0 if i < e // 5 else 100.0)))
+    (runs / "m_boundary.json").write_text(json.dumps(_run_record("m_boundary", lambda i, e: 100.0)))
+    payload = paired.main(["--results", str(tmp_path / "res"), "--runs", "m_distribute", "m_boundary",
+                           "--resamples", "2000"])
+    rows = {(r["edits"], r["metric"]): r for r in payload["rows"]}
+    assert set(rows) == {(e, m) for e in (50, 100) for m in ("efficacy", "generalization", "specificity")}
+    eff = rows[(100, "efficacy")]
+    assert (eff["n"], eff["b_only"], eff["a_only"], eff["verdict"]) == (100, 20, 0, "B")
+    assert eff["difference"] == pytest.approx(20.0) and eff["p_value"] == pytest.approx(2 / 2 ** 20)
+    assert rows[(50, "efficacy")]["difference"] == pytest.approx(20.0)
+    assert rows[(100, "specificity")]["verdict"] == "tie" and rows[(100, "specificity")]["p_value"] == 1.0
+    written = list(csv.DictReader(open(tmp_path / "res" / "paired.csv")))
+    assert len(written) == 6 and written[0]["edits"] == "50"
+    md = (tmp_path / "res" / "paired.md").read_text()
+    assert "| 100 | efficacy | 100 | 80.00 | 100.00 | +20.00 |" in md and "m_boundary only" in md
+    assert json.loads((tmp_path / "res" / "paired.json").read_text())["versions"]["m_boundary"]["torch"] == "t"
+
+
+def test_paired_cli_refuses_runs_without_records(tmp_path):
+    import json
+
+    from conftest import load_benchmark
+
+    paired = load_benchmark("paired")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for name in ("a", "b"):
+        (runs / f"{name}.json").write_text(json.dumps(_run_record(name, lambda i, e: 100.0, with_records=False)))
+    with pytest.raises(SystemExit, match="share no evaluation point with per-record values"):
+        paired.main(["--results", str(tmp_path), "--runs", "a", "b"])
+    with pytest.raises(SystemExit, match="no such file"):
+        paired.main(["--results", str(tmp_path), "--runs", "a", "missing"])
