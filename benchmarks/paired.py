@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ import _common as C  # noqa: E402
 from blueedit.evaluation.editing_metrics import record_values  # noqa: E402
 from blueedit.evaluation.paired import DEFAULT_METRICS, compare_records  # noqa: E402
 
+SUCCESS_THRESHOLD = 50.0  # the default of blueedit.evaluation.paired.paired_difference
 COLUMNS = ["edits", "metric", "n", "mean_a", "mean_b", "difference", "low", "high", "confidence",
            "a_only", "b_only", "p_value", "verdict"]
 
@@ -75,7 +77,7 @@ def load_arm(spec: str, what: str) -> dict[str, Any]:
 
     A sequence run record (``sequence`` history) gives one point per evaluation after editing; an
     evaluation record (``kind`` and ``records: {pre, post}``, named ``FILE:pre`` / ``FILE:post``)
-    gives one point, at its ``num_edits``.
+    gives one point, at its ``num_edits`` (for ``pre`` too: the unedited model on the run's records).
     """
     path_text, _, which = spec.rpartition(":") if spec.endswith((":pre", ":post")) else (spec, "", "")
     path = Path(path_text)
@@ -88,7 +90,7 @@ def load_arm(spec: str, what: str) -> dict[str, Any]:
         if kind not in ("counterfact", "zsre"):
             raise SystemExit(f"{what}: {path} does not say which kind of evaluation it is (kind: {kind!r})")
         values = [{"case_id": r.get("case_id"), **record_values(r, kind)} for r in records]
-        edits = 0 if which == "pre" else int(data.get("num_edits", len(records)))
+        edits = int(data.get("num_edits", len(records)))  # pre and post: the records of one run
         return {"points": {edits: values}, "skipped": [], "versions": data.get("versions"), "source": spec}
     if "sequence" not in data:
         raise SystemExit(f"{what}: {path} is neither a sequence run record (no 'sequence' history) nor named "
@@ -117,7 +119,7 @@ def compare_arms(arm_a: dict[str, Any], arm_b: dict[str, Any], names: tuple[str,
     for edits in common:
         results = compare_records(arm_a["points"][edits], arm_b["points"][edits], metrics,
                                   what_a=f"{names[0]} at {edits} edits", what_b=f"{names[1]} at {edits} edits",
-                                  num_resamples=resamples, seed=seed)
+                                  num_resamples=resamples, seed=seed, success_threshold=SUCCESS_THRESHOLD)
         rows += [{"edits": edits, **r.to_dict()} for r in results]
     return rows
 
@@ -153,7 +155,8 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build(argv: list[str] | None = None) -> tuple[dict[str, Any], Path, str]:
+    """The comparison of the command line ``argv``: ``(payload, output directory, stem)``; writes nothing."""
     args = parse_args(argv)
     if args.runs:
         specs = [str(args.results / "runs" / f"{r}.json") for r in args.runs]
@@ -168,17 +171,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     skipped = sorted(set(arm_a["skipped"]) | set(arm_b["skipped"]))
     payload = {"command": C.command_line("paired.py", argv), "names": list(names), "sources": specs,
                "versions": {names[0]: arm_a["versions"], names[1]: arm_b["versions"]},
-               "resamples": args.resamples, "seed": args.seed, "skipped": skipped, "rows": rows}
+               "resamples": args.resamples, "seed": args.seed, "success_threshold": SUCCESS_THRESHOLD,
+               "skipped": skipped, "rows": rows}
+    return payload, out, args.stem
+
+
+def outputs(payload: dict[str, Any]) -> dict[str, str]:
+    """The text of each output file, by extension: ``json``, ``csv``, ``md``."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in payload["rows"]:
+        w.writerow({k: r[k] for k in COLUMNS})
+    return {"json": json.dumps(payload, indent=1) + "\n", "csv": buf.getvalue(), "md": markdown(payload)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    payload, out, stem = build(argv)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    with open(out / f"{args.stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r[k] for k in COLUMNS})
-    text = markdown(payload)
-    (out / f"{args.stem}.md").write_text(text)
-    print(text)
+    texts = outputs(payload)
+    for ext, text in texts.items():
+        (out / f"{stem}.{ext}").write_text(text)
+    print(texts["md"])
     return payload
 
 

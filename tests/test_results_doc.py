@@ -1,0 +1,86 @@
+"""``docs/results.md``: what ``benchmarks/results_doc.py`` makes from the committed result files, and
+every number in each of its sections found in a result file that the section links."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import REPO, load_benchmark
+
+DOC = REPO / "docs" / "results.md"
+NUMBER = re.compile(r"^[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?$")
+FILE_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
+LINK = re.compile(r"\]\((\.\./benchmarks/results/[^)]+)\)")
+
+
+def sections(text: str) -> list[tuple[str, str]]:
+    """``(heading, body)`` for each heading of the page, fenced code blocks removed."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    parts = re.split(r"^(#{1,4} .*)$", text, flags=re.M)
+    return [(parts[i], parts[i] + "\n" + parts[i + 1]) for i in range(1, len(parts) - 1, 2)]
+
+
+def numbers_in(body: str) -> list[str]:
+    """The numbers a reader sees: inline code and link targets left out."""
+    body = re.sub(r"`[^`]*`", " ", body)
+    body = re.sub(r"\]\([^)]*\)", "]", body)
+    out = []
+    for token in body.split():
+        token = token.strip("|()[]{},;:*\"'").rstrip(".")
+        if NUMBER.match(token):
+            out.append(token)
+    return out
+
+
+def file_numbers(path: Path) -> list[float]:
+    if path.is_dir():
+        return [v for p in sorted(path.rglob("*")) if p.is_file() for v in file_numbers(p)]
+    if path.suffix in (".png", ".jpg"):
+        return []
+    return [float(m) for m in FILE_NUMBER.findall(path.read_text())]
+
+
+def shown_as(token: str, values: list[float]) -> bool:
+    """Whether some file value, rounded to the token's decimals (or as a percentage of a fraction),
+    is the number shown."""
+    x = float(token.replace(",", ""))
+    decimals = len(token.split(".")[1]) if "." in token else 0
+    tol = 0.5 * 10 ** -decimals + 1e-9
+    return any(abs(v - x) <= tol or abs(100 * v - x) <= tol for v in values)
+
+
+def unsupported_numbers(text: str) -> list[str]:
+    """``"heading: number"`` for every number that no file linked in its section holds."""
+    bad = []
+    for heading, body in sections(text):
+        cited = {(REPO / "docs" / target).resolve() for target in LINK.findall(body)}
+        values = [v for path in sorted(cited) for v in file_numbers(path)]
+        bad += [f"{heading}: {tok}" for tok in numbers_in(body) if not shown_as(tok, values)]
+    return bad
+
+
+def test_results_doc_is_what_the_generator_makes():
+    results_doc = load_benchmark("results_doc")
+    assert results_doc.main(["--check"]) == 0, "stale: run python benchmarks/results_doc.py"
+
+
+def test_every_number_is_in_a_result_file_its_section_cites():
+    text = DOC.read_text()
+    assert len(sections(text)) > 10 and len(numbers_in(text)) > 300
+    assert unsupported_numbers(text) == []
+
+
+def test_the_number_check_can_fail():
+    text = DOC.read_text()
+    heading = "## Claim (b): the weight shift error"
+    assert heading in text
+    # a number no cited file holds, and a section that cites nothing
+    tampered = text.replace(heading, heading + "\n\nThe error grew by 31.4159 points.", 1)
+    assert unsupported_numbers(tampered) == [f"{heading}: 31.4159"]
+    assert unsupported_numbers("## A section\n\nIt took 12.5 s.\n") == ["## A section: 12.5"]
+
+
+def test_results_doc_names_no_path_outside_the_repository():
+    text = DOC.read_text()
+    assert "../shared" not in text and "/work/" not in text
