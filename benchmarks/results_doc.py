@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import csv
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -153,7 +154,7 @@ class Page:
         self.pending = pending  # files about to be written (the paired comparisons)
 
     def link(self, rel: str, text: str | None = None) -> str:
-        if not (RESULTS / rel).exists() and RESULTS / rel not in self.pending:
+        if not (RESULTS / rel).exists() and (RESULTS / rel).resolve() not in self.pending:
             raise FileNotFoundError(f"results_doc: cited result file missing: benchmarks/results/{rel}")
         self.cited.append(rel)
         return f"[`{text or rel}`]({LINK_ROOT}{rel})"
@@ -183,7 +184,7 @@ def long_pair_payloads() -> dict[str, tuple[list[str], dict[str, Any]]]:
         a, b = f"{method}_distribute", f"{method}_boundary"
         if not ((runs / f"{a}.json").is_file() and (runs / f"{b}.json").is_file()):
             continue
-        argv = ["--results", f"benchmarks/results/{name}", "--runs", a, b,
+        argv = ["--results", os.path.relpath(RESULTS / name, C.REPO), "--runs", a, b,
                 "--names", method.replace("alphaedit", "AlphaEdit").replace("memit", "MEMIT"),
                 method.replace("alphaedit", "AlphaEdit").replace("memit", "MEMIT") + " + BLUE"]
         try:
@@ -201,7 +202,7 @@ def paired_outputs() -> dict[Path, str]:
     for argv in argvs:
         payload, out, stem = paired.build(argv)
         for ext, text in paired.outputs(payload).items():
-            files[C.REPO / out / f"{stem}.{ext}"] = text
+            files[(C.REPO / out / f"{stem}.{ext}").resolve()] = text
     return files
 
 
@@ -315,12 +316,14 @@ def verdicts(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> N
 def claim_a(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> None:
     page.add("## Claim (a): editing quality, BLUE against the distributed residual", "")
     for name, (argv, payload) in long.items():
-        page.add(f"### {payload['names'][0]} against {payload['names'][1]}, CounterFact, paired", "",
+        edits = max(r["edits"] for r in payload["rows"])
+        page.add(f"### {payload['names'][1]} against {payload['names'][0]}, CounterFact, {edits:,} edits, paired", "",
                  f"Per-record values at every evaluation point: {page.link(f'{name}/runs')}; paired table: "
                  f"{page.link(f'{name}/paired.md')} ({page.link(f'{name}/paired.json')}).", "")
-        page.code(sanitize(payload["command"]))
-        page.add(*[line for line in paired.markdown(payload).splitlines()
-                   if line.startswith("|")], "")
+        runs = [read_json(f"{name}/runs/{r}.json") for r in argv[argv.index("--runs") + 1:][:2]]
+        page.code(*dict.fromkeys(sanitize(r["command"]) for r in runs if r.get("command")),
+                  sanitize(payload["command"]))
+        page.add(*[line for line in paired.markdown(payload).splitlines() if line.startswith("|")], "")
     page.add("### 1,000 sequential edits, SmolLM2-135M (aggregates only)", "",
              "The first 1,000 records, 100 per round, bfloat16 forward/backward passes, loss layer 29; the metrics "
              "of all records edited so far. These runs stored no per-record outcomes and their checkpoints are "
@@ -411,8 +414,11 @@ def claim_c(page: Page) -> None:
              "on 50 probe facts, and how many of those facts the model still answers (%). Commands as under "
              "claim (a).", "")
     rows = []
-    for name, method, last in [(n, m, 1000) for n, m, *_ in SEQUENCE_1000] + [("counterfact_gemma3_500", "memit", 500)]:
+    pairs = [(n, m) for n, m, *_ in SEQUENCE_1000] + [("counterfact_gemma3_500", "memit")]
+    pairs += [p for p in LONG_PAIRS if (RESULTS / p[0] / "sequence.csv").is_file()]
+    for name, method in pairs:
         v = sequence_values(name)
+        last = max(k[2] for k in v if k[3] == "general/mean" and k[0] == method)
         src = page.link(f"{name}/sequence.csv", name)
         for strategy in ("distribute", "boundary"):
             rows.append([src, f"{method}, {strategy}", f"{last:,}", f2(v[(method, strategy, 0, 'general/mean')]) + " → "
@@ -431,7 +437,7 @@ def record_pairs(page: Page) -> None:
              "record.", "")
     for argv in RECORD_PAIRS:
         payload, out, stem = paired.build(argv)
-        rel = str((C.REPO / out / f"{stem}.md").relative_to(RESULTS))
+        rel = f"{out}/{stem}.md".removeprefix("benchmarks/results/")
         sources = sorted({s.rsplit(":", 1)[0].removeprefix("benchmarks/results/") for s in payload["sources"]})
         page.add(f"### {payload['names'][1]} against {payload['names'][0]}", "",
                  f"{page.link(rel)} ({page.link(rel[:-3] + '.json')}), from "

@@ -84,3 +84,31 @@ def test_the_number_check_can_fail():
 def test_results_doc_names_no_path_outside_the_repository():
     text = DOC.read_text()
     assert "../shared" not in text and "/work/" not in text
+
+
+def test_a_long_pair_with_per_record_values_is_picked_up(tmp_path, monkeypatch):
+    """A 2,000-edit pair's run records (runs/memit_{distribute,boundary}.json with per-record values)
+    appear as a paired table and in the verdict of claim (a)."""
+    import json
+
+    results_doc = load_benchmark("results_doc")
+    real = results_doc.RESULTS
+    for entry in real.iterdir():
+        (tmp_path / entry.name).symlink_to(entry)
+    runs = tmp_path / "counterfact_memit_2000" / "runs"
+    runs.mkdir(parents=True)
+    for strategy, failed in (("distribute", 30), ("boundary", 10)):
+        history = [{"edits": e, "round": e // 100 - 1, "kind": "counterfact", "metrics": {},
+                    "records": [{"case_id": i, "efficacy": 0.0 if i < failed * e // 1000 else 100.0,
+                                 "generalization": 50.0, "specificity": 100.0} for i in range(e)]}
+                   for e in (500, 1000)]
+        (runs / f"memit_{strategy}.json").write_text(json.dumps(
+            {"command": f"python benchmarks/sequence.py --name counterfact_memit_2000 --runs memit:{strategy}",
+             "sequence": history, "versions": {"torch": "t"}}))
+    monkeypatch.setattr(results_doc, "RESULTS", tmp_path)
+    with results_doc.contextlib.chdir(REPO):
+        page = results_doc.build_page(set(results_doc.paired_outputs()))
+    assert "### MEMIT + BLUE against MEMIT, CounterFact, 1,000 edits, paired" in page
+    assert "| 1000 | efficacy | 1000 | 97.00 | 99.00 | +2.00 |" in page
+    assert "Paired, MEMIT at 1,000 CounterFact edits" in page and "efficacy +2.00 [" in page
+    assert "--runs memit:boundary" in page
