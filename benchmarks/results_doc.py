@@ -498,6 +498,69 @@ def measurements(page: Page) -> None:
              "in specificity and the margins; the cause was not traced.", "")
 
 
+def md_command(rel: str) -> list[str]:
+    """The command(s) a result ``.md`` file records: ``Command: `...` `` lines or a fenced block after
+    ``Command:``."""
+    text = (RESULTS / rel).read_text()
+    inline = re.findall(r"Command: `([^`]+)`", text)
+    fenced = re.findall(r"Command:\s*```bash\n(.*?)```", text, flags=re.S)
+    return [sanitize(c.strip()) for c in inline + fenced]
+
+
+def embed(page: Page, rel: str, title: str, intro: str, keep: Callable[[str], str] = lambda line: line) -> None:
+    """A section made of a result ``.md`` file's tables and command, with ``intro`` before them."""
+    page.add(f"### {title}", "", f"{intro} ({page.link(rel)}):", "")
+    for table in md_tables(rel):
+        page.add(*[keep(line) for line in table], "")
+    commands = md_command(rel)
+    if commands:
+        page.code(*commands)
+
+
+def other(page: Page) -> None:
+    page.add("## Other measurements", "")
+    embed(page, "gemma3_layer_sweep.md", "Gemma 3 270M: which layers",
+          "MEMIT on 20 `counterfact_dev` edits in rounds of 10 for three five-layer windows; the configs use the "
+          "window with the best mean of the three metrics")
+    embed(page, "gemma3_post_norm.md", "Gemma 3 270M: the post-MLP norm",
+          "Gemma normalizes the MLP output before adding it to the residual stream; a small change `r` of the MLP "
+          "output `m` moves the normalized output by a large gain, which is why `editing.target.site: mlp` exists")
+    locate = read_json("locate/smollm2-135m/summary.json")
+    page.add("### SmolLM2-135M: the layers `blueedit locate` recommends", "",
+             f"Causal tracing on {locate['facts']} known facts with {locate['samples']} noise samples each recommends "
+             f"layers {', '.join(str(x) for x in locate['layers'])} (loss layer {locate['loss_layer']}, λ "
+             f"{locate['mom2_update_weight']:.0f}; {locate['cpu_seconds']} CPU seconds; "
+             f"{page.link('locate/smollm2-135m/summary.json')}, curve {page.link('locate/smollm2-135m/trace.csv')}). "
+             f"Editing 50 `counterfact_dev` records with that window and with the configs' layers 4-8 "
+             f"({page.link('locate/smollm2_located_vs_4_8.md')}):", "")
+    page.add(*md_tables("locate/smollm2_located_vs_4_8.md")[0], "")
+    page.code("blueedit locate --model smollm2-135m --num-facts 50 --samples 2 --out benchmarks/results/locate/smollm2-135m",
+              *md_command("locate/smollm2_located_vs_4_8.md"))
+    embed(page, "locate/chat_vs_plain.md", "Chat template or plain prompts",
+          "MEMIT on SmolLM2-135M-Instruct over the same 20 CounterFact records, edited and evaluated with plain "
+          "prompts and with `model.chat_template: true`, then each model scored in the other format")
+    for rel, title, intro in [
+        ("wise_sweep.md", "WISE: layer and margins", "5 `zsre_dev` edits, one per round"),
+        ("wise_sweep_act_ratio.md", "WISE: act_ratio", "10 `zsre_dev` edits"),
+        ("wise_sweep_forgetting_merge.md", "WISE: forgetting inside the side memory",
+         "20 `zsre_dev` edits: each edit holds right after it is made (`just edited`) and is partly forgotten by "
+         "the end (`reliability`)"),
+        ("wise_sweep_levers.md", "WISE: steps, mask ratio and learning rate", "20 `zsre_dev` edits"),
+        ("wise_sweep_mask_ratio.md", "WISE: larger masks", "20 `zsre_dev` edits"),
+        ("wise_sweep_forgetting.md", "WISE-Retrieve", "20 `zsre_dev` edits, shards of 10"),
+        ("wise_sweep_act_ratio_mask1.md", "WISE: act_ratio with the full mask",
+         "50 `zsre_dev` edits; the SmolLM2 config takes mask_ratio 1.0 and act_ratio 0.85 from here"),
+    ]:
+        embed(page, rel, title, intro)
+    page.add("### Continuing and undoing edits", "",
+             f"`bash benchmarks/carry_smollm2.sh`: six example edits, 2 per round, MEMIT + BLUE on SmolLM2-135M, "
+             f"edited in one run and in two sittings, then the last round reverted "
+             f"({page.link('carry_smollm2/log.txt')}, generations {page.link('carry_smollm2/generations.md')}). "
+             "From its log:", "")
+    log = (RESULTS / "carry_smollm2/log.txt").read_text().splitlines()
+    page.add(*[f"- {line}" for line in log if line.startswith(("editor state", "second vs", "one-reverted vs"))], "")
+
+
 def build_page(pending: set[Path] = frozenset()) -> str:
     long = long_pair_payloads()
     page = Page(pending)
@@ -509,6 +572,7 @@ def build_page(pending: set[Path] = frozenset()) -> str:
     record_pairs(page)
     published(page)
     measurements(page)
+    other(page)
     return page.text()
 
 
