@@ -44,3 +44,24 @@ def test_readme_python_example_runs(tmp_path, capsys):
     assert len(requests) == 8 and report.case_ids == [r.case_id for r in requests]
     assert set(report.update_norms) == {1, 3} and all(n > 0 for n in report.update_norms.values())
     assert "efficacy" in capsys.readouterr().out
+
+
+def test_readme_quickstart_output_is_the_measured_one():
+    """The quick start's printed table and time are those of ``benchmarks/results/quickstart.md``."""
+    readme = (REPO / "README.md").read_text()
+    measured = (REPO / "benchmarks" / "results" / "quickstart.md").read_text()
+    printed = re.search(r"```\n(memit .*?)```", measured, re.S).group(1)
+    shown = re.search(r"```\n(memit .*?)```", readme.split("## Quick start", 1)[1], re.S).group(1)
+    assert shown.strip() == "\n".join(printed.strip().splitlines()[:-1]).strip()  # all but the run directory line
+    wall = float(re.search(r"time: ([\d.]+) s wall", measured).group(1))
+    assert f"took {wall:.1f} s" in readme
+
+
+def test_readme_is_a_manual():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 350
+    assert "../shared" not in readme and "/work/" not in readme
+    for heading in ("## Quick start", "## Editing your model", "### Data", "## Continuing, undoing and seeing edits",
+                    "## What blueedit refuses", "## Monitoring", "## Scaling out", "## Docker", "## Python API",
+                    "## Architecture", "## Results"):
+        assert heading in readme, heading
