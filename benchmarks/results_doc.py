@@ -517,10 +517,11 @@ def published(page: Page) -> None:
 def measurements(page: Page) -> None:
     page.add("## Speed, memory and the quickstart", "",
              f"bfloat16 against float32 at 100 edits in one round of 100, MEMIT + BLUE ({page.link('speed_100x100.md')}):", "")
-    page.add(*md_tables("speed_100x100.md")[0], "")
+    # speed.py divides bytes by 2**20: the tables' "(MB)" columns are MiB
+    page.add(*[line.replace("(MB)", "(MiB)") for line in md_tables("speed_100x100.md")[0]], "")
     speed = (RESULTS / "speed_100x100.md").read_text()
     diff = re.search(r"metrics max \|difference\|: ([\d.]+) points", speed).group(1)
-    page.add(f"The two dtypes' metrics differ by at most {diff} points. Memory is the process's peak RSS in MiB.", "")
+    page.add(f"The two dtypes' metrics differ by at most {diff} points. Memory is the process's RSS.", "")
     page.code("python benchmarks/speed.py --edits 100 --edits-per-round 100 --modes optimized-bf16,optimized \\\n"
               "    --strategy boundary --loss-layer 29 --threads 1 --max-batch-tokens 1024 "
               "--out benchmarks/results/speed_100x100.json")
