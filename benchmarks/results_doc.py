@@ -525,6 +525,16 @@ def measurements(page: Page) -> None:
     page.code("python benchmarks/speed.py --edits 100 --edits-per-round 100 --modes optimized-bf16,optimized \\\n"
               "    --strategy boundary --loss-layer 29 --threads 1 --max-batch-tokens 1024 "
               "--out benchmarks/results/speed_100x100.json")
+    mem = read_json("memory_llama3_8b.json")
+    st = mem["settings"]
+    page.add(f"Estimated peak memory of one editing round on Llama-3-8B's shape ({page.link('memory_llama3_8b.json')}): "
+             f"{st['edits_per_round']} edits per round, layers {st['layers'][0]}-{st['layers'][-1]}, loss layer "
+             f"{st['loss_layer']}, {st['weight_dtype']} weights, `editing.max_batch_tokens` {st['max_batch_tokens']}; "
+             f"the activations saved per token and block ({mem['saved_kib_per_token_block']:.1f} KiB) are measured "
+             "on one randomly initialized block of that shape:", "")
+    page.table(["part", "GiB"], [[k.replace("_", " "), f2(v)] for k, v in mem["gib"].items() if k != "total"]
+               + [["**estimated peak**", f"**{f2(mem['gib']['total'])}**"]])
+    page.code(sanitize(mem["command"]))
     quick = (RESULTS / "quickstart.md").read_text()
     wall = re.search(r"time: ([\d.]+) s wall", quick).group(1)
     editing = re.search(r"([\d.]+) s editing", quick).group(1)

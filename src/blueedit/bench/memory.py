@@ -111,8 +111,13 @@ def main(argv: list[str] | None = None) -> dict:
     for k, v in res["parts"].items():
         print(f"  {k:22s} {v / gib:8.2f} GiB")
     print(f"  {'estimated peak':22s} {res['total'] / gib:8.2f} GiB")
+    res = {**res, "gib": {**{k: v / gib for k, v in res["parts"].items()}, "total": res["total"] / gib},
+           "saved_kib_per_token_block": res["saved_bytes_per_token_block"] / 1024,
+           "settings": {"weight_dtype": weight_dtype, "compute_dtype": args.compute_dtype,
+                        "edits_per_round": args.edits_per_round, "max_batch_tokens": args.max_batch_tokens,
+                        "layers": C.parse_int_list(args.layers), "loss_layer": args.loss_layer}}
     if args.out:
-        Path(args.out).write_text(json.dumps({**res, "run": record.as_dict()}, indent=1))
+        Path(args.out).write_text(json.dumps({**res, "run": record.as_dict()}, indent=1) + "\n")
     return res
 
 
