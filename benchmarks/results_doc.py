@@ -305,17 +305,22 @@ def verdicts(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> N
     l_cm, l_ca, l_zs, l_gm = (page.link(f"{n}/sequence.csv") for n in
                               ("counterfact_memit_1000", "counterfact_alphaedit_1000", "zsre_memit_1000",
                                "counterfact_gemma3_500"))
-    long_text = ""
+    long_for, long_against = "", ""
     for name, (_, payload) in long.items():
         last = max(r["edits"] for r in payload["rows"])
-        parts = [f"{r['metric']} {r['difference']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}] "
-                 f"({ {'A': 'A leads', 'B': 'BLUE leads', 'tie': 'tie'}[r['verdict']]})"
-                 for r in payload["rows"] if r["edits"] == last]
-        long_text += (f" Paired, {payload['names'][0]} at {last:,} CounterFact edits "
-                      f"({page.link(f'{name}/paired.json')}): " + "; ".join(parts) + ".")
+        link = page.link(f"{name}/paired.json")
+        for verdict, lead in (("B", "BLUE leads"), ("A", "BLUE trails"), ("tie", "a tie")):
+            parts = [f"{r['metric']} {r['difference']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]"
+                     for r in payload["rows"] if r["edits"] == last and r["verdict"] == verdict]
+            text = (f" Paired, {payload['names'][0]} at {last:,} CounterFact edits ({link}), {lead}: "
+                    + "; ".join(parts) + ".") if parts else ""
+            if verdict == "B":
+                long_for += text
+            else:
+                long_against += text
     page.add("## Verdicts", "",
-             "The BLUE paper (Li et al., *Rethinking Residual Distribution in Locate-then-Edit Model Editing*) makes three claims. Each row gives this project's verdict "
-             "on its models: **holds**, **partly** or **not seen**; \"X vs Y\" is BLUE against the distributed "
+             "The BLUE paper (Li et al., *Rethinking Residual Distribution in Locate-then-Edit Model Editing*) "
+             "makes three claims. Each row gives this project's verdict on its models: **holds**, **partly** or **not seen**; \"X vs Y\" is BLUE against the distributed "
              "residual (BLUE first).", "")
     ms = lambda m, s, k: f2(methods[(m, s)][k])  # noqa: E731
     rows = [
@@ -325,7 +330,7 @@ def verdicts(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> N
          f"efficacy {vs(gm, 'memit', 500, 'efficacy')} ({l_gm}); CounterFact, 1,000 edits, MEMIT: "
          f"{vs(cm, 'memit', 1000, 'efficacy')} efficacy, {vs(cm, 'memit', 1000, 'specificity')} specificity "
          f"({l_cm}); AlphaEdit: {vs(ca, 'alphaedit', 1000, 'generalization')} generalization ({l_ca})."
-         + long_text,
+         + long_for,
          f"The CounterFact leads at 1,000 edits are about one point, from one order of records, with no "
          f"per-record outcomes kept, so untested. PMET + BLUE edits worse than PMET: efficacy "
          f"{ms('pmet', 'boundary', 'efficacy')} vs {ms('pmet', 'distribute', 'efficacy')} at 100 edits "
@@ -335,7 +340,8 @@ def verdicts(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> N
                       for t in (10, 100, 200))
          + f" ({', '.join(page.link(f'lifelong_T{t}.json') for t in (10, 100, 200))}). On Gemma, at the "
          f"published target site (the block output) BLUE's specificity is {f2(site['boundary']['specificity'])} "
-         f"vs {f2(site['distribute']['specificity'])} ({page.link('gemma3_target_site/block.json')})."],
+         f"vs {f2(site['distribute']['specificity'])} ({page.link('gemma3_target_site/block.json')})."
+         + long_against],
         [claim_cell(1), verdict_cell(1),
          f"At 100 edits per round the error is {wse_y('distance', 'distribute', 100, 0)} at the last critical "
          f"layer and {wse_y('distance', 'distribute', 100, 4)} four layers below; the mean over layers is "

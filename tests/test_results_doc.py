@@ -110,5 +110,6 @@ def test_a_long_pair_with_per_record_values_is_picked_up(tmp_path, monkeypatch):
         page = results_doc.build_page(set(results_doc.paired_outputs()))
     assert "### MEMIT + BLUE against MEMIT, CounterFact, 1,000 edits, paired" in page
     assert "| 1000 | efficacy | 1000 | 97.00 | 99.00 | +2.00 |" in page
-    assert "Paired, MEMIT at 1,000 CounterFact edits" in page and "efficacy +2.00 [" in page
+    assert "Paired, MEMIT at 1,000 CounterFact edits" in page and "BLUE leads: efficacy +2.00 [" in page
+    assert "a tie: generalization +0.00 [+0.00, +0.00]" in page
     assert "--runs memit:boundary" in page
