@@ -65,3 +65,14 @@ def test_readme_is_a_manual():
                     "## What blueedit refuses", "## Monitoring", "## Scaling out", "## Docker", "## Python API",
                     "## Architecture", "## Results"):
         assert heading in readme, heading
+
+
+def test_readme_names_only_files_that_exist():
+    """Every repository path and relative link the README names exists (user paths such as
+    ``my_edits.jsonl`` or ``edited/`` are not repository paths)."""
+    readme = (REPO / "README.md").read_text()
+    paths = set(re.findall(r"(?<![\w/.-])((?:configs|benchmarks|docs|docker|examples|src|tests)/[\w./-]*[\w])", readme))
+    paths |= {p.split("#")[0] for p in re.findall(r"\]\(([^)#:]+(?:#[^)]*)?)\)", readme)}
+    missing = sorted(p for p in paths if p and not (REPO / p).exists())
+    assert not missing, missing
+    assert len(paths) > 20
