@@ -23,8 +23,9 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -506,7 +507,6 @@ def record_pairs(page: Page) -> None:
 
 
 def published(page: Page) -> None:
-    data = read_json("vs_published.json")
     page.add("## Side by side with the published code", "",
              f"blueedit against the published BLUE code ({page.link('vs_published.md')}, "
              f"{page.link('vs_published.json')}), both scored by blueedit's evaluator on the first 100 "

@@ -11,8 +11,15 @@ import random
 import pytest
 import torch
 
-from blueedit.evaluation.paired import (align_records, bootstrap_interval, compare_records, mcnemar_exact,
-                                        paired_difference, record_success, verdict)
+from blueedit.evaluation.paired import (
+    align_records,
+    bootstrap_interval,
+    compare_records,
+    mcnemar_exact,
+    paired_difference,
+    record_success,
+    verdict,
+)
 
 
 def _mcnemar_by_enumeration(a_only: int, b_only: int) -> float:

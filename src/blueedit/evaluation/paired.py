@@ -31,9 +31,10 @@ when ``high < 0``, otherwise ``"tie"`` (an interval that contains 0 does not sep
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
