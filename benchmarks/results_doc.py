@@ -126,12 +126,52 @@ def md_tables(rel: str) -> list[list[str]]:
     return tables + ([current] if current else [])
 
 
+def _current_script(match: re.Match) -> str:
+    """``python benchmarks/<name>.py`` in the form the checkout runs it: the package module
+    ``python -m blueedit.bench.<name>`` where the benchmark lives there."""
+    name = match.group(1)
+    module = C.REPO / "src" / "blueedit" / "bench" / f"{name}.py"
+    return f"python -m blueedit.bench.{name}" if module.is_file() else match.group(0)
+
+
+def _current_options(command: str) -> str:
+    """Options a benchmark renamed: ``--edits N`` became ``--num-edits N`` where the module takes only
+    the latter; a removed ``<method>_blue.yaml`` is its method config with the overlay ``configs/blue.yaml``."""
+    module = re.match(r"(?:\S+=\S+ )*python -m blueedit\.bench\.(\w+)", command)
+    if module:
+        source = (C.REPO / "src" / "blueedit" / "bench" / f"{module.group(1)}.py").read_text()
+        if '"--edits"' not in source and '"--num-edits"' in source:
+            command = re.sub(r"(?<=\s)--edits(?=[\s=])", "--num-edits", command)
+    if (C.REPO / "configs" / "blue.yaml").is_file():
+        def overlay(m: re.Match) -> str:
+            base = f"{m.group(2)}{m.group(3)}.yaml"
+            if (C.REPO / m.group(2) / f"{m.group(3)}_blue.yaml").is_file():
+                return m.group(0)
+            return (f"{m.group(1)}{base} --config configs/blue.yaml" if m.group(1) == "--config "
+                    else f"{m.group(1)}{base},configs/blue.yaml")
+        command = re.sub(r"(--config |=)(configs/[\w.-]+/)(\w+)_blue\.yaml", overlay, command)
+    return command
+
+
 def sanitize(command: str) -> str:
-    """A recorded command as a user types it: data and work directories outside the repository are
-    shown as ``$BLUEEDIT_DATA_DIR`` and relative directories."""
+    """A recorded command as a user types it today: data and work directories outside the repository
+    shown as ``$BLUEEDIT_DATA_DIR`` and relative directories, the benchmark in its current form."""
     command = re.sub(r"(?:/work/shared|\.\./shared)/data", "$BLUEEDIT_DATA_DIR", command)
     command = re.sub(r"/work/wt-[\w-]+/", "", command)
-    return re.sub(r"/work/(\w+)", r"\1", command)
+    command = re.sub(r"/work/(\w+)", r"\1", command)
+    command = re.sub(r"python benchmarks/(\w+)\.py", _current_script, command)
+    return "\n".join(_current_options(line) for line in command.split("\n"))
+
+
+def recorded_commands(name: str, fallback: str) -> list[str]:
+    """The commands a result directory's run record (``run.json``) names, else ``fallback``."""
+    path = RESULTS / name / "run.json"
+    if path.is_file():
+        record = json.loads(path.read_text())
+        commands = record.get("commands") or ([record["command"]] if record.get("command") else [])
+        if commands:
+            return [sanitize(c) for c in commands]
+    return [sanitize(fallback)]
 
 
 def versions_of(data: Any) -> list[tuple[str, ...]]:
@@ -185,7 +225,8 @@ class Page:
         self.lines.extend(lines)
 
     def code(self, *commands: str) -> None:
-        self.add("```bash", *commands, "```", "")
+        """A bash block of commands, each as a user types it today (:func:`sanitize`)."""
+        self.add("```bash", *[sanitize(c) for c in commands], "```", "")
 
     def table(self, header: list[str], rows: list[list[str]], left: int = 1) -> None:
         """A markdown table; the first ``left`` columns left-aligned, the others right-aligned."""
@@ -391,7 +432,7 @@ def claim_a(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> No
                            for m in METRICS])
     page.table(["run", "edits", "efficacy (BLUE vs not)", "generalization", "specificity"], rows)
     page.add("Edits 0 is the unedited model on all 1,000 records. Commands:", "")
-    page.code(*[c for *_, c in SEQUENCE_1000])
+    page.code(*[c for name, *_, fallback in SEQUENCE_1000 for c in recorded_commands(name, fallback)])
 
     gm = sequence_values("counterfact_gemma3_500")
     page.add("### 500 sequential edits, Gemma 3 270M", "",
@@ -402,7 +443,7 @@ def claim_a(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> No
     page.table(["edits", "efficacy (BLUE vs not)", "generalization", "specificity"],
                [[f"{e:,}"] + [f"{f2(gm[('memit', 'boundary', e, m)])} vs {f2(gm[('memit', 'distribute', e, m)])}"
                               for m in METRICS] for e in sorted({k[2] for k in gm if k[3] == "efficacy"})])
-    page.code(GEMMA_500)
+    page.code(*recorded_commands("counterfact_gemma3_500", GEMMA_500))
     page.add("On the same model with 20 edits, BLUE at the published site (the block output) against the MLP "
              f"output ({page.link('gemma3_target_site/block.md')}, {page.link('gemma3_target_site/mlp.md')}):", "")
     page.add(*md_tables("gemma3_target_site/block.md")[0],
@@ -456,7 +497,7 @@ def claim_b(page: Page) -> None:
     page.table(["run", "edits per round / edits before", "mean error"], rows)
     page.add("The error grows with distance and batch size as the paper states, and is zero under BLUE; over 150 "
              "edits it does not grow with the sequence.", "")
-    page.code(WSE)
+    page.code(*recorded_commands("wse_counterfact", WSE))
 
 
 def claim_c(page: Page) -> None:
@@ -540,7 +581,7 @@ def measurements(page: Page) -> None:
              "on one randomly initialized block of that shape:", "")
     page.table(["part", "GiB"], [[k.replace("_", " "), f2(v)] for k, v in mem["gib"].items() if k != "total"]
                + [["**estimated peak**", f"**{f2(mem['gib']['total'])}**"]])
-    page.code(sanitize(mem["command"]))
+    page.code(sanitize(mem.get("command") or mem["run"]["command"]))
     quick = (RESULTS / "quickstart.md").read_text()
     wall = re.search(r"time: ([\d.]+) s wall", quick).group(1)
     editing = re.search(r"([\d.]+) s editing", quick).group(1)
