@@ -543,7 +543,7 @@ def record_pairs(page: Page) -> None:
              "These compare arms on the same records but kept only aggregates, so the tables above give both "
              "arms' values without an interval: the 1,000-edit sequence runs (`sequence.csv`), the Gemma 500-edit "
              "pair, the lifelong tables, the 100-edit method table, the 20-edit quality table, the "
-             "published-code comparison and the WISE sweeps. Runs of `sequence.py` store per-record values at "
+             "published-code comparison and the WISE sweeps. Runs of the sequence benchmark store per-record values at "
              "every evaluation point; `benchmarks/paired.py` compares them.", "")
 
 
