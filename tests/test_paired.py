@@ -155,9 +155,8 @@ def test_paired_cli_compares_every_evaluation_point(tmp_path):
     import csv
     import json
 
-    from conftest import load_benchmark
+    from blueedit.bench import paired
 
-    paired = load_benchmark("paired")
     runs = tmp_path / "res" / "runs"
     runs.mkdir(parents=True)
     # A fails records 0-9 at 50 edits and 0-19 at 100; B fails none: B leads by 20 points at both points
@@ -183,9 +182,8 @@ def test_paired_cli_compares_every_evaluation_point(tmp_path):
 def test_paired_cli_refuses_runs_without_records(tmp_path):
     import json
 
-    from conftest import load_benchmark
+    from blueedit.bench import paired
 
-    paired = load_benchmark("paired")
     runs = tmp_path / "runs"
     runs.mkdir()
     for name in ("a", "b"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from conftest import REPO, load_benchmark
+from helpers import REPO
 
 DOC = REPO / "docs" / "results.md"
 NUMBER = re.compile(r"^[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?$")
@@ -61,7 +61,8 @@ def unsupported_numbers(text: str) -> list[str]:
 
 
 def test_results_doc_is_what_the_generator_makes():
-    results_doc = load_benchmark("results_doc")
+    from blueedit.bench import results_doc
+
     assert results_doc.main(["--check"]) == 0, "stale: run python benchmarks/results_doc.py"
 
 
@@ -91,7 +92,8 @@ def test_a_long_pair_with_per_record_values_is_picked_up(tmp_path, monkeypatch):
     appear as a paired table and in the verdict of claim (a)."""
     import json
 
-    results_doc = load_benchmark("results_doc")
+    from blueedit.bench import results_doc
+
     real = results_doc.RESULTS
     for entry in real.iterdir():
         (tmp_path / entry.name).symlink_to(entry)

@@ -18,4 +18,6 @@ BENCHMARKS = {
     "memory": "an estimate of the peak memory of a target optimization",
     "post_norm_gain": "the gain of a post-MLP norm on the output of W_out",
     "wise_sweep": "WISE settings on lifelong edits",
+    "paired": "two arms on the same records: paired differences, bootstrap intervals, McNemar",
+    "results_doc": "docs/results.md and the README's Results block from the committed results",
 }

@@ -3,11 +3,11 @@
 Every number in the page is read from a result file that the page links beside it (the test
 ``tests/test_results_doc.py`` checks both that the page is what this script makes from the files and
 that each number in a section appears in a file the section links). The paired comparisons
-(``benchmarks/paired.py``) of every arm pair with per-record outcomes are computed here too and
+(``python -m blueedit.bench.paired``) of every arm pair with per-record outcomes are computed here too and
 written beside their sources, so that one command refreshes everything::
 
-    python benchmarks/results_doc.py            # write docs/results.md and the paired files
-    python benchmarks/results_doc.py --check    # exit 1, naming the stale files, when anything differs
+    python -m blueedit.bench.results_doc            # write docs/results.md and the paired files
+    python -m blueedit.bench.results_doc --check    # exit 1, naming the stale files, when anything differs
 
 A 2,000-edit CounterFact pair (``counterfact_memit_2000``, ``counterfact_alphaedit_2000``: runs of
 ``sequence.py`` whose ``runs/<method>_<strategy>.json`` hold per-record values) is picked up when
@@ -22,15 +22,12 @@ import csv
 import json
 import os
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
-import paired  # noqa: E402
+from blueedit.bench import harness as C
+from blueedit.bench import paired
 
 RESULTS = C.REPO / "benchmarks" / "results"
 DOC = C.REPO / "docs" / "results.md"
@@ -64,37 +61,37 @@ LONG_PAIRS: list[tuple[str, str]] = [("counterfact_memit_2000", "memit"), ("coun
 #: The 1,000-edit pairs (aggregates only): (name, method, dataset label, command).
 SEQUENCE_1000: list[tuple[str, str, str, str]] = [
     ("counterfact_memit_1000", "memit", "CounterFact",
-     "python benchmarks/sequence.py --name counterfact_memit_1000 --dataset counterfact-easyedit \\\n"
+     "python -m blueedit.bench.sequence --name counterfact_memit_1000 --dataset counterfact-easyedit \\\n"
      "    --num-edits 1000 --edits-per-round 100 --eval-every 250 --general-every 500 --wse-every 0 \\\n"
      "    --runs memit:distribute memit:boundary --out benchmarks/results \\\n"
      "    --set model.editing.compute_dtype=bfloat16 model.editing.target.loss_layer=29"),
     ("counterfact_alphaedit_1000", "alphaedit", "CounterFact",
-     "python benchmarks/sequence.py --name counterfact_alphaedit_1000 --dataset counterfact-easyedit \\\n"
+     "python -m blueedit.bench.sequence --name counterfact_alphaedit_1000 --dataset counterfact-easyedit \\\n"
      "    --num-edits 1000 --edits-per-round 100 --eval-every 250 --general-every 500 --wse-every 0 \\\n"
      "    --config configs/smollm2-135m/alphaedit.yaml --runs alphaedit:distribute alphaedit:boundary \\\n"
      "    --out benchmarks/results --set model.editing.compute_dtype=bfloat16 model.editing.target.loss_layer=29"),
     ("zsre_memit_1000", "memit", "zsRE",
-     "python benchmarks/sequence.py --name zsre_memit_1000 --dataset zsre_eval+zsre_dev \\\n"
+     "python -m blueedit.bench.sequence --name zsre_memit_1000 --dataset zsre_eval+zsre_dev \\\n"
      "    --num-edits 1000 --edits-per-round 100 --eval-every 250 --general-every 500 --wse-every 0 \\\n"
      "    --runs memit:distribute memit:boundary --config configs/smollm2-135m/memit.yaml --out benchmarks/results \\\n"
      "    --set model.editing.compute_dtype=bfloat16 model.editing.target.loss_layer=29"),
 ]
-GEMMA_500 = ("python benchmarks/sequence.py --name counterfact_gemma3_500 --dataset counterfact-easyedit \\\n"
+GEMMA_500 = ("python -m blueedit.bench.sequence --name counterfact_gemma3_500 --dataset counterfact-easyedit \\\n"
              "    --num-edits 500 --edits-per-round 100 --eval-every 250 --general-every 500 --wse-every 0 \\\n"
              "    --config configs/gemma3-270m/memit.yaml --runs memit:distribute --out benchmarks/results \\\n"
              "    --set model.editing.compute_dtype=bfloat16\n"
              "# the same with --runs memit:boundary and model.editing.target.site=mlp added to --set")
 VS_PUBLISHED = (
     "# each side in its own process, then one table; /path/to/BLUE is a checkout of github.com/xpq-tech/BLUE\n"
-    "OMP_NUM_THREADS=1 python benchmarks/vs_published.py --published /path/to/BLUE --methods memit --sides published \\\n"
+    "OMP_NUM_THREADS=1 python -m blueedit.bench.vs_published --published /path/to/BLUE --methods memit --sides published \\\n"
     "    --threads 1 --loss-layer 29 --eval-every-round --no-pre-edit --out pub_memit\n"
-    "OMP_NUM_THREADS=1 python benchmarks/vs_published.py --published /path/to/BLUE --methods memit_blue --sides published \\\n"
+    "OMP_NUM_THREADS=1 python -m blueedit.bench.vs_published --published /path/to/BLUE --methods memit_blue --sides published \\\n"
     "    --threads 1 --loss-layer 29 --eval-every-round --no-pre-edit --out pub_memit_blue\n"
-    "OMP_NUM_THREADS=1 python benchmarks/vs_published.py --methods memit,memit_blue --sides blueedit \\\n"
+    "OMP_NUM_THREADS=1 python -m blueedit.bench.vs_published --methods memit,memit_blue --sides blueedit \\\n"
     "    --threads 1 --loss-layer 29 --eval-every-round --out be_memit\n"
-    "python benchmarks/vs_published.py --merge pub_memit.json pub_memit_blue.json be_memit.json \\\n"
+    "python -m blueedit.bench.vs_published --merge pub_memit.json pub_memit_blue.json be_memit.json \\\n"
     "    --out benchmarks/results/vs_published")
-WSE = ("python benchmarks/weight_shift.py --name wse_counterfact --batch-sizes 10 50 100 --sequence-batch-size 10 \\\n"
+WSE = ("python -m blueedit.bench.weight_shift --name wse_counterfact --batch-sizes 10 50 100 --sequence-batch-size 10 \\\n"
        "    --sequence-edits 200 --sequence-wse-every 50 --dataset counterfact-easyedit --runs memit:distribute \\\n"
        "    --set model.editing.compute_dtype=bfloat16 model.editing.target.loss_layer=29")
 
@@ -279,7 +276,7 @@ def header(page: Page) -> None:
              + page.link("counterfact_gemma3_500/table.md") + "), "
              "claim by claim, with the command that produced each number and the result file it is read from. "
              "This page is generated from the files under `benchmarks/results/` by "
-             "`python benchmarks/results_doc.py`; do not edit it by hand.", "",
+             "`python -m blueedit.bench.results_doc`; do not edit it by hand.", "",
              "## Provenance", "",
              "Library versions recorded in the run records (the `versions` of every JSON result file, for example "
              + ", ".join(page.link(r) for r in cited) + "; the 1,000-edit sequence runs kept only their CSV and "
@@ -289,7 +286,7 @@ def header(page: Page) -> None:
              "as their commands show); the solves and the written updates stay float32/float64.", "")
     page.add("## How two arms are compared", "",
              "Two arms evaluated on the same records are compared record by record "
-             "(`blueedit.evaluation.paired`, `python benchmarks/paired.py`; for example "
+             "(`blueedit.evaluation.paired`, `python -m blueedit.bench.paired`; for example "
              + page.link("gemma3_dtype/paired.json") + "): the paired difference B − A of "
              "each metric with its 95 % percentile-bootstrap interval over records (seeded), and McNemar's "
              "exact test on per-record success (a record succeeds when its value is above 50: CounterFact "
@@ -544,7 +541,7 @@ def record_pairs(page: Page) -> None:
              "arms' values without an interval: the 1,000-edit sequence runs (`sequence.csv`), the Gemma 500-edit "
              "pair, the lifelong tables, the 100-edit method table, the 20-edit quality table, the "
              "published-code comparison and the WISE sweeps. Runs of the sequence benchmark store per-record values at "
-             "every evaluation point; `benchmarks/paired.py` compares them.", "")
+             "every evaluation point; `python -m blueedit.bench.paired` compares them.", "")
 
 
 def published(page: Page) -> None:
@@ -569,7 +566,7 @@ def measurements(page: Page) -> None:
     speed = (RESULTS / "speed_100x100.md").read_text()
     diff = re.search(r"metrics max \|difference\|: ([\d.]+) points", speed).group(1)
     page.add(f"The two dtypes' metrics differ by at most {diff} points. Memory is the process's RSS.", "")
-    page.code("python benchmarks/speed.py --edits 100 --edits-per-round 100 --modes optimized-bf16,optimized \\\n"
+    page.code("python -m blueedit.bench.speed --edits 100 --edits-per-round 100 --modes optimized-bf16,optimized \\\n"
               "    --strategy boundary --loss-layer 29 --threads 1 --max-batch-tokens 1024 "
               "--out benchmarks/results/speed_100x100.json")
     mem = read_json("memory_llama3_8b.json")
@@ -682,16 +679,19 @@ def build_page(pending: set[Path] = frozenset()) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 when a generated file is stale")
+    p.add_argument("--out", type=Path, default=DOC, help="the page to write (default docs/results.md)")
     args = p.parse_args(argv)
     with contextlib.chdir(C.REPO):
         files = paired_outputs()
-        files[DOC] = build_page(set(files))
+        files[args.out.resolve()] = build_page(set(files))
         files[README] = readme_results(README.read_text())
     stale = [path for path, text in files.items() if not path.is_file() or path.read_text() != text]
     if args.check:
         for path in stale:
-            print(f"stale: {path.relative_to(C.REPO)} (run python benchmarks/results_doc.py)")
-        return 1 if stale else 0
+            print(f"stale: {path.relative_to(C.REPO)} (run python -m blueedit.bench.results_doc)")
+        if stale:
+            raise SystemExit(1)
+        return 0
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(files[path])

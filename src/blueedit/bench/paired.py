@@ -5,13 +5,13 @@ bootstrap interval over records, McNemar's exact test on per-record success, and
 Two runs of ``sequence.py`` (their ``runs/<run>.json``; one comparison per evaluation point, matched
 by the number of edits, from the per-record values each evaluation stores)::
 
-    python benchmarks/paired.py --results benchmarks/results/counterfact_memit_2000 \\
+    python -m blueedit.bench.paired --results benchmarks/results/counterfact_memit_2000 \\
         --runs memit_distribute memit_boundary
 
 Two evaluation records that hold per-record outcomes (``blueedit fit``'s ``metrics.json`` with its
 ``records``; ``FILE:pre`` or ``FILE:post`` picks the evaluation)::
 
-    python benchmarks/paired.py --arms benchmarks/results/gemma3_dtype/memit_50_float32.json:post \\
+    python -m blueedit.bench.paired --arms benchmarks/results/gemma3_dtype/memit_50_float32.json:post \\
         benchmarks/results/gemma3_dtype/memit_50_bfloat16.json:post --out benchmarks/results/gemma3_dtype
 
 Written to ``--out`` (default: the ``--results`` directory) as ``<stem>.json`` (every number, the
@@ -25,16 +25,12 @@ import argparse
 import csv
 import io
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
-
-from blueedit.evaluation.editing_metrics import record_values  # noqa: E402
-from blueedit.evaluation.paired import DEFAULT_METRICS, compare_records  # noqa: E402
+from blueedit.bench import harness as C
+from blueedit.evaluation.editing_metrics import record_values
+from blueedit.evaluation.paired import DEFAULT_METRICS, compare_records
 
 SUCCESS_THRESHOLD = 50.0  # the default of blueedit.evaluation.paired.paired_difference
 COLUMNS = ["edits", "metric", "n", "mean_a", "mean_b", "difference", "low", "high", "confidence",
@@ -169,7 +165,7 @@ def build(argv: list[str] | None = None) -> tuple[dict[str, Any], Path, str]:
     arm_a, arm_b = (load_arm(s, n) for s, n in zip(specs, names))
     rows = compare_arms(arm_a, arm_b, names, args.metrics, resamples=args.resamples, seed=args.seed)
     skipped = sorted(set(arm_a["skipped"]) | set(arm_b["skipped"]))
-    payload = {"command": C.command_line("paired.py", argv), "names": list(names), "sources": specs,
+    payload = {"command": C.command_line("paired", argv), "names": list(names), "sources": specs,
                "versions": {names[0]: arm_a["versions"], names[1]: arm_b["versions"]},
                "resamples": args.resamples, "seed": args.seed, "success_threshold": SUCCESS_THRESHOLD,
                "skipped": skipped, "rows": rows}
