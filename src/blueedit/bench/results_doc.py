@@ -652,6 +652,9 @@ def other(page: Page) -> None:
          "50 `zsre_dev` edits; the SmolLM2 config takes mask_ratio 1.0 and act_ratio 0.85 from here"),
     ]:
         embed(page, rel, title, intro)
+    if (RESULTS / "vit_digits/vit_digits.md").is_file():
+        embed(page, "vit_digits/vit_digits.md", "Vision transformers on the digits bed",
+              "RefineViT and its baselines on the offline digits ViT")
     page.add("### Continuing and undoing edits", "",
              f"`bash benchmarks/carry_smollm2.sh`: six example edits, 2 per round, MEMIT + BLUE on SmolLM2-135M, "
              f"edited in one run and in two sittings, then the last round reverted "
