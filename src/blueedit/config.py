@@ -140,6 +140,12 @@ class TargetConfig:
     top-1 token at every target position of every rewriting prompt of a request, the NLL term of
     its next step is weighted by that factor, and the request stops when its KL term is below
     ``top1_kl_stop``.
+
+    ``anchor_position0``: where a prompt's fact token would be position 0 (a model that adds no BOS
+    token, a one-token subject that starts the prompt), the keys and the target rows read that
+    prompt with one anchor token in front (the tokenizer's BOS token, else its EOS token), so the
+    fact token is position 1 and not the attention sink (docs/algorithms.md, "Fact token at
+    position 0"). Prompts whose fact token is elsewhere are unchanged. Off: as published.
     """
 
     v_num_grad_steps: int = 25
@@ -157,6 +163,7 @@ class TargetConfig:
     top1_kl_stop: float = setting(0.01, added_later=True)
     site: TargetSite = setting("block", added_later=True)
     stop_after: TargetStop = setting("none", added_later=True)
+    anchor_position0: bool = setting(False, added_later=True)
 
     def __post_init__(self) -> None:
         from blueedit.config import check_choice

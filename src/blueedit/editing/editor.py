@@ -314,7 +314,8 @@ class Editor:
         with self.autocast():
             out = fact_states(self.compute_model, self.compute_adapter, self.tokenizer, local,
                               self.state.context_templates, key_layers, hidden_layers,
-                              batch_size=self.hp.key_batch_size, value_layers=value_layers)
+                              batch_size=self.hp.key_batch_size, value_layers=value_layers,
+                              anchor=self.hp.target.anchor_position0)
         if distributed.is_distributed():
             n = len(requests)
             out = tuple({l: distributed.gather_rows(x.T.contiguous(), n).T for l, x in part.items()} for part in out)

@@ -112,6 +112,24 @@ def encode_prompt(tokenizer, template: str, subject: str | None) -> tuple[list[i
     return ids, fact
 
 
+def anchor_token(tokenizer) -> int:
+    """The token put in front of a prompt whose fact token would be position 0: the tokenizer's
+    BOS token, else its EOS token (the document separator of models trained without BOS)."""
+    for token in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token is not None:
+            return int(token)
+    raise ValueError("the tokenizer has neither a BOS nor an EOS token to anchor a position-0 fact token")
+
+
+def encode_fact_prompt(tokenizer, template: str, subject: str, anchor: bool = False) -> tuple[list[int], int]:
+    """:func:`encode_prompt` for editing: with ``anchor``, a prompt whose fact token is position 0
+    gets :func:`anchor_token` in front (fact token at 1); every other prompt is returned as is."""
+    ids, fact = encode_prompt(tokenizer, template, subject)
+    if anchor and fact == 0:
+        return [anchor_token(tokenizer)] + ids, 1
+    return ids, fact
+
+
 def pad_batch(
     prompts: list[list[int]],
     fact_index: list[int],

@@ -31,7 +31,7 @@ from blueedit.editing.targets.objective import TargetState, chunk_loss
 from blueedit.editing.targets.scoring import Setup, site_hooks
 from blueedit.models.adapters import ModelAdapter
 from blueedit.models.forward import forward, traced
-from blueedit.models.tokens import encode_prompt, gather_positions, pad_batch, pad_token_id
+from blueedit.models.tokens import encode_fact_prompt, gather_positions, pad_batch, pad_token_id
 
 __all__ = ["CONTEXT_SEEDS", "BlockReplay", "Chunk", "PrefixCache", "TargetConfig", "TargetResult", "cache_argument",
            "fact_states", "generate_context_templates", "optimize_targets", "optimize_targets_one_by_one",
@@ -152,7 +152,7 @@ def optimize_targets(
     sites = tuple(sites)
     device = next(model.parameters()).device
     rows = target_rows(tokenizer, requests, templates, hp.kl_prompt, forget=hp.forget_weight > 0,
-                       stop_after=hp.stop_after)
+                       stop_after=hp.stop_after, anchor=hp.anchor_position0)
     n_req, S = len(requests), len(sites)
     # the KL term compares the model's next-token distributions (its final logits, as the published
     # ``compute_z``); the target log-probs are read at ``loss_layer``. Both come from one pass that
@@ -223,6 +223,7 @@ def fact_states(
     hidden_layers: list[int],
     batch_size: int = 64,
     value_layers: list[int] | None = None,
+    anchor: bool = False,
 ):
     """Keys and current values at the fact token, in one forward pass per chunk.
 
@@ -234,7 +235,8 @@ def fact_states(
 
     With ``value_layers`` it returns ``(keys, hidden, values)``: ``values[l]`` is the output of
     ``W_out^l`` (``[d, B]``, the MLP output) at the fact token of the bare prompt (PMET's
-    residuals are measured there).
+    residuals are measured there). ``anchor``: a fact token at position 0 is read at position 1,
+    behind :func:`~blueedit.models.tokens.anchor_token` (``editing.target.anchor_position0``).
     """
     if "{}" not in templates:
         raise UserInputError("context templates must include the bare template '{}'")
@@ -244,7 +246,7 @@ def fact_states(
     items = []  # (request, is_bare, ids, fact, weight)
     for i, r in enumerate(requests):
         for c, w in zip(templates, weights):
-            ids, fact = encode_prompt(tokenizer, c.replace("{}", r.prompt, 1), r.subject)
+            ids, fact = encode_fact_prompt(tokenizer, c.replace("{}", r.prompt, 1), r.subject, anchor)
             items.append((i, c == "{}", ids, fact, w))
     keys = {l: torch.zeros(adapter.key_size(l), len(requests), device=device) for l in key_layers}
     hidden = {l: torch.zeros(adapter.hidden_size(), len(requests), device=device) for l in hidden_layers}

@@ -16,7 +16,7 @@ import torch
 from blueedit.data.records import EditRequest
 from blueedit.models.adapters import ModelAdapter
 from blueedit.models.forward import _StopForward, traced
-from blueedit.models.tokens import PromptBatch, encode_prompt, pad_batch, tokenize_target
+from blueedit.models.tokens import PromptBatch, encode_fact_prompt, pad_batch, tokenize_target
 
 
 @dataclass
@@ -49,15 +49,17 @@ def stop_ids(tokenizer, stop_after: str) -> list[int]:
 
 
 def target_rows(tokenizer, requests: list[EditRequest], templates: list[str], kl_prompt: str,
-                forget: bool = False, stop_after: str = "none") -> list[TargetRow]:
+                forget: bool = False, stop_after: str = "none", anchor: bool = False) -> list[TargetRow]:
     """Every request's rows, request by request: its rewriting prompts (target ``o*`` followed by
-    :func:`stop_ids`), (``forget``) the same prompts with the old answer, its KL prompt."""
+    :func:`stop_ids`), (``forget``) the same prompts with the old answer, its KL prompt;
+    ``anchor``: a fact token at position 0 is moved to position 1
+    (:func:`~blueedit.models.tokens.encode_fact_prompt`)."""
     rows = []
     stop = stop_ids(tokenizer, stop_after)
     for i, r in enumerate(requests):
         target = tokenize_target(tokenizer, r.target_new) + stop
         for c in templates:
-            ids, fact = encode_prompt(tokenizer, c.replace("{}", r.prompt, 1), r.subject)
+            ids, fact = encode_fact_prompt(tokenizer, c.replace("{}", r.prompt, 1), r.subject, anchor)
             rows.append(TargetRow(ids, fact, target, i, False))
         if forget:
             if not r.target_true:
@@ -65,9 +67,9 @@ def target_rows(tokenizer, requests: list[EditRequest], templates: list[str], kl
                                  "editing.target.forget_weight > 0 needs")
             old = tokenize_target(tokenizer, r.target_true)
             for c in templates:
-                ids, fact = encode_prompt(tokenizer, c.replace("{}", r.prompt, 1), r.subject)
+                ids, fact = encode_fact_prompt(tokenizer, c.replace("{}", r.prompt, 1), r.subject, anchor)
                 rows.append(TargetRow(ids, fact, old, i, False, True))
-        ids, fact = encode_prompt(tokenizer, kl_prompt, r.subject)
+        ids, fact = encode_fact_prompt(tokenizer, kl_prompt, r.subject, anchor)
         rows.append(TargetRow(ids, fact, [], i, True))
     return rows
 
