@@ -9,12 +9,13 @@ and the current value from.
 
 ``count``: for each record file, the records whose fact token is position 0 in the edit prompt.
 ``compare``: edit the position-0 records of a file plus as many others (the first ones), with
-MEMIT and MEMIT + BLUE, and report efficacy and generalization of each group.
+MEMIT and MEMIT + BLUE, and report efficacy and generalization of each group, with ``editing.target.anchor_position0``
+off (as published) and on.
 
 Run::
 
     python benchmarks/position0.py count --out benchmarks/results/position0/count.json
-    python benchmarks/position0.py compare --edits-per-round 25 --limit 25 \
+    python benchmarks/position0.py compare --limit 8 --edits-per-round 25 \
         --out benchmarks/results/position0/compare.json
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _common import default_data_dir  # noqa: E402
+from _common import default_data_dir
 
 #: The record files counted, relative to the data directory.
 FILES = ("counterfact/counterfact_eval.json", "counterfact/counterfact_dev.json",
@@ -62,15 +63,15 @@ def count(tokenizer, data_dir: Path) -> dict:
     return out
 
 
-def memit_config(strategy: str, compute_dtype: str | None, **editing):
+def memit_config(strategy: str, compute_dtype: str | None, **target):
     """MEMIT's :class:`~blueedit.config.EditingConfig` from ``configs/smollm2-135m/memit.yaml``."""
     import yaml
 
     from blueedit.config import EditingConfig, StatsConfig, TargetConfig
 
     cfg = yaml.safe_load((REPO / "configs/smollm2-135m/memit.yaml").read_text())["model"]
-    ed = dict(cfg["editing"], strategy=strategy, compute_dtype=compute_dtype, **editing)
-    ed["target"] = TargetConfig(**ed["target"])
+    ed = dict(cfg["editing"], strategy=strategy, compute_dtype=compute_dtype)
+    ed["target"] = TargetConfig(**ed["target"], **target)
     return EditingConfig(**ed), StatsConfig(**cfg["stats"])
 
 
@@ -87,20 +88,23 @@ def group_metrics(result, zero_ids: set) -> dict:
     return out
 
 
-def compare(args, tokenizer_only=None) -> dict:
+def compare(args) -> dict:
     """Edit the position-0 records of ``args.dataset`` plus as many others, interleaved, with
     MEMIT (``distribute``) and MEMIT + BLUE (``boundary``); metrics per group after the last round."""
-    import torch
-
     from blueedit.data.formats import load_requests
     from blueedit.editing.setup import build_editor, cached_key_statistics
+    from blueedit.editing.targets import generate_context_templates
     from blueedit.evaluation.editing_metrics import evaluate_requests
     from blueedit.models.adapters import ModelAdapter
-    from blueedit.models.loading import ModelConfig, load_model_and_tokenizer, model_fingerprint
+    from blueedit.models.loading import (
+        ModelConfig,
+        load_model_and_tokenizer,
+        model_fingerprint,
+    )
 
     spec = ModelConfig(name_or_path=args.model, dtype="float32")
     model, tok = load_model_and_tokenizer(spec)
-    requests = load_requests(args.dataset, data_dir=args.data_dir or default_data_dir())
+    requests = load_requests(str(Path(args.data_dir or default_data_dir()) / args.dataset))
     pos = fact_positions(tok, requests)
     zero = [r for r, p in zip(requests, pos) if p == 0][: args.limit]
     rest = [r for r, p in zip(requests, pos) if p != 0][: len(zero)]
@@ -111,10 +115,9 @@ def compare(args, tokenizer_only=None) -> dict:
     mom2 = cached_key_statistics(model, tok, hp0.layers, stats, model_id=model_fingerprint(spec), adapter=adapter,
                                  data_dir=args.data_dir or default_data_dir(), progress=False)
     original = {l: adapter.get_w_out(l).clone() for l in hp0.layers}
-    from blueedit.editing.targets import generate_context_templates
-
     templates = generate_context_templates(model, tok)
-    out = {"dataset": args.dataset, "records": len(chosen), "edits_per_round": args.edits_per_round,
+    out = {"command": "python benchmarks/position0.py " + " ".join(sys.argv[1:]), "dataset": args.dataset,
+           "records": len(chosen), "edits_per_round": args.edits_per_round,
            "compute_dtype": args.compute_dtype, "pre_edit": group_metrics(evaluate_requests(model, tok, chosen), zero_ids),
            "runs": []}
     for strategy in args.strategies.split(","):
@@ -129,9 +132,15 @@ def compare(args, tokenizer_only=None) -> dict:
             run = {"strategy": strategy, **option, **group_metrics(evaluate_requests(model, tok, chosen), zero_ids)}
             out["runs"].append(run)
             print(json.dumps(run), flush=True)
+            write_json(args.out, out)  # after every run: an interrupted comparison keeps the runs done
     for l, w in original.items():
         adapter.set_w_out(l, w)
     return out
+
+
+def write_json(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -141,19 +150,16 @@ def main(argv: list[str] | None = None) -> dict:
                    help="compare: the record file (inside the data directory)")
     p.add_argument("--limit", type=int, default=26, help="compare: position-0 records edited (as many others)")
     p.add_argument("--edits-per-round", type=int, default=25)
-    p.add_argument("--strategies", default="distribute,boundary")
+    p.add_argument("--strategies", default="boundary,distribute")
     p.add_argument("--compute-dtype", default="bfloat16")
+    p.add_argument("--anchor", default="off,on", help="compare: editing.target.anchor_position0 values run")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    args.options = [{}]
+    args.options = [{"anchor_position0": a == "on"} for a in args.anchor.split(",")]
     if args.command == "compare":
-        args.dataset = str(Path(args.data_dir or default_data_dir()) / args.dataset)
-        result = compare(args)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-        return result
+        return compare(args)
     from transformers import AutoTokenizer
 
     from blueedit.models.loading import default_cache_dir, resolve_packaged
@@ -163,8 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     result = {"model": args.model, "adds_bos": tok("x")["input_ids"][0] == tok.bos_token_id,
               "files": count(tok, data_dir)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     for rel, c in result["files"].items():
         print(f"{rel}: {c['position0']} / {c['records']} ({100 * c['fraction']:.1f} %)")
     return result
