@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
 
 from blueedit.data.records import EditRequest
 from blueedit.editing.targets import fact_states
@@ -22,6 +21,7 @@ from blueedit.models.tokens import (
     encode_prompt,
     tokenize_target,
 )
+from helpers import make_model, make_tokenizer
 
 WINDOWS = {"case_id": "windows", "prompt": "{} was developed by", "subject": "Windows",
            "target_new": "Apple", "target_true": "Microsoft"}

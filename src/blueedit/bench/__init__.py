@@ -20,4 +20,5 @@ BENCHMARKS = {
     "wise_sweep": "WISE settings on lifelong edits",
     "paired": "two arms on the same records: paired differences, bootstrap intervals, McNemar",
     "results_doc": "docs/results.md and the README's Results block from the committed results",
+    "position0": "edits whose fact token is position 0: their count and metrics against the others",
 }

@@ -9,13 +9,13 @@ and the current value from.
 
 ``count``: for each record file, the records whose fact token is position 0 in the edit prompt.
 ``compare``: edit the position-0 records of a file plus as many others (the first ones), with
-MEMIT and MEMIT + BLUE, and report efficacy and generalization of each group, with ``editing.target.anchor_position0``
-off (as published) and on.
+MEMIT and MEMIT + BLUE, and report efficacy and generalization of each group, with
+``editing.target.anchor_position0`` off (as published) and on.
 
 Run::
 
-    python benchmarks/position0.py count --out benchmarks/results/position0/count.json
-    python benchmarks/position0.py compare --limit 8 --edits-per-round 25 \
+    python -m blueedit.bench.position0 count --out benchmarks/results/position0/count.json
+    python -m blueedit.bench.position0 compare --limit 8 --edits-per-round 25 \
         --out benchmarks/results/position0/compare.json
 """
 
@@ -26,10 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from _common import default_data_dir
+from blueedit.bench.harness import REPO, default_data_dir
 
 #: The record files counted, relative to the data directory.
 FILES = ("counterfact/counterfact_eval.json", "counterfact/counterfact_dev.json",
@@ -116,7 +113,7 @@ def compare(args) -> dict:
                                  data_dir=args.data_dir or default_data_dir(), progress=False)
     original = {l: adapter.get_w_out(l).clone() for l in hp0.layers}
     templates = generate_context_templates(model, tok)
-    out = {"command": "python benchmarks/position0.py " + " ".join(sys.argv[1:]), "dataset": args.dataset,
+    out = {"command": "python -m blueedit.bench.position0 " + " ".join(sys.argv[1:]), "dataset": args.dataset,
            "records": len(chosen), "edits_per_round": args.edits_per_round,
            "compute_dtype": args.compute_dtype, "pre_edit": group_metrics(evaluate_requests(model, tok, chosen), zero_ids),
            "runs": []}
