@@ -232,7 +232,7 @@ def test_the_settings_that_decide_an_edit_come_from_field_metadata():
         "editing.history_schedule": "constant", "editing.target.forget_weight": 0.0,
         "editing.target.fisher_weight": 0.0, "editing.target.fisher_estimator": "diagonal",
         "editing.target.top1_nll_factor": None, "editing.target.top1_kl_stop": 0.01, "editing.target.site": "block",
-        "editing.target.stop_after": "none"}
+        "editing.target.stop_after": "none", "editing.target.anchor_position0": False}
     assert "editing.mom2_update_weight" not in carry.FREE_SETTINGS | EditingModule.RESUMABLE_SETTINGS
 
 @pytest.mark.parametrize("config", VISION_CONFIGS)

@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from blueedit.bench.harness import REPO, default_data_dir
+from blueedit.bench.harness import REPO, RunRecord, default_data_dir
 
 #: The record files counted, relative to the data directory.
 FILES = ("counterfact/counterfact_eval.json", "counterfact/counterfact_dev.json",
@@ -140,6 +140,15 @@ def write_json(path: str, result: dict) -> None:
     Path(path).write_text(json.dumps(result, indent=1) + "\n")
 
 
+def write_run_record(record: RunRecord, out: str) -> None:
+    """``run.json`` beside ``out``, naming this command and those of the other results there."""
+    directory = Path(out).parent
+    old = directory / RunRecord.FILENAME
+    commands = json.loads(old.read_text()).get("commands", []) if old.is_file() else []
+    commands = [c for c in commands if c.split()[:4] != record.command.split()[:4]] + [record.command]
+    record.write(directory, commands=commands)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=("count", "compare"))
@@ -154,9 +163,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    record = RunRecord("position0", argv)
     args.options = [{"anchor_position0": a == "on"} for a in args.anchor.split(",")]
     if args.command == "compare":
-        return compare(args)
+        result = compare(args)
+        write_run_record(record, args.out)
+        return result
     from transformers import AutoTokenizer
 
     from blueedit.models.loading import default_cache_dir, resolve_packaged
@@ -167,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"model": args.model, "adds_bos": tok("x")["input_ids"][0] == tok.bos_token_id,
               "files": count(tok, data_dir)}
     write_json(args.out, result)
+    write_run_record(record, args.out)
     for rel, c in result["files"].items():
         print(f"{rel}: {c['position0']} / {c['records']} ({100 * c['fraction']:.1f} %)")
     return result
