@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from blueedit.config import UserInputError
 from blueedit.data.records import EditRecordError, EditRequest
 from blueedit.memory.a3e import (
     A3EConfig,
@@ -225,9 +226,9 @@ def test_load_refuses_other_weights_and_corrupt_files(tok, tmp_path):
 def test_a3e_with_boundary_is_a_clear_error():
     from blueedit.config import EditingConfig
 
-    with pytest.raises(ValueError, match="boundary.*does not apply.*'a3e'"):
+    with pytest.raises(UserInputError, match="boundary.*does not apply.*'a3e'"):
         EditingConfig(method="a3e", strategy="boundary", layers=[3])
-    with pytest.raises(ValueError, match="'a3e' edits one layer"):
+    with pytest.raises(UserInputError, match="'a3e' edits one layer"):
         EditingConfig(method="a3e", layers=[3, 4])
     assert EditingConfig(method="a3e", layers=[5]).a3e.mask == "lowest"
 

@@ -18,4 +18,6 @@ BENCHMARKS = {
     "memory": "an estimate of the peak memory of a target optimization",
     "post_norm_gain": "the gain of a post-MLP norm on the output of W_out",
     "wise_sweep": "WISE settings on lifelong edits",
+    "cme": "compositional editing (A³E variants, baselines) on MAC and MQC built from PEAK",
+    "a3e_lr_check": "A³E learning rates on the first MAC compositions",
 }
