@@ -371,7 +371,7 @@ class A3EConfig:
         mask: which units each adapter may use: ``lowest`` (the code: the ``k`` units least aligned
             with the answer tokens), ``highest`` (the paper digest: the most related), ``abs`` (the
             largest ``|s_j(y)|``) or ``none`` (every unit; the MELO-like ablation).
-        mask_fraction: ``k / d_k`` per answer token (code: 896 of 14336, 6.25 %).
+        mask_fraction: ``k / d_k`` per answer token (code: 896 of 14336 = 0.0625).
         alpha: α, the weight of ``L_c`` (code 8).
         beta: β, the weight of ``L_o`` (code 1).
         lr, steps, lr_step, lr_gamma: Adam's learning rate, the steps per edit and the StepLR
