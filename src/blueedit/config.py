@@ -362,6 +362,65 @@ HalfDtype = Literal["bfloat16", "float16"]
 PruneBase = Literal["original", "current"]
 
 
+MaskRule = Literal["none", "lowest", "highest", "abs"]
+MergeRule = Literal["sign", "sum"]
+Routing = Literal["oracle", "retrieve"]
+
+
+@dataclass
+class A3EConfig:
+    """A³E hyperparameters (``editing.a3e``); the adapted layer ``ℓ`` is ``editing.layers: [L]``.
+
+    Defaults follow the released code (docs/algorithms.md, "A³E").
+
+    Attributes:
+        up_proj: the path of the MLP's up projection inside a block (``W_up``; Llama-like models).
+        mask: which units each adapter may use: ``lowest`` (the code: the ``k`` units least aligned
+            with the answer tokens), ``highest`` (the paper digest: the most related), ``abs`` (the
+            largest ``|s_j(y)|``) or ``none`` (every unit; the MELO-like ablation).
+        mask_fraction: ``k / d_k`` per answer token (code: 896 of 14336 = 0.0625).
+        alpha: α, the weight of ``L_c`` (code 8).
+        beta: β, the weight of ``L_o`` (code 1).
+        lr, steps, lr_step, lr_gamma: Adam's learning rate, the steps per edit and the StepLR
+            schedule (code: 0.01, 50, every 20 steps × 0.5).
+        train_key: train ``a_e`` with ``b_e`` (the code trains its LoRA ``A``); else ``a_e`` stays
+            the MLP input at the prompt's last token.
+        merge: ``sign`` (sign-aware sum) or ``sum``.
+        routing: ``oracle`` (the evaluation names the edits of a query) or ``retrieve`` (the key store).
+        key_layer: the layer whose MLP output at the subject's last token is ``k_e`` (code 5).
+        tau: τ, the least cosine for an edit to be retrieved (code 0.5).
+        top_m: m, the most edits retrieved for one query (code 4).
+    """
+
+    up_proj: str = "mlp.up_proj"
+    mask: MaskRule = "lowest"
+    mask_fraction: float = 0.0625
+    alpha: float = 8.0
+    beta: float = 1.0
+    lr: float = 0.01
+    steps: int = 50
+    lr_step: int = 20
+    lr_gamma: float = 0.5
+    train_key: bool = True
+    merge: MergeRule = "sign"
+    routing: Routing = "retrieve"
+    key_layer: int = 5
+    tau: float = 0.5
+    top_m: int = 4
+
+    def __post_init__(self) -> None:
+        for name, choices in (("mask", MaskRule), ("merge", MergeRule), ("routing", Routing)):
+            check_choice(f"editing.a3e.{name}", getattr(self, name), choices)
+        bad = [f"{name} must be {rule}, got {getattr(self, name)}" for name, ok, rule in (
+            ("mask_fraction", 0.0 < self.mask_fraction <= 1.0, "in (0, 1]"),
+            ("steps", self.steps >= 1, "positive"), ("lr", self.lr > 0, "positive"),
+            ("lr_step", self.lr_step >= 1, "positive"), ("top_m", self.top_m >= 1, "positive"),
+            ("alpha", self.alpha >= 0, ">= 0"), ("beta", self.beta >= 0, ">= 0"),
+            ("tau", -1.0 <= self.tau < 1.0, "in [-1, 1)")) if not ok]
+        if bad:
+            raise UserInputError("editing.a3e." + "; editing.a3e.".join(bad))
+
+
 @dataclass
 class EditingConfig:
     """What to edit and how.
@@ -412,6 +471,7 @@ class EditingConfig:
             ``i``, ``n`` the number of rounds of the stream; MEMIT-family methods only).
         wise: the WISE hyperparameters (:class:`~blueedit.editing.wise.WiseConfig`), used by
             ``method: wise`` only.
+        a3e: the A³E hyperparameters (:class:`A3EConfig`), used by ``method: a3e`` only.
     """
 
     method: str = "memit"
@@ -431,6 +491,7 @@ class EditingConfig:
     prune_base: PruneBase = "original"
     history_schedule: HistorySchedule = setting("constant", added_later=True)
     wise: WiseConfig = field(default_factory=WiseConfig)
+    a3e: A3EConfig = field(default_factory=A3EConfig)
 
     def __post_init__(self) -> None:
         from blueedit.methods.registry import get_method

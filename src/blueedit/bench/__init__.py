@@ -21,4 +21,6 @@ BENCHMARKS = {
     "paired": "two arms on the same records: paired differences, bootstrap intervals, McNemar",
     "results_doc": "docs/results.md and the README's Results block from the committed results",
     "position0": "edits whose fact token is position 0: their count and metrics against the others",
+    "cme": "compositional editing (A³E variants, baselines) on MAC and MQC built from PEAK",
+    "a3e_lr_check": "A³E learning rates on the first MAC compositions",
 }

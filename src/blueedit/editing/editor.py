@@ -75,6 +75,20 @@ class RoundReport:
     residual_norms: dict[int, float] = field(default_factory=dict)
 
 
+def check_round(tokenizer, requests: list[EditRequest], index: int, fields: tuple[str, ...] = ("target_new",)) -> None:
+    """Raise, naming the round or the record and field, when round ``index`` is empty, a record is
+    invalid, or one of its ``fields`` tokenizes to nothing (before anything is edited)."""
+    if not requests:
+        raise EditRoundError(f"round {index} has no edit requests")
+    validate_requests(requests)
+    for i, r in enumerate(requests):
+        for name in fields:
+            try:
+                tokenize_target(tokenizer, getattr(r, name))
+            except ValueError as e:
+                raise EditRecordError(f"edit record {i} (case_id={r.case_id!r}): '{name}' {e}") from None
+
+
 @dataclass
 class EditorState:
     """Everything a resumed run needs besides the weights: edit history ``H^l`` (float32),
@@ -211,17 +225,9 @@ class Editor:
     # -- one round -------------------------------------------------------------------------
     def check_requests(self, requests: list[EditRequest], index: int) -> None:
         """Validate records and their tokenization before anything is edited."""
-        if not requests:
-            raise EditRoundError(f"round {index} has no edit requests")
-        validate_requests(requests)
+        fields_ = ("target_new",) + (("target_true",) if self.hp.target.forget_weight > 0 else ())
+        check_round(self.tokenizer, requests, index, fields_)
         check_stream_options(self.hp, requests, self.state.total_rounds)
-        for i, r in enumerate(requests):
-            fields_ = ["target_new"] + (["target_true"] if self.hp.target.forget_weight > 0 else [])
-            for name in fields_:
-                try:
-                    tokenize_target(self.tokenizer, getattr(r, name))
-                except ValueError as e:
-                    raise EditRecordError(f"edit record {i} (case_id={r.case_id!r}): '{name}' {e}") from None
 
     def autocast(self):
         """The forward-pass autocast context (a no-op unless ``editing.autocast`` is set)."""

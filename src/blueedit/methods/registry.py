@@ -54,6 +54,7 @@ BUILTIN: dict[str, str] = {
     "rect": "blueedit.methods.rect:Rect",
     "pmet": "blueedit.methods.pmet:Pmet",
     "wise": "blueedit.methods.wise:Wise",
+    "a3e": "blueedit.methods.a3e:A3E",
 }
 
 _REGISTERED: dict[str, EditMethod] = {}
