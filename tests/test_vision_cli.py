@@ -45,19 +45,19 @@ def test_fit_runs_one_edit_per_step_and_resumes(tiny_dir, tmp_path):
     assert full["mean"]["rounds"] == 8 == len(full["rounds"])  # 4 transforms x 1 group x 2 edits
     assert all(0.0 <= r[k] <= 1.0 for r in full["rounds"] for k in ("sr", "gr", "lr"))
     assert full["mean"]["sr"] > 0  # P can move the untrained model's small logits
-    ckpt_full = torch.load(sorted((tmp_path / "full").rglob("*.ckpt"))[-1], weights_only=False)
+    ckpt_full = torch.load(sorted((tmp_path / "full").rglob("*.ckpt"))[-1], weights_only=True)
     # interrupted after 3 rounds, then resumed from its checkpoint: the same rounds and the same last edit
     every_step = json.dumps([{"class_path": "blueedit.vision.callbacks.SubpopulationMetrics"},
                              {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                               "init_args": {"every_n_train_steps": 1, "save_top_k": -1}}])
     main(["fit", *_args(tiny_dir, tmp_path / "part", "--trainer.max_steps", "3", "--trainer.callbacks", every_step)])
     part_ckpt = [p for p in (tmp_path / "part").rglob("*.ckpt") if "step=3" in p.name][0]
-    assert torch.load(part_ckpt, weights_only=False)["state_dict"]["last_round"].item() == 2
+    assert torch.load(part_ckpt, weights_only=True)["state_dict"]["last_round"].item() == 2
     main(["fit", *_args(tiny_dir, tmp_path / "resumed", "--ckpt_path", str(part_ckpt))])
     resumed = _metrics(tmp_path / "resumed")
     assert [r["round"] for r in resumed["rounds"]] == list(range(8))
     assert resumed["rounds"] == full["rounds"]
-    ckpt = torch.load(sorted((tmp_path / "resumed").rglob("*.ckpt"))[-1], weights_only=False)
+    ckpt = torch.load(sorted((tmp_path / "resumed").rglob("*.ckpt"))[-1], weights_only=True)
     for key in ("mask", "projection"):
         assert torch.equal(ckpt["state_dict"][key], ckpt_full["state_dict"][key])
 
