@@ -538,3 +538,24 @@ def test_a_twice_continued_model_names_the_original_base(tiny, tmp_path):
         assert meta["base_fingerprint"] == fingerprint, d
         assert json.loads((d / "edits.json").read_text())["base_model"] == str(base), d
     assert carry.read_header(third)["rounds_done"] == 3
+
+
+def test_a_failed_write_leaves_a_checkpoint_that_finishes_the_edit(tiny, tmp_path, monkeypatch):
+    """When writing the edited model fails, `edit` says where the edits survive (a checkpoint
+    written with the public Trainer.save_checkpoint); resuming from it writes the same model."""
+    base, reference, out = tiny / "tiny-llama", tmp_path / "reference", tmp_path / "out"
+    _edit(tiny, base, "r0-4.json", reference, "memit", "distribute")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr("blueedit.cli.save_edited_model", full_disk)
+        with pytest.raises(OSError, match="No space left on device") as failure:
+            _edit(tiny, base, "r0-4.json", out, "memit", "distribute")
+    message = str(failure.value)
+    assert f"writing the edited model to {out} failed" in message and "resume with --ckpt_path" in message
+    checkpoint = Path(message.rsplit("--ckpt_path ", 1)[1])
+    assert checkpoint.is_file() and not out.exists()
+    _edit(tiny, base, "r0-4.json", out, "memit", "distribute", f"--ckpt_path={checkpoint}")
+    _assert_close_dirs(out, reference)

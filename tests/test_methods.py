@@ -103,14 +103,20 @@ def test_no_method_is_named_outside_the_method_modules():
 def test_no_function_is_longer_than_80_lines():
     long = []
     for path in SRC.rglob("*.py"):
-        if path.parent.name == "bench":
-            continue  # the benchmark scripts' entry points are checked separately
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 if length > 80:
                     long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({length} lines)")
     assert not long, long
+
+
+def test_no_private_lightning_api_is_used():
+    """Lightning's public mechanisms only: no private trainer, connector or parser methods."""
+    pattern = re.compile(r"\._checkpoint_connector|_prepare_subcommand_parser|\bself\._get\(|\._fit_loop|\._run\(")
+    found = [f"{path.relative_to(SRC)}:{i}: {line.strip()}" for path in SRC.rglob("*.py")
+             for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not found, found
 
 
 def test_readme_adding_a_method_example_registers_and_edits():

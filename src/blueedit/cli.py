@@ -126,27 +126,31 @@ class EditTrainer(Trainer):
             dm.dataset, dm.format, dm.num_edits, dm._requests = edits, "auto", None, None
         dm.setup("fit")  # validates every record before anything is loaded onto the model
         self.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        error: Exception | None = None
         if self.is_global_zero:  # every rank holds the same weights; one writes them
             try:
                 save_edited_model(model, dm, output, overwrite=overwrite)
             except Exception as e:
-                raise OSError(f"writing the edited model to {output} failed ({type(e).__name__}: {e}); "
-                              f"{self._rescue(model)}") from e
+                error = e
+        if self.strategy.broadcast(error is not None):  # rank 0's outcome, on every rank
+            where = self._rescue()  # every rank takes part: the checkpoint write synchronizes them
+            cause = f"{type(error).__name__}: {error}" if error is not None else "on rank 0"
+            raise OSError(f"writing the edited model to {output} failed ({cause}); {where}") from error
         self.strategy.barrier("blueedit-edit-saved")
         return Path(output)
 
-    def _rescue(self, module: EditingModule) -> str:
+    def _rescue(self) -> str:
         """Say where the editing survives when the model could not be saved: the last checkpoint
-        of a checkpoint callback, else a checkpoint written now (only the edited matrices and the
-        editor state, tens of MB for small models)."""
+        of a checkpoint callback, else a checkpoint written now with :meth:`save_checkpoint` (the
+        edited matrices and the editor state, tens of MB for small models). Called on every rank."""
         callback = self.checkpoint_callback
         last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
         if last and Path(last).is_file():
             return f"the run's last checkpoint is {last}: resume with --ckpt_path {last}"
-        path = Path(self.default_root_dir) / f"edit-rescue-{uuid.uuid4().hex[:8]}.ckpt"
+        path = self.strategy.broadcast(Path(self.default_root_dir) / f"edit-rescue-{uuid.uuid4().hex[:8]}.ckpt")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.strategy.checkpoint_io.save_checkpoint(self._checkpoint_connector.dump_checkpoint(), path)
+            self.save_checkpoint(path)
         except Exception as e:
             return f"saving a rescue checkpoint to {path} failed too ({e}); the edits are lost"
         return f"the edits are saved in the checkpoint {path}: resume with --ckpt_path {path}"
@@ -408,6 +412,12 @@ TRAINER_DEFAULTS = {
 SUBCOMMAND_DEFAULTS = {sub: {"default_config_files": [str(Path(__file__).parent / "defaults" / f"{sub}.yaml")]}
                        for sub in ("fit", "edit")}
 
+
+def subcommand_parser_kwargs(subcommands) -> dict[str, dict[str, Any]]:
+    """Each subcommand's parser raises on a bad option (``main`` prints one line) and reads the
+    subcommand's defaults file (``defaults/<sub>.yaml``) where there is one."""
+    return {sub: {"exit_on_error": False, **SUBCOMMAND_DEFAULTS.get(sub, {})} for sub in subcommands}
+
 #: Exceptions that are the user's to fix: one line and exit status 2, no traceback. A ``ValueError``
 #: or ``KeyError`` from inside the engine is not among them: it keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -425,10 +435,11 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> BlueEditCLI:
     from blueedit.vision.cli import is_vision_command  # a config naming a blueedit.vision model: the vision track
 
     if is_vision_command(argv):
-        from blueedit.vision.cli import run_vision_cli
+        from blueedit.vision.cli import VisionCLI, run_vision_cli
 
         return run_vision_cli(args, run=run, trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0,
-                              parser_kwargs={"prog": "blueedit", "exit_on_error": False},
+                              parser_kwargs={"prog": "blueedit", "exit_on_error": False,
+                                             **subcommand_parser_kwargs(VisionCLI.subcommands())},
                               save_config_kwargs={"overwrite": True})
     return BlueEditCLI(
         EditingModule,
@@ -436,8 +447,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> BlueEditCLI:
         # a bad option raises (main() prints one line) instead of printing the whole usage
         parser_kwargs={"description": description(BlueEditCLI.subcommands()), "prog": "blueedit",
                        "formatter_class": ShortHelpFormatter, "exit_on_error": False,
-                       **{sub: {"exit_on_error": False, **SUBCOMMAND_DEFAULTS.get(sub, {})}
-                          for sub in BlueEditCLI.subcommands()}},
+                       **subcommand_parser_kwargs(BlueEditCLI.subcommands())},
         auto_configure_optimizers=False,
         trainer_class=EditTrainer,
         trainer_defaults=TRAINER_DEFAULTS,

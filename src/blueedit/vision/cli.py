@@ -87,13 +87,6 @@ class VisionCLI(LightningCLI):
         commands["edit"] = {"model", "datamodule"}
         return commands
 
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        parser.set_defaults({"trainer.limit_val_batches": 0})
-        if subcommand == "edit":
-            parser.set_defaults({"trainer.enable_checkpointing": False})
-        return parser
-
 
 def run_vision_cli(args: list[str] | None, run: bool = True, **kwargs: Any) -> VisionCLI:
     return VisionCLI(VisionEditingModule, DigitsEditDataModule, subclass_mode_model=True, subclass_mode_data=True,
