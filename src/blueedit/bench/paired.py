@@ -21,7 +21,6 @@ command, the arms' versions), ``<stem>.csv`` (one row per evaluation point × me
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -37,8 +36,8 @@ COLUMNS = ["edits", "metric", "n", "mean_a", "mean_b", "difference", "low", "hig
            "a_only", "b_only", "p_value", "verdict"]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None):
+    p = C.plain_parser(__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--runs", nargs=2, metavar=("A", "B"), help="two run names under --results/runs/")
     src.add_argument("--arms", nargs=2, metavar=("A", "B"),

@@ -21,12 +21,11 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from blueedit.bench.harness import REPO, RunRecord, default_data_dir
+from blueedit.bench.harness import REPO, RunRecord, default_data_dir, plain_parser
 
 #: The record files counted, relative to the data directory.
 FILES = ("counterfact/counterfact_eval.json", "counterfact/counterfact_dev.json",
@@ -150,7 +149,7 @@ def write_run_record(record: RunRecord, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = plain_parser(__doc__)
     p.add_argument("command", choices=("count", "compare"))
     p.add_argument("--dataset", default="counterfact/easyedit/counterfact-edit.json.gz",
                    help="compare: the record file (inside the data directory)")

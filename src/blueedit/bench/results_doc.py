@@ -16,7 +16,6 @@ its run records are present.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import json
@@ -680,7 +679,7 @@ def build_page(pending: set[Path] = frozenset()) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.plain_parser(__doc__)
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 when a generated file is stale")
     p.add_argument("--out", type=Path, default=DOC, help="the page to write (default docs/results.md)")
     args = p.parse_args(argv)
