@@ -10,31 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from blueedit.config import UserInputError
-from blueedit.methods.registry import EditMethod
+from blueedit.methods.registry import SideMemoryMethod
 
 
-class A3E(EditMethod):
+class A3E(SideMemoryMethod):
     name = "a3e"
-    carries_state = False
     config_field = "a3e"
-
-    def check(self, hp) -> None:
-        if hp.target.site != "block":
-            raise UserInputError(f"editing.target.site {hp.target.site!r} does not apply to editing.method 'a3e' "
-                                 "(A³E has no target); leave it at 'block'")
-        if hp.target.stop_after != "none":
-            raise UserInputError("editing.target.stop_after does not apply to editing.method 'a3e' (A³E has no "
-                                 "target vector); leave it at 'none'")
-        if hp.strategy == "boundary":
-            raise UserInputError("editing.strategy 'boundary' (BLUE) does not apply to editing.method 'a3e': A³E "
-                                 "trains per-edit adapters at one layer and writes no weights; remove the strategy "
-                                 "or set it to 'distribute'")
-        if len(hp.layers) != 1:
-            raise UserInputError(f"editing.method 'a3e' edits one layer: set editing.layers to [L], got {hp.layers}")
-        if hp.compute_dtype is not None or hp.autocast is not None:
-            raise UserInputError("editing.compute_dtype / editing.autocast are not supported with editing.method "
-                                 "'a3e' (it trains in the model's dtype)")
+    label = "A³E"
+    trains = "trains per-edit adapters at one layer and writes no weights"
 
     def create_editor(self, module):
         """The A³E editor of an :class:`~blueedit.module.EditingModule`: adapters on the up

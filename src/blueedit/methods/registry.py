@@ -130,6 +130,36 @@ class EditMethod:
         return {}
 
 
+class SideMemoryMethod(EditMethod):
+    """A method that trains weights beside the model at one layer (WISE's side memory, A³E's
+    adapters) instead of writing ``W_out`` by a least-squares solve: no target vector, no
+    ``strategy``, no compute dtype of its own, and no carried locate-then-edit state.
+
+    Subclasses set ``label`` (the method as the papers write it) and ``trains`` (what it trains,
+    for the messages)."""
+
+    carries_state = False
+    label: str = ""
+    trains: str = "weights beside the model at one layer"
+
+    def check(self, hp) -> None:
+        name, label = self.name, self.label or self.name
+        if hp.target.site != "block":
+            raise UserInputError(f"editing.target.site {hp.target.site!r} does not apply to editing.method "
+                                 f"{name!r} ({label} has no target); leave it at 'block'")
+        if hp.target.stop_after != "none":
+            raise UserInputError(f"editing.target.stop_after does not apply to editing.method {name!r} ({label} has "
+                                 "no target vector); leave it at 'none'")
+        if hp.strategy == "boundary":
+            raise UserInputError(f"editing.strategy 'boundary' (BLUE) does not apply to editing.method {name!r}: "
+                                 f"{label} {self.trains}; remove the strategy or set it to 'distribute'")
+        if len(hp.layers) != 1:
+            raise UserInputError(f"editing.method {name!r} edits one layer: set editing.layers to [L], got {hp.layers}")
+        if hp.compute_dtype is not None or hp.autocast is not None:
+            raise UserInputError("editing.compute_dtype / editing.autocast are not supported with editing.method "
+                                 f"{name!r} (it trains in the model's dtype)")
+
+
 def register(method: EditMethod) -> EditMethod:
     """Make ``method`` available as ``editing.method: <method.name>`` (replacing one of that name)."""
     if not method.name:

@@ -11,29 +11,14 @@ from __future__ import annotations
 import torch
 
 from blueedit.config import UserInputError
-from blueedit.methods.registry import EditMethod
+from blueedit.methods.registry import SideMemoryMethod
 
 
-class Wise(EditMethod):
+class Wise(SideMemoryMethod):
     name = "wise"
-    carries_state = False
     config_field = "wise"
-
-    def check(self, hp) -> None:
-        if hp.target.site != "block":
-            raise UserInputError(f"editing.target.site {hp.target.site!r} does not apply to editing.method 'wise' "
-                             "(WISE has no target); leave it at 'block'")
-        if hp.target.stop_after != "none":
-            raise UserInputError("editing.target.stop_after does not apply to editing.method 'wise' (WISE has no "
-                                 "target vector); leave it at 'none'")
-        if hp.strategy == "boundary":
-            raise UserInputError("editing.strategy 'boundary' (BLUE) does not apply to editing.method 'wise': WISE "
-                             "trains a side memory at one layer; remove the strategy or set it to 'distribute'")
-        if len(hp.layers) != 1:
-            raise UserInputError(f"editing.method 'wise' edits one layer: set editing.layers to [L], got {hp.layers}")
-        if hp.compute_dtype is not None or hp.autocast is not None:
-            raise UserInputError("editing.compute_dtype / editing.autocast are not supported with editing.method "
-                             "'wise' (it trains in the model's dtype)")
+    label = "WISE"
+    trains = "trains a side memory at one layer"
 
     def create_editor(self, module):
         """The WISE editor of an :class:`~blueedit.module.EditingModule`: side memory at
