@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 
 from blueedit import carry
 from blueedit.callbacks.health import HealthGate, crosses
+from blueedit.config import UserInputError
 from blueedit.editing.editor import EditorState
 from helpers import fit as _fit
 from helpers import tiny_data as _data
@@ -100,9 +101,9 @@ def test_a_state_with_refused_rounds_is_saved_and_read_back(tmp_path):
 
 def test_gate_refuses_what_it_cannot_undo(workdir):
     module = _module(workdir, method="hse")
-    with pytest.raises(ValueError, match="Fisher"):
+    with pytest.raises(UserInputError, match="Fisher"):  # the CLI prints it on one line
         HealthGate().setup(SimpleNamespace(callbacks=[]), module, "fit")
-    with pytest.raises(ValueError, match="max_ratio"):
+    with pytest.raises(UserInputError, match="max_ratio"):
         HealthGate(max_ratio=0)
     with pytest.raises(ValueError, match="signal"):
         HealthGate(signal="loss")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from blueedit.config import UserInputError
 from blueedit.data.records import EditRequest
 from blueedit.evaluation.wild import (
     WildConfig,
@@ -132,9 +133,9 @@ def test_wild_records_asks_through_the_given_wrapper_and_limits_records():
 
 
 def test_wild_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="wild.max_new_tokens"):
+    with pytest.raises(UserInputError, match="wild.max_new_tokens"):
         WildConfig(max_new_tokens=0)
-    with pytest.raises(ValueError, match="wild.batch_size"):
+    with pytest.raises(UserInputError, match="wild.batch_size"):
         WildConfig(batch_size=0)
     with pytest.raises(ValueError, match="wild.neighborhood_prompts"):
         WildConfig(neighborhood_prompts=-1)

@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from blueedit import carry
 from blueedit.callbacks._common import evaluation_context, log_to_loggers, resolve_data_dir
-from blueedit.config import check_choice
+from blueedit.config import UserInputError, check_choice
 
 __all__ = ["HealthGate", "HealthSignal", "crosses"]
 
@@ -67,9 +67,9 @@ class HealthGate(L.Callback):
                  max_length: int = 128, corpus: str = "wikitext-2", texts: list[str] | None = None) -> None:
         check_choice("HealthGate signal", signal, HealthSignal)
         if not max_ratio > 0:
-            raise ValueError(f"HealthGate max_ratio must be > 0, got {max_ratio}")
+            raise UserInputError(f"HealthGate max_ratio must be > 0, got {max_ratio}")
         if num_texts < 1 or max_length < 2:
-            raise ValueError("HealthGate num_texts must be >= 1 and max_length >= 2")
+            raise UserInputError("HealthGate num_texts must be >= 1 and max_length >= 2")
         self.signal, self.max_ratio = signal, float(max_ratio)
         self.num_texts, self.max_length, self.corpus = num_texts, max_length, corpus
         self.texts = list(texts) if texts is not None else None
@@ -102,11 +102,12 @@ class HealthGate(L.Callback):
 
         hp = getattr(pl_module, "hp", None)
         if hp is not None and not get_method(hp.method).least_squares:
-            raise ValueError(f"HealthGate cannot undo a {hp.method} round (it writes no per-round factors of W_out); "
-                             "remove the callback")
+            raise UserInputError(f"HealthGate cannot undo a {hp.method} round (it writes no per-round factors of "
+                                 "W_out); remove the callback")
         if hp is not None and hp.target.fisher_weight > 0:
-            raise ValueError("HealthGate cannot undo a round under HSE's Fisher penalty (editing.target.fisher_weight "
-                             "> 0: its Fisher sum is not kept per round); remove the callback or the penalty")
+            raise UserInputError("HealthGate cannot undo a round under HSE's Fisher penalty (editing.target."
+                                 "fisher_weight > 0: its Fisher sum is not kept per round); remove the callback or "
+                                 "the penalty")
         if self in trainer.callbacks:  # act before the evaluations and checkpoints of the round
             trainer.callbacks.remove(self)
             trainer.callbacks.insert(0, self)

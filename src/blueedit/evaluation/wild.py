@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from blueedit.config import UserInputError
 from blueedit.data.records import EditRequest
 from blueedit.editing.targets import cache_argument
 from blueedit.models.tokens import encode_prompt, pad_batch, pad_token_id
@@ -102,11 +103,11 @@ class WildConfig:
         for name in ("max_new_tokens", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"wild.{name} must be an integer >= 1, got {v!r}")
+                raise UserInputError(f"wild.{name} must be an integer >= 1, got {v!r}")
         for name in ("num_records", "neighborhood_prompts"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise ValueError(f"wild.{name} must be an integer >= 0 or null, got {v!r}")
+                raise UserInputError(f"wild.{name} must be an integer >= 0 or null, got {v!r}")
 
 
 # -- the stopping rule and the scores (pure functions on strings) ----------------------------------
