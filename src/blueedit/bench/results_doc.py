@@ -90,6 +90,13 @@ VS_PUBLISHED = (
     "    --threads 1 --loss-layer 29 --eval-every-round --out be_memit\n"
     "python -m blueedit.bench.vs_published --merge pub_memit.json pub_memit_blue.json be_memit.json \\\n"
     "    --out benchmarks/results/vs_published")
+#: Runs of the wild protocol: (name, dataset label). Each pair MEMIT / MEMIT + BLUE that exists is
+#: compared record by record; a ``<name>_stop_period`` run beside it is compared with it, arm by arm.
+WILD_RUNS: list[tuple[str, str]] = [("wild_counterfact_200x50", "CounterFact"), ("wild_zsre_200x50", "zsRE"),
+                                    ("wild_counterfact_20x5", "CounterFact")]
+WILD_METRICS = ["efficacy", "generalization", "specificity", "efficacy_wild", "efficacy_wild_exact",
+                "generalization_wild", "specificity_wild", "locality_wild"]
+GATED = "counterfact_gemma3_500_gated"
 WSE = ("python -m blueedit.bench.weight_shift --name wse_counterfact --batch-sizes 10 50 100 --sequence-batch-size 10 \\\n"
        "    --sequence-edits 200 --sequence-wse-every 50 --dataset counterfact-easyedit --runs memit:distribute \\\n"
        "    --set model.editing.compute_dtype=bfloat16 model.editing.target.loss_layer=29")
@@ -254,10 +261,37 @@ def long_pair_payloads() -> dict[str, tuple[list[str], dict[str, Any]]]:
     return out
 
 
+def _names(run: str) -> str:
+    method, strategy = run.split("_", 1)
+    label = method.replace("alphaedit", "AlphaEdit").replace("memit", "MEMIT")
+    return label + (" + BLUE" if strategy == "boundary" else "")
+
+
+def wild_pairs() -> list[list[str]]:
+    """``paired.py`` command lines of the wild runs: MEMIT against MEMIT + BLUE inside each run
+    directory, and each arm without against with ``stop_after: period``."""
+    argvs = []
+    for name, _ in WILD_RUNS:
+        runs = RESULTS / name / "runs"
+        metrics = ["--metrics", *WILD_METRICS]
+        done = sorted(p.stem for p in runs.glob("*.json")) if runs.is_dir() else []
+        if {"memit_distribute", "memit_boundary"} <= set(done):
+            argvs.append(["--results", os.path.relpath(RESULTS / name, C.REPO), "--runs", "memit_distribute",
+                          "memit_boundary", "--names", "MEMIT", "MEMIT + BLUE", *metrics])
+        stop = RESULTS / f"{name}_stop_period" / "runs"
+        for run in done:
+            if (stop / f"{run}.json").is_file():
+                argvs.append(["--arms", os.path.relpath(runs / f"{run}.json", C.REPO),
+                              os.path.relpath(stop / f"{run}.json", C.REPO), "--names", _names(run),
+                              f"{_names(run)}, stop_after: period", *metrics,
+                              "--out", os.path.relpath(stop.parent, C.REPO), "--stem", f"paired_stop_{run}"])
+    return argvs
+
+
 def paired_outputs() -> dict[Path, str]:
     """Every paired file this script writes: path -> text."""
     files: dict[Path, str] = {}
-    argvs = list(RECORD_PAIRS) + [argv for argv, _ in long_pair_payloads().values()]
+    argvs = list(RECORD_PAIRS) + [argv for argv, _ in long_pair_payloads().values()] + wild_pairs()
     for argv in argvs:
         payload, out, stem = paired.build(argv)
         for ext, text in paired.outputs(payload).items():
@@ -543,6 +577,57 @@ def record_pairs(page: Page) -> None:
              "every evaluation point; `python -m blueedit.bench.paired` compares them.", "")
 
 
+def _paired_last_point(page: Page, argv: list[str]) -> None:
+    """The paired rows of the last evaluation point of ``argv``'s comparison, with its files and command."""
+    payload, out, stem = paired.build(argv)
+    last = max(r["edits"] for r in payload["rows"])
+    rel = f"{out}/{stem}.md".removeprefix("benchmarks/results/")
+    lines = paired.markdown(payload).splitlines()
+    head = [line for line in lines if line.startswith("|")][:2]
+    rows = [line for line in lines if line.startswith(f"| {last} |")]
+    page.add(f"{payload['names'][1]} against {payload['names'][0]} after {last} edits, record by record "
+             f"({page.link(rel)}, every evaluation point; {page.link(rel[:-3] + '.json')}):", "", *head, *rows, "")
+    page.code(sanitize(payload["command"]))
+
+
+def wild(page: Page) -> None:
+    page.add("## In the wild: teacher forcing against generated answers", "",
+             "Each table gives both protocols for the same edited models (`docs/wild.md`): teacher-forced "
+             "(`TF`) and the model's own greedy answer, stopped at a newline, a sentence's period, EOS or 40 tokens "
+             "(`wild`), on the rewrite prompt, the paraphrases and the first 2 neighborhood prompts of each record. "
+             "`Eff. wild`: the answer contains the new object; `efficacy_wild_exact`: the answer is the new object; "
+             "`Loc. wild`: the neighborhood answer is unchanged from the unedited model's.", "")
+    for name, label in WILD_RUNS:
+        if not (RESULTS / name / "table.md").is_file():
+            continue
+        data = read_json(next(f"{name}/runs/{p.name}" for p in sorted((RESULTS / name / "runs").glob("*.json"))))
+        title = f"{label}, {data['num_edits']} edits in rounds of {data['edits_per_round']}"
+        page.add(f"### {title}, SmolLM2-135M", "")
+        for variant in (name, f"{name}_stop_period"):
+            if not (RESULTS / variant / "table.md").is_file():
+                continue
+            page.add(f"{'With' if variant != name else 'Without'} `editing.target.stop_after: period` "
+                     f"({page.link(f'{variant}/table.md')}, {page.link(f'{variant}/sequence.csv')}):", "")
+            page.add(*md_tables(f"{variant}/table.md")[0], "")
+            page.code(*recorded_commands(variant, ""))
+            maps = sorted(p.name for p in (RESULTS / variant).glob("retention_*.png"))
+            if maps:
+                page.add("Retention heat maps and forgetting curves (rows: evaluation after round t; columns: "
+                         "round of origin): " + ", ".join(page.link(f"{variant}/{m}", m) for m in maps) + ".", "")
+        for argv in wild_pairs():
+            if f"benchmarks/results/{name}" in argv or any(a.startswith(f"benchmarks/results/{name}/") for a in argv):
+                _paired_last_point(page, argv)
+    if (RESULTS / GATED / "table.md").is_file():
+        page.add("### Health-gated rounds, Gemma 3 270M", "",
+                 f"MEMIT (distribute) on 500 CounterFact records in rounds of 100 with `HealthGate` on perplexity "
+                 f"({page.link(f'{GATED}/table.md')}, {page.link(f'{GATED}/runs')}); without the gate the same "
+                 f"edits take the perplexity from 43 to 19,462 (\"500 sequential edits, Gemma 3 270M\" above):", "")
+        page.add(*md_tables(f"{GATED}/table.md")[0], "")
+        text = (RESULTS / GATED / "table.md").read_text().splitlines()
+        page.add(*[f"- {line}" for line in text if "health gate" in line], "")
+        page.code(*recorded_commands(GATED, ""))
+
+
 def published(page: Page) -> None:
     page.add("## Side by side with the published code", "",
              f"blueedit against the published BLUE code ({page.link('vs_published.md')}, "
@@ -672,6 +757,7 @@ def build_page(pending: set[Path] = frozenset()) -> str:
     claim_b(page)
     claim_c(page)
     record_pairs(page)
+    wild(page)
     published(page)
     measurements(page)
     other(page)
