@@ -593,8 +593,9 @@ def _paired_last_point(page: Page, argv: list[str]) -> None:
 def wild(page: Page) -> None:
     page.add("## In the wild: teacher forcing against generated answers", "",
              "Each table gives both protocols for the same edited models (`docs/wild.md`): teacher-forced "
-             "(`TF`) and the model's own greedy answer, stopped at a newline, a sentence's period, EOS or 40 tokens "
-             "(`wild`), on the rewrite prompt, the paraphrases and the first 2 neighborhood prompts of each record. "
+             "(`TF`) and the model's own greedy answer, stopped at a newline, a sentence's period, EOS or the token cap "
+             "(`wild`), on the rewrite prompt, the paraphrases and the first neighborhood prompts of each record "
+             "(`--wild-neighborhood`). "
              "`Eff. wild`: the answer contains the new object; `efficacy_wild_exact`: the answer is the new object; "
              "`Loc. wild`: the neighborhood answer is unchanged from the unedited model's.", "")
     for name, label in WILD_RUNS:
