@@ -27,8 +27,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from blueedit.bench import harness as C
 
@@ -47,8 +48,8 @@ LABELS = {"memit": "MEMIT", "memit_blue": "MEMIT + BLUE", "alphaedit": "AlphaEdi
           "d": "(d) + sign merge = A³E", "highest": "A³E, mask highest", "abs": "A³E, mask abs"}
 
 
-def main(argv: list[str] | None = None) -> None:
-    record = C.RunRecord("cme", argv)
+def build_parser():
+    """The command line of the benchmark."""
     p = C.plain_parser(__doc__.split("\n")[0])
     p.add_argument("--config", default=str(C.REPO / "configs" / "smollm2-135m" / "a3e.yaml"))
     p.add_argument("--split", default="report", choices=("dev", "report"))
@@ -71,27 +72,39 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cme-dir", default=None, help="where the built compositions go (default: the blueedit cache)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(C.RESULTS / "a3e_cme"))
-    args = p.parse_args(argv)
+    return p
+
+
+@dataclass
+class Progress:
+    """The results so far (scores per row and task, seconds per edit, times), rewritten after every task."""
+
+    args: Any
+    record: C.RunRecord
+    comps: dict[str, list]
+    results: dict[str, dict]
+    edit_seconds: dict[str, float]
+    times: dict[str, float]
+
+    def write(self, table3: dict | None = None) -> None:
+        """Write ``<name>.json``, ``<name>.md`` and the run record as they stand."""
+        write(self.args, self.record, self.comps, self.results, self.edit_seconds, table3, self.times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build the compositions, score the unedited model, run every variant and baseline, write the tables."""
+    record = C.RunRecord("cme", argv)
+    args = build_parser().parse_args(argv)
 
     import torch
     import yaml
 
-    from blueedit.data.compositions import build_cme, load_compositions
-    from blueedit.evaluation.compositional import greedy_generate
     from blueedit.memory.a3e import A3EConfig
     from blueedit.models.loading import ModelConfig, load_model_and_tokenizer
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    user = bool(args.compositions)
-    if user:  # every record checked before the model is loaded
-        paths = dict(_user_files(args.compositions, args.split))
-        args.tasks = [k[: -len(args.split) - 1] for k in paths]
-        for path in paths.values():
-            try:
-                load_compositions(path)
-            except ValueError as e:
-                raise SystemExit(f"--compositions: {e}") from None
+    paths = check_user_compositions(args) if args.compositions else None  # before the model is loaded
     cfg = yaml.safe_load(Path(args.config).read_text())["model"]
     base = A3EConfig(**cfg["editing"]["a3e"])
     layer = int(cfg["editing"]["layers"][0])
@@ -99,7 +112,38 @@ def main(argv: list[str] | None = None) -> None:
     lm, tok = load_model_and_tokenizer(ModelConfig(**cfg["model"]), cache)
     lm.eval()
 
-    # (1) the compositions
+    comps, t0, build_seconds = build_compositions(args, lm, tok, cache, paths)  # (1)
+    pre, unedited = generate_unedited(args, lm, tok, comps)  # (2)
+    times = {"build": build_seconds, "unedited": time.perf_counter() - t0 - build_seconds}
+    print(f"built and scored the unedited model in {time.perf_counter() - t0:.0f} s", flush=True)
+    progress = Progress(args, record, comps, {"unedited": unedited}, {}, times)
+    run_variants(progress, lm, tok, base, layer, pre)  # (3)
+    run_baselines(progress, lm, tok, pre, cache)
+
+    table3 = run_table3(lm, tok, cfg, base, layer, args.table3_num_edits) if args.table3 else None  # (4)
+    times["total"] = time.perf_counter() - t_start
+    progress.write(table3)
+
+
+def check_user_compositions(args) -> dict[str, Path]:
+    """Check every record of ``--compositions`` and set ``args.tasks``: the files by ``<task>_<split>``."""
+    from blueedit.data.compositions import load_compositions
+
+    paths = dict(_user_files(args.compositions, args.split))
+    args.tasks = [k[: -len(args.split) - 1] for k in paths]
+    for path in paths.values():
+        try:
+            load_compositions(path)
+        except ValueError as e:
+            raise SystemExit(f"--compositions: {e}") from None
+    return paths
+
+
+def build_compositions(args, lm, tok, cache, paths: dict[str, Path] | None) -> tuple[dict[str, list], float, float]:
+    """The compositions per task, cut to ``--rephrased`` / ``--unrelated``; when the build started, its seconds."""
+    from blueedit.data.compositions import build_cme, load_compositions
+    from blueedit.evaluation.compositional import greedy_generate
+
     cme_dir = Path(args.cme_dir or Path(cache or Path.home() / ".cache" / "blueedit") / "cme")
     known_path = cme_dir / "base_continuations.json"  # the unedited model's 30-token continuations
     known: dict[str, str] = json.loads(known_path.read_text()) if known_path.is_file() else {}
@@ -112,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         return answer_position(known[question], answer) < 0
 
     t0 = time.perf_counter()
-    if not user:
+    if paths is None:
         paths = build_cme(C.default_data_dir(), cme_dir, {args.split: args.num_compositions}, missed=missed, tasks=tuple(args.tasks))
     build_seconds = time.perf_counter() - t0
     if known:
@@ -120,41 +164,46 @@ def main(argv: list[str] | None = None) -> None:
     comps = {t: [replace(c, rephrased_queries=c.rephrased_queries[:args.rephrased],
                          unrelated_prompts=c.unrelated_prompts[:args.unrelated])
                  for c in load_compositions(paths[f"{t}_{args.split}"])] for t in args.tasks}
+    return comps, t0, build_seconds
 
-    # (2) unedited generations
+
+def generate_unedited(args, lm, tok, comps: dict[str, list]) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """The unedited model's generations for every composition, and their scores (per task)."""
+    from blueedit.evaluation.compositional import greedy_generate
+
     gen = lambda prompt, n=args.max_new_tokens: greedy_generate(lm, tok, prompt, n)  # noqa: E731
     pre = {t: [{"query": gen(c.query), "rephrased": [gen(q) for q in c.rephrased_queries],
                 "unrelated": [gen(q) for q in c.unrelated_prompts]} for c in cs] for t, cs in comps.items()}
-    results = {"unedited": {t: [_score_unedited(c, pr) for c, pr in zip(cs, pre[t])] for t, cs in comps.items()}}
-    times = {"build": build_seconds, "unedited": time.perf_counter() - t0 - build_seconds}
-    print(f"built and scored the unedited model in {time.perf_counter() - t0:.0f} s", flush=True)
+    return pre, {t: [_score_unedited(c, pr) for c, pr in zip(cs, pre[t])] for t, cs in comps.items()}
 
-    # (3) A³E variants
-    edit_seconds: dict[str, float] = {}
+
+def run_variants(progress: Progress, lm, tok, base, layer: int, pre: dict[str, list[dict]]) -> None:
+    """Run every A³E variant on every task, each routing scored, the results written after each task."""
+    args = progress.args
     for v in args.variants:
         a3e = replace(base, **VARIANTS[v])
-        for t, cs in comps.items():
+        for t, cs in progress.comps.items():
             t1 = time.perf_counter()
             rows, secs = run_variant(lm, tok, a3e, layer, cs, pre[t], args.routing, args.max_new_tokens)
             for routing, r in rows.items():
-                results.setdefault(f"{v}/{routing}", {})[t] = r
-            edit_seconds[f"{v}/{t}"] = secs
-            times[f"{v}/{t}"] = time.perf_counter() - t1
+                progress.results.setdefault(f"{v}/{routing}", {})[t] = r
+            progress.edit_seconds[f"{v}/{t}"] = secs
+            progress.times[f"{v}/{t}"] = time.perf_counter() - t1
             print(f"{v} {t}: {secs:.2f} s/edit, {time.perf_counter() - t1:.0f} s", flush=True)
-            write(args, record, comps, results, edit_seconds, None, times)  # what is done so far
+            progress.write()  # what is done so far
 
-    for name in args.baselines:
-        for t, cs in comps.items():
+
+def run_baselines(progress: Progress, lm, tok, pre: dict[str, list[dict]], cache) -> None:
+    """Run every ``--baselines`` method on every task, the results written after each task."""
+    results, edit_seconds, times = progress.results, progress.edit_seconds, progress.times
+    for name in progress.args.baselines:
+        for t, cs in progress.comps.items():
             t1 = time.perf_counter()
             results.setdefault(f"{name}/-", {})[t], edit_seconds[f"{name}/{t}"] = run_baseline(
-                lm, tok, name, cs, pre[t], args.max_new_tokens, cache)
+                lm, tok, name, cs, pre[t], progress.args.max_new_tokens, cache)
             times[f"{name}/{t}"] = time.perf_counter() - t1
             print(f"{name} {t}: {edit_seconds[f'{name}/{t}']:.2f} s/edit, {times[f'{name}/{t}']:.0f} s", flush=True)
-            write(args, record, comps, results, edit_seconds, None, times)
-
-    table3 = run_table3(lm, tok, cfg, base, layer, args.table3_num_edits) if args.table3 else None
-    times["total"] = time.perf_counter() - t_start
-    write(args, record, comps, results, edit_seconds, table3, times)
+            progress.write()
 
 
 def _user_files(items: list[str], split: str):

@@ -422,6 +422,15 @@ def prepare_edit_bench(args, stats, layers: list[int], *, data_dir, model=None, 
     return EditBench(model, tokenizer, adapter, ident, mom2, templates, original, t_stats["seconds"])
 
 
+def first_requests(dataset: str, num_edits: int, data_dir, requests=None) -> list:
+    """The first ``num_edits`` records of ``dataset`` (of ``requests`` instead, when given: for tests)."""
+    if requests is None:
+        from blueedit.data.formats import load_requests
+
+        requests = load_requests(dataset, data_dir=data_dir, num_edits=num_edits)
+    return list(requests)[:num_edits]
+
+
 def request_texts(requests) -> list[str]:
     """Every prompt and target string of ``requests`` (to train a trivial tokenizer on)."""
     out = []

@@ -174,27 +174,14 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
         torch.set_num_threads(args.threads)
     dataset = args.dataset or ("counterfact_dev" if args.dev else "counterfact_eval")
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else C.default_data_dir()
-    methods, strategies = C.parse_str_list(args.methods), C.parse_str_list(args.strategies)
-    overrides = C.parse_scoped_overrides(args.config_overrides)
-    grid = ([{"mom2_update_weight": lam, "v_lr": lr}
-             for lam, lr in itertools.product(C.parse_float_list(args.lams), C.parse_float_list(args.v_lrs))]
-            if args.dev else [None])
-    all_hps = {(m, s, i): run_config(base, m, s, overrides, g)  # checked before any slow work
-               for m in methods for s in strategies for i, g in enumerate(grid)}
-    if requests is None:
-        from blueedit.data.formats import load_requests
-
-        requests = load_requests(dataset, data_dir=data_dir, num_edits=args.num_edits)
-    requests = list(requests)[: args.num_edits]
-    generation_prompts = [p for r in requests[: args.fluency_records] for p in r.generation_prompts]
-    if args.fluency and not generation_prompts:
-        print("warning: --fluency but the records have no generation prompts", flush=True)
+    all_hps = run_configs(args, base)  # checked before any slow work
+    requests = C.first_requests(dataset, args.num_edits, data_dir, requests)
+    generation_prompts = fluency_prompts(args, requests)
 
     layers = sorted({layer for hp in all_hps.values() for layer in hp.edited_layers})
     bench = C.prepare_edit_bench(args, stats, layers, data_dir=data_dir, model=model, tokenizer=tokenizer, texts=texts)
-    model, tokenizer, mom2 = bench.model, bench.tokenizer, bench.mom2
     thresholds = sorted({hp.nullspace_threshold for hp in all_hps.values() if hp.method == "alphaedit"})
-    null = {th: nullspace_fractions({l: mom2[l] for l in layers}, th) for th in thresholds}
+    null = {th: nullspace_fractions({l: bench.mom2[l] for l in layers}, th) for th in thresholds}
 
     results: dict = {
         "command": record.command, "config": args.as_dict(), "versions": C.versions(),
@@ -204,6 +191,40 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
         "nullspace": {str(th): {str(l): v for l, v in per.items()} for th, per in null.items()},
         "runs": [],
     }
+    print_nullspace(null)
+    results["pre_edit"] = evaluate_pre_edit(args, bench, requests, generation_prompts)
+    results["runs"] = run_every_config(args, all_hps, bench, requests, generation_prompts)
+    results["table"] = results_table(args, results, stats, null)
+    results["run"] = record.as_dict()
+    print()
+    print(results["table"])
+    if args.out:
+        write_results(args.out, results)
+        print(f"results written to {Path(args.out).with_suffix('.json')} and {Path(args.out).with_suffix('.md')}")
+    return results
+
+
+def run_configs(args, base) -> dict:
+    """Check and build every run's :class:`EditingConfig`, keyed ``(method, strategy, grid index)``."""
+    methods, strategies = C.parse_str_list(args.methods), C.parse_str_list(args.strategies)
+    overrides = C.parse_scoped_overrides(args.config_overrides)
+    grid = ([{"mom2_update_weight": lam, "v_lr": lr}
+             for lam, lr in itertools.product(C.parse_float_list(args.lams), C.parse_float_list(args.v_lrs))]
+            if args.dev else [None])
+    return {(m, s, i): run_config(base, m, s, overrides, g)
+            for m in methods for s in strategies for i, g in enumerate(grid)}
+
+
+def fluency_prompts(args, requests) -> list[str]:
+    """The generation prompts of the first ``--fluency-records`` records (a warning if ``--fluency`` has none)."""
+    generation_prompts = [p for r in requests[: args.fluency_records] for p in r.generation_prompts]
+    if args.fluency and not generation_prompts:
+        print("warning: --fluency but the records have no generation prompts", flush=True)
+    return generation_prompts
+
+
+def print_nullspace(null: dict[float, dict[int, dict]]) -> None:
+    """Print each AlphaEdit threshold's null-space ranks, warning about an empty or full projection."""
     for th, per in null.items():
         desc = ", ".join(f"layer {l}: {v['rank']}/{v['d_k']} ({100 * v['fraction_below']:.1f}%)" for l, v in per.items())
         print(f"AlphaEdit null space, eigenvalues of C_0 below {th:g}: {desc}", flush=True)
@@ -212,15 +233,22 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
                 print(f"  warning: layer {l}: the projection is {'empty' if v['rank'] == 0 else 'the identity'} "
                       f"(eigenvalues {v['min_eig']:.2e} .. {v['max_eig']:.2e})", flush=True)
 
+
+def evaluate_pre_edit(args, bench: C.EditBench, requests, generation_prompts) -> dict:
+    """The unedited model's row (NaN metrics with ``--no-pre-edit``)."""
     pre = {"method": "pre-edit", "strategy": "-", "hparams": None, "seconds": None}
     if args.no_pre_edit:
         pre.update({k: float("nan") for k in METRICS})
     else:
-        pre.update(evaluate(model, tokenizer, requests, args, generation_prompts))
+        pre.update(evaluate(bench.model, bench.tokenizer, requests, args, generation_prompts))
         print("pre-edit: " + ", ".join(f"{k} {pre[k]:.2f}" for k in METRICS), flush=True)
     pre["score"] = sum(pre[k] for k in METRICS) / len(METRICS)
-    results["pre_edit"] = pre
+    return pre
 
+
+def run_every_config(args, all_hps: dict, bench: C.EditBench, requests, generation_prompts) -> list[dict]:
+    """Run every config from the original weights (restored before each and after all); a failure is a row."""
+    runs = []
     with bench.restored():
         for (m, s, _), hp in all_hps.items():
             bench.restore()
@@ -230,15 +258,19 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
                 run = {"method": m, "strategy": s, "hparams": hparams_summary(hp), "seconds": None,
                        "error": f"{type(e).__name__}: {e}", **{k: float("nan") for k in METRICS},
                        "score": float("nan")}
-            results["runs"].append(run)
+            runs.append(run)
             print(f"{m} ({s}) " + (f"λ {hp.mom2_update_weight:g} v_lr {hp.target.v_lr:g}: " if args.dev else ": ")
                   + (run["error"] if "error" in run else ", ".join(f"{k} {run[k]:.2f}" for k in METRICS)
                      + f", {run['seconds']:.1f} s"), flush=True)
+    return runs
 
-    rows = ([] if args.no_pre_edit else [pre]) + results["runs"]
+
+def results_table(args, results: dict, stats, null: dict[float, dict[int, dict]]) -> str:
+    """The table text: the rows, with ``--dev`` the best setting per method (``results["best"]``), the null space."""
+    rows = ([] if args.no_pre_edit else [results["pre_edit"]]) + results["runs"]
     table = markdown_table(rows, args.fluency, args.dev)
-    lines = [f"{results['model']}, {dataset}, {len(requests)} edits in rounds of {args.edits_per_round}, "
-             f"C_0 from {stats.num_samples} {stats.corpus} texts", "", table]
+    lines = [f"{results['model']}, {results['dataset']}, {results['num_edits']} edits in rounds of "
+             f"{args.edits_per_round}, C_0 from {stats.num_samples} {stats.corpus} texts", "", table]
     if args.dev:
         best = {}
         for r in results["runs"]:
@@ -253,14 +285,7 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     for th, per in null.items():
         lines += ["", f"AlphaEdit null space (eigenvalues of C_0 below {th:g}): "
                   + ", ".join(f"layer {l} {100 * v['fraction_below']:.1f}%" for l, v in per.items())]
-    results["table"] = "\n".join(lines)
-    results["run"] = record.as_dict()
-    print()
-    print(results["table"])
-    if args.out:
-        write_results(args.out, results)
-        print(f"results written to {Path(args.out).with_suffix('.json')} and {Path(args.out).with_suffix('.md')}")
-    return results
+    return "\n".join(lines)
 
 
 def write_results(out: str | Path, results: dict) -> None:

@@ -251,7 +251,8 @@ def run_seed(seed: int, args, rows, specs, started: float) -> dict:
     return record
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser():
+    """The command line of the benchmark."""
     p = C.plain_parser(__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the digits ViT")
     p.add_argument("--train-steps", type=int, default=2000)
@@ -265,11 +266,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="only join the per-seed records under OUT/runs (seeds run in separate processes)")
     p.add_argument("--cache-dir", default=None, help="where the trained models are cached (default $BLUEEDIT_CACHE)")
     p.add_argument("--out", default=str(C.RESULTS / "vit_digits"))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every seed (unless ``--report-only``), then join the seeds' records and write the report."""
+    args = build_parser().parse_args(argv)
 
     import torch
-
-    from blueedit.vision.digits import TRANSFORMS
 
     torch.set_num_threads(args.threads)
     specs = row_specs()
@@ -287,8 +291,22 @@ def main(argv: list[str] | None = None) -> None:
             record = run_seed(seed, args, rows, specs, started)
             record.update(settings=settings, command=C.command_line("vit_digits", argv), rows=rows)
             (out / "runs" / f"seed{seed}.json").write_text(json.dumps(record))
+    records = read_seed_records(out, args.seeds, settings)
+    lines = [l for r in records for l in r["lines"]]
+    rows = [r for r in specs if any(l["row"] == r for l in lines)]
+    summary, overall = summaries(lines)
+    write_csv(out / "vit_digits.csv", lines)
+    payload = report_payload(args, argv, rows, records, lines, summary)
+    (out / "vit_digits.json").write_text(json.dumps(payload, indent=1))
+    (out / "vit_digits.md").write_text(markdown(payload))
+    pareto_png(overall, out / "vit_digits_pareto.png")
+    print((out / "vit_digits.md").read_text())
+
+
+def read_seed_records(out: Path, seeds: list[int], settings: dict) -> list[dict]:
+    """Read each seed's record from ``out/runs``, checking it exists and was run with ``settings``."""
     records = []
-    for seed in args.seeds:
+    for seed in seeds:
         path = out / "runs" / f"seed{seed}.json"
         if not path.is_file():
             raise SystemExit(f"{path} is missing: run --seeds {seed} first")
@@ -296,39 +314,51 @@ def main(argv: list[str] | None = None) -> None:
         if record["settings"] != settings:
             raise SystemExit(f"{path} was run with {record['settings']}, not {settings}")
         records.append(record)
-    lines = [l for r in records for l in r["lines"]]
-    rows = [r for r in specs if any(l["row"] == r for l in lines)]
+    return records
+
+
+def summaries(lines: list[dict]) -> tuple[dict, dict]:
+    """Means per (row, images, transform) and over all transforms: the JSON summary and the plot's points."""
+    per_t = summarize(lines, ("row", "images", "transform"))
+    per_all = summarize([{**r, "transform": "all"} for r in lines], ("row", "images", "transform"))
+    summary = {"per_transform": {"|".join(map(str, k)): v for k, v in {**per_t, **per_all}.items()}}
+    overall = {(k[0], k[1]): v for k, v in per_all.items()}
+    return summary, overall
+
+
+def write_csv(path: Path, lines: list[dict]) -> None:
+    """Write one CSV line per edit."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(lines[0].keys()) + (["lr_sensitive"] if "lr_sensitive" not in lines[0] else []))
+        w.writeheader()
+        w.writerows(lines)
+
+
+def report_payload(args, argv: list[str] | None, rows: list[str], records: list[dict], lines: list[dict],
+                   summary: dict) -> dict:
+    """The JSON report: provenance, models, accuracies, bed sizes, premise, summary and CPU times over the seeds."""
+    from blueedit.vision.digits import TRANSFORMS, TrainConfig, checkpoint_dir
+
     accs = [r["clean_accuracy"] for r in records]
     t_accs = {t: [r["transformed_accuracy"][t] for r in records] for t in TRANSFORMS}
     premises = [r["premise"] for r in records]
     info = {"groups": [r["groups"] for r in records], "locality": [r["locality"] for r in records],
             "sensitive": [r["sensitive"] for r in records]}
     train_cpu = sum(r["train_cpu_seconds"] for r in records)
-    from blueedit.vision.digits import TrainConfig, checkpoint_dir
-
     trained = [checkpoint_dir(TrainConfig(seed=s, steps=args.train_steps), args.cache_dir) / "training.json"
                for s in args.seeds]
     train_wall = [json.loads(t.read_text()).get("train_seconds") if t.is_file() else None for t in trained]
-    num_layers = records[0]["num_layers"]
     edit_cpu = sum(r["cpu_seconds"] for r in lines)
-    per_t = summarize(lines, ("row", "images", "transform"))
-    per_all = summarize([{**r, "transform": "all"} for r in lines], ("row", "images", "transform"))
-    summary = {"per_transform": {"|".join(map(str, k)): v for k, v in {**per_t, **per_all}.items()}}
-    overall = {(k[0], k[1]): v for k, v in per_all.items()}
-    with open(out / "vit_digits.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(lines[0].keys()) + (["lr_sensitive"] if "lr_sensitive" not in lines[0] else []))
-        w.writeheader()
-        w.writerows(lines)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=C.REPO, capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "unknown"
-    payload = {
+    return {
         "command": C.command_line("vit_digits", argv), "git_commit": commit, "versions": C.versions(),
         "device": C.device_description("cpu"), "seeds": args.seeds, "rows": rows, "transforms": list(TRANSFORMS),
         "model": "ViT from config: 8x8 images, patch 2, d 64, 4 blocks x 4 heads, MLP 128, "
                  f"{args.train_steps} AdamW steps x 128 on clean digits with +-1-pixel shifts",
-        "num_layers": num_layers, "seed_commands": [r["command"] for r in records],
+        "num_layers": records[0]["num_layers"], "seed_commands": [r["command"] for r in records],
         "seed_wall_seconds": [r["wall_seconds"] for r in records],
         "clean_accuracy": mean(accs), "transformed_accuracy": {t: mean(v) for t, v in t_accs.items()},
         "groups_per_seed": [len(g) for g in info["groups"]], "groups": info["groups"],
@@ -340,10 +370,6 @@ def main(argv: list[str] | None = None) -> None:
         "train_wall_seconds_from_cache": train_wall,
         "seed_started": [r["started"] for r in records],
     }
-    (out / "vit_digits.json").write_text(json.dumps(payload, indent=1))
-    (out / "vit_digits.md").write_text(markdown(payload))
-    pareto_png(overall, out / "vit_digits_pareto.png")
-    print((out / "vit_digits.md").read_text())
 
 
 if __name__ == "__main__":

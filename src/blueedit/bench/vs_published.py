@@ -44,6 +44,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,14 +220,27 @@ def _map_device(d, device: torch.device):
 def adapted(pub: Published, *, device: torch.device, mom2: dict[int, torch.Tensor], templates: list[str],
             layout: dict[str, str], log):
     """Run-time adaptation of the published code for one run (undone on exit)."""
-    nethook = pub.nethook
     saved: list[tuple[object, str, object]] = []
 
     def patch(obj, name, value):
         saved.append((obj, name, getattr(obj, name)))
         setattr(obj, name, value)
 
-    # C_0: blueedit's statistics, by module name
+    _patch_statistics(pub, patch, device=device, mom2=mom2, templates=templates, layout=layout)
+    patch(pub.nethook, "Trace", _tuple_trace(pub.nethook, layout))
+    if device.type != "cuda":
+        _patch_cuda(pub, patch, device)
+    try:
+        with contextlib.redirect_stdout(log):
+            yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
+
+
+def _patch_statistics(pub: Published, patch: Callable[[object, str, object], None], *, device: torch.device,
+                      mom2: dict[int, torch.Tensor], templates: list[str], layout: dict[str, str]) -> None:
+    """Hand blueedit's ``C_0`` (by module name) and context templates to the published MEMIT and AlphaEdit."""
     by_name = {layout["rewrite_module_tmp"].format(l): m for l, m in mom2.items()}
 
     def get_cov(model, tok, layer_name, *args, inv=False, **kwargs):
@@ -240,7 +254,9 @@ def adapted(pub: Published, *, device: torch.device, mom2: dict[int, torch.Tenso
         patch(mod, "get_cov", get_cov)
         patch(mod, "CONTEXT_TEMPLATES_CACHE", published_templates)
 
-    # blocks that return a tensor are shown to the published tracing code as a 1-tuple
+
+def _tuple_trace(nethook, layout: dict[str, str]) -> type:
+    """The published ``nethook.Trace``, with blocks that return a tensor shown to it as a 1-tuple."""
     block_re = re.compile("^" + re.escape(layout["layer_module_tmp"]).replace(r"\{\}", r"\d+") + "$")
     base_trace = nethook.Trace
 
@@ -272,32 +288,28 @@ def adapted(pub: Published, *, device: torch.device, mom2: dict[int, torch.Tenso
             for h in self._tuple_hooks:
                 h.remove()
 
-    patch(nethook, "Trace", Trace)
+    return Trace
 
-    if device.type != "cuda":
-        proxy = _CudaToDevice(device)
-        for mod in pub.modules:
-            patch(mod, "torch", proxy)
-        tensor_to, tensor_cuda = torch.Tensor.to, torch.Tensor.cuda
 
-        def to(self, *args, **kwargs):
-            args = tuple(_map_device(a, device) for a in args)
-            if "device" in kwargs:
-                kwargs["device"] = _map_device(kwargs["device"], device)
-            return tensor_to(self, *args, **kwargs)
+def _patch_cuda(pub: Published, patch: Callable[[object, str, object], None], device: torch.device) -> None:
+    """Redirect the published code's ``"cuda"`` placements (its ``torch``, ``Tensor.to`` / ``.cuda``) to ``device``."""
+    proxy = _CudaToDevice(device)
+    for mod in pub.modules:
+        patch(mod, "torch", proxy)
+    tensor_to, tensor_cuda = torch.Tensor.to, torch.Tensor.cuda
 
-        def cuda(self, *args, **kwargs):
-            return tensor_to(self, device)
+    def to(self, *args, **kwargs):
+        args = tuple(_map_device(a, device) for a in args)
+        if "device" in kwargs:
+            kwargs["device"] = _map_device(kwargs["device"], device)
+        return tensor_to(self, *args, **kwargs)
 
-        patch(torch.Tensor, "to", to)
-        patch(torch.Tensor, "cuda", cuda)
-        del tensor_cuda
-    try:
-        with contextlib.redirect_stdout(log):
-            yield
-    finally:
-        for obj, name, value in reversed(saved):
-            setattr(obj, name, value)
+    def cuda(self, *args, **kwargs):
+        return tensor_to(self, device)
+
+    patch(torch.Tensor, "to", to)
+    patch(torch.Tensor, "cuda", cuda)
+    del tensor_cuda
 
 
 def tokenization_check(pub: Published, tok, requests, templates: list[str], limit: int = 5) -> dict:
@@ -655,45 +667,62 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
     device = torch.device(args.device)
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else C.default_data_dir()
     pub = Published(args.published) if "published" in sides else None  # import errors surface here, early
-    if requests is None:
-        from blueedit.data.formats import load_requests
-
-        requests = load_requests(args.dataset, data_dir=data_dir, num_edits=args.num_edits)
-    requests = list(requests)[: args.num_edits]
+    requests = C.first_requests(args.dataset, args.num_edits, data_dir, requests)
     rounds = [requests[i : i + args.edits_per_round] for i in range(0, len(requests), args.edits_per_round)]
 
     layers = args.base.layers
     bench = C.prepare_edit_bench(args, args.stats_config, layers, data_dir=data_dir, model=model, tokenizer=tokenizer,
                                  texts=texts)
-    model, tokenizer, adapter, mom2, templates = bench.model, bench.tokenizer, bench.adapter, bench.mom2, bench.templates
-    loss_layer = adapter.num_layers - 1 if args.base.target.loss_layer is None else args.base.target.loss_layer
-    print(f"C_0 for layers {layers} in {bench.stats_seconds:.1f} s; context templates {templates}", flush=True)
+    loss_layer = bench.adapter.num_layers - 1 if args.base.target.loss_layer is None else args.base.target.loss_layer
+    print(f"C_0 for layers {layers} in {bench.stats_seconds:.1f} s; context templates {bench.templates}", flush=True)
 
-    results: dict = {
-        "command": record.command, "config": config, "versions": C.versions(),
-        "device": C.device_description(args.device),
-        "model": bench.model_id if bench.model_id.startswith("given-") else args.model,
-        "dataset": args.dataset, "num_edits": len(requests), "published_checkout": str(pub.root) if pub else None,
-        "setup": {"edits_per_round": args.edits_per_round, "stats_samples": args.stats_config.num_samples,
-                  "stats_corpus": args.stats_config.corpus, "lam": args.base.mom2_update_weight,
-                  "v_lr": args.base.target.v_lr, "layers": layers, "loss_layer": loss_layer,
-                  "steps": args.base.target.v_num_grad_steps, "L2": args.base.L2,
-                  "nullspace_threshold": args.base.nullspace_threshold, "kl_factor": args.base.target.kl_factor,
-                  "weight_decay": args.base.target.v_weight_decay, "clamp": args.base.target.clamp_norm_factor},
-        "stats_seconds": bench.stats_seconds, "context_templates": templates, "pre_edit": None,
-        "pre_edit_by_edits": None, "runs": [],
-    }
+    results = results_header(args, record, config, bench, pub, len(requests), loss_layer)
     if pub is not None:
-        results["tokenization"] = tokenization_check(pub, tokenizer, requests, templates)
+        results["tokenization"] = tokenization_check(pub, bench.tokenizer, requests, bench.templates)
         tc = results["tokenization"]
         print(f"tokenization: {tc['prompts']} prompts of {tc['records']} records, token ids differ in "
               f"{tc['token_ids_differ']}, fact index in {tc['fact_index_differs']}", flush=True)
-    if not args.no_pre_edit:  # on the records edited after each evaluated round
-        ends = [sum(len(c) for c in rounds[: i + 1]) for i in range(len(rounds))]
-        results["pre_edit_by_edits"] = {str(n): evaluate(model, tokenizer, requests[:n])
-                                        for n in (ends if args.eval_every_round else ends[-1:])}
-        results["pre_edit"] = results["pre_edit_by_edits"][str(len(requests))]
-        print("pre-edit: " + ", ".join(f"{k} {results['pre_edit'][k]:.2f}" for k in METRICS), flush=True)
+    if not args.no_pre_edit:
+        evaluate_pre_edit(args, bench, requests, rounds, results)
+    run_every_pair(args, pairs, sides, pub, bench, requests, rounds, device, loss_layer, results)
+    results["run"] = record.as_dict()
+    write(results, args.out)
+    return results
+
+
+def results_header(args, record: C.RunRecord, config: dict, bench: C.EditBench, pub: Published | None,
+                   num_edits: int, loss_layer: int) -> dict:
+    """The results before any run: command, versions, model, records, the shared setup, no runs yet."""
+    base, target = args.base, args.base.target
+    return {
+        "command": record.command, "config": config, "versions": C.versions(),
+        "device": C.device_description(args.device),
+        "model": bench.model_id if bench.model_id.startswith("given-") else args.model,
+        "dataset": args.dataset, "num_edits": num_edits, "published_checkout": str(pub.root) if pub else None,
+        "setup": {"edits_per_round": args.edits_per_round, "stats_samples": args.stats_config.num_samples,
+                  "stats_corpus": args.stats_config.corpus, "lam": base.mom2_update_weight,
+                  "v_lr": target.v_lr, "layers": base.layers, "loss_layer": loss_layer,
+                  "steps": target.v_num_grad_steps, "L2": base.L2,
+                  "nullspace_threshold": base.nullspace_threshold, "kl_factor": target.kl_factor,
+                  "weight_decay": target.v_weight_decay, "clamp": target.clamp_norm_factor},
+        "stats_seconds": bench.stats_seconds, "context_templates": bench.templates, "pre_edit": None,
+        "pre_edit_by_edits": None, "runs": [],
+    }
+
+
+def evaluate_pre_edit(args, bench: C.EditBench, requests, rounds, results: dict) -> None:
+    """Evaluate the unedited model on the records edited after each evaluated round (``results["pre_edit*"]``)."""
+    ends = [sum(len(c) for c in rounds[: i + 1]) for i in range(len(rounds))]
+    results["pre_edit_by_edits"] = {str(n): evaluate(bench.model, bench.tokenizer, requests[:n])
+                                    for n in (ends if args.eval_every_round else ends[-1:])}
+    results["pre_edit"] = results["pre_edit_by_edits"][str(len(requests))]
+    print("pre-edit: " + ", ".join(f"{k} {results['pre_edit'][k]:.2f}" for k in METRICS), flush=True)
+
+
+def run_every_pair(args, pairs: list[Pair], sides: list[str], pub: Published | None, bench: C.EditBench, requests,
+                   rounds, device: torch.device, loss_layer: int, results: dict) -> None:
+    """Run every pair on every side from the original weights; the results file is rewritten as runs progress."""
+    model, tokenizer, adapter, mom2, templates = bench.model, bench.tokenizer, bench.adapter, bench.mom2, bench.templates
 
     def checkpoint():
         if args.out:
@@ -723,9 +752,6 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None, requests=
                 print(f"{_label(run)} [{side}]: " + (run["error"] if "error" in run else
                       ", ".join(f"{k} {run[k]:.2f}" for k in METRICS)
                       + f", {run['seconds_per_edit']:.2f} s/edit"), flush=True)
-    results["run"] = record.as_dict()
-    write(results, args.out)
-    return results
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from pathlib import Path
 from blueedit.bench import harness as C
 
 
-def main(argv: list[str] | None = None) -> None:
-    record = C.RunRecord("wise_sweep", argv)
+def build_parser():
+    """The command line of the sweep."""
     p = C.plain_parser(__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/smollm2-135m/wise.yaml")
     p.add_argument("--dataset", default="zsre_dev")
@@ -41,16 +41,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default="wise_sweep", help="stem of the output files")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(C.RESULTS))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Check the settings, load the model and records, run every setting, write the table."""
+    record = C.RunRecord("wise_sweep", argv)
+    args = build_parser().parse_args(argv)
 
     import torch
     import yaml
 
     from blueedit.data.formats import load_requests
-    from blueedit.editing.editor import EditingConfig
-    from blueedit.editing.targets import TargetConfig
-    from blueedit.editing.wise import WiseConfig, WiseEditor, irrelevant_inputs, wise_context_templates
-    from blueedit.evaluation.editing_metrics import add_locality, evaluate_requests
+    from blueedit.editing.wise import WiseConfig, irrelevant_inputs, wise_context_templates
+    from blueedit.evaluation.editing_metrics import evaluate_requests
     from blueedit.models.adapters import ModelAdapter
     from blueedit.models.loading import ModelConfig, load_model_and_tokenizer
 
@@ -67,29 +71,44 @@ def main(argv: list[str] | None = None) -> None:
     pre = evaluate_requests(lm, tok, requests)
     rows = []
     for _spec, (layer, wise, extra) in zip(args.settings, settings):
-        a, b, g, act_ratio = wise.alpha, wise.beta, wise.gamma, wise.act_ratio
-        hp = EditingConfig(method="wise", layers=[int(layer)], wise=wise, target=TargetConfig())
-        editor = WiseEditor(lm, tok, adapter, hp, templates, irrelevant)
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        steps, just_edited, eval_cpu = [], [], 0.0
-        for i, r in enumerate(requests):
-            rep = editor.edit_round([r], i)
-            steps += rep.target_steps[int(layer)]
-            e0 = time.process_time()
-            just_edited.append(evaluate_requests(lm, tok, [r]).metrics["efficacy"])
-            eval_cpu += time.process_time() - e0
-        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0 - eval_cpu
-        post = evaluate_requests(lm, tok, requests)
-        add_locality(post, pre)
-        editor.remove()
-        st = editor.state
-        row = {"layer": int(layer), "alpha": float(a), "beta": float(b), "gamma": float(g), "act_ratio": act_ratio,
-               "other": extra, "just_edited": sum(just_edited) / len(just_edited), "metrics": post.metrics,
-               "mean_steps": sum(steps) / len(steps), "wall_per_edit": wall / len(requests),
-               "cpu_per_edit": cpu / len(requests),
-               "threshold": min([st.current_threshold] + st.shard_thresholds + st.memory_thresholds)}
+        row = run_setting(lm, tok, adapter, templates, irrelevant, requests, pre, layer, wise, extra)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    write_results(args, record, pre, rows)
+
+
+def run_setting(lm, tok, adapter, templates, irrelevant, requests, pre, layer, wise, extra: dict) -> dict:
+    """Edit the records one at a time into a fresh side memory, evaluate, remove it: the setting's row."""
+    from blueedit.editing.editor import EditingConfig
+    from blueedit.editing.targets import TargetConfig
+    from blueedit.editing.wise import WiseEditor
+    from blueedit.evaluation.editing_metrics import add_locality, evaluate_requests
+
+    a, b, g, act_ratio = wise.alpha, wise.beta, wise.gamma, wise.act_ratio
+    hp = EditingConfig(method="wise", layers=[int(layer)], wise=wise, target=TargetConfig())
+    editor = WiseEditor(lm, tok, adapter, hp, templates, irrelevant)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    steps, just_edited, eval_cpu = [], [], 0.0
+    for i, r in enumerate(requests):
+        rep = editor.edit_round([r], i)
+        steps += rep.target_steps[int(layer)]
+        e0 = time.process_time()
+        just_edited.append(evaluate_requests(lm, tok, [r]).metrics["efficacy"])
+        eval_cpu += time.process_time() - e0
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0 - eval_cpu
+    post = evaluate_requests(lm, tok, requests)
+    add_locality(post, pre)
+    editor.remove()
+    st = editor.state
+    return {"layer": int(layer), "alpha": float(a), "beta": float(b), "gamma": float(g), "act_ratio": act_ratio,
+            "other": extra, "just_edited": sum(just_edited) / len(just_edited), "metrics": post.metrics,
+            "mean_steps": sum(steps) / len(steps), "wall_per_edit": wall / len(requests),
+            "cpu_per_edit": cpu / len(requests),
+            "threshold": min([st.current_threshold] + st.shard_thresholds + st.memory_thresholds)}
+
+
+def write_results(args, record: C.RunRecord, pre, rows: list[dict]) -> None:
+    """Write ``<name>.json`` and the table ``<name>.md`` under ``--out``, and print the table."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = record.command
