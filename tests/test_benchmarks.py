@@ -48,6 +48,22 @@ def test_speed_benchmark_both_modes(tmp_path):
     assert "reference / optimized" in res["table"] and res["versions"]["torch"] == torch.__version__
 
 
+def test_speed_profile_splits_the_round_into_phases(tmp_path):
+    speed = benchmark("speed")
+    res = speed.main(["--layers", "1,2,3", "--num-edits", "2", "--edits-per-round", "2", "--steps", "3",
+                      "--strategy", "boundary", "--stats-samples", "4", "--stats-max-length", "32", "--profile",
+                      "--modes", "optimized", "--out", ""], make_model=_fresh, requests=REQUESTS, texts=CORPUS[:4])
+    prof = res["modes"]["optimized"]["profile"]
+    rows = {r["phase"]: r for r in prof["rows"]}
+    for layer in (1, 3):  # BLUE: targets at l_1 and l_m
+        fwd, bwd = rows[f"target {layer}: forward"], rows[f"target {layer}: backward"]
+        assert fwd["gflop"] > 0 and bwd["gflop"] == fwd["gflop"] and fwd["calls"] >= 1 and bwd["calls"] >= 1
+        assert f"target {layer}: prefix cache" in rows
+    assert rows["solve and write"]["calls"] == 2 and rows["keys and values"]["calls"] >= 2
+    assert abs(sum(r["share"] for r in prof["rows"]) - 1) < 1e-9 and rows["rest of the rounds"]["cpu_seconds"] >= 0
+    assert prof["bf16_peak_gflops_per_s"] > 0 and "| target 1: forward |" in prof["table"]
+
+
 def test_quality_benchmark_grid_and_restore(tmp_path):
     quality = benchmark("quality")
     model, tok = _fresh()

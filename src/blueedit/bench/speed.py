@@ -15,6 +15,7 @@ Prints a Markdown table (reference / optimized ratio per row) and writes JSON to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -72,6 +73,9 @@ def build_parser():
                    help="editing.max_batch_tokens of the optimized mode (0: one batch)")
     p.add_argument("--flops", action="store_true",
                    help="count the FLOPs of one target step and compare with measured matmul peaks")
+    p.add_argument("--profile", action="store_true",
+                   help="split the optimized modes' editing time into phases (blueedit.bench.round_profile) and "
+                        "compare each phase's linear-layer FLOP rate with measured bf16 matmul rates")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--modes", default="optimized,reference", help="comma-separated subset of optimized,reference")
@@ -131,7 +135,10 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
     editor = build_editor(model, tok, hp, adapter=adapter, mom2=mom2, context_templates=templates)
     rounds = [requests[i : i + args.edits_per_round] for i in range(0, len(requests), args.edits_per_round)]
     round_seconds, steps = [], []
-    with C.PeakMemory(args.device) as mem, C.timed(args.device) as t:
+    from blueedit.bench.round_profile import RoundProfile
+
+    prof = RoundProfile() if args.profile and optimize else contextlib.nullcontext()
+    with C.PeakMemory(args.device) as mem, C.timed(args.device) as t, prof:
         for i, chunk in enumerate(rounds):
             with C.timed(args.device) as t_round:
                 report = editor.edit_round(chunk, i)
@@ -147,6 +154,8 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
                mean_target_steps=sum(steps) / max(len(steps), 1),
                edit_peak_mb=_mb(mem.peak_bytes), edit_delta_mb=_mb(mem.delta_bytes))
 
+    if isinstance(prof, RoundProfile):
+        out["profile"] = profile_summary(prof, t["cpu_seconds"], hp, model.config)
     if args.flops and optimize:
         out.update(target_step_flops(editor, requests[: args.edits_per_round], hp))
 
@@ -160,6 +169,25 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
     if torch.device(args.device).type == "cuda":
         torch.cuda.empty_cache()
     return out, mom2_cpu
+
+
+def profile_summary(prof, cpu_seconds: float, hp, config) -> dict:
+    """The phases of the profiled rounds against two measured bf16 matmul rates: ``2048³`` (the
+    CPU's practical peak) and ``[max_batch_tokens, d] @ [d, d_ff]`` (the model's MLP shape at the
+    batch size the target optimization runs)."""
+    from blueedit.bench.round_profile import markdown, shaped_matmul_rate
+
+    d, d_ff, m = config.hidden_size, config.intermediate_size, hp.max_batch_tokens or 1024
+    peak = matmul_peak(torch.bfloat16, "cpu")
+    shaped = shaped_matmul_rate(torch.bfloat16, m, d, d_ff)
+    rows = prof.rows(cpu_seconds, peak)
+    for r in rows:
+        r["fraction_of_shaped"] = r["gflop_per_s"] * 1e9 / shaped if r["gflop"] else None
+    table = markdown(rows, f"bf16 peak ({peak / 1e9:.0f} GFLOP/s)")
+    print(f"\nprofile of the editing rounds ({cpu_seconds:.1f} CPU s; bf16 matmul rates: 2048³ {peak / 1e9:.0f} "
+          f"GFLOP/s, [{m} × {d}] @ [{d} × {d_ff}] {shaped / 1e9:.0f} GFLOP/s)\n{table}", flush=True)
+    return {"rows": rows, "bf16_peak_gflops_per_s": peak / 1e9, "bf16_shaped_gflops_per_s": shaped / 1e9,
+            "table": table, "cpu_seconds": cpu_seconds}
 
 
 def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, seconds: float = 1.0) -> float:
