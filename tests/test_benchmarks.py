@@ -247,6 +247,10 @@ def test_every_result_directory_has_a_run_record():
         record = json.loads(path.read_text())
         commands = record.get("commands") or [record.get("command")]
         assert all(isinstance(c, str) and c for c in commands), d.name
+    for path in sorted(results.glob("*.json")):  # a result file beside them names its command itself
+        data = json.loads(path.read_text())
+        command = data.get("command") or data.get("commands") or (data.get("run") or {}).get("command")
+        assert command, f"{path.name} names no command"
 
 
 def test_split_options_keeps_the_rest_for_another_benchmark():

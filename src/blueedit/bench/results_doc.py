@@ -654,6 +654,8 @@ def measurements(page: Page) -> None:
     page.code("python -m blueedit.bench.speed --edits 100 --edits-per-round 100 --modes optimized-bf16,optimized \\\n"
               "    --strategy boundary --loss-layer 29 --threads 1 --max-batch-tokens 1024 "
               "--out benchmarks/results/speed_100x100.json")
+    round_profile(page)
+    wild_speed(page)
     mem = read_json("memory_llama3_8b.json")
     st = mem["settings"]
     page.add(f"Estimated peak memory of one editing round on Llama-3-8B's shape ({page.link('memory_llama3_8b.json')}): "
@@ -681,6 +683,38 @@ def measurements(page: Page) -> None:
     page.add(*[line for line in smoke.splitlines() if line.startswith("|")], "")
     page.add("That run used an earlier blueedit (its table has no locality row) and differs from the host run above "
              "in specificity and the margins; the cause was not traced.", "")
+
+
+def round_profile(page: Page) -> None:
+    """Where a 100-edit MEMIT + BLUE round spends its CPU time (``speed --profile``)."""
+    if not (RESULTS / "profile_100x100.json").is_file():
+        return
+    data = read_json("profile_100x100.json")
+    mode = data["modes"]["optimized-bf16"]
+    prof = mode["profile"]
+    page.add(f"Where that round's time goes ({page.link('profile_100x100.json')}, {page.link('profile_100x100.md')}): "
+             f"{f2(mode['cpu_seconds_per_edit'])} CPU seconds per edit, mean target steps per layer "
+             f"{', '.join(f2(v) for v in prof.get('mean_steps', {}).values()) or '-'}; CPU seconds of each phase "
+             f"(nested phases excluded), its linear-layer FLOPs and their rate against the measured bf16 matmul "
+             f"rates of this CPU ({f2(prof['bf16_peak_gflops_per_s'])} GFLOP/s for 2048³, "
+             f"{f2(prof['bf16_shaped_gflops_per_s'])} GFLOP/s for the model's MLP shape at the batch size of the "
+             f"target optimization). Machine load: {data.get('load', '-')}.", "")
+    page.add(*md_tables("profile_100x100.md")[0], "")
+    page.code(sanitize(data["command"]))
+
+
+def wild_speed(page: Page) -> None:
+    """The time of the wild protocol per 1,000 records."""
+    data = read_json("wild_speed/speed.json")
+    page.add(f"The wild protocol ({page.link('wild_speed/speed.json')}): {data['records']} `{data['dataset']}` records, "
+             f"{data['prompts']} prompts (every paraphrase and neighborhood prompt), {data['model']} in "
+             f"{data['dtype']}, {data['threads']} thread, batches of {data['batch_size']}, at most "
+             f"{data['max_new_tokens']} new tokens: {data['wild_cpu_seconds_per_1000_records']:,.0f} CPU seconds per "
+             f"1,000 records (answers of {data['mean_answer_words']:.1f} words on average), at a load average of "
+             f"{data['load_average_1min_before_after'][0]:.1f}-{data['load_average_1min_before_after'][1]:.1f} on "
+             f"{data['cpus']} cores ({data['wild_seconds_per_1000_records']:,.0f} s of wall time; teacher forcing "
+             f"of the same records {data['teacher_forcing_seconds_per_1000_records']:,.0f} s of wall time).", "")
+    page.code(sanitize(data["command"]))
 
 
 def md_command(rel: str) -> list[str]:
