@@ -44,6 +44,13 @@ def test_arguments(tmp_path, capsys):
     assert "--methods" in capsys.readouterr().err
     defaults = vs.alphaedit_defaults()  # read from configs/smollm2-135m/alphaedit.yaml
     assert defaults["L2"] > 0 and 0 < defaults["nullspace_threshold"] < 1
+    parser = vs.build_parser()
+    args = parser.parse_args(["--sides", "blueedit", "--methods", "all", "--layers", "1,2,3"])
+    args.base, args.stats_config = vs.C.benchmark_configs(parser, args)
+    assert [p.name for p in vs.check_args(parser, args)[0]] == list(vs.PAIRS)
+    with pytest.raises(SystemExit):  # the published driver restrains PRUNE only when the rounds divide the records
+        vs.main(["--sides", "blueedit", "--methods", "prune", "--num-edits", "3", "--edits-per-round", "2"])
+    assert "not a multiple of --edits-per-round" in capsys.readouterr().err
 
 
 def test_module_layout_of_llama():
@@ -53,6 +60,49 @@ def test_module_layout_of_llama():
     assert layout == {"rewrite_module_tmp": "model.layers.{}.mlp.down_proj", "layer_module_tmp": "model.layers.{}",
                       "mlp_module_tmp": "model.layers.{}.mlp", "attn_module_tmp": "model.layers.{}.self_attn",
                       "ln_f_module": "model.norm", "lm_head_module": "lm_head"}
+
+
+def test_pmet_sites_of_llama():
+    from blueedit.models.adapters import ModelAdapter
+
+    layout = benchmark("vs_published").module_layout(ModelAdapter(make_model("llama")), pmet=True)
+    assert (layout["mlp_module_tmp"], layout["attn_module_tmp"], layout["rewrite_module_tmp"]) == (
+        "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn.o_proj", "model.layers.{}.mlp.down_proj")
+
+
+def test_published_rect_keeps_one_entry_more_than_its_percentage():
+    vs = benchmark("vs_published")
+    for numel in (2048, 576 * 1536, 100, 7):
+        keep = vs.published_rect_keep(numel)
+        kept = numel - int(numel * 0.6) + 1  # every score >= the int(0.6 numel)-th smallest
+        assert round(keep * numel) == kept  # what blueedit's rect_sparsify keeps with this rect_keep
+    assert vs.published_rect_keep(2048) * 2048 == 821 and round(0.4 * 2048) == 819
+
+
+def test_published_prune_restraint_is_prune_base_current():
+    """The driver's restraint (added to the edited weights) is blueedit's ``prune_base: current``,
+    with singular values of the edit above and below ``σ_max(W_0)``."""
+    from blueedit.editing import solvers
+
+    vs = benchmark("vs_published")
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(6, 8, generator=g)
+    u, v = torch.randn(6, 2, generator=g), torch.randn(2, 8, generator=g)
+    w = w0 + 3.0 * (u @ v)  # an edit whose largest singular values exceed σ_max(W_0)
+    assert torch.linalg.svdvals(w - w0)[0] > torch.linalg.svdvals(w0)[0]
+    model = torch.nn.Linear(8, 6, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w)
+
+    class Hook:  # the published nethook.get_parameter
+        @staticmethod
+        def get_parameter(m, name):
+            return dict(m.named_parameters())[name]
+
+    vs.published_prune_restraint(Hook, model, {"weight": w0.clone()})
+    expected = solvers.prune_postprocess(w0, w, "current")
+    assert torch.allclose(model.weight.detach(), expected, atol=1e-5)
+    assert not torch.allclose(expected, solvers.prune_postprocess(w0, w, "original"))
 
 
 def test_published_projection_annihilates_kept_directions():
@@ -151,3 +201,60 @@ def test_published_side_on_tiny_model(tmp_path):
     merged = vs.main(["--merge", str(tmp_path / "both.json"), str(tmp_path / "both.json"),
                       "--out", str(tmp_path / "merged")])
     assert len(merged["runs"]) == 4 and Path(tmp_path / "merged.md").is_file()
+
+
+#: The other pairs, two at a time: both sides on the tiny Llama (PRUNE's driver needs rounds that divide the records).
+OTHER_PAIRS = [("pmet", "pmet_blue", []), ("rect", "rect_blue", []),
+               ("prune", "prune_blue", ["--num-edits", "2", "--edits-per-round", "1"])]
+
+
+@pytest.mark.skipif(not PUBLISHED, reason=NO_CHECKOUT)
+@pytest.mark.parametrize("plain,blue,sizes", OTHER_PAIRS, ids=[p[0] for p in OTHER_PAIRS])
+def test_other_pairs_on_tiny_model(tmp_path, plain, blue, sizes):
+    """PMET, RECT and PRUNE, without and with BLUE: same data, same C_0, same templates, the same
+    per-round updates on both sides (as the MEMIT test), with the settings mapped as documented."""
+    vs = benchmark("vs_published")
+    model, tok = make_model("llama"), make_tokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = vs.main(TINY + sizes + ["--methods", f"{plain},{blue}", "--published", PUBLISHED, "--no-pre-edit",
+                                  "--cache-dir", str(tmp_path / "cache"), "--published-log", str(tmp_path / "log"),
+                                  "--out", str(tmp_path / "out")],
+                  model=model, tokenizer=tok, requests=REQUESTS, texts=CORPUS[:4])
+    runs = {(r["pair"], r["side"]): r for r in res["runs"]}
+    assert set(runs) == {(p, s) for p in (plain, blue) for s in vs.SIDES}
+    for r in runs.values():
+        assert "error" not in r, r.get("traceback")
+        assert r["complete"] and all(0 <= r[k] <= 100 for k in vs.METRICS)
+    rounds = 2
+    for pair, layers in ((plain, [1, 2, 3]), (blue, [1, 3])):
+        pub, ours = runs[(pair, "published")], runs[(pair, "blueedit")]
+        assert pub["edited_layers"] == ours["edited_layers"] == layers
+        assert pub["hparams"]["blue"] is vs.PAIRS[pair].blue and pub["hparams"]["layers"] == layers
+        assert all(v > 0 for v in pub["update_norms"][0].values())  # the published code did edit
+        assert len(pub["update_norms"]) == len(ours["update_norms"]) == rounds
+        for ra, rb in zip(pub["update_norms"], ours["update_norms"]):
+            assert ra.keys() == rb.keys()
+            assert all(abs(ra[l] - rb[l]) <= 1e-3 * ra[l] for l in ra), (pair, ra, rb)
+        agree = vs.update_agreement(pub, ours)
+        assert agree["rounds"] == rounds and agree["norm"] < 1e-3 and agree["fingerprint"] < 1e-3, (pair, agree)
+        _check_mapping(vs, pair, pub["hparams"], ours["hparams"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored
+
+
+def _check_mapping(vs, pair: str, pub: dict, ours: dict) -> None:
+    """The settings each side was given (module docstring, "The other pairs")."""
+    method = vs.PAIRS[pair].method
+    assert ours["method"] == method and pub["mom2_update_weight"] == ours["lam"]
+    assert (pub["v_lr"], pub["v_num_grad_steps"], pub["v_loss_layer"]) == (
+        ours["v_lr"], ours["v_num_grad_steps"], ours["loss_layer"])
+    if method == "pmet":
+        assert pub["rewrite_module_tmps"] == [pub["rewrite_module_tmp"]] == ["model.layers.{}.mlp.down_proj"]
+        assert pub["mlp_module_tmp"] == "model.layers.{}.mlp.down_proj"
+        assert pub["attn_module_tmp"] == "model.layers.{}.self_attn.o_proj" and pub["nll_loss_factor"] == 1.0
+        assert (ours["top1_nll_factor"], ours["top1_kl_stop"], ours["use_history"]) == (0.1, 0.01, True)
+    else:
+        assert ours["use_history"] is False
+    if method == "rect":
+        assert ours["rect_keep"] == vs.published_rect_keep(32 * 64) > 0.4  # the tiny Llama's W_out
+    if method == "prune":
+        assert ours["prune_base"] == "current"

@@ -1,9 +1,15 @@
 """Side by side with the published BLUE implementation (github.com/xpq-tech/BLUE).
 
-Runs the published ``MEMIT_seq`` and ``AlphaEdit``, each without and with BLUE, and blueedit's four
-counterparts (``memit``/``alphaedit`` × ``distribute``/``boundary``) on the same model, the same
-``C_0``, the same edit records, rounds, hyperparameters and context templates, then scores every
-final model with blueedit's own evaluator, so both sides' metrics are computed identically.
+Runs the published algorithms, each without and with BLUE, and blueedit's counterparts on the same
+model, the same ``C_0``, the same edit records, rounds, hyperparameters and context templates, then
+scores every final model with blueedit's own evaluator, so both sides' metrics are computed
+identically. The pairs (``--methods``; default the first four, ``all`` for every one), each by its
+name in the published ``experiments/evaluate.py`` ``ALG_DICT`` and blueedit's method (``distribute``
+without BLUE, ``boundary`` with it):
+
+    memit, memit_blue          MEMIT_seq    memit         alphaedit, alphaedit_blue  AlphaEdit    alphaedit
+    pmet, pmet_blue            PMET_seq     pmet          rect, rect_blue            MEMIT_rect   rect
+    prune, prune_blue          MEMIT_prune  prune
 
     python -m blueedit.bench.vs_published --published ../published-BLUE
     python -m blueedit.bench.vs_published --published ../published-BLUE --methods memit,memit_blue \\
@@ -14,9 +20,10 @@ of this repository and nothing in it is edited: the harness puts it on ``sys.pat
 adapts it at run time only for the duration of each published run:
 
 - ``C_0``: computed once with blueedit's statistics (``--stats-samples`` texts of
-  ``--stats-corpus``) and handed to the published code by replacing its ``get_cov`` function.
-- Context templates: blueedit's templates are put into the published context-template cache, so
-  both sides optimize over the same prompts.
+  ``--stats-corpus``) and handed to the published code by replacing the ``get_cov`` function of
+  each entry point's module.
+- Context templates: blueedit's templates are put into each entry point's context-template cache,
+  so both sides optimize over the same prompts.
 - Hyperparameters: the published hyperparameter objects are built here (no JSON file), with the
   model's module layout; the published BLUE configurations edit only the first and last layer of
   ``--layers``, so the published BLUE runs get ``layers = [l_1, l_m]``.
@@ -28,6 +35,49 @@ adapts it at run time only for the duration of each published run:
 - The published code places tensors on ``"cuda"``; without a GPU (``--device cpu``) those
   placements are redirected to the CPU.
 - Its console output is sent to ``--published-log`` (default: discarded).
+
+The other pairs, and what each side is given (the published driver is ``experiments/evaluate.py``):
+
+- PMET (``pmet/pmet_seq_main.py``, ``apply_pmet_seq_to_model`` with ``cache_c``, a
+  ``PMETHyperParams``; the published configurations are ``hparams/PMET/*.json``). Its two target
+  sites, where ``compute_zs`` adds δ_mlp and δ_attn at the fact token, are ``mlp_module_tmp`` =
+  the output of ``W_out`` (``model.layers.{}.mlp.down_proj``, as every published PMET configuration)
+  and ``attn_module_tmp`` = the attention output projection (``model.layers.{}.self_attn.o_proj``):
+  the modules blueedit's PMET uses. ``rewrite_module_tmps`` is ``W_out`` alone, as in the published
+  configurations (blueedit writes only ``W_out``; the published code's edit history ``cache_c`` has
+  one ``d_k`` per layer, so it cannot write a second module of another input size either). Without
+  BLUE the targets are optimized at ``l_m`` once and the residual (at ``W_out``'s output of ``l_m``)
+  divided by ``sqrt(m − i)``; with BLUE, at each of its two layers ``l_1`` and ``l_m`` (undivided).
+  The published ``compute_zs`` hard-codes its top-1 exit (NLL weight ``0.1 · nll_loss_factor`` once
+  o* is top-1 everywhere, stop when the KL term is below 0.01): blueedit's side gets
+  ``target.top1_nll_factor: 0.1`` and ``target.top1_kl_stop: 0.01`` (as ``configs/*/pmet.yaml``);
+  ``nll_loss_factor`` is 1 (blueedit has no NLL weight besides that exit).
+- RECT (``memit/memit_rect_main.py``, ``apply_memit_rect_to_model``, a ``MEMITHyperParams``, the
+  MEMIT configurations): the driver gives it no edit history, so blueedit's side gets
+  ``use_history: false``. It keeps ``k_percent = 40`` % of each update's entries (hard-coded), by the
+  score ``|ΔW / (W + 1e-8)|`` (blueedit: ``|ΔW| / (|W| + 1e-8)``, the same unless ``W`` is within
+  1e-8 of 0), counting them as ``numel − int(0.6 · numel) + 1``, one or two more than blueedit's
+  ``round(0.4 · numel)``: blueedit's ``rect_keep`` is set to that count (:func:`published_rect_keep`;
+  with 0.4 itself, the one or two entries fewer, the lowest-ranked of those kept, change the sparse
+  ``ΔW`` by about ``sqrt(2 / kept)`` of its norm: 3 to 6 % on the tiny test model, about 0.2 % expected on SmolLM2, 2 of 353 896).
+- PRUNE (``MEMIT_prune``: ``memit/memit_main.py``'s ``apply_memit_to_model``, a ``MEMITHyperParams``,
+  the MEMIT configurations; the restraint is in the driver itself and is done here as it does it:
+  :func:`published_prune_restraint`): no edit history (``use_history: false``); after round
+  ``num_edits / edits_per_round − 1`` the driver restrains the accumulated edit ``Δ = W − W_0`` and
+  adds it to the *edited* weights, ``W + restrain(Δ)``: blueedit's side gets ``prune_base: current``
+  (its default, ``original``, is the PRUNE paper's ``W_0 + restrain(Δ)``). That driver test never
+  holds when ``--num-edits`` is not a multiple of ``--edits-per-round``, so such runs are refused.
+  PRUNE has no other setting on either side (σ is the largest singular value of ``W_0``, the
+  restraint ``log s − log σ + σ`` for every ``s > σ``).
+
+The blueedit settings named above (``use_history``, ``rect_keep``, ``prune_base``,
+``target.top1_*``) are set for their pairs whatever ``--editing.*`` says; every other setting comes
+from the command line on both sides, as for the first four pairs. Settings only blueedit has are
+left to the command line, and their defaults are the published behaviour (``target.early_stop_loss``
+0.05 is the published exit at a loss below 5e-2; ``anchor_position0``, ``stop_after``, ``site`` and
+HSE's options are off). Settings only the published code has are fixed: ``fact_token:
+subject_last``, ``mom2_adjustment``, ``layer_selection: all``, and MEMIT_prune's ``edit_layer`` -1
+(every layer).
 
 Editing seconds are the wall time of the editing rounds only (not ``C_0``, the AlphaEdit
 projections, or the evaluation). Results go to ``<out>.json`` and ``<out>.md``; ``--merge`` combines
@@ -61,22 +111,55 @@ class Pair:
     """One comparison: the published algorithm and blueedit's counterpart."""
 
     name: str
-    published: str  # the published algorithm's name (as in its experiments/evaluate.py)
+    published: str  # the published algorithm's name in its experiments/evaluate.py ALG_DICT (+ " + BLUE")
     blue: bool  # the published hyperparameter "blue"
     method: str  # blueedit editing.method
     strategy: str  # blueedit editing.strategy
+    #: blueedit ``EditingConfig`` / ``TargetConfig`` fields set for this pair to what the published
+    #: code hard-codes (whatever the command line says): (field, value) pairs
+    editing: tuple[tuple[str, object], ...] = ()
+    target: tuple[tuple[str, object], ...] = ()
 
+    @property
+    def alg(self) -> str:
+        """The published ``ALG_DICT`` key (``MEMIT_seq``, ``AlphaEdit``, ``PMET_seq``, ``MEMIT_rect``, ``MEMIT_prune``)."""
+        return self.published.split(" + ")[0]
+
+
+# What the published code hard-codes, as blueedit settings (module docstring, "The other pairs").
+#: MEMIT_rect and MEMIT_prune: evaluate.py gives them no edit history (no ``cache_c``), so the solve is
+#: ``λ C_0 + K Kᵀ`` (blueedit ``use_history: false``, its plain-MEMIT solve).
+_NO_HISTORY = (("use_history", False),)
+#: memit_rect_main.py keeps ``k_percent = 40`` % of the entries, counted as it counts them: blueedit's
+#: ``rect_keep`` is set per model by :func:`published_rect_keep` (in :func:`run_blueedit`).
+RECT_PERCENT = 40
+_RECT = _NO_HISTORY
+#: evaluate.py adds the restrained edit to the edited weights, ``W + restrain(W − W_0)`` (blueedit
+#: ``prune_base: current``; blueedit's default ``original`` is the PRUNE paper's ``W_0 + restrain(W − W_0)``).
+_PRUNE = _NO_HISTORY + (("prune_base", "current"),)
+#: pmet/compute_zs.py: once o* is the top-1 token everywhere the next NLL weight is ``0.1 ·
+#: nll_loss_factor`` (``nll_loss_factor`` 1) and the request stops when its KL term is below 0.01.
+_PMET_TARGET = (("top1_nll_factor", 0.1), ("top1_kl_stop", 0.01))
 
 PAIRS: dict[str, Pair] = {
     "memit": Pair("memit", "MEMIT_seq", False, "memit", "distribute"),
     "memit_blue": Pair("memit_blue", "MEMIT_seq + BLUE", True, "memit", "boundary"),
     "alphaedit": Pair("alphaedit", "AlphaEdit", False, "alphaedit", "distribute"),
     "alphaedit_blue": Pair("alphaedit_blue", "AlphaEdit + BLUE", True, "alphaedit", "boundary"),
+    "pmet": Pair("pmet", "PMET_seq", False, "pmet", "distribute", target=_PMET_TARGET),
+    "pmet_blue": Pair("pmet_blue", "PMET_seq + BLUE", True, "pmet", "boundary", target=_PMET_TARGET),
+    "rect": Pair("rect", "MEMIT_rect", False, "rect", "distribute", editing=_RECT),
+    "rect_blue": Pair("rect_blue", "MEMIT_rect + BLUE", True, "rect", "boundary", editing=_RECT),
+    "prune": Pair("prune", "MEMIT_prune", False, "prune", "distribute", editing=_PRUNE),
+    "prune_blue": Pair("prune_blue", "MEMIT_prune + BLUE", True, "prune", "boundary", editing=_PRUNE),
 }
+#: ``--methods`` by default: the first four pairs (as before the others were added); ``all`` runs every pair.
+DEFAULT_METHODS = ("memit", "memit_blue", "alphaedit", "alphaedit_blue")
 
 #: Files the published checkout must have (checked before any slow work).
 PUBLISHED_FILES = ("memit/memit_seq_main.py", "memit/memit_hparams.py", "AlphaEdit/AlphaEdit_main.py",
-                   "AlphaEdit/AlphaEdit_hparams.py", "util/nethook.py", "globals.yml")
+                   "AlphaEdit/AlphaEdit_hparams.py", "util/nethook.py", "globals.yml", "memit/memit_main.py",
+                   "memit/memit_rect_main.py", "pmet/pmet_seq_main.py", "pmet/pmet_hparams.py")
 
 
 SHORTHANDS = C.shorthands(
@@ -91,7 +174,8 @@ def build_parser():
                    help="checkout of github.com/xpq-tech/BLUE (required unless --sides blueedit or --merge)")
     p.add_argument("--num-edits", type=int, default=100, help="first N records of --dataset")
     p.add_argument("--edits-per-round", type=int, default=25)
-    p.add_argument("--methods", default=",".join(PAIRS), help=f"subset of {','.join(PAIRS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {','.join(PAIRS)}, or all")
     p.add_argument("--sides", default=",".join(SIDES), help="published, blueedit or both")
     C.add_model_options(p)
     p.add_argument("--dataset", default="counterfact_eval")
@@ -116,12 +200,21 @@ def alphaedit_defaults() -> dict:
     return {"L2": float(ed["L2"]), "nullspace_threshold": float(ed["nullspace_threshold"])}
 
 
+def published_rect_keep(numel: int, percent: int = RECT_PERCENT) -> float:
+    """blueedit's ``rect_keep`` for the number of entries the published RECT keeps of a ``numel``-entry
+    ``W_out``: its threshold is the ``k``-th smallest score, ``k = int(numel · (100 − percent) / 100)``,
+    and it keeps every score ``≥`` that, ``numel − k + 1`` entries (one or two more than ``percent`` %:
+    819 of 2048 would be 40 %, it keeps 821), where blueedit keeps ``round(rect_keep · numel)``."""
+    kept = numel - int(numel * (100 - percent) / 100) + 1
+    return kept / numel
+
+
 def check_args(parser, args) -> tuple[list[Pair], list[str]]:
     """The pairs and sides asked for; a clear error (before any slow work) for bad options."""
-    names = C.parse_str_list(args.methods)
+    names = list(PAIRS) if args.methods.strip() == "all" else C.parse_str_list(args.methods)
     bad = [n for n in names if n not in PAIRS]
     if bad or not names:
-        parser.error(f"--methods {args.methods!r}: choose from {','.join(PAIRS)}")
+        parser.error(f"--methods {args.methods!r}: choose from {','.join(PAIRS)} (or all)")
     sides = C.parse_str_list(args.sides)
     if not sides or any(s not in SIDES for s in sides):
         parser.error(f"--sides {args.sides!r}: choose from {','.join(SIDES)}")
@@ -136,6 +229,10 @@ def check_args(parser, args) -> tuple[list[Pair], list[str]]:
                          f"(missing {', '.join(missing)})")
     if args.num_edits < 1 or args.edits_per_round < 1:
         parser.error("--num-edits and --edits-per-round must be >= 1")
+    if any(PAIRS[n].method == "prune" for n in names) and args.num_edits % args.edits_per_round:
+        parser.error(f"--num-edits {args.num_edits} is not a multiple of --edits-per-round {args.edits_per_round}: "
+                     "the published driver (experiments/evaluate.py) applies PRUNE's restraint after round "
+                     "num_edits / edits_per_round only, i.e. never for these sizes (blueedit would, after its last)")
     layers = args.base.layers
     if len(layers) < 2:
         parser.error(f"--layers {layers}: BLUE needs at least two consecutive increasing layers")
@@ -158,16 +255,30 @@ class Published:
             self.MEMITHyperParams = importlib.import_module("memit.memit_hparams").MEMITHyperParams
             self.alphaedit = importlib.import_module("AlphaEdit.AlphaEdit_main")
             self.AlphaEditHyperParams = importlib.import_module("AlphaEdit.AlphaEdit_hparams").AlphaEditHyperParams
+            self.memit = importlib.import_module("memit.memit_main")  # MEMIT_prune's apply_memit_to_model
+            self.memit_rect = importlib.import_module("memit.memit_rect_main")
+            self.pmet_seq = importlib.import_module("pmet.pmet_seq_main")
+            self.PMETHyperParams = importlib.import_module("pmet.pmet_hparams").PMETHyperParams
         finally:
             os.chdir(cwd)
+        #: the modules of the algorithms' entry points (each has its own get_cov and context-template cache)
+        self.entry_modules = (self.memit_seq, self.alphaedit, self.memit, self.memit_rect, self.pmet_seq)
         # every published module that names ``torch`` (for the device redirection)
-        prefixes = ("memit.", "AlphaEdit.", "rome.", "util.")
+        prefixes = ("memit.", "AlphaEdit.", "rome.", "util.", "pmet.")
         self.modules = [m for n, m in list(sys.modules.items())
                         if m is not None and n.startswith(prefixes) and getattr(m, "__file__", None)
                         and str(self.root) in str(m.__file__) and getattr(m, "torch", None) is torch]
 
     def hparams(self, pair: Pair, layout: dict, layers: list[int], args, loss_layer: int):
-        """The published hyperparameter object for ``pair`` (BLUE: only the boundary layers)."""
+        """The published hyperparameter object for ``pair`` (BLUE: only the boundary layers).
+
+        Every pair: ``layers``, ``v_num_grad_steps``, ``v_lr``, ``v_loss_layer``, ``v_weight_decay``,
+        ``clamp_norm_factor``, ``kl_factor`` and ``mom2_update_weight`` (λ) are blueedit's (``--editing.*``);
+        ``fact_token: subject_last`` and ``mom2_adjustment`` are what blueedit always does; ``mom2_*`` only
+        name the statistics (the ``C_0`` tensor itself is blueedit's, see :func:`adapted`). AlphaEdit adds
+        ``nullspace_threshold`` and ``L2``; PMET adds ``rewrite_module_tmps`` (only ``W_out``, as the
+        published PMET configurations), its two target sites in ``layout`` (:func:`module_layout`) and
+        ``nll_loss_factor`` 1 (blueedit's NLL weight). MEMIT_rect and MEMIT_prune take MEMIT's."""
         base, target, stats = args.base, args.base.target, args.stats_config
         kw = dict(model_name=args.model, layers=[layers[0], layers[-1]] if pair.blue else list(layers),
                   layer_selection="all", fact_token="subject_last", v_num_grad_steps=target.v_num_grad_steps,
@@ -177,15 +288,27 @@ class Published:
                   mom2_n_samples=stats.num_samples, mom2_dtype="float32", blue=pair.blue, **layout)
         if pair.method == "alphaedit":
             return self.AlphaEditHyperParams(nullspace_threshold=base.nullspace_threshold, L2=base.L2, **kw)
+        if pair.method == "pmet":
+            return self.PMETHyperParams(rewrite_module_tmps=[layout["rewrite_module_tmp"]], nll_loss_factor=1.0, **kw)
         return self.MEMITHyperParams(**kw)
 
 
-def module_layout(adapter) -> dict[str, str]:
-    """The published module-name templates, from blueedit's detected layout."""
+def module_layout(adapter, pmet: bool = False) -> dict[str, str]:
+    """The published module-name templates, from blueedit's detected layout.
+
+    ``pmet``: PMET's two target sites, where its ``compute_zs`` adds δ_mlp and δ_attn, are
+    ``mlp_module_tmp``, the output of ``W_out`` itself (as in every published PMET configuration,
+    e.g. ``model.layers.{}.mlp.down_proj``), and ``attn_module_tmp``, the attention output
+    projection (``model.layers.{}.self_attn.o_proj``): the modules blueedit's PMET adds its two δ
+    to (``ModelAdapter.w_out_module`` / ``attn_out_module``)."""
     lay = adapter.layout
     block = f"{lay.blocks}.{{}}"
     mlp = f"{block}.{lay.w_out.rsplit('.', 1)[0]}" if "." in lay.w_out else block
     attn = f"{block}.self_attn" if lay.blocks.startswith("model.") else f"{block}.attn"
+    if pmet:
+        attn_out = adapter.attn_out_module(0)
+        name = next(n for n, m in adapter.blocks[0].named_modules() if m is attn_out)
+        mlp, attn = f"{block}.{lay.w_out}", f"{block}.{name}"
     return {"rewrite_module_tmp": f"{block}.{lay.w_out}", "layer_module_tmp": block, "mlp_module_tmp": mlp,
             "attn_module_tmp": attn, "ln_f_module": lay.final_norm, "lm_head_module": lay.lm_head}
 
@@ -240,7 +363,7 @@ def adapted(pub: Published, *, device: torch.device, mom2: dict[int, torch.Tenso
 
 def _patch_statistics(pub: Published, patch: Callable[[object, str, object], None], *, device: torch.device,
                       mom2: dict[int, torch.Tensor], templates: list[str], layout: dict[str, str]) -> None:
-    """Hand blueedit's ``C_0`` (by module name) and context templates to the published MEMIT and AlphaEdit."""
+    """Hand blueedit's ``C_0`` (by module name) and context templates to the published entry points."""
     by_name = {layout["rewrite_module_tmp"].format(l): m for l, m in mom2.items()}
 
     def get_cov(model, tok, layer_name, *args, inv=False, **kwargs):
@@ -250,7 +373,7 @@ def _patch_statistics(pub: Published, patch: Callable[[object, str, object], Non
         return torch.inverse(c) if inv else c
 
     published_templates = [["{}"], [t for t in templates if t != "{}"]]
-    for mod in (pub.memit_seq, pub.alphaedit):
+    for mod in pub.entry_modules:
         patch(mod, "get_cov", get_cov)
         patch(mod, "CONTEXT_TEMPLATES_CACHE", published_templates)
 
@@ -414,33 +537,83 @@ class Recorder:
         self.checkpoint()
 
 
+def published_state(pair: Pair, hp, adapter, mom2, edited: list[int]) -> dict:
+    """The sequential-editing state the published driver keeps between rounds: the edit history
+    ``cache_c`` (given to MEMIT_seq, AlphaEdit and PMET_seq only) and AlphaEdit's projections ``P``.
+    MEMIT_prune's original weights are added by its first round (:func:`published_round`)."""
+    state: dict = {}
+    if pair.alg in ("MEMIT_seq", "AlphaEdit", "PMET_seq"):
+        d_k = adapter.key_size(edited[0])
+        state["cache_c"] = torch.zeros(len(edited), d_k, d_k)
+    if pair.alg == "AlphaEdit":
+        state["P"] = torch.stack([published_projection(mom2[l], hp.nullspace_threshold) for l in edited])
+    return state
+
+
+def published_round(pub: Published, pair: Pair, model, tok, reqs: list[dict], hp, state: dict, restrain: bool) -> None:
+    """One round of the published driver (experiments/evaluate.py) for ``pair``: its entry point
+    with the arguments the driver passes. ``restrain``: MEMIT_prune's round after which the driver
+    restrains the accumulated edit (:func:`published_prune_restraint`)."""
+    alg = pair.alg
+    if alg == "AlphaEdit":
+        _, state["cache_c"] = pub.alphaedit.apply_AlphaEdit_to_model(model, tok, reqs, hp, cache_c=state["cache_c"],
+                                                                      P=state["P"])
+    elif alg == "MEMIT_seq":
+        _, state["cache_c"] = pub.memit_seq.apply_memit_seq_to_model(model, tok, reqs, hp, cache_c=state["cache_c"])
+    elif alg == "PMET_seq":
+        _, state["cache_c"] = pub.pmet_seq.apply_pmet_seq_to_model(model, tok, reqs, hp, cache_c=state["cache_c"])
+    elif alg == "MEMIT_rect":
+        pub.memit_rect.apply_memit_rect_to_model(model, tok, reqs, hp, return_orig_weights=False)
+    elif alg == "MEMIT_prune":  # the first round also returns the weights before any edit
+        first = "original" not in state
+        _, originals = pub.memit.apply_memit_to_model(model, tok, reqs, hp, return_orig_weights=first)
+        if first:
+            state["original"] = originals
+        if restrain:
+            published_prune_restraint(pub.nethook, model, state["original"])
+    else:
+        raise ValueError(f"no published driver for {alg!r}")
+
+
+def published_prune_restraint(nethook, model, originals: dict[str, torch.Tensor]) -> None:
+    """PRUNE as the published driver applies it (experiments/evaluate.py, ``MEMIT_prune``, after the
+    round ``num_edits / edits_per_round − 1``), in the weights' precision: for each edited weight
+    ``W`` with its value ``W_0`` before the first round, ``Δ = W − W_0 = U S Vᵀ``, every singular
+    value ``s`` above ``σ``, the largest singular value of ``W_0``, becomes ``log s − log σ + σ``,
+    and ``U S' Vᵀ`` is added to the edited weight: ``W ← W + restrain(Δ) = W_0 + Δ + restrain(Δ)``
+    (the driver adds it to the current, not the original, weights; blueedit ``prune_base: current``)."""
+    with torch.no_grad():
+        for name, w0 in originals.items():
+            w = nethook.get_parameter(model, name)
+            w0 = w0.to(w.device)
+            sigma = torch.linalg.svdvals(w0).max()
+            U, S, Vh = torch.linalg.svd(w - w0, full_matrices=False)
+            S = torch.where(S > sigma, torch.log(S) - torch.log(sigma) + sigma, S)
+            w.add_((U * S) @ Vh)
+
+
 def run_published(pub: Published, pair: Pair, args, model, tok, adapter, mom2, templates, rounds, device,
                   loss_layer: int, log, rec: Recorder) -> None:
     """The published sequential-editing loop for ``pair`` (as its driver script runs it)."""
-    layout = module_layout(adapter)
+    layout = module_layout(adapter, pmet=pair.method == "pmet")
     layers = args.base.layers
     hp = pub.hparams(pair, layout, layers, args, loss_layer)
     edited = list(hp.layers)
     rec.run["edited_layers"] = edited
     rec.run["hparams"] = dict(vars(hp))
-    d_k = adapter.key_size(edited[0])
     t_setup = time.perf_counter()
-    cache_c = torch.zeros(len(edited), d_k, d_k)
-    P = None
-    if pair.method == "alphaedit":
-        P = torch.stack([published_projection(mom2[l], hp.nullspace_threshold) for l in edited])
+    state = published_state(pair, hp, adapter, mom2, edited)
     rec.run["setup_seconds"] = time.perf_counter() - t_setup
+    num_records = sum(len(c) for c in rounds)
     for i, chunk in enumerate(rounds):
         before = rec.before(edited)
         reqs = [published_request(r) for r in chunk]
+        restrain = i == num_records / args.edits_per_round - 1  # the driver's test (evaluate.py, MEMIT_prune)
         with adapted(pub, device=device, mom2={l: mom2[l] for l in edited}, templates=templates, layout=layout,
                      log=log):
             c0 = time.process_time()
             with C.timed(str(device)) as t:
-                if pair.method == "alphaedit":
-                    _, cache_c = pub.alphaedit.apply_AlphaEdit_to_model(model, tok, reqs, hp, cache_c=cache_c, P=P)
-                else:
-                    _, cache_c = pub.memit_seq.apply_memit_seq_to_model(model, tok, reqs, hp, cache_c=cache_c)
+                published_round(pub, pair, model, tok, reqs, hp, state, restrain)
             cpu = time.process_time() - c0
         rec.round_done(i, before, t["seconds"], cpu)
 
@@ -452,13 +625,19 @@ def run_blueedit(pair: Pair, args, model, tok, adapter, mom2, templates, rounds,
 
     from blueedit.editing.setup import build_editor
 
-    target = replace(args.base.target, loss_layer=loss_layer)
-    hp = replace(args.base, method=pair.method, strategy=pair.strategy, target=target)
+    target = replace(args.base.target, loss_layer=loss_layer, **dict(pair.target))
+    editing = dict(pair.editing)
+    if pair.method == "rect":
+        d, d_k = adapter.hidden_size(), adapter.key_size(args.base.layers[0])
+        editing["rect_keep"] = published_rect_keep(d * d_k)
+    hp = replace(args.base, method=pair.method, strategy=pair.strategy, target=target, **editing)
     rec.run["edited_layers"] = hp.edited_layers
     rec.run["hparams"] = {"method": hp.method, "strategy": hp.strategy, "layers": hp.layers,
                           "lam": hp.mom2_update_weight, "L2": hp.L2, "nullspace_threshold": hp.nullspace_threshold,
+                          "use_history": hp.use_history, "rect_keep": hp.rect_keep, "prune_base": hp.prune_base,
                           **{k: getattr(target, k) for k in ("v_num_grad_steps", "v_lr", "v_weight_decay",
-                                                             "kl_factor", "clamp_norm_factor", "loss_layer")}}
+                                                             "kl_factor", "clamp_norm_factor", "loss_layer",
+                                                             "top1_nll_factor", "top1_kl_stop")}}
     t_setup = time.perf_counter()
     editor = build_editor(model, tok, hp, adapter=adapter, mom2=mom2, context_templates=templates)
     rec.run["setup_seconds"] = time.perf_counter() - t_setup
@@ -469,7 +648,7 @@ def run_blueedit(pair: Pair, args, model, tok, adapter, mom2, templates, rounds,
         with C.timed(args.device) as t:
             report = editor.edit_round(chunk, i)
             if i == len(rounds) - 1:
-                editor.finalize()  # a no-op for MEMIT and AlphaEdit
+                editor.finalize()  # PRUNE's restraint; a no-op for the other methods
         cpu = time.process_time() - c0
         for v in report.target_steps.values():
             steps += list(v)
