@@ -692,15 +692,20 @@ def round_profile(page: Page) -> None:
     data = read_json("profile_100x100.json")
     mode = data["modes"]["optimized-bf16"]
     prof = mode["profile"]
-    page.add(f"Where that round's time goes ({page.link('profile_100x100.json')}, {page.link('profile_100x100.md')}): "
-             f"{f2(mode['cpu_seconds_per_edit'])} CPU seconds per edit, mean target steps per layer "
-             f"{', '.join(f2(v) for v in prof.get('mean_steps', {}).values()) or '-'}; CPU seconds of each phase "
+    steps = mode.get("mean_target_steps_per_layer", {})
+    load = data.get("load_average_1min_before_after")
+    page.add(f"Where a round's time goes ({page.link('profile_100x100.json')}, {page.link('profile_100x100.md')}): "
+             f"MEMIT + BLUE, 100 edits in one round, bfloat16, one thread, "
+             f"{f2(mode['cpu_seconds_per_edit'])} CPU seconds per edit at a load average of "
+             f"{'-'.join(f'{x:.1f}' for x in load) if load else 'unknown'} on the 2 cores; mean target steps "
+             + ", ".join(f"{f2(v)} at layer {k}" for k, v in steps.items()) + ". CPU seconds of each phase "
              f"(nested phases excluded), its linear-layer FLOPs and their rate against the measured bf16 matmul "
              f"rates of this CPU ({f2(prof['bf16_peak_gflops_per_s'])} GFLOP/s for 2048³, "
              f"{f2(prof['bf16_shaped_gflops_per_s'])} GFLOP/s for the model's MLP shape at the batch size of the "
-             f"target optimization). Machine load: {data.get('load', '-')}.", "")
+             f"target optimization).", "")
     page.add(*md_tables("profile_100x100.md")[0], "")
-    page.code(sanitize(data["command"]))
+    page.code(re.sub(r"--out \S*profile_100x100\.json", "--out benchmarks/results/profile_100x100.json",
+                     sanitize(data["command"])))
 
 
 def wild_speed(page: Page) -> None:
@@ -714,7 +719,8 @@ def wild_speed(page: Page) -> None:
              f"{data['load_average_1min_before_after'][0]:.1f}-{data['load_average_1min_before_after'][1]:.1f} on "
              f"{data['cpus']} cores ({data['wild_seconds_per_1000_records']:,.0f} s of wall time; teacher forcing "
              f"of the same records {data['teacher_forcing_seconds_per_1000_records']:,.0f} s of wall time).", "")
-    page.code(sanitize(data["command"]))
+    command = data.get("command") or data["run"]["command"]
+    page.code(re.sub(r"--out \S*speed\.json", "--out benchmarks/results/wild_speed/speed.json", sanitize(command)))
 
 
 def md_command(rel: str) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
         templates = generate_context_templates(model, tok)
     editor = build_editor(model, tok, hp, adapter=adapter, mom2=mom2, context_templates=templates)
     rounds = [requests[i : i + args.edits_per_round] for i in range(0, len(requests), args.edits_per_round)]
-    round_seconds, steps = [], []
+    round_seconds, steps, layer_steps = [], [], {}
     from blueedit.bench.round_profile import RoundProfile
 
     prof = RoundProfile() if args.profile and optimize else contextlib.nullcontext()
@@ -143,8 +144,9 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
             with C.timed(args.device) as t_round:
                 report = editor.edit_round(chunk, i)
             round_seconds.append(t_round["seconds"])
-            for per_layer in report.target_steps.values():
+            for layer, per_layer in report.target_steps.items():
                 steps += list(per_layer)
+                layer_steps.setdefault(str(layer), []).extend(per_layer)
             print(f"[{mode}] round {i + 1}/{len(rounds)}: {t_round['seconds']:.2f} s, "
                   f"target steps {[sum(v) / len(v) for v in report.target_steps.values()]}", flush=True)
         editor.finalize()
@@ -152,6 +154,7 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
                round_seconds=round_seconds, seconds_per_round=sum(round_seconds) / len(rounds),
                seconds_per_edit=t["seconds"] / len(requests), cpu_seconds_per_edit=t["cpu_seconds"] / len(requests),
                mean_target_steps=sum(steps) / max(len(steps), 1),
+               mean_target_steps_per_layer={l: sum(v) / len(v) for l, v in layer_steps.items() if v},
                edit_peak_mb=_mb(mem.peak_bytes), edit_delta_mb=_mb(mem.delta_bytes))
 
     if isinstance(prof, RoundProfile):
@@ -316,9 +319,11 @@ def main(argv: list[str] | None = None, *, make_model=None, requests=None, texts
         "modes": {},
     }
     mom2s = {}
+    results["load_average_1min_before_after"] = [os.getloadavg()[0]]
     for mode in modes:
         print(f"== {mode} ==", flush=True)
         results["modes"][mode], mom2s[mode] = run_mode(mode, args, make_model, requests, texts, model_id)
+    results["load_average_1min_before_after"].append(os.getloadavg()[0])
     results["ratios"] = {}
     results["checks"] = {}
     for a, b in RATIOS:
