@@ -135,26 +135,16 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
         templates = generate_context_templates(model, tok)
     editor = build_editor(model, tok, hp, adapter=adapter, mom2=mom2, context_templates=templates)
     rounds = [requests[i : i + args.edits_per_round] for i in range(0, len(requests), args.edits_per_round)]
-    round_seconds, steps, layer_steps = [], [], {}
     from blueedit.bench.round_profile import RoundProfile
 
     prof = RoundProfile() if args.profile and optimize else contextlib.nullcontext()
     with C.PeakMemory(args.device) as mem, C.timed(args.device) as t, prof:
-        for i, chunk in enumerate(rounds):
-            with C.timed(args.device) as t_round:
-                report = editor.edit_round(chunk, i)
-            round_seconds.append(t_round["seconds"])
-            for layer, per_layer in report.target_steps.items():
-                steps += list(per_layer)
-                layer_steps.setdefault(str(layer), []).extend(per_layer)
-            print(f"[{mode}] round {i + 1}/{len(rounds)}: {t_round['seconds']:.2f} s, "
-                  f"target steps {[sum(v) / len(v) for v in report.target_steps.values()]}", flush=True)
-        editor.finalize()
+        round_seconds, steps = edit_rounds(editor, rounds, mode, args.device)
     out.update(templates_seconds=t_templates["seconds"], edit_seconds=t["seconds"], rounds=len(rounds),
                round_seconds=round_seconds, seconds_per_round=sum(round_seconds) / len(rounds),
                seconds_per_edit=t["seconds"] / len(requests), cpu_seconds_per_edit=t["cpu_seconds"] / len(requests),
-               mean_target_steps=sum(steps) / max(len(steps), 1),
-               mean_target_steps_per_layer={l: sum(v) / len(v) for l, v in layer_steps.items() if v},
+               mean_target_steps=sum(sum(v) for v in steps.values()) / max(sum(len(v) for v in steps.values()), 1),
+               mean_target_steps_per_layer={l: sum(v) / len(v) for l, v in steps.items() if v},
                edit_peak_mb=_mb(mem.peak_bytes), edit_delta_mb=_mb(mem.delta_bytes))
 
     if isinstance(prof, RoundProfile):
@@ -172,6 +162,21 @@ def run_mode(mode: str, args, make_model, requests, texts, model_id: str) -> tup
     if torch.device(args.device).type == "cuda":
         torch.cuda.empty_cache()
     return out, mom2_cpu
+
+
+def edit_rounds(editor, rounds, mode: str, device: str) -> tuple[list[float], dict[str, list[int]]]:
+    """Run the rounds and finalize: each round's seconds and every request's target steps, by layer."""
+    round_seconds, steps = [], {}
+    for i, chunk in enumerate(rounds):
+        with C.timed(device) as t_round:
+            report = editor.edit_round(chunk, i)
+        round_seconds.append(t_round["seconds"])
+        for layer, per_layer in report.target_steps.items():
+            steps.setdefault(str(layer), []).extend(per_layer)
+        print(f"[{mode}] round {i + 1}/{len(rounds)}: {t_round['seconds']:.2f} s, "
+              f"target steps {[sum(v) / len(v) for v in report.target_steps.values()]}", flush=True)
+    editor.finalize()
+    return round_seconds, steps
 
 
 def profile_summary(prof, cpu_seconds: float, hp, config) -> dict:
