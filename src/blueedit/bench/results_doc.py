@@ -634,7 +634,8 @@ def published(page: Page) -> None:
              f"blueedit against the published BLUE code ({page.link('vs_published.md')}, "
              f"{page.link('vs_published.json')}), both scored by blueedit's evaluator on the first 100 "
              "`counterfact_eval` records in rounds of 25, the same `C_0` tensor on both sides. `seconds / edit`: "
-             "editing rounds only; the two sides ran at once on a shared 2-core machine, so compare the CPU "
+             "editing rounds only; the two sides ran in separate processes on a shared 2-core machine, at different times "
+             "and loads, so compare the CPU "
              "column. A reduced 4-edit AlphaEdit comparison: "
              f"{page.link('vs_published_alphaedit.md')}.", "")
     page.add(*md_tables("vs_published.md")[0], "")
