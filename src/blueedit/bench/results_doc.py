@@ -619,10 +619,13 @@ def wild(page: Page) -> None:
             if f"benchmarks/results/{name}" in argv or any(a.startswith(f"benchmarks/results/{name}/") for a in argv):
                 _paired_last_point(page, argv)
     if (RESULTS / GATED / "table.md").is_file():
+        ungated = sequence_values("counterfact_gemma3_500")
+        before, after = (ungated[("memit", "distribute", e, "general/perplexity")] for e in (0, 500))
         page.add("### Health-gated rounds, Gemma 3 270M", "",
                  f"MEMIT (distribute) on 500 CounterFact records in rounds of 100 with `HealthGate` on perplexity "
                  f"({page.link(f'{GATED}/table.md')}, {page.link(f'{GATED}/runs')}); without the gate the same "
-                 f"edits take the perplexity from 43 to 19,462 (\"500 sequential edits, Gemma 3 270M\" above):", "")
+                 f"edits take the perplexity from {before:,.1f} to {after:,.1f} "
+                 f"({page.link('counterfact_gemma3_500/sequence.csv')}):", "")
         page.add(*md_tables(f"{GATED}/table.md")[0], "")
         text = (RESULTS / GATED / "table.md").read_text().splitlines()
         page.add(*[f"- {line}" for line in text if "health gate" in line], "")
