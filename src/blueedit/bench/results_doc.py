@@ -601,8 +601,9 @@ def wild(page: Page) -> None:
     for name, label in WILD_RUNS:
         if not (RESULTS / name / "table.md").is_file():
             continue
-        data = read_json(next(f"{name}/runs/{p.name}" for p in sorted((RESULTS / name / "runs").glob("*.json"))))
-        title = f"{label}, {data['num_edits']} edits in rounds of {data['edits_per_round']}"
+        runs = [read_json(f"{name}/runs/{p.name}") for p in sorted((RESULTS / name / "runs").glob("*.json"))]
+        title = (f"{label}, {max(r['num_edits'] for r in runs)} edits in rounds of "
+                 f"{runs[0]['edits_per_round']}")
         page.add(f"### {title}, SmolLM2-135M", "")
         for variant in (name, f"{name}_stop_period"):
             if not (RESULTS / variant / "table.md").is_file():
