@@ -160,7 +160,8 @@ def sanitize(command: str) -> str:
     """A recorded command as a user types it today: data and work directories outside the repository
     shown as ``$BLUEEDIT_DATA_DIR`` and relative directories, the benchmark in its current form."""
     command = re.sub(r"(?:/work/shared|\.\./shared)/data", "$BLUEEDIT_DATA_DIR", command)
-    command = re.sub(r"/work/wt-[\w-]+/", "", command)
+    command = re.sub(r"/work/(?:wt-[\w-]+|main)/", "", command)  # a checkout of this repository
+    command = re.sub(r" --workdir /work/\w+", "", command)  # checkpoints: the default place
     command = re.sub(r"/work/(\w+)", r"\1", command)
     command = re.sub(r"python benchmarks/(\w+)\.py", _current_script, command)
     return "\n".join(_current_options(line) for line in command.split("\n"))

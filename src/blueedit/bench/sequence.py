@@ -703,7 +703,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if out_dir is not None and (out_dir / "runs").is_dir():
         keep = [run_key(spec) for spec in args.runs] if args.report_only and args.keep_csv_runs else []
         result.update(assemble(out_dir, title, keep))
-        invocation.write(out_dir, runs_finished=finished, runs_pending=pending, report_only=bool(args.report_only))
+        # a report alone keeps naming the commands that ran the runs (each run record holds its own)
+        ran = sorted({json.loads(f.read_text()).get("command") or "" for f in (out_dir / "runs").glob("*.json")} - {""})
+        invocation.write(out_dir, runs_finished=finished, runs_pending=pending, report_only=bool(args.report_only),
+                         **({"commands": ran} if args.report_only else {}))
     return result
 
 
