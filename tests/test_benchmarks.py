@@ -220,6 +220,24 @@ def test_run_record_holds_command_versions_commit_and_times(tmp_path):
     assert data["started"] <= data["finished"] and data["wall_seconds"] >= 0 and data["note"] == "x"
 
 
+def test_a_shared_result_directory_keeps_every_command(tmp_path):
+    """Several invocations writing tables into one directory: run.json lists each command once, the
+    latest record of each, and keeps an older record's commands."""
+    import json
+
+    from blueedit.bench.harness import RunRecord
+
+    (tmp_path / "run.json").write_text(json.dumps({"reconstructed": True, "commands": ["python old.py"]}))
+    RunRecord("cme", ["--name", "t1"]).write(tmp_path, shared=True)
+    RunRecord("cme", ["--name", "t2"]).write(tmp_path, shared=True)
+    RunRecord("cme", ["--name", "t1"]).write(tmp_path, shared=True, note="again")
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert data["commands"] == ["python old.py", "python -m blueedit.bench.cme --name t2",
+                                "python -m blueedit.bench.cme --name t1"]
+    assert [r["command"] for r in data["runs"]] == data["commands"][1:]
+    assert data["runs"][-1]["note"] == "again" and data["reconstructed"] is True
+
+
 def test_harness_records_a_shell_benchmark(tmp_path):
     """``python -m blueedit.bench.harness record``: the record of a command another process ran."""
     import json

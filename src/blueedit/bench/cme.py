@@ -367,7 +367,7 @@ def write(args, record, comps, results, edit_seconds, table3, times) -> None:
         "compositions": {t: len(cs) for t, cs in comps.items()}, "summary": summary, "rows": results,
         "seconds_per_edit": edit_seconds, "table3": table3, "times": times, "device": C.device_description("cpu"),
         "run": record.as_dict()}, indent=1, default=str))
-    record.write(out)
+    record.write(out, shared=True)  # the directory holds several runs' tables
     lines = [f"Compositional editing on SmolLM2-135M-Instruct, PEAK-CF `{args.split}` split, "
              f"{', '.join(f'{t} {len(cs)}' for t, cs in comps.items())} compositions; greedy, at most "
              f"{args.max_new_tokens} tokens, cut at the first newline. Rates in %, [95 % bootstrap interval]; "

@@ -585,15 +585,27 @@ class RunRecord:
             raise ValueError(f"run record fields {clash} are the record's own")
         return {**record, **extra}
 
-    def write(self, directory: Path, **extra) -> Path:
-        """``directory/run.json`` (written whole, through a temporary file)."""
+    def write(self, directory: Path, shared: bool = False, **extra) -> Path:
+        """``directory/run.json`` (written whole, through a temporary file).
+
+        ``shared``: the directory holds the outputs of several invocations (each in its own files), so
+        ``run.json`` keeps every one: ``commands`` (in the order they first wrote) and ``runs`` (the
+        latest record of each command); a single-command record found there is kept as the first."""
         import json
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / self.FILENAME
+        data = self.as_dict(**extra)
+        if shared:
+            old = json.loads(path.read_text()) if path.is_file() else {}
+            runs = list(old.get("runs") or ([old] if old.get("command") else []))
+            runs = [r for r in runs if r.get("command") != self.command] + [data]
+            commands = [c for c in (old.get("commands") or []) if c not in {r["command"] for r in runs}]
+            data = {**{k: v for k, v in old.items() if k not in ("commands", "runs", *data)},
+                    "commands": commands + [r["command"] for r in runs], "runs": runs}
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.as_dict(**extra), indent=1, default=str) + "\n")
+        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
         tmp.replace(path)
         return path
 

@@ -162,6 +162,7 @@ def sanitize(command: str) -> str:
     command = re.sub(r"(?:/work/shared|\.\./shared)/data", "$BLUEEDIT_DATA_DIR", command)
     command = re.sub(r"/work/(?:wt-[\w-]+|main)/", "", command)  # a checkout of this repository
     command = re.sub(r" --workdir /work/\w+", "", command)  # checkpoints: the default place
+    command = re.sub(r" --cme-dir \S+", "", command)  # built compositions (derived data): the default place
     command = re.sub(r"/work/(\w+)", r"\1", command)
     command = re.sub(r"python benchmarks/(\w+)\.py", _current_script, command)
     return "\n".join(_current_options(line) for line in command.split("\n"))
@@ -634,6 +635,54 @@ def wild(page: Page) -> None:
         page.code(*recorded_commands(GATED, ""))
 
 
+#: The compositional benchmark's result files under ``a3e_cme/``: (stem, title, intro). Missing ones are left out.
+CME_TABLES: list[tuple[str, str, str]] = [
+    ("cme_table1", "A³E against the locate-then-edit methods and WISE",
+     "The same compositions edited by every method: A³E with its edits routed by the benchmark (`oracle`) and by "
+     "its own key store (`retrieve`); MEMIT, AlphaEdit (each with and without BLUE) and WISE with each "
+     "composition's edits as one round on the unedited model"),
+    ("cme_table2", "The A³E ladder and the mask rules",
+     "From adapters alone (a) through the answer-token mask (b), the two regularizers (c) and the sign-aware "
+     "merge (d), and the full method with the other two mask rules"),
+    ("cme_table3", "A³E and WISE on the ordinary metrics",
+     "Edits one at a time on `counterfact_eval` and `zsre_eval`, scored by the teacher-forced evaluator"),
+]
+
+
+def md_task_tables(rel: str) -> list[tuple[str, list[str]]]:
+    """``(heading, table lines)`` of a result ``.md`` file: each table with the ``###`` heading above it."""
+    out, heading, current = [], "", []
+    for line in (RESULTS / rel).read_text().splitlines():
+        if line.startswith("|"):
+            current.append(line)
+            continue
+        if current:
+            out.append((heading, current))
+            current = []
+        if line.startswith("### "):
+            heading = line[4:].strip()
+    return out + ([(heading, current)] if current else [])
+
+
+def compositional(page: Page) -> None:
+    """The compositional benchmark (``blueedit.bench.cme``): one subsection per result file."""
+    present = [t for t in CME_TABLES if (RESULTS / "a3e_cme" / f"{t[0]}.md").is_file()]
+    if not present:
+        return
+    page.add("## Compositional editing: A³E", "",
+             "SmolLM2-135M on compositions built from PEAK-CF (`docs/algorithms.md`, section 18): greedy answers "
+             "scored by SR-S (every answer present; MQC: in order), SR-1 (at least one), GSR (SR-S on rephrased "
+             "queries) and LSR (Rouge-L of unrelated prompts against the unedited model's answers), in %, with "
+             "95 % bootstrap intervals over compositions; the failure counters are totals over compositions.", "")
+    for stem, title, intro in present:
+        rel = f"a3e_cme/{stem}.md"
+        page.add(f"### {title}", "", f"{intro} ({page.link(rel)}, every generation in "
+                 f"{page.link(f'a3e_cme/{stem}.json')}):", "")
+        for heading, table in md_task_tables(rel):
+            page.add(f"`{heading}`:" if " " not in heading else f"{heading}:", "", *table, "")
+        page.code(*md_command(rel))
+
+
 def published(page: Page) -> None:
     page.add("## Side by side with the published code", "",
              f"blueedit against the published BLUE code ({page.link('vs_published.md')}, "
@@ -805,6 +854,7 @@ def build_page(pending: set[Path] = frozenset()) -> str:
     claim_c(page)
     record_pairs(page)
     wild(page)
+    compositional(page)
     published(page)
     measurements(page)
     other(page)
