@@ -679,6 +679,8 @@ def compositional(page: Page) -> None:
         page.add(f"### {title}", "", f"{intro} ({page.link(rel)}, every generation in "
                  f"{page.link(f'a3e_cme/{stem}.json')}):", "")
         for heading, table in md_task_tables(rel):
+            if all(row.startswith("| unedited ") for row in table[2:]):
+                continue  # a task run only for its unedited answers
             page.add(f"`{heading}`:" if " " not in heading else f"{heading}:", "", *table, "")
         page.code(*md_command(rel))
 
