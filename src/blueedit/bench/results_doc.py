@@ -670,10 +670,10 @@ def compositional(page: Page) -> None:
     if not present:
         return
     page.add("## Compositional editing: A³E", "",
-             "SmolLM2-135M on compositions built from PEAK-CF (`docs/algorithms.md`, section 18): greedy answers "
+             "SmolLM2-135M on compositions built from PEAK-CF (`docs/algorithms.md`, A³E): greedy answers "
              "scored by SR-S (every answer present; MQC: in order), SR-1 (at least one), GSR (SR-S on rephrased "
              "queries) and LSR (Rouge-L of unrelated prompts against the unedited model's answers), in %, with "
-             "95 % bootstrap intervals over compositions; the failure counters are totals over compositions.", "")
+             "bootstrap intervals over compositions in brackets; the failure counters are totals over compositions.", "")
     for stem, title, intro in present:
         rel = f"a3e_cme/{stem}.md"
         page.add(f"### {title}", "", f"{intro} ({page.link(rel)}, every generation in "
