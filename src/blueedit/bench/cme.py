@@ -16,10 +16,16 @@ Variants (``--variants``): ``a`` adapters alone (no mask, α = β = 0, sum merge
 those mask rules. Written under ``--out``: ``cme.json`` (every composition's generations and
 scores, the command, versions, times) and ``cme.md`` (tables with 95 % bootstrap intervals).
 
-Example (the committed run)::
+The committed tables (``benchmarks/results/a3e_cme/``; the full method, row (d), of the ladder is in
+the first one)::
 
-    python -m blueedit.bench.cme --num-compositions 8 --tasks mac_k2 mqc --variants a d --max-new-tokens 24 --rephrased 1 \
-        --unrelated 2 --out benchmarks/results/a3e_cme
+    python -m blueedit.bench.cme --num-compositions 8 --tasks mac_k2 mac_k3 mqc --variants d \
+        --baselines memit memit_blue alphaedit alphaedit_blue wise --max-new-tokens 20 --rephrased 1 \
+        --unrelated 2 --name cme_table1
+    python -m blueedit.bench.cme --num-compositions 8 --tasks mac_k2 --variants a b c highest abs \
+        --max-new-tokens 20 --rephrased 1 --unrelated 2 --name cme_table2
+    python -m blueedit.bench.cme --num-compositions 8 --tasks mac_k2 --variants --table3 \
+        --table3-num-edits 20 --max-new-tokens 20 --rephrased 1 --unrelated 2 --name cme_table3
 """
 
 from __future__ import annotations

@@ -643,7 +643,8 @@ CME_TABLES: list[tuple[str, str, str]] = [
      "composition's edits as one round on the unedited model"),
     ("cme_table2", "The A³E ladder and the mask rules",
      "From adapters alone (a) through the answer-token mask (b), the two regularizers (c) and the sign-aware "
-     "merge (d), and the full method with the other two mask rules"),
+     "merge (d), and the full method with the other two mask rules, on the same `mac_k2` compositions; row (d) is "
+     "the A³E row of the table above"),
     ("cme_table3", "A³E and WISE on the ordinary metrics",
      "Edits one at a time on `counterfact_eval` and `zsre_eval`, scored by the teacher-forced evaluator"),
 ]
