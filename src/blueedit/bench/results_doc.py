@@ -163,6 +163,7 @@ def sanitize(command: str) -> str:
     command = re.sub(r"/work/(?:wt-[\w-]+|main)/", "", command)  # a checkout of this repository
     command = re.sub(r" --workdir /work/\w+", "", command)  # checkpoints: the default place
     command = re.sub(r" --cme-dir \S+", "", command)  # built compositions (derived data): the default place
+    command = re.sub(r" --published \S+", " --published ../published-BLUE", command)  # the user's checkout
     command = re.sub(r"/work/(\w+)", r"\1", command)
     command = re.sub(r"python benchmarks/(\w+)\.py", _current_script, command)
     return "\n".join(_current_options(line) for line in command.split("\n"))
@@ -277,10 +278,13 @@ def wild_pairs() -> list[list[str]]:
         runs = RESULTS / name / "runs"
         metrics = ["--metrics", *WILD_METRICS]
         done = sorted(p.stem for p in runs.glob("*.json")) if runs.is_dir() else []
-        if {"memit_distribute", "memit_boundary"} <= set(done):
-            argvs.append(["--results", os.path.relpath(RESULTS / name, C.REPO), "--runs", "memit_distribute",
-                          "memit_boundary", "--names", "MEMIT", "MEMIT + BLUE", *metrics])
         stop = RESULTS / f"{name}_stop_period" / "runs"
+        for variant in (name, f"{name}_stop_period"):
+            if (RESULTS / variant / "runs" / "memit_distribute.json").is_file() and \
+                    (RESULTS / variant / "runs" / "memit_boundary.json").is_file():
+                tag = "" if variant == name else ", stop_after: period"
+                argvs.append(["--results", os.path.relpath(RESULTS / variant, C.REPO), "--runs", "memit_distribute",
+                              "memit_boundary", "--names", f"MEMIT{tag}", f"MEMIT + BLUE{tag}", *metrics])
         for run in done:
             if (stop / f"{run}.json").is_file():
                 argvs.append(["--arms", os.path.relpath(runs / f"{run}.json", C.REPO),
@@ -618,8 +622,9 @@ def wild(page: Page) -> None:
             if maps:
                 page.add("Retention heat maps and forgetting curves (rows: evaluation after round t; columns: "
                          "round of origin): " + ", ".join(page.link(f"{variant}/{m}", m) for m in maps) + ".", "")
+        own = (f"benchmarks/results/{name}", f"benchmarks/results/{name}_stop_period")
         for argv in wild_pairs():
-            if f"benchmarks/results/{name}" in argv or any(a.startswith(f"benchmarks/results/{name}/") for a in argv):
+            if any(a in own or a.startswith(tuple(f"{d}/" for d in own)) for a in argv):
                 _paired_last_point(page, argv)
     if (RESULTS / GATED / "table.md").is_file():
         ungated = sequence_values("counterfact_gemma3_500")
@@ -699,6 +704,14 @@ def published(page: Page) -> None:
     page.add("Efficacy and generalization are equal; MEMIT + BLUE's specificity differs by one neighbourhood "
              "prompt.", "")
     page.code(VS_PUBLISHED)
+    if (RESULTS / "vs_published_pmet.md").is_file():
+        rel = "vs_published_pmet.md"
+        page.add("### PMET and PMET + BLUE against the published code", "",
+                 f"Both sides in one invocation ({page.link(rel)}, {page.link('vs_published_pmet.json')}):", "")
+        text = (RESULTS / rel).read_text().splitlines()
+        page.add(text[0], "", *md_tables(rel)[0], "", *[line for line in text if line.startswith("- ")], "")
+        data = read_json("vs_published_pmet.json")
+        page.code(data.get("command") or data["run"]["command"])
 
 
 def measurements(page: Page) -> None:
