@@ -90,6 +90,13 @@ VS_PUBLISHED = (
     "    --threads 1 --loss-layer 29 --eval-every-round --out be_memit\n"
     "python -m blueedit.bench.vs_published --merge pub_memit.json pub_memit_blue.json be_memit.json \\\n"
     "    --out benchmarks/results/vs_published")
+#: The PMET comparison with the published code: each side, then the merge.
+VS_PUBLISHED_PMET = (
+    "python -m blueedit.bench.vs_published --published ../published-BLUE --methods pmet,pmet_blue --sides published \\\n"
+    "    --num-edits 50 --edits-per-round 25 --threads 1 --loss-layer 29 --out pub_pmet\n"
+    "python -m blueedit.bench.vs_published --methods pmet,pmet_blue --sides blueedit --num-edits 50 \\\n"
+    "    --edits-per-round 25 --threads 1 --loss-layer 29 --out be_pmet\n"
+    "python -m blueedit.bench.vs_published --merge pub_pmet.json be_pmet.json --out benchmarks/results/vs_published_pmet")
 #: Runs of the wild protocol: (name, dataset label). Each pair MEMIT / MEMIT + BLUE that exists is
 #: compared record by record; a ``<name>_stop_period`` run beside it is compared with it, arm by arm.
 WILD_RUNS: list[tuple[str, str]] = [("wild_counterfact_200x50", "CounterFact"), ("wild_zsre_200x50", "zsRE"),
@@ -727,14 +734,27 @@ def published(page: Page) -> None:
     page.add("Efficacy and generalization are equal; MEMIT + BLUE's specificity differs by one neighbourhood "
              "prompt.", "")
     page.code(VS_PUBLISHED)
-    if (RESULTS / "vs_published_pmet.md").is_file():
-        rel = "vs_published_pmet.md"
-        page.add("### PMET and PMET + BLUE against the published code", "",
-                 f"Both sides in one invocation ({page.link(rel)}, {page.link('vs_published_pmet.json')}):", "")
-        text = (RESULTS / rel).read_text().splitlines()
-        page.add(text[0], "", *md_tables(rel)[0], "", *[line for line in text if line.startswith("- ")], "")
-        data = read_json("vs_published_pmet.json")
-        page.code(data.get("command") or data["run"]["command"])
+    published_pmet(page)
+
+
+def published_pmet(page: Page) -> None:
+    """PMET and PMET + BLUE, the published code against blueedit (``vs_published_pmet.*``, when present)."""
+    rel = "vs_published_pmet.md"
+    if not (RESULTS / rel).is_file():
+        return
+    data = read_json("vs_published_pmet.json")
+    runs = {(r["pair"], r["side"]): r for r in data["runs"]}
+    page.add("### PMET and PMET + BLUE against the published code", "",
+             "The published `PMET_seq`, with and without BLUE, and blueedit's `pmet` on the same records, each side in "
+             f"its own process, merged ({page.link(rel)}, {page.link('vs_published_pmet.json')}):", "")
+    text = (RESULTS / rel).read_text().splitlines()
+    page.add(text[0], "", *md_tables(rel)[0], "", *[line for line in text if line.startswith("- ")], "")
+    cell = lambda r: " / ".join(f"{r[m]:.2f}" for m in ("efficacy", "generalization", "specificity"))  # noqa: E731
+    sides = [side for side in ("published", "blueedit") if ("pmet", side) in runs and ("pmet_blue", side) in runs]
+    if sides:
+        page.add("Efficacy / generalization / specificity, PMET then PMET + BLUE: " + "; ".join(
+            f"{side}: {cell(runs[('pmet', side)])}, then {cell(runs[('pmet_blue', side)])}" for side in sides) + ".", "")
+    page.code(VS_PUBLISHED_PMET)
 
 
 def measurements(page: Page) -> None:
