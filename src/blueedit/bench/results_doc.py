@@ -743,7 +743,7 @@ def published_pmet(page: Page) -> None:
     if not (RESULTS / rel).is_file():
         return
     data = read_json("vs_published_pmet.json")
-    runs = {(r["pair"], r["side"]): r for r in data["runs"]}
+    runs = {(r["pair"], r["side"]): r for r in data["runs"] if r.get("efficacy") is not None}  # finished runs
     page.add("### PMET and PMET + BLUE against the published code", "",
              "The published `PMET_seq`, with and without BLUE, and blueedit's `pmet` on the same records, each side in "
              f"its own process, merged ({page.link(rel)}, {page.link('vs_published_pmet.json')}):", "")
