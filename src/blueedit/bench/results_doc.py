@@ -126,14 +126,7 @@ def sequence_values(name: str) -> dict[tuple[str, str, int, str], float]:
 
 def md_tables(rel: str) -> list[list[str]]:
     """The markdown tables of a result ``.md`` file, each as its lines."""
-    tables, current = [], []
-    for line in (RESULTS / rel).read_text().splitlines():
-        if line.startswith("|"):
-            current.append(line)
-        elif current:
-            tables.append(current)
-            current = []
-    return tables + ([current] if current else [])
+    return [table for _, table in md_task_tables(rel)]
 
 
 def _current_script(match: re.Match) -> str:
@@ -707,12 +700,11 @@ def cme_summary(page: Page, summary: dict[str, dict[str, dict]]) -> None:
     edited row, and A³E's locality under each routing."""
     from blueedit.bench.cme import LABELS
 
-    rows = [(s[metric]["mean"], name, task) for metric in ("sr_s", "sr_1")
-            for name, per_task in summary.items() if name != "unedited" for task, s in per_task.items()]
+    rows = lambda metric: [(s[metric]["mean"], name, task) for name, per_task in summary.items()  # noqa: E731
+                           if name != "unedited" for task, s in per_task.items()]
     label = lambda name: LABELS.get(name.split("/")[0], name) + (  # noqa: E731
         f", {name.split('/')[1]}" if not name.endswith("/-") else "")
-    best_s = max(r for r in rows[:len(rows) // 2])
-    best_1 = max(r for r in rows[len(rows) // 2:])
+    best_s, best_1 = max(rows("sr_s")), max(rows("sr_1"))
     lsr = {name.split("/")[1]: [per[t]["lsr"]["mean"] for t in per] for name, per in summary.items()
            if name.startswith("d/")}
     page.add(f"The highest SR-S of any edited row is {best_s[0]:.1f} ({label(best_s[1])}, `{best_s[2]}`), the highest "
