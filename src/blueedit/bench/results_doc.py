@@ -97,6 +97,21 @@ VS_PUBLISHED_PMET = (
     "python -m blueedit.bench.vs_published --methods pmet,pmet_blue --sides blueedit --num-edits 50 \\\n"
     "    --edits-per-round 25 --threads 1 --loss-layer 29 --out be_pmet\n"
     "python -m blueedit.bench.vs_published --merge pub_pmet.json be_pmet.json --out benchmarks/results/vs_published_pmet")
+#: AlphaEdit, RECT and PRUNE against the published code: each side, then the merge.
+VS_PUBLISHED_METHODS = (
+    "python -m blueedit.bench.vs_published --published ../published-BLUE --methods alphaedit,alphaedit_blue,rect,rect_blue \\\n"
+    "    --sides published --num-edits 50 --edits-per-round 25 --threads 1 --loss-layer 29 --out pub_ar\n"
+    "python -m blueedit.bench.vs_published --published ../published-BLUE --methods prune,prune_blue --sides published \\\n"
+    "    --num-edits 50 --edits-per-round 25 --threads 1 --loss-layer 29 --out pub_prune\n"
+    "python -m blueedit.bench.vs_published --methods alphaedit,alphaedit_blue,rect,rect_blue,prune,prune_blue --sides blueedit \\\n"
+    "    --num-edits 50 --edits-per-round 25 --threads 1 --loss-layer 29 --out be_arp\n"
+    "python -m blueedit.bench.vs_published --merge pub_ar.json pub_prune.json be_arp.json \\\n"
+    "    --out benchmarks/results/vs_published_methods")
+#: The comparisons with the published code, one result ``.md`` each, in the order of the summary table.
+VS_PUBLISHED_FILES = ["vs_published.md", "vs_published_pmet.md", "vs_published_methods.md"]
+#: The ten rows of the summary: the published code's method names (``ALG_DICT``), each without and with BLUE.
+VS_PUBLISHED_ROWS = [name + blue for name in ("MEMIT_seq", "AlphaEdit", "PMET_seq", "MEMIT_rect", "MEMIT_prune")
+                     for blue in ("", " + BLUE")]
 #: Runs of the wild protocol: (name, dataset label). Each pair MEMIT / MEMIT + BLUE that exists is
 #: compared record by record; a ``<name>_stop_period`` run beside it is compared with it, arm by arm.
 WILD_RUNS: list[tuple[str, str]] = [("wild_counterfact_200x50", "CounterFact"), ("wild_zsre_200x50", "zsRE"),
@@ -714,8 +729,57 @@ def cme_summary(page: Page, summary: dict[str, dict[str, dict]]) -> None:
              + " (with `oracle` the composition's adapters also act on its unrelated prompts).", "")
 
 
+def published_rows(rel: str) -> dict[str, dict[str, Any]]:
+    """method -> {"published": cells, "blueedit": cells, "update": largest relative ‖ΔW_l‖ difference,
+    "speed": the CPU speed-up cell} from a ``vs_published`` result ``.md`` (rows of finished runs only)."""
+    out: dict[str, dict[str, Any]] = {}
+    text = (RESULTS / rel).read_text().splitlines()
+    for line in text:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 8 or not cells[2].isdigit() or cells[3] == "not evaluated":
+            continue
+        row = out.setdefault(cells[0], {"edits": cells[2]})
+        side = cells[1].split(":")[0]
+        if side in ("published", "blueedit"):
+            row[side] = cells[3:6]
+        elif side.startswith("difference"):
+            row["speed"] = cells[7]
+    for line in text:
+        m = re.match(r"- (.+?): per-round weight updates .*?: ([\d.e+-]+) in ‖ΔW_l‖", line)
+        if m and m.group(1) in out:
+            out[m.group(1)]["update"] = m.group(2)
+    return out
+
+
+def published_summary(page: Page) -> None:
+    """The ten rows (five published methods, each without and with BLUE) from every comparison file."""
+    found = {}
+    for rel in VS_PUBLISHED_FILES:
+        if (RESULTS / rel).is_file():
+            found.update({method: dict(row, source=page.link(rel)) for method, row in published_rows(rel).items()})
+    rows = []
+    for method in VS_PUBLISHED_ROWS:
+        row = found.get(method, {})
+        both = "published" in row and "blueedit" in row
+        cell = lambda side: " / ".join(row[side]) if side in row else "not run"  # noqa: E731
+        rows.append([method, row.get("edits", "-"), cell("published"), cell("blueedit"),
+                     ("equal" if both and row["published"] == row["blueedit"] else "differ" if both else "-"),
+                     row.get("update", "-"), row.get("speed", "-"), row.get("source", "-")])
+    page.add("### Every published method", "",
+             "The published code's five sequential-editing methods, each without and with BLUE, against blueedit's, on "
+             "SmolLM2 (efficacy / generalization / specificity; the largest per-round difference in ‖ΔW_l‖ relative to "
+             "the round's largest; CPU time of the editing rounds, published / blueedit). Details and commands below.", "")
+    page.table(["method (published name)", "edits", "published", "blueedit", "metrics", "ΔW difference",
+                "CPU speed", "source"], rows, left=8)
+
+
 def published(page: Page) -> None:
     page.add("## Side by side with the published code", "",
+             "Each method of the published BLUE code ([xpq-tech/BLUE](https://github.com/xpq-tech/BLUE)) and blueedit's "
+             "counterpart on the same model, records, rounds, `C_0` tensor, hyperparameters and context templates, both "
+             "scored by blueedit's evaluator (`python -m blueedit.bench.vs_published`).", "")
+    published_summary(page)
+    page.add("### MEMIT and MEMIT + BLUE against the published code", "",
              f"blueedit against the published BLUE code ({page.link('vs_published.md')}, "
              f"{page.link('vs_published.json')}), both scored by blueedit's evaluator on the first 100 "
              "`counterfact_eval` records in rounds of 25, the same `C_0` tensor on both sides. `seconds / edit`: "
@@ -728,6 +792,7 @@ def published(page: Page) -> None:
              "prompt.", "")
     page.code(VS_PUBLISHED)
     published_pmet(page)
+    published_methods(page)
 
 
 def pmet_runs() -> dict[tuple[str, str], dict[str, Any]]:
@@ -772,6 +837,21 @@ def published_pmet(page: Page) -> None:
     if drop:
         page.add("PMET + BLUE against PMET" + drop.replace(";", ":", 1) + ".", "")
     page.code(VS_PUBLISHED_PMET)
+
+
+def published_methods(page: Page) -> None:
+    """AlphaEdit, RECT and PRUNE, each with and without BLUE, the published code against blueedit
+    (``vs_published_methods.*``, when present)."""
+    rel = "vs_published_methods.md"
+    if not (RESULTS / rel).is_file():
+        return
+    page.add("### AlphaEdit, RECT and PRUNE against the published code", "",
+             "The published `AlphaEdit`, `MEMIT_rect` and `MEMIT_prune`, with and without BLUE, and blueedit's "
+             "`alphaedit`, `rect` and `prune` on the same records, each side in its own process, merged "
+             f"({page.link(rel)}, {page.link('vs_published_methods.json')}):", "")
+    text = (RESULTS / rel).read_text().splitlines()
+    page.add(text[0], "", *md_tables(rel)[0], "", *[line for line in text if line.startswith("- ")], "")
+    page.code(VS_PUBLISHED_METHODS)
 
 
 def measurements(page: Page) -> None:
