@@ -761,8 +761,8 @@ def published_summary(page: Page) -> None:
     for method in VS_PUBLISHED_ROWS:
         row = found.get(method, {})
         both = "published" in row and "blueedit" in row
-        cell = lambda side: " / ".join(row[side]) if side in row else "not run"  # noqa: E731
-        rows.append([method, row.get("edits", "-"), cell("published"), cell("blueedit"),
+        cells = [" / ".join(row[side]) if side in row else "not run" for side in ("published", "blueedit")]
+        rows.append([method, row.get("edits", "-"), *cells,
                      ("equal" if both and row["published"] == row["blueedit"] else "differ" if both else "-"),
                      row.get("update", "-"), row.get("speed", "-"), row.get("source", "-")])
     page.add("### Every published method", "",
