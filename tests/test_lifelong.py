@@ -48,6 +48,9 @@ def test_stopped_and_continued_run_equals_uninterrupted(tiny):
     full = _row(tiny, "full")
     assert full["num_edits"] == 4 and full["cpu_complete"] and full["processes"] == 1
     assert (full["method"], full["strategy"]) == ("memit", "boundary")
+    outcomes = json.loads((tiny / "full" / full["outcomes"]).read_text())  # per-record, for paired comparisons
+    assert full["outcomes"] == "lifelong_T4/MEMIT_plus_BLUE.json"
+    assert len(outcomes["records"]["post"]) == 4 and outcomes["metrics"] == full["metrics"]
 
     bench.main(_argv(tiny, "resumed") + ["--stop-after-rounds", "2"])
     assert not (tiny / "resumed" / "lifelong_T4.json").exists()  # a stopped run is no row
@@ -107,6 +110,29 @@ def test_combine_joins_rows_of_separate_processes(tmp_path):
     assert joined["commands"] == [_payload("WISE")["command"], _payload("MEMIT")["command"]]
     table = (tmp_path / "joined" / "lifelong_T4.md").read_text()
     assert "| WISE | [1] | 90.0 (10.0) |" in table and "--runs MEMIT=x.yaml" in table
+
+
+def test_combine_replace_takes_the_rerun_row_and_its_outcomes(tmp_path):
+    old, new = _payload("WISE"), _payload("MEMIT")
+    old["runs"].append(dict(_payload("MEMIT")["runs"][0], edit_seconds_per_edit=9.0))
+    new["runs"][0]["outcomes"] = "lifelong_T4/MEMIT.json"
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new" / "lifelong_T4").mkdir(parents=True)
+    (tmp_path / "old" / "lifelong_T4.json").write_text(json.dumps(old))
+    (tmp_path / "new" / "lifelong_T4.json").write_text(json.dumps(new))
+    (tmp_path / "new" / "lifelong_T4" / "MEMIT.json").write_text('{"records": {"post": []}}')
+    argv = ["--combine", str(tmp_path / "old" / "lifelong_T4.json"), str(tmp_path / "new" / "lifelong_T4.json"),
+            "--out", str(tmp_path / "joined")]
+    with pytest.raises(SystemExit, match="--replace"):
+        benchmark("lifelong").main(argv)
+    benchmark("lifelong").main(argv + ["--replace"])
+    joined = json.loads((tmp_path / "joined" / "lifelong_T4.json").read_text())
+    assert [(r["name"], r["edit_seconds_per_edit"]) for r in joined["runs"]] == [("WISE", 1.0), ("MEMIT", 1.0)]
+    assert (tmp_path / "joined" / "lifelong_T4" / "MEMIT.json").read_text() == '{"records": {"post": []}}'
+    (tmp_path / "new" / "lifelong_T4" / "MEMIT.json").unlink()  # a row whose outcomes are gone is refused
+    with pytest.raises(SystemExit, match="outcomes .* are missing"):
+        benchmark("lifelong").main(argv + ["--replace", "--out", str(tmp_path / "again")])
+    assert not (tmp_path / "again").exists()
 
 
 @pytest.mark.parametrize("second, message", [

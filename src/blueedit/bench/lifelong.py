@@ -8,10 +8,14 @@ the edit prompt), generalization (the paraphrase), locality (agreement with the 
 the unrelated prompts, docs/algorithms.md §8) and specificity, all after the T-th edit, and the
 time per edit (wall seconds inside the editing rounds, and CPU seconds of the whole run / T).
 
-Written under ``--out``: ``lifelong_T<T>.json`` (every run's metrics and timings, the command) and
-``lifelong_T<T>.md`` (the table). Rows run in separate processes (one per core) are joined into one
+Written under ``--out``: ``lifelong_T<T>.json`` (every run's metrics and timings, the command),
+``lifelong_T<T>.md`` (the table) and, per row, ``lifelong_T<T>/<name>.json``: the run's evaluation
+record with its per-record outcomes before and after editing, so that two rows compare record by
+record (``python -m blueedit.bench.paired --arms lifelong_T<T>/MEMIT.json:post
+lifelong_T<T>/MEMIT_plus_BLUE.json:post --out ...``). Rows run in separate processes (one per core) are joined into one
 table by ``--combine A/lifelong_T<T>.json B/lifelong_T<T>.json ... --out DIR``, which keeps every
-file's command and refuses files of different T or dataset, or two rows of the same name.
+file's command and refuses files of different T or dataset, or two rows of the same name (with
+``--replace``, a later file's row replaces the earlier one: a rerun of that row).
 
 Resumable: each run checkpoints every ``--checkpoint-every`` rounds (``last.ckpt`` under
 ``--workdir``/``<name>_T<T>``), and the same command continues an interrupted run from it (the
@@ -42,10 +46,15 @@ from blueedit.bench import harness as C
 COLUMNS = ("efficacy", "generalization", "locality", "specificity")
 
 
-def run_one(name: str, config: str, args, workdir: Path) -> dict:
+def slug(name: str) -> str:
+    """A row name as a file name: ``MEMIT + BLUE`` -> ``MEMIT_plus_BLUE``."""
+    return name.replace(" ", "_").replace("+", "plus")
+
+
+def run_one(name: str, config: str, args, workdir: Path, out: Path) -> dict:
     from blueedit.cli import run_cli
 
-    root = workdir / f"{name.replace(' ', '_').replace('+', 'plus')}_T{args.num_edits}"
+    root = workdir / f"{slug(name)}_T{args.num_edits}"
     root.mkdir(parents=True, exist_ok=True)
     checkpoints = root / "checkpoints"
     argv = ["fit"] + [arg for path in config.split(",") for arg in ("--config", path)]
@@ -90,13 +99,17 @@ def run_one(name: str, config: str, args, workdir: Path) -> dict:
     if n < args.num_edits:  # stopped early (--stop-after-rounds): the same command continues it
         print(f"{name}: stopped after {n} of {args.num_edits} edits; run the same command to continue", flush=True)
         return None
+    # the run's evaluation record, per-record outcomes included: the input of blueedit.bench.paired --arms
+    outcomes = out / f"lifelong_T{args.num_edits}" / f"{slug(name)}.json"
+    outcomes.parent.mkdir(parents=True, exist_ok=True)
+    outcomes.write_text(json.dumps(summary, indent=1))
     return {
         "name": name, "config": config, "method": summary["method"], "strategy": summary["strategy"],
         "layers": summary["layers"], "num_edits": n, "argv": argv,
         "metrics": {k: v for k, v in summary["metrics"].items()},
         "edit_seconds_per_edit": summary["edit_seconds"] / n, "run_wall_seconds": spent["wall"],
         "run_cpu_seconds": spent["cpu"], "cpu_seconds_per_edit": spent["cpu"] / n, "processes": spent["parts"],
-        "cpu_complete": spent["parts"] == spent["started"],
+        "cpu_complete": spent["parts"] == spent["started"], "outcomes": outcomes.relative_to(out).as_posix(),
     }
 
 
@@ -141,12 +154,15 @@ def table(results: list[dict], T: int, dataset: str) -> str:
     return "\n".join(lines)
 
 
-def combine(paths: list[str], out: Path, record: C.RunRecord | None = None) -> dict:
+def combine(paths: list[str], out: Path, record: C.RunRecord | None = None, replace: bool = False) -> dict:
     """Join the rows of several ``lifelong_T<T>.json`` into ``out/lifelong_T<T>.{json,md}``.
 
-    Every file must have the same T and dataset and the row names must be distinct; the joined
-    payload lists each file's command (or commands, for an already joined file) under ``commands``
-    and the joining command's ``record`` under ``run``. Nothing is written when a check fails.
+    Every file must have the same T and dataset and the row names must be distinct, unless
+    ``replace``: then a row of a later file takes the place of an earlier row of the same name (a
+    rerun of that row). The joined payload lists each file's command (or commands, for an already
+    joined file) under ``commands`` and the joining command's ``record`` under ``run``; each row's
+    per-record outcomes (``outcomes``, beside its file) are copied to ``out``. Nothing is written
+    when a check fails.
     """
     payloads = []
     for path in paths:
@@ -159,12 +175,24 @@ def combine(paths: list[str], out: Path, record: C.RunRecord | None = None) -> d
             if payload[key] != first[key]:
                 raise SystemExit(f"--combine {path}: {key} {payload[key]!r} differs from "
                                  f"{first[key]!r} of {paths[0]}")
-    rows, commands = [], []
+    rows, commands, sources = [], [], {}
     for path, payload in zip(paths, payloads):
         for row in payload["runs"]:
-            if any(r["name"] == row["name"] for r in rows):
-                raise SystemExit(f"--combine {path}: a row named {row['name']!r} is already in an earlier file")
-            rows.append(row)
+            same = [i for i, r in enumerate(rows) if r["name"] == row["name"]]
+            if same and not replace:
+                raise SystemExit(f"--combine {path}: a row named {row['name']!r} is already in an earlier file "
+                                 "(--replace to take the later one)")
+            if row.get("outcomes"):
+                source = Path(path).parent / row["outcomes"]
+                if not source.is_file():
+                    raise SystemExit(f"--combine {path}: row {row['name']!r}: its outcomes {source} are missing")
+                sources[row["name"]] = source
+            elif row["name"] in sources:
+                del sources[row["name"]]
+            if same:
+                rows[same[0]] = row
+            else:
+                rows.append(row)
         commands += payload.get("commands", [payload.get("command")])
     joined = {"commands": [c for c in commands if c], "dataset": first["dataset"],
               "num_edits": first["num_edits"], "versions": first["versions"], "device": first["device"],
@@ -173,6 +201,12 @@ def combine(paths: list[str], out: Path, record: C.RunRecord | None = None) -> d
         joined["run"] = record.as_dict()
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"lifelong_T{first['num_edits']}"
+    for row in rows:
+        if row["name"] in sources:
+            target = out / row["outcomes"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if sources[row["name"]].resolve() != target.resolve():
+                target.write_bytes(sources[row["name"]].read_bytes())
     stem.with_suffix(".json").write_text(json.dumps(joined, indent=1))
     stem.with_suffix(".md").write_text(table(rows, first["num_edits"], first["dataset"]) + "\n\nCommands (one process each):\n\n"
                                        + "\n".join(f"- `{c}`" for c in joined["commands"]) + "\n")
@@ -185,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", nargs="+", help="NAME=CONFIG[,CONFIG...], one per row (later configs override earlier ones)")
     p.add_argument("--combine", nargs="+", metavar="JSON",
                    help="join the rows of these lifelong_T<T>.json files into --out (no run)")
+    p.add_argument("--replace", action="store_true",
+                   help="with --combine: a later file's row replaces an earlier row of the same name")
     p.add_argument("--dataset", default="zsre_eval")
     p.add_argument("--num-edits", type=int, default=100)
     p.add_argument("--bf16-locate-then-edit", action="store_true",
@@ -201,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.combine:
         if args.runs:
             p.error("--combine and --runs exclude each other")
-        joined = combine(args.combine, Path(args.out), record)
+        joined = combine(args.combine, Path(args.out), record, replace=args.replace)
         print(table(joined["runs"], joined["num_edits"], joined["dataset"]))
         return
     if not args.runs:
@@ -221,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         if any(r["name"] == name for r in results):
             print(f"{name}: already in {stem}.json, skipped")
             continue
-        row = run_one(name, config, args, workdir)
+        row = run_one(name, config, args, workdir, out)
         if row is None:
             continue
         results.append(row)

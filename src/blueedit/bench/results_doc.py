@@ -55,6 +55,8 @@ RECORD_PAIRS: list[list[str]] = [
      "benchmarks/results/fit_memit_blue_smollm2.json:post", "--names", "unedited", "MEMIT + BLUE",
      "--out", "benchmarks/results", "--stem", "fit_memit_blue_smollm2_paired"],
 ]
+#: The lifelong tables (T edits, one per round).
+LIFELONG_T = (10, 100, 200)
 #: Long CounterFact pairs with per-record values, used when their run records exist: (name, method).
 LONG_PAIRS: list[tuple[str, str]] = [("counterfact_memit_2000", "memit"), ("counterfact_alphaedit_2000", "alphaedit")]
 #: The 1,000-edit pairs (aggregates only): (name, method, dataset label, command).
@@ -285,6 +287,19 @@ def _names(run: str) -> str:
     return label + (" + BLUE" if strategy == "boundary" else "")
 
 
+def lifelong_pairs() -> list[list[str]]:
+    """``paired.py`` command lines of the lifelong tables whose MEMIT and MEMIT + BLUE rows kept their
+    per-record outcomes (``lifelong_T<T>/<row>.json``)."""
+    argvs = []
+    for t in LIFELONG_T:
+        rows = RESULTS / f"lifelong_T{t}"
+        if (rows / "MEMIT.json").is_file() and (rows / "MEMIT_plus_BLUE.json").is_file():
+            rel = os.path.relpath(rows, C.REPO)
+            argvs.append(["--arms", f"{rel}/MEMIT.json:post", f"{rel}/MEMIT_plus_BLUE.json:post",
+                          "--names", "MEMIT", "MEMIT + BLUE", "--out", rel, "--stem", "paired"])
+    return argvs
+
+
 def wild_pairs() -> list[list[str]]:
     """``paired.py`` command lines of the wild runs: MEMIT against MEMIT + BLUE inside each run
     directory, and each arm without against with ``stop_after: period``."""
@@ -312,7 +327,8 @@ def wild_pairs() -> list[list[str]]:
 def paired_outputs() -> dict[Path, str]:
     """Every paired file this script writes: path -> text."""
     files: dict[Path, str] = {}
-    argvs = list(RECORD_PAIRS) + [argv for argv, _ in long_pair_payloads().values()] + wild_pairs()
+    argvs = (list(RECORD_PAIRS) + lifelong_pairs() + [argv for argv, _ in long_pair_payloads().values()]
+             + wild_pairs())
     for argv in argvs:
         payload, out, stem = paired.build(argv)
         for ext, text in paired.outputs(payload).items():
@@ -580,11 +596,15 @@ def record_pairs(page: Page) -> None:
     page.add("## Other paired comparisons", "",
              "Result files that keep per-record outcomes of two arms on the same records, compared record by "
              "record.", "")
-    for argv in RECORD_PAIRS:
+    lifelong = lifelong_pairs()
+    for argv in RECORD_PAIRS + lifelong:
         payload, out, stem = paired.build(argv)
         rel = f"{out}/{stem}.md".removeprefix("benchmarks/results/")
         sources = sorted({s.rsplit(":", 1)[0].removeprefix("benchmarks/results/") for s in payload["sources"]})
-        page.add(f"### {payload['names'][1]} against {payload['names'][0]}", "",
+        title = f"{payload['names'][1]} against {payload['names'][0]}"
+        if argv in lifelong:
+            title += f", lifelong, T = {payload['rows'][0]['edits']}"
+        page.add(f"### {title}", "",
                  f"{page.link(rel)} ({page.link(rel[:-3] + '.json')}), from "
                  + ", ".join(page.link(s) for s in sources) + ":", "")
         page.add(*[line for line in paired.markdown(payload).splitlines() if line.startswith("|")], "")
@@ -594,9 +614,11 @@ def record_pairs(page: Page) -> None:
              "### Result files without per-record outcomes", "",
              "These compare arms on the same records but kept only aggregates, so the tables above give both "
              "arms' values without an interval: the 1,000-edit sequence runs (`sequence.csv`), the Gemma 500-edit "
-             "pair, the lifelong tables, the 100-edit method table, the 20-edit quality table, the "
+             "pair, " + ("" if len(lifelong) == len(LIFELONG_T) else "the lifelong tables without `lifelong_T<T>/`, ")
+             + "the 100-edit method table, the 20-edit quality table, the "
              "published-code comparison and the WISE sweeps. Runs of the sequence benchmark store per-record values at "
-             "every evaluation point; `python -m blueedit.bench.paired` compares them.", "")
+             "every evaluation point and the lifelong benchmark each row's evaluation record; "
+             "`python -m blueedit.bench.paired` compares them.", "")
 
 
 def _paired_last_point(page: Page, argv: list[str]) -> None:
