@@ -115,3 +115,12 @@ def test_a_long_pair_with_per_record_values_is_picked_up(tmp_path, monkeypatch):
     assert "Paired, MEMIT at 1,000 CounterFact edits" in page and "BLUE leads: efficacy +2.00 [" in page
     assert "a tie: generalization +0.00 [+0.00, +0.00]" in page
     assert "--runs memit:boundary" in page
+
+
+def test_recorded_commands_drop_machine_paths_whole():
+    from blueedit.bench.results_doc import sanitize
+
+    shown = sanitize("python benchmarks/lifelong.py --num-edits 100 --workdir /work/runs/lifelong/workF "
+                     "--out /work/runs/lifelong/F --data-dir /work/shared/data --published /tmp/x/BLUE --runs A=a.yaml")
+    assert "/work" not in shown and "/tmp" not in shown and "--num-edits 100 --out runs/lifelong/F" in shown
+    assert "--data-dir $BLUEEDIT_DATA_DIR --published ../published-BLUE --runs A=a.yaml" in shown

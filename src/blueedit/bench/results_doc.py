@@ -178,7 +178,7 @@ def sanitize(command: str) -> str:
     shown as ``$BLUEEDIT_DATA_DIR`` and relative directories, the benchmark in its current form."""
     command = re.sub(r"(?:/work/shared|\.\./shared)/data", "$BLUEEDIT_DATA_DIR", command)
     command = re.sub(r"/work/(?:wt-[\w-]+|main)/", "", command)  # a checkout of this repository
-    command = re.sub(r" --workdir /work/\w+", "", command)  # checkpoints: the default place
+    command = re.sub(r" --workdir /work/\S+", "", command)  # checkpoints: the default place
     command = re.sub(r" --cme-dir \S+", "", command)  # built compositions (derived data): the default place
     command = re.sub(r" --published \S+", " --published ../published-BLUE", command)  # the user's checkout
     command = re.sub(r"/work/(\w+)", r"\1", command)
