@@ -314,6 +314,24 @@ def lifelong_pairs() -> list[list[str]]:
     return argvs
 
 
+def results_rel(path: str | Path) -> str:
+    """A path given relative to the repository (as ``paired.py`` takes it), relative to the results directory."""
+    return os.path.relpath(os.path.abspath(C.REPO / path), os.path.abspath(RESULTS)).replace(os.sep, "/")
+
+
+def lifelong_paired_clause(page: Page) -> str:
+    """``; paired over records, specificity at T = ...: d [low, high] (verdict)`` for the lifelong pairs
+    that kept per-record outcomes; empty when none did."""
+    words = {"B": "BLUE leads", "A": "BLUE trails", "tie": "a tie"}
+    parts = []
+    for argv in lifelong_pairs():
+        payload, out, stem = paired.build(argv)
+        row = next(r for r in payload["rows"] if r["metric"] == "specificity")
+        parts.append(f"T = {row['edits']} {row['difference']:+.2f} [{row['low']:+.2f}, {row['high']:+.2f}], "
+                     f"{words[row['verdict']]} ({page.link(os.path.normpath(results_rel(out) + f'/{stem}.json'))})")
+    return "; paired over records, specificity at " + "; ".join(parts) if parts else ""
+
+
 def wild_pairs() -> list[list[str]]:
     """``paired.py`` command lines of the wild runs: MEMIT against MEMIT + BLUE inside each run
     directory, and each arm without against with ``stop_after: period``."""
@@ -462,7 +480,8 @@ def verdicts(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> N
          f"Lifelong zsRE, MEMIT + BLUE against MEMIT, specificity at T = 10 / 100 / 200: "
          + " / ".join(f"{f1(life[t]['MEMIT + BLUE']['specificity']['post'])} vs {f1(life[t]['MEMIT']['specificity']['post'])}"
                       for t in (10, 100, 200))
-         + f" ({', '.join(page.link(f'lifelong_T{t}.json') for t in (10, 100, 200))}). On Gemma, at the "
+         + f" ({', '.join(page.link(f'lifelong_T{t}.json') for t in (10, 100, 200))})" + lifelong_paired_clause(page)
+         + ". On Gemma, at the "
          f"published target site (the block output) BLUE's specificity is {f2(site['boundary']['specificity'])} "
          f"vs {f2(site['distribute']['specificity'])} ({page.link('gemma3_target_site/block.json')})."
          + long_against],
@@ -613,8 +632,8 @@ def record_pairs(page: Page) -> None:
     lifelong = lifelong_pairs()
     for argv in RECORD_PAIRS + lifelong:
         payload, out, stem = paired.build(argv)
-        rel = f"{out}/{stem}.md".removeprefix("benchmarks/results/")
-        sources = sorted({s.rsplit(":", 1)[0].removeprefix("benchmarks/results/") for s in payload["sources"]})
+        rel = os.path.normpath(f"{results_rel(out)}/{stem}.md")
+        sources = sorted({results_rel(s.rsplit(":", 1)[0]) for s in payload["sources"]})
         title = f"{payload['names'][1]} against {payload['names'][0]}"
         if argv in lifelong:
             title += f", lifelong, T = {payload['rows'][0]['edits']}"
@@ -623,9 +642,13 @@ def record_pairs(page: Page) -> None:
                  + ", ".join(page.link(s) for s in sources) + ":", "")
         page.add(*[line for line in paired.markdown(payload).splitlines() if line.startswith("|")], "")
         page.code(sanitize(payload["command"]))
-    page.add("Gemma's bfloat16 and float32 runs reach the same efficacy and generalization with different records "
-             "succeeding; the specificity difference is a tie.", "",
-             "### Result files without per-record outcomes", "",
+        if str(out).endswith("gemma3_dtype"):
+            page.add("Gemma's bfloat16 and float32 runs reach the same efficacy and generalization with different "
+                     "records succeeding; the specificity difference is a tie.", "")
+        if argv in lifelong:
+            page.add(f"Lifelong zsRE editing, one edit per round; both rows of {page.link(results_rel(out) + '.md')} "
+                     "were run by the command of that table, which keeps their per-record outcomes.", "")
+    page.add("### Result files without per-record outcomes", "",
              "These compare arms on the same records but kept only aggregates, so the tables above give both "
              "arms' values without an interval: the 1,000-edit sequence runs (`sequence.csv`), the Gemma 500-edit "
              "pair, " + ("" if len(lifelong) == len(LIFELONG_T) else "the lifelong tables without `lifelong_T<T>/`, ")
