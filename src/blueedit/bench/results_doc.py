@@ -332,6 +332,21 @@ def lifelong_paired_clause(page: Page) -> str:
     return "; paired over records, specificity at " + "; ".join(parts) if parts else ""
 
 
+def lifelong_lead_clause(page: Page) -> str:
+    """`` Paired, lifelong zsRE, T = ..., BLUE leads: metric d [low, high]; ...`` for the lifelong pairs
+    with a metric where MEMIT + BLUE leads; empty when none does."""
+    parts = []
+    for argv in lifelong_pairs():
+        payload, out, stem = paired.build(argv)
+        leads = [f"{r['metric']} {r['difference']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]"
+                 for r in payload["rows"] if r["verdict"] == "B"]
+        if leads:
+            parts.append(f" Paired, lifelong zsRE, T = {payload['rows'][0]['edits']} "
+                         f"({page.link(os.path.normpath(results_rel(out) + f'/{stem}.json'))}), BLUE leads: "
+                         + "; ".join(leads) + ".")
+    return "".join(parts)
+
+
 def wild_pairs() -> list[list[str]]:
     """``paired.py`` command lines of the wild runs: MEMIT against MEMIT + BLUE inside each run
     directory, and each arm without against with ``stop_after: period``."""
@@ -471,7 +486,7 @@ def verdicts(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> N
          f"efficacy {vs(gm, 'memit', 500, 'efficacy')} ({l_gm}); CounterFact, 1,000 edits, MEMIT: "
          f"{vs(cm, 'memit', 1000, 'efficacy')} efficacy, {vs(cm, 'memit', 1000, 'specificity')} specificity "
          f"({l_cm}); AlphaEdit: {vs(ca, 'alphaedit', 1000, 'generalization')} generalization ({l_ca})."
-         + long_for,
+         + long_for + lifelong_lead_clause(page),
          f"The CounterFact leads at 1,000 edits are about one point, from one order of records, with no "
          f"per-record outcomes kept, so untested. PMET + BLUE edits worse than PMET: efficacy "
          f"{ms('pmet', 'boundary', 'efficacy')} vs {ms('pmet', 'distribute', 'efficacy')} at 100 edits "
