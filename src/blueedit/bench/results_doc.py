@@ -319,16 +319,24 @@ def results_rel(path: str | Path) -> str:
     return os.path.relpath(os.path.abspath(C.REPO / path), os.path.abspath(RESULTS)).replace(os.sep, "/")
 
 
+def lifelong_payloads(page: Page) -> list[tuple[dict[str, Any], str]]:
+    """``(paired payload, link to its JSON)`` of every lifelong pair that kept per-record outcomes."""
+    out = []
+    for argv in lifelong_pairs():
+        payload, where, stem = paired.build(argv)
+        out.append((payload, page.link(os.path.normpath(results_rel(where) + f"/{stem}.json"))))
+    return out
+
+
 def lifelong_paired_clause(page: Page) -> str:
     """``; paired over records, specificity at T = ...: d [low, high] (verdict)`` for the lifelong pairs
     that kept per-record outcomes; empty when none did."""
     words = {"B": "BLUE leads", "A": "BLUE trails", "tie": "a tie"}
     parts = []
-    for argv in lifelong_pairs():
-        payload, out, stem = paired.build(argv)
+    for payload, link in lifelong_payloads(page):
         row = next(r for r in payload["rows"] if r["metric"] == "specificity")
         parts.append(f"T = {row['edits']} {row['difference']:+.2f} [{row['low']:+.2f}, {row['high']:+.2f}], "
-                     f"{words[row['verdict']]} ({page.link(os.path.normpath(results_rel(out) + f'/{stem}.json'))})")
+                     f"{words[row['verdict']]} ({link})")
     return "; paired over records, specificity at " + "; ".join(parts) if parts else ""
 
 
@@ -336,13 +344,11 @@ def lifelong_lead_clause(page: Page) -> str:
     """`` Paired, lifelong zsRE, T = ..., BLUE leads: metric d [low, high]; ...`` for the lifelong pairs
     with a metric where MEMIT + BLUE leads; empty when none does."""
     parts = []
-    for argv in lifelong_pairs():
-        payload, out, stem = paired.build(argv)
+    for payload, link in lifelong_payloads(page):
         leads = [f"{r['metric']} {r['difference']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]"
                  for r in payload["rows"] if r["verdict"] == "B"]
         if leads:
-            parts.append(f" Paired, lifelong zsRE, T = {payload['rows'][0]['edits']} "
-                         f"({page.link(os.path.normpath(results_rel(out) + f'/{stem}.json'))}), BLUE leads: "
+            parts.append(f" Paired, lifelong zsRE, T = {payload['rows'][0]['edits']} ({link}), BLUE leads: "
                          + "; ".join(leads) + ".")
     return "".join(parts)
 
