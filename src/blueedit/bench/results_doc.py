@@ -328,23 +328,23 @@ def lifelong_payloads(page: Page) -> list[tuple[dict[str, Any], str]]:
     return out
 
 
-def lifelong_paired_clause(page: Page) -> str:
+def lifelong_paired_clause(pairs: list[tuple[dict[str, Any], str]]) -> str:
     """``; paired over records, specificity at T = ...: d [low, high] (verdict)`` for the lifelong pairs
     that kept per-record outcomes; empty when none did."""
     words = {"B": "BLUE leads", "A": "BLUE trails", "tie": "a tie"}
     parts = []
-    for payload, link in lifelong_payloads(page):
+    for payload, link in pairs:
         row = next(r for r in payload["rows"] if r["metric"] == "specificity")
         parts.append(f"T = {row['edits']} {row['difference']:+.2f} [{row['low']:+.2f}, {row['high']:+.2f}], "
                      f"{words[row['verdict']]} ({link})")
     return "; paired over records, specificity at " + "; ".join(parts) if parts else ""
 
 
-def lifelong_lead_clause(page: Page) -> str:
+def lifelong_lead_clause(pairs: list[tuple[dict[str, Any], str]]) -> str:
     """`` Paired, lifelong zsRE, T = ..., BLUE leads: metric d [low, high]; ...`` for the lifelong pairs
     with a metric where MEMIT + BLUE leads; empty when none does."""
     parts = []
-    for payload, link in lifelong_payloads(page):
+    for payload, link in pairs:
         leads = [f"{r['metric']} {r['difference']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]"
                  for r in payload["rows"] if r["verdict"] == "B"]
         if leads:
@@ -464,6 +464,7 @@ def verdicts(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> N
     def vs(values: dict, method: str, edits: int, metric: str, fmt: Callable[[float], str] = f2) -> str:
         return f"{fmt(values[(method, 'boundary', edits, metric)])} vs {fmt(values[(method, 'distribute', edits, metric)])}"
 
+    life_pairs = lifelong_payloads(page)  # the bootstraps, once for both clauses
     l_cm, l_ca, l_zs, l_gm = (page.link(f"{n}/sequence.csv") for n in
                               ("counterfact_memit_1000", "counterfact_alphaedit_1000", "zsre_memit_1000",
                                "counterfact_gemma3_500"))
@@ -492,7 +493,7 @@ def verdicts(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> N
          f"efficacy {vs(gm, 'memit', 500, 'efficacy')} ({l_gm}); CounterFact, 1,000 edits, MEMIT: "
          f"{vs(cm, 'memit', 1000, 'efficacy')} efficacy, {vs(cm, 'memit', 1000, 'specificity')} specificity "
          f"({l_cm}); AlphaEdit: {vs(ca, 'alphaedit', 1000, 'generalization')} generalization ({l_ca})."
-         + long_for + lifelong_lead_clause(page),
+         + long_for + lifelong_lead_clause(life_pairs),
          f"The CounterFact leads at 1,000 edits are about one point, from one order of records, with no "
          f"per-record outcomes kept, so untested. PMET + BLUE edits worse than PMET: efficacy "
          f"{ms('pmet', 'boundary', 'efficacy')} vs {ms('pmet', 'distribute', 'efficacy')} at 100 edits "
@@ -501,7 +502,7 @@ def verdicts(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> N
          f"Lifelong zsRE, MEMIT + BLUE against MEMIT, specificity at T = 10 / 100 / 200: "
          + " / ".join(f"{f1(life[t]['MEMIT + BLUE']['specificity']['post'])} vs {f1(life[t]['MEMIT']['specificity']['post'])}"
                       for t in (10, 100, 200))
-         + f" ({', '.join(page.link(f'lifelong_T{t}.json') for t in (10, 100, 200))})" + lifelong_paired_clause(page)
+         + f" ({', '.join(page.link(f'lifelong_T{t}.json') for t in (10, 100, 200))})" + lifelong_paired_clause(life_pairs)
          + ". On Gemma, at the "
          f"published target site (the block output) BLUE's specificity is {f2(site['boundary']['specificity'])} "
          f"vs {f2(site['distribute']['specificity'])} ({page.link('gemma3_target_site/block.json')})."
