@@ -51,6 +51,8 @@ def test_stopped_and_continued_run_equals_uninterrupted(tiny):
     outcomes = json.loads((tiny / "full" / full["outcomes"]).read_text())  # per-record, for paired comparisons
     assert full["outcomes"] == "lifelong_T4/MEMIT_plus_BLUE.json"
     assert len(outcomes["records"]["post"]) == 4 and outcomes["metrics"] == full["metrics"]
+    record = json.loads((tiny / "full" / "lifelong_T4" / "run.json").read_text())  # the directory's command
+    assert record["commands"] == [json.loads((tiny / "full" / "lifelong_T4.json").read_text())["command"]]
 
     bench.main(_argv(tiny, "resumed") + ["--stop-after-rounds", "2"])
     assert not (tiny / "resumed" / "lifelong_T4.json").exists()  # a stopped run is no row
@@ -129,6 +131,8 @@ def test_combine_replace_takes_the_rerun_row_and_its_outcomes(tmp_path):
     joined = json.loads((tmp_path / "joined" / "lifelong_T4.json").read_text())
     assert [(r["name"], r["edit_seconds_per_edit"]) for r in joined["runs"]] == [("WISE", 1.0), ("MEMIT", 1.0)]
     assert (tmp_path / "joined" / "lifelong_T4" / "MEMIT.json").read_text() == '{"records": {"post": []}}'
+    record = json.loads((tmp_path / "joined" / "lifelong_T4" / "run.json").read_text())
+    assert record["commands"] == [joined["run"]["command"]] and "--combine" in record["commands"][0]
     (tmp_path / "new" / "lifelong_T4" / "MEMIT.json").unlink()  # a row whose outcomes are gone is refused
     with pytest.raises(SystemExit, match="outcomes .* are missing"):
         benchmark("lifelong").main(argv + ["--replace", "--out", str(tmp_path / "again")])

@@ -207,6 +207,8 @@ def combine(paths: list[str], out: Path, record: C.RunRecord | None = None, repl
             target.parent.mkdir(parents=True, exist_ok=True)
             if sources[row["name"]].resolve() != target.resolve():
                 target.write_bytes(sources[row["name"]].read_bytes())
+    if record is not None and any(row["name"] in sources for row in rows):  # it names the command that wrote it
+        record.write(out / f"lifelong_T{first['num_edits']}", shared=True)
     stem.with_suffix(".json").write_text(json.dumps(joined, indent=1))
     stem.with_suffix(".md").write_text(table(rows, first["num_edits"], first["dataset"]) + "\n\nCommands (one process each):\n\n"
                                        + "\n".join(f"- `{c}`" for c in joined["commands"]) + "\n")
@@ -266,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         payload = {"command": record.command,
                    "dataset": args.dataset, "num_edits": args.num_edits, "versions": C.versions(),
                    "device": C.device_description("cpu"), "runs": results, "run": record.as_dict()}
+        record.write(out / f"lifelong_T{args.num_edits}", shared=True)  # beside the row's outcomes
         stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
         stem.with_suffix(".md").write_text(table(results, args.num_edits, args.dataset) + "\n\nCommand: `"
                                            + payload["command"] + "`\n")
