@@ -814,8 +814,7 @@ def published_rows(rel: str) -> dict[str, dict[str, Any]]:
     """method -> {"published": cells, "blueedit": cells, "update": largest relative ‖ΔW_l‖ difference,
     "speed": the CPU speed-up cell} from a ``vs_published`` result ``.md`` (rows of finished runs only)."""
     out: dict[str, dict[str, Any]] = {}
-    text = (RESULTS / rel).read_text().splitlines()
-    for line in text:
+    for line in (line for _, table in md_task_tables(rel) for line in table):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) != 8 or not cells[2].isdigit() or cells[3] == "not evaluated":
             continue
@@ -825,7 +824,7 @@ def published_rows(rel: str) -> dict[str, dict[str, Any]]:
             row[side] = cells[3:6]
         elif side.startswith("difference"):
             row["speed"] = cells[7]
-    for line in text:
+    for line in (RESULTS / rel).read_text().splitlines():
         m = re.match(r"- (.+?): per-round weight updates .*?: ([\d.e+-]+) in ‖ΔW_l‖", line)
         if m and m.group(1) in out:
             out[m.group(1)]["update"] = m.group(2)
