@@ -280,3 +280,31 @@ def test_split_options_keeps_the_rest_for_another_benchmark():
     own, rest = split_options(["--name", "a", "--runs", "m:d", "--batch-sizes", "1", "-2", "--set", "k=v"], p)
     assert own == ["--name", "a", "--batch-sizes", "1", "-2"]
     assert rest == ["--runs", "m:d", "--set", "k=v"]
+
+
+def test_speed_ab_alternates_a_baseline_revision_and_the_current_code(tmp_path):
+    """Both sides run the speed benchmark in their own process, alternating; the baseline is a git
+    revision checked out into a temporary worktree (removed afterwards)."""
+    import subprocess
+
+    from blueedit.bench.harness import default_data_dir
+    from helpers import REPO
+
+    if not (default_data_dir() / "counterfact").is_dir():
+        pytest.skip("needs the benchmark data (BLUEEDIT_DATA_DIR)")
+    speed_ab = benchmark("speed_ab")
+    res = speed_ab.main(["--baseline", "HEAD", "--repeats", "1", "--out", str(tmp_path / "ab.json"), "--",
+                         "--random-init-config", "llama-tiny", "--layers", "1,2", "--num-edits", "2",
+                         "--edits-per-round", "2", "--steps", "2", "--stats-samples", "4", "--stats-max-length", "32",
+                         "--modes", "optimized", "--dataset", "counterfact_eval", "--threads", "1"])
+    assert [r["side"] for r in res["runs"]] == ["baseline", "current"]
+    assert res["baseline"]["revision"] == "HEAD" and len(res["baseline"]["commit"]) == 40
+    s = res["summary"]["optimized"]
+    assert s["cpu_ratio"] > 0 and s["wall_ratio"] > 0 and s["metrics_max_abs_difference"] >= 0
+    assert all(len(r["load_average_1min_before_after"]) == 2 for r in res["runs"])
+    assert "| optimized |" in (tmp_path / "ab.md").read_text()
+    worktrees = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
+    assert "blueedit-speed-ab-" not in worktrees
+    with pytest.raises(SystemExit, match="--baseline 'no-such-revision'"):
+        speed_ab.main(["--baseline", "no-such-revision", "--out", str(tmp_path / "x.json"), "--", "--num-edits", "1"])
+    assert not (tmp_path / "x.json").exists()

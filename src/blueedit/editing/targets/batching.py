@@ -51,7 +51,8 @@ def stop_ids(tokenizer, stop_after: str) -> list[int]:
 def target_rows(tokenizer, requests: list[EditRequest], templates: list[str], kl_prompt: str,
                 forget: bool = False, stop_after: str = "none", anchor: bool = False) -> list[TargetRow]:
     """Every request's rows, request by request: its rewriting prompts (target ``o*`` followed by
-    :func:`stop_ids`), (``forget``) the same prompts with the old answer, its KL prompt;
+    :func:`stop_ids`), (``forget``) the same prompts with the old answer, its KL prompt (cut after
+    the fact token, the only position the KL term reads: causal attention makes the rest moot);
     ``anchor``: a fact token at position 0 is moved to position 1
     (:func:`~blueedit.models.tokens.encode_fact_prompt`)."""
     rows = []
@@ -70,7 +71,7 @@ def target_rows(tokenizer, requests: list[EditRequest], templates: list[str], kl
                 ids, fact = encode_fact_prompt(tokenizer, c.replace("{}", r.prompt, 1), r.subject, anchor)
                 rows.append(TargetRow(ids, fact, old, i, False, True))
         ids, fact = encode_fact_prompt(tokenizer, kl_prompt, r.subject, anchor)
-        rows.append(TargetRow(ids, fact, [], i, True))
+        rows.append(TargetRow(ids[: fact + 1], fact, [], i, True))  # read at the fact token: nothing after it matters
     return rows
 
 
@@ -133,22 +134,36 @@ class BlockReplay:
     Nothing below the edit layer depends on δ, so the input of block ``first`` and the arguments
     every block receives (masks, position embeddings, ...) are recorded once (forward pre-hooks)
     and replayed for the rows still being optimized, with a fresh prefix cache each step.
+
+    ``reuse_first``: δ is added to block ``first``'s *output* (the ``block`` target site), so that
+    block's output does not depend on δ either: it is recorded once too (before any hook edits it)
+    and later steps start from it, running blocks ``first + 1..last`` only.
     """
 
-    def __init__(self, adapter: ModelAdapter, first: int, last: int):
+    def __init__(self, adapter: ModelAdapter, first: int, last: int, reuse_first: bool = False):
         self.adapter, self.first, self.last = adapter, first, last
+        self.reuse_first = reuse_first and first < last
         self.calls: dict[int, tuple[tuple, dict]] = {}
+        self.first_output: torch.Tensor | None = None
 
     @contextmanager
     def capturing(self):
-        """Record the arguments of blocks ``first..last`` during one forward pass."""
+        """Record the arguments of blocks ``first..last`` during one forward pass (and, with
+        ``reuse_first``, block ``first``'s output as the block computed it)."""
+        from blueedit.models.forward import _hidden
+
         def hook(b):
             def record(module, args, kwargs):
                 self.calls[b] = (tuple(args), dict(kwargs))
             return record
 
+        def keep_output(module, args, out):
+            self.first_output = _hidden(out).detach()
+
         handles = [self.adapter.block(b).register_forward_pre_hook(hook(b), with_kwargs=True)
                    for b in range(self.first, self.last + 1)]
+        if self.reuse_first:  # prepended: runs before the hook that adds δ
+            handles.append(self.adapter.block(self.first).register_forward_hook(keep_output, prepend=True))
         try:
             yield
         finally:
@@ -192,11 +207,20 @@ class BlockReplay:
             return type(x)(BlockReplay._select(v, rows, n, cache) for v in x)
         return x
 
-    def run(self, rows: torch.Tensor, n: int, cache) -> None:
-        """Blocks ``first..last`` on ``rows`` (of the ``n`` captured); hooks see every block."""
-        args0, kw0 = self.calls[self.first]
-        h = (args0[0] if args0 else kw0["hidden_states"]).detach()[rows]  # below the edit layer: no δ
-        for b in range(self.first, self.last + 1):
+    def run(self, rows: torch.Tensor, n: int, cache, edit=None) -> None:
+        """Blocks ``first..last`` on ``rows`` (of the ``n`` captured); hooks see every block run.
+
+        With ``reuse_first`` (and its output captured) block ``first`` is not run and no hook sees
+        it: ``edit`` (δ injection, and whatever its hook would record) maps the recorded output to
+        the input of block ``first + 1``."""
+        start = self.first
+        if self.reuse_first and self.first_output is not None:
+            h = self.first_output[rows]
+            h, start = (h if edit is None else edit(h)), self.first + 1
+        else:
+            args0, kw0 = self.calls[self.first]
+            h = (args0[0] if args0 else kw0["hidden_states"]).detach()[rows]  # below the edit layer: no δ
+        for b in range(start, self.last + 1):
             args, kw = self.calls[b]
             args = tuple(self._select(a, rows, n, cache) for a in args[1:])
             kw = {k: self._select(v, rows, n, cache) for k, v in kw.items() if k != "hidden_states"}
@@ -218,21 +242,43 @@ class RowGroup:
                                   [r.target[:-1] for r in members], pad_id=pad, padding_side="right").to(device)
 
 
-def length_groups(lengths: list[int], min_saving: float = 0.15) -> list[list[int]]:
-    """Split row indices into at most two groups by length when that saves at least
-    ``min_saving`` of the padded positions (``max length × rows`` per group)."""
+def length_groups(lengths: list[int], max_groups: int = 4, group_cost: int = 24) -> list[list[int]]:
+    """Split row indices into at most ``max_groups`` groups of consecutive lengths, each padded to
+    its longest row, minimizing ``Σ_g rows_g × longest_g + group_cost × groups``.
+
+    Every group costs one more pass of small operations per block and step, worth about
+    ``group_cost`` padded positions of matrix products on a CPU; the split is exact (dynamic
+    programming over the distinct lengths, sorted), so no other split into at most that many groups
+    pads fewer positions at the same cost. Groups are returned shortest first."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    sl = [lengths[i] for i in order]
-    n = len(sl)
-    whole = sl[-1] * n
-    best_k, best = n, whole
-    for k in range(1, n):
-        cost = sl[k - 1] * k + sl[-1] * (n - k)
-        if cost < best:
-            best_k, best = k, cost
-    if whole == 0 or (whole - best) / whole < min_saving:
-        return [list(range(n))]
-    return [order[:best_k], order[best_k:]]
+    if not order:
+        return [[]]
+    values = sorted(set(lengths))
+    counts = [sum(1 for x in lengths if x == v) for v in values]
+    m = len(values)
+    inf = float("inf")
+    # best[g][j]: the cost of the first j distinct lengths in g groups; cut[g][j]: where its last group starts
+    best = [[inf] * (m + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (m + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0
+    for g in range(1, max_groups + 1):
+        for j in range(1, m + 1):
+            rows = 0
+            for i in range(j, 0, -1):  # last group: distinct lengths i-1 .. j-1
+                rows += counts[i - 1]
+                cost = best[g - 1][i - 1] + rows * values[j - 1] + group_cost
+                if cost < best[g][j]:
+                    best[g][j], cut[g][j] = cost, i - 1
+    g = min(range(1, max_groups + 1), key=lambda k: (best[k][m], k))
+    bounds, j = [], m
+    while g > 0:
+        bounds.append((cut[g][j], j))
+        j, g = cut[g][j], g - 1
+    out = []
+    for lo, hi in reversed(bounds):
+        keep = set(values[lo:hi])
+        out.append([i for i in order if lengths[i] in keep])
+    return out
 
 
 def request_chunks(costs: list[tuple[int, int]], max_batch_tokens: int | None) -> list[list[int]]:
@@ -264,7 +310,7 @@ class Chunk:
     """One micro-batch of requests: its rows, their prefix cache and their length groups."""
 
     def __init__(self, req: list[int], rows: list[TargetRow], model, adapter, pad: int, device, layer: int,
-                 loss_layer: int, fast: bool):
+                 loss_layer: int, fast: bool, reuse_first: bool = False):
         wanted = set(req)
         self.req = torch.tensor(req, dtype=torch.long, device=device)
         idx = [k for k, r in enumerate(rows) if r.request in wanted]
@@ -275,7 +321,7 @@ class Chunk:
         if fast:  # suffixes from the fact token on (fact token = suffix position 0), in length groups
             self.prefix = PrefixCache(model, adapter, [rows[k].ids[: rows[k].fact] for k in idx], pad, loss_layer)
             lengths = [len(rows[k].ids) - rows[k].fact + max(len(rows[k].target) - 1, 0) for k in idx]
-            self.groups = [RowGroup([idx[j] for j in g], rows, pad, device, BlockReplay(adapter, layer, loss_layer))
+            self.groups = [RowGroup([idx[j] for j in g], rows, pad, device, BlockReplay(adapter, layer, loss_layer, reuse_first))
                            for g in length_groups(lengths)]
         else:
             self.groups = [RowGroup(idx, rows, pad, device, None)]
