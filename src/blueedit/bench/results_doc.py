@@ -954,6 +954,7 @@ def measurements(page: Page) -> None:
               "    --strategy boundary --loss-layer 29 --threads 1 --max-batch-tokens 1024 "
               "--out benchmarks/results/speed_100x100.json")
     round_profile(page)
+    speed_ab(page)
     wild_speed(page)
     mem = read_json("memory_llama3_8b.json")
     st = mem["settings"]
@@ -1005,6 +1006,22 @@ def round_profile(page: Page) -> None:
     page.add(*md_tables("profile_100x100.md")[0], "")
     page.code(re.sub(r"--out \S*profile_100x100\.json", "--out benchmarks/results/profile_100x100.json",
                      sanitize(data["command"])))
+
+
+def speed_ab(page: Page) -> None:
+    """The same round on an earlier revision and on the current code, alternating in one run
+    (``blueedit.bench.speed_ab``)."""
+    if not (RESULTS / "speed_ab.json").is_file():
+        return
+    data = read_json("speed_ab.json")
+    base = data["baseline"]
+    page.add(f"The current code against revision `{base.get('revision')}` ({str(base.get('commit'))[:10]}), the code "
+             "before the target optimization's KL rows were cut at the fact token, its length groups split exactly "
+             "and block `l`'s output reused: the speed benchmark's command below, each side in its own process, "
+             f"the sides alternating on the same machine ({page.link('speed_ab.json')}, {page.link('speed_ab.md')}):", "")
+    for table in md_tables("speed_ab.md"):
+        page.add(*table, "")
+    page.code(sanitize(data["command"]))
 
 
 def wild_speed(page: Page) -> None:

@@ -281,26 +281,34 @@ def length_groups(lengths: list[int], max_groups: int = 4, group_cost: int = 24)
     return out
 
 
-def request_chunks(costs: list[tuple[int, int]], max_batch_tokens: int | None) -> list[list[int]]:
+def padded_positions(lengths: list[int], grouped: bool) -> int:
+    """The padded positions a batch of rows of these ``lengths`` runs: one batch padded to the
+    longest row, or (``grouped``) each of its :func:`length_groups` padded to its own longest."""
+    if not lengths:
+        return 0
+    groups = length_groups(lengths) if grouped else [list(range(len(lengths)))]
+    return sum(len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+def request_chunks(row_lengths: list[list[int]], max_batch_tokens: int | None, grouped: bool = False) -> list[list[int]]:
     """Split requests, in order, into micro-batches under a token budget.
 
-    ``costs[i] = (rows, length)``: request ``i`` contributes ``rows`` prompts whose longest is
-    ``length`` tokens. A micro-batch of requests costs ``Σ rows × max length`` padded positions;
-    consecutive requests are added while that stays ``≤ max_batch_tokens`` (a request above the
-    budget on its own gets a micro-batch of its own). ``None``: one batch with every request.
+    ``row_lengths[i]``: the lengths of request ``i``'s rows. Consecutive requests are added while
+    the micro-batch's :func:`padded_positions` (``grouped``: after its length groups, as the fast
+    path runs it) stay ``≤ max_batch_tokens``; a request above the budget on its own gets a
+    micro-batch of its own. ``None``: one batch with every request.
     """
     if max_batch_tokens is None:
-        return [list(range(len(costs)))] if costs else []
+        return [list(range(len(row_lengths)))] if row_lengths else []
     chunks: list[list[int]] = []
     cur: list[int] = []
-    n_rows = longest = 0
-    for i, (rows, length) in enumerate(costs):
-        n2, l2 = n_rows + rows, max(longest, length)
-        if cur and n2 * l2 > max_batch_tokens:
+    lengths: list[int] = []
+    for i, own in enumerate(row_lengths):
+        if cur and padded_positions(lengths + list(own), grouped) > max_batch_tokens:
             chunks.append(cur)
-            cur, n2, l2 = [], rows, length
+            cur, lengths = [], []
         cur.append(i)
-        n_rows, longest = n2, l2
+        lengths += list(own)
     if cur:
         chunks.append(cur)
     return chunks
@@ -356,12 +364,10 @@ def row_tensors(rows: list[TargetRow], n_req: int, device) -> RowTensors:
                       torch.tensor([r.is_old for r in rows], device=device), bare, tids, tmask)
 
 
-def request_costs(rows: list[TargetRow], n_req: int, fast: bool) -> list[tuple[int, int]]:
-    """Per request ``(rows, longest row)``, the row length counted as the forward pass runs it
-    (``fast``: from the fact token on) plus the target tokens but the last."""
-    costs = [(0, 0)] * n_req
+def request_costs(rows: list[TargetRow], n_req: int, fast: bool) -> list[list[int]]:
+    """Per request the lengths of its rows as the forward pass runs them (``fast``: from the fact
+    token on) plus the target tokens but the last."""
+    costs: list[list[int]] = [[] for _ in range(n_req)]
     for r in rows:
-        n, m = costs[r.request]
-        length = (len(r.ids) - r.fact if fast else len(r.ids)) + max(len(r.target) - 1, 0)
-        costs[r.request] = (n + 1, max(m, length))
+        costs[r.request].append((len(r.ids) - r.fact if fast else len(r.ids)) + max(len(r.target) - 1, 0))
     return costs
