@@ -22,7 +22,7 @@ REQUESTS = [
 
 
 def test_request_chunks_respect_the_budget():
-    costs = [[4] * 3, [6] * 3, [2] * 3, [10] * 3]
+    costs = [(3, 4), (3, 6), (3, 2), (3, 10)]
     # padded positions: [0,1] -> 6 rows x 6 = 36 ; [2] -> 3 x 2 = 6 ... with budget 36
     assert request_chunks(costs, 36) == [[0, 1], [2], [3]]
     assert request_chunks(costs, None) == [[0, 1, 2, 3]]
@@ -30,34 +30,8 @@ def test_request_chunks_respect_the_budget():
     assert request_chunks(costs, 10_000) == [[0, 1, 2, 3]]
     for budget in (12, 20, 40, 70):
         for chunk in request_chunks(costs, budget):
-            cost = sum(len(costs[i]) for i in chunk) * max(max(costs[i]) for i in chunk)
+            cost = sum(costs[i][0] for i in chunk) * max(costs[i][1] for i in chunk)
             assert len(chunk) == 1 or cost <= budget
-
-
-def test_grouped_chunks_count_the_padding_of_their_length_groups():
-    from blueedit.editing.targets.batching import length_groups, padded_positions
-
-    costs = [[1] * 40 + [8] * 10, [1] * 40 + [8] * 10]  # one batch: 100 x 8 = 800; two groups: 80 + 160
-    assert padded_positions(costs[0] + costs[1], grouped=False) == 800
-    assert padded_positions(costs[0] + costs[1], grouped=True) == 240
-    assert request_chunks(costs, 400) == [[0], [1]] and request_chunks(costs, 400, grouped=True) == [[0, 1]]
-    # the split minimizes padded positions plus a cost per group over every split into at most four
-    # (brute force over the cut points of the sorted rows)
-    import itertools
-    import random
-
-    rng = random.Random(0)
-    for _ in range(30):
-        lengths = [rng.randint(1, 12) for _ in range(rng.randint(1, 14))]
-        cost = rng.choice([0, 3, 24])
-        sl = sorted(lengths)
-        best = min(sum((b - a) * sl[b - 1] for a, b in zip((0, *cuts), (*cuts, len(sl)))) + cost * (len(cuts) + 1)
-                   for k in range(4) for cuts in itertools.combinations(range(1, len(sl)), k))
-        groups = length_groups(lengths, group_cost=cost)
-        assert sorted(i for g in groups for i in g) == list(range(len(lengths))) and len(groups) <= 4
-        assert sum(len(g) * max(lengths[i] for i in g) for g in groups) + cost * len(groups) == best, (lengths, cost)
-    assert length_groups([3, 1, 2, 9], group_cost=1000) == [[1, 2, 0, 3]]  # one group, shortest first
-    assert length_groups([5, 5, 5]) == [[0, 1, 2]]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -1015,10 +1015,9 @@ def speed_ab(page: Page) -> None:
         return
     data = read_json("speed_ab.json")
     base = data["baseline"]
-    page.add(f"The current code against revision `{base.get('revision')}` ({str(base.get('commit'))[:10]}), the code "
-             "before the target optimization's KL rows were cut at the fact token, its length groups split exactly "
-             "and block `l`'s output reused: the speed benchmark's command below, each side in its own process, "
-             f"the sides alternating on the same machine ({page.link('speed_ab.json')}, {page.link('speed_ab.md')}):", "")
+    page.add(f"The current code against revision `{base.get('revision')}` ({str(base.get('commit'))[:10]}): the speed "
+             "benchmark's command below, each side in its own process, the sides alternating on the same machine "
+             f"({page.link('speed_ab.json')}, {page.link('speed_ab.md')}):", "")
     for table in md_tables("speed_ab.md"):
         page.add(*table, "")
     page.code(sanitize(data["command"]))

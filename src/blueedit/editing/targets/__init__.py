@@ -163,8 +163,8 @@ def optimize_targets(
                    for x in sites if x != "block"},
                   fast, pad_token_id(tokenizer), getattr(tokenizer, "padding_side", "right") or "right", device,
                   hp.top1_nll_factor is not None, len(templates))
-    chunks = [Chunk(c, rows, model, adapter, setup.pad, device, layer, final_layer, fast, reuse_first=sites == ("block",))
-              for c in request_chunks(request_costs(rows, n_req, fast), max_batch_tokens, grouped=fast)]
+    chunks = [Chunk(c, rows, model, adapter, setup.pad, device, layer, final_layer, fast)
+              for c in request_chunks(request_costs(rows, n_req, fast), max_batch_tokens)]
     state = TargetState.zeros(n_req, S, adapter.hidden_size(), device)
     optimize(state, hp, lambda c, it: chunk_loss(setup, state, hp, fisher, chunks[c], it), len(chunks), on_step)
     grad = _nll_gradient(setup, state, hp, chunks) if return_grad else None

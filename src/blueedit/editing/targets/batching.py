@@ -51,8 +51,7 @@ def stop_ids(tokenizer, stop_after: str) -> list[int]:
 def target_rows(tokenizer, requests: list[EditRequest], templates: list[str], kl_prompt: str,
                 forget: bool = False, stop_after: str = "none", anchor: bool = False) -> list[TargetRow]:
     """Every request's rows, request by request: its rewriting prompts (target ``o*`` followed by
-    :func:`stop_ids`), (``forget``) the same prompts with the old answer, its KL prompt (cut after
-    the fact token, the only position the KL term reads: causal attention makes the rest moot);
+    :func:`stop_ids`), (``forget``) the same prompts with the old answer, its KL prompt;
     ``anchor``: a fact token at position 0 is moved to position 1
     (:func:`~blueedit.models.tokens.encode_fact_prompt`)."""
     rows = []
@@ -71,7 +70,7 @@ def target_rows(tokenizer, requests: list[EditRequest], templates: list[str], kl
                 ids, fact = encode_fact_prompt(tokenizer, c.replace("{}", r.prompt, 1), r.subject, anchor)
                 rows.append(TargetRow(ids, fact, old, i, False, True))
         ids, fact = encode_fact_prompt(tokenizer, kl_prompt, r.subject, anchor)
-        rows.append(TargetRow(ids[: fact + 1], fact, [], i, True))  # read at the fact token: nothing after it matters
+        rows.append(TargetRow(ids, fact, [], i, True))
     return rows
 
 
@@ -134,36 +133,22 @@ class BlockReplay:
     Nothing below the edit layer depends on δ, so the input of block ``first`` and the arguments
     every block receives (masks, position embeddings, ...) are recorded once (forward pre-hooks)
     and replayed for the rows still being optimized, with a fresh prefix cache each step.
-
-    ``reuse_first``: δ is added to block ``first``'s *output* (the ``block`` target site), so that
-    block's output does not depend on δ either: it is recorded once too (before any hook edits it)
-    and later steps start from it, running blocks ``first + 1..last`` only.
     """
 
-    def __init__(self, adapter: ModelAdapter, first: int, last: int, reuse_first: bool = False):
+    def __init__(self, adapter: ModelAdapter, first: int, last: int):
         self.adapter, self.first, self.last = adapter, first, last
-        self.reuse_first = reuse_first and first < last
         self.calls: dict[int, tuple[tuple, dict]] = {}
-        self.first_output: torch.Tensor | None = None
 
     @contextmanager
     def capturing(self):
-        """Record the arguments of blocks ``first..last`` during one forward pass (and, with
-        ``reuse_first``, block ``first``'s output as the block computed it)."""
-        from blueedit.models.forward import _hidden
-
+        """Record the arguments of blocks ``first..last`` during one forward pass."""
         def hook(b):
             def record(module, args, kwargs):
                 self.calls[b] = (tuple(args), dict(kwargs))
             return record
 
-        def keep_output(module, args, out):
-            self.first_output = _hidden(out).detach()
-
         handles = [self.adapter.block(b).register_forward_pre_hook(hook(b), with_kwargs=True)
                    for b in range(self.first, self.last + 1)]
-        if self.reuse_first:  # prepended: runs before the hook that adds δ
-            handles.append(self.adapter.block(self.first).register_forward_hook(keep_output, prepend=True))
         try:
             yield
         finally:
@@ -207,20 +192,11 @@ class BlockReplay:
             return type(x)(BlockReplay._select(v, rows, n, cache) for v in x)
         return x
 
-    def run(self, rows: torch.Tensor, n: int, cache, edit=None) -> None:
-        """Blocks ``first..last`` on ``rows`` (of the ``n`` captured); hooks see every block run.
-
-        With ``reuse_first`` (and its output captured) block ``first`` is not run and no hook sees
-        it: ``edit`` (δ injection, and whatever its hook would record) maps the recorded output to
-        the input of block ``first + 1``."""
-        start = self.first
-        if self.reuse_first and self.first_output is not None:
-            h = self.first_output[rows]
-            h, start = (h if edit is None else edit(h)), self.first + 1
-        else:
-            args0, kw0 = self.calls[self.first]
-            h = (args0[0] if args0 else kw0["hidden_states"]).detach()[rows]  # below the edit layer: no δ
-        for b in range(start, self.last + 1):
+    def run(self, rows: torch.Tensor, n: int, cache) -> None:
+        """Blocks ``first..last`` on ``rows`` (of the ``n`` captured); hooks see every block."""
+        args0, kw0 = self.calls[self.first]
+        h = (args0[0] if args0 else kw0["hidden_states"]).detach()[rows]  # below the edit layer: no δ
+        for b in range(self.first, self.last + 1):
             args, kw = self.calls[b]
             args = tuple(self._select(a, rows, n, cache) for a in args[1:])
             kw = {k: self._select(v, rows, n, cache) for k, v in kw.items() if k != "hidden_states"}
@@ -242,73 +218,43 @@ class RowGroup:
                                   [r.target[:-1] for r in members], pad_id=pad, padding_side="right").to(device)
 
 
-def length_groups(lengths: list[int], max_groups: int = 4, group_cost: int = 24) -> list[list[int]]:
-    """Split row indices into at most ``max_groups`` groups of consecutive lengths, each padded to
-    its longest row, minimizing ``Σ_g rows_g × longest_g + group_cost × groups``.
-
-    Every group costs one more pass of small operations per block and step, worth about
-    ``group_cost`` padded positions of matrix products on a CPU; the split is exact (dynamic
-    programming over the distinct lengths, sorted), so no other split into at most that many groups
-    pads fewer positions at the same cost. Groups are returned shortest first."""
+def length_groups(lengths: list[int], min_saving: float = 0.15) -> list[list[int]]:
+    """Split row indices into at most two groups by length when that saves at least
+    ``min_saving`` of the padded positions (``max length × rows`` per group)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    if not order:
-        return [[]]
-    values = sorted(set(lengths))
-    counts = [sum(1 for x in lengths if x == v) for v in values]
-    m = len(values)
-    inf = float("inf")
-    # best[g][j]: the cost of the first j distinct lengths in g groups; cut[g][j]: where its last group starts
-    best = [[inf] * (m + 1) for _ in range(max_groups + 1)]
-    cut = [[0] * (m + 1) for _ in range(max_groups + 1)]
-    best[0][0] = 0
-    for g in range(1, max_groups + 1):
-        for j in range(1, m + 1):
-            rows = 0
-            for i in range(j, 0, -1):  # last group: distinct lengths i-1 .. j-1
-                rows += counts[i - 1]
-                cost = best[g - 1][i - 1] + rows * values[j - 1] + group_cost
-                if cost < best[g][j]:
-                    best[g][j], cut[g][j] = cost, i - 1
-    g = min(range(1, max_groups + 1), key=lambda k: (best[k][m], k))
-    bounds, j = [], m
-    while g > 0:
-        bounds.append((cut[g][j], j))
-        j, g = cut[g][j], g - 1
-    out = []
-    for lo, hi in reversed(bounds):
-        keep = set(values[lo:hi])
-        out.append([i for i in order if lengths[i] in keep])
-    return out
+    sl = [lengths[i] for i in order]
+    n = len(sl)
+    whole = sl[-1] * n
+    best_k, best = n, whole
+    for k in range(1, n):
+        cost = sl[k - 1] * k + sl[-1] * (n - k)
+        if cost < best:
+            best_k, best = k, cost
+    if whole == 0 or (whole - best) / whole < min_saving:
+        return [list(range(n))]
+    return [order[:best_k], order[best_k:]]
 
 
-def padded_positions(lengths: list[int], grouped: bool) -> int:
-    """The padded positions a batch of rows of these ``lengths`` runs: one batch padded to the
-    longest row, or (``grouped``) each of its :func:`length_groups` padded to its own longest."""
-    if not lengths:
-        return 0
-    groups = length_groups(lengths) if grouped else [list(range(len(lengths)))]
-    return sum(len(g) * max(lengths[i] for i in g) for g in groups)
-
-
-def request_chunks(row_lengths: list[list[int]], max_batch_tokens: int | None, grouped: bool = False) -> list[list[int]]:
+def request_chunks(costs: list[tuple[int, int]], max_batch_tokens: int | None) -> list[list[int]]:
     """Split requests, in order, into micro-batches under a token budget.
 
-    ``row_lengths[i]``: the lengths of request ``i``'s rows. Consecutive requests are added while
-    the micro-batch's :func:`padded_positions` (``grouped``: after its length groups, as the fast
-    path runs it) stay ``≤ max_batch_tokens``; a request above the budget on its own gets a
-    micro-batch of its own. ``None``: one batch with every request.
+    ``costs[i] = (rows, length)``: request ``i`` contributes ``rows`` prompts whose longest is
+    ``length`` tokens. A micro-batch of requests costs ``Σ rows × max length`` padded positions;
+    consecutive requests are added while that stays ``≤ max_batch_tokens`` (a request above the
+    budget on its own gets a micro-batch of its own). ``None``: one batch with every request.
     """
     if max_batch_tokens is None:
-        return [list(range(len(row_lengths)))] if row_lengths else []
+        return [list(range(len(costs)))] if costs else []
     chunks: list[list[int]] = []
     cur: list[int] = []
-    lengths: list[int] = []
-    for i, own in enumerate(row_lengths):
-        if cur and padded_positions(lengths + list(own), grouped) > max_batch_tokens:
+    n_rows = longest = 0
+    for i, (rows, length) in enumerate(costs):
+        n2, l2 = n_rows + rows, max(longest, length)
+        if cur and n2 * l2 > max_batch_tokens:
             chunks.append(cur)
-            cur, lengths = [], []
+            cur, n2, l2 = [], rows, length
         cur.append(i)
-        lengths += list(own)
+        n_rows, longest = n2, l2
     if cur:
         chunks.append(cur)
     return chunks
@@ -318,7 +264,7 @@ class Chunk:
     """One micro-batch of requests: its rows, their prefix cache and their length groups."""
 
     def __init__(self, req: list[int], rows: list[TargetRow], model, adapter, pad: int, device, layer: int,
-                 loss_layer: int, fast: bool, reuse_first: bool = False):
+                 loss_layer: int, fast: bool):
         wanted = set(req)
         self.req = torch.tensor(req, dtype=torch.long, device=device)
         idx = [k for k, r in enumerate(rows) if r.request in wanted]
@@ -329,7 +275,7 @@ class Chunk:
         if fast:  # suffixes from the fact token on (fact token = suffix position 0), in length groups
             self.prefix = PrefixCache(model, adapter, [rows[k].ids[: rows[k].fact] for k in idx], pad, loss_layer)
             lengths = [len(rows[k].ids) - rows[k].fact + max(len(rows[k].target) - 1, 0) for k in idx]
-            self.groups = [RowGroup([idx[j] for j in g], rows, pad, device, BlockReplay(adapter, layer, loss_layer, reuse_first))
+            self.groups = [RowGroup([idx[j] for j in g], rows, pad, device, BlockReplay(adapter, layer, loss_layer))
                            for g in length_groups(lengths)]
         else:
             self.groups = [RowGroup(idx, rows, pad, device, None)]
@@ -364,10 +310,12 @@ def row_tensors(rows: list[TargetRow], n_req: int, device) -> RowTensors:
                       torch.tensor([r.is_old for r in rows], device=device), bare, tids, tmask)
 
 
-def request_costs(rows: list[TargetRow], n_req: int, fast: bool) -> list[list[int]]:
-    """Per request the lengths of its rows as the forward pass runs them (``fast``: from the fact
-    token on) plus the target tokens but the last."""
-    costs: list[list[int]] = [[] for _ in range(n_req)]
+def request_costs(rows: list[TargetRow], n_req: int, fast: bool) -> list[tuple[int, int]]:
+    """Per request ``(rows, longest row)``, the row length counted as the forward pass runs it
+    (``fast``: from the fact token on) plus the target tokens but the last."""
+    costs = [(0, 0)] * n_req
     for r in rows:
-        costs[r.request].append((len(r.ids) - r.fact if fast else len(r.ids)) + max(len(r.target) - 1, 0))
+        n, m = costs[r.request]
+        length = (len(r.ids) - r.fact if fast else len(r.ids)) + max(len(r.target) - 1, 0)
+        costs[r.request] = (n + 1, max(m, length))
     return costs

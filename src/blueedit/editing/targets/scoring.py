@@ -107,11 +107,7 @@ def _forward(st: Setup, delta: torch.Tensor, ch: Chunk, g: RowGroup, sel: torch.
             site_hooks(st.site_modules, {x: injector(st.sites.index(x)) for x in st.site_modules}, site_out):
         try:
             if replay is not None and replay.calls:
-                def start(h: torch.Tensor) -> torch.Tensor:  # block ``layer`` not run: inject and record as its hook
-                    tr.hidden[st.layer] = injector(0)(h)
-                    return tr.hidden[st.layer]
-
-                replay.run(lsel, g.size, inputs.get(ch.prefix.cache_arg), edit=start if block else None)
+                replay.run(lsel, g.size, inputs.get(ch.prefix.cache_arg))
                 logits = None
             else:
                 with replay.capturing() if replay is not None else nullcontext():
