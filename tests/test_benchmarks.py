@@ -292,6 +292,10 @@ def test_speed_ab_alternates_a_baseline_revision_and_the_current_code(tmp_path):
 
     if not (default_data_dir() / "counterfact").is_dir():
         pytest.skip("needs the benchmark data (BLUEEDIT_DATA_DIR)")
+    def worktrees():
+        return subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
+
+    before = worktrees()
     speed_ab = benchmark("speed_ab")
     res = speed_ab.main(["--baseline", "HEAD", "--repeats", "1", "--out", str(tmp_path / "ab.json"), "--",
                          "--random-init-config", "llama-tiny", "--layers", "1,2", "--num-edits", "2",
@@ -303,8 +307,7 @@ def test_speed_ab_alternates_a_baseline_revision_and_the_current_code(tmp_path):
     assert s["cpu_ratio"] > 0 and s["wall_ratio"] > 0 and s["metrics_max_abs_difference"] >= 0
     assert all(len(r["load_average_1min_before_after"]) == 2 for r in res["runs"])
     assert "| optimized |" in (tmp_path / "ab.md").read_text()
-    worktrees = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
-    assert "blueedit-speed-ab-" not in worktrees
+    assert worktrees() == before  # the baseline's worktree is gone
     with pytest.raises(SystemExit, match="--baseline 'no-such-revision'"):
         speed_ab.main(["--baseline", "no-such-revision", "--out", str(tmp_path / "x.json"), "--", "--num-edits", "1"])
     assert not (tmp_path / "x.json").exists()

@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
             if created:
                 subprocess.run(["git", "-C", str(C.REPO), "worktree", "remove", "--force", str(base_root)],
                                capture_output=True)
+                subprocess.run(["git", "-C", str(C.REPO), "worktree", "prune"], capture_output=True)
     payload = {"command": record.command, "speed_argv": speed_argv, "versions": C.versions(),
                "device": C.device_description(speed_argv[speed_argv.index("--device") + 1] if "--device" in speed_argv else "cpu"), "baseline": base_git, "current": C.git_commit(),
                "runs": runs, "summary": summary(runs), "run": record.as_dict()}
