@@ -96,7 +96,8 @@ def test_a_long_pair_with_per_record_values_is_picked_up(tmp_path, monkeypatch):
 
     real = results_doc.RESULTS
     for entry in real.iterdir():
-        (tmp_path / entry.name).symlink_to(entry)
+        if entry.name != "counterfact_memit_2000":  # replaced by the records below
+            (tmp_path / entry.name).symlink_to(entry)
     runs = tmp_path / "counterfact_memit_2000" / "runs"
     runs.mkdir(parents=True)
     for strategy, failed in (("distribute", 30), ("boundary", 10)):

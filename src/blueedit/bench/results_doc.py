@@ -533,10 +533,13 @@ def claim_a(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> No
     page.add("## Claim (a): editing quality, BLUE against the distributed residual", "")
     for name, (argv, payload) in long.items():
         edits = max(r["edits"] for r in payload["rows"])
-        page.add(f"### {payload['names'][1]} against {payload['names'][0]}, CounterFact, {edits:,} edits, paired", "",
+        runs = [read_json(f"{name}/runs/{r}.json") for r in argv[argv.index("--runs") + 1:][:2]]
+        planned = max(r.get("planned_edits") or r.get("num_edits") or 0 for r in runs)
+        partial = any(r.get("partial") for r in runs)
+        page.add(f"### {payload['names'][1]} against {payload['names'][0]}, CounterFact, {edits:,} edits, paired"
+                 + (f" (of {planned:,}: the runs continue)" if partial else ""), "",
                  f"Per-record values at every evaluation point: {page.link(f'{name}/runs')}; paired table: "
                  f"{page.link(f'{name}/paired.md')} ({page.link(f'{name}/paired.json')}).", "")
-        runs = [read_json(f"{name}/runs/{r}.json") for r in argv[argv.index("--runs") + 1:][:2]]
         page.code(*dict.fromkeys(sanitize(r["command"]) for r in runs if r.get("command")),
                   sanitize(payload["command"]))
         page.add(*[line for line in paired.markdown(payload).splitlines() if line.startswith("|")], "")
@@ -634,7 +637,10 @@ def claim_c(page: Page) -> None:
     pairs += [p for p in LONG_PAIRS if (RESULTS / p[0] / "sequence.csv").is_file()]
     for name, method in pairs:
         v = sequence_values(name)
-        last = max(k[2] for k in v if k[3] == "general/mean" and k[0] == method)
+        last = min(max(k[2] for k in v if k[3] == "general/mean" and k[:2] == (method, strategy))
+                   for strategy in ("distribute", "boundary"))
+        if last == 0:
+            continue  # no general-capability point after editing yet
         src = page.link(f"{name}/sequence.csv", name)
         for strategy in ("distribute", "boundary"):
             rows.append([src, f"{method}, {strategy}", f"{last:,}", f2(v[(method, strategy, 0, 'general/mean')]) + " → "
