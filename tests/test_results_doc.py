@@ -116,6 +116,7 @@ def test_a_long_pair_with_per_record_values_is_picked_up(tmp_path, monkeypatch):
     assert "Paired, MEMIT at 1,000 CounterFact edits" in page and "BLUE leads: efficacy +2.00 [" in page
     assert "a tie: generalization +0.00 [+0.00, +0.00]" in page
     assert "--runs memit:boundary" in page
+    assert "at 1,000 edits record by record for MEMIT" in page and "so untested" not in page
 
 
 def test_recorded_commands_drop_machine_paths_whole():

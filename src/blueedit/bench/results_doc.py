@@ -447,6 +447,18 @@ def readme_results(readme: str) -> str:
     return head + "\n".join(lines) + rest.split(README_END, 1)[1]
 
 
+def untested_1000(long: dict[str, tuple[list[str], dict[str, Any]]]) -> str:
+    """The caveat on the aggregate-only 1,000-edit CounterFact pairs, naming the long pairs whose
+    per-record comparison at 1,000 edits exists (their clauses give it)."""
+    tested = [payload["names"][0] for _, payload in long.values() if any(r["edits"] == 1000 for r in payload["rows"])]
+    if not tested:
+        return ("The CounterFact leads of the 1,000-edit runs are about one point, from one order of records, with no "
+                "per-record outcomes kept, so untested. ")
+    return ("The CounterFact leads of the 1,000-edit runs are about one point and kept no per-record outcomes; the "
+            f"2,000-edit runs compare the same records at 1,000 edits record by record for {', '.join(tested)} "
+            "(their paired clauses give the last evaluation point). ")
+
+
 def verdicts(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> None:
     cm = sequence_values("counterfact_memit_1000")
     ca = sequence_values("counterfact_alphaedit_1000")
@@ -494,8 +506,7 @@ def verdicts(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> N
          f"{vs(cm, 'memit', 1000, 'efficacy')} efficacy, {vs(cm, 'memit', 1000, 'specificity')} specificity "
          f"({l_cm}); AlphaEdit: {vs(ca, 'alphaedit', 1000, 'generalization')} generalization ({l_ca})."
          + long_for + lifelong_lead_clause(life_pairs),
-         f"The CounterFact leads at 1,000 edits are about one point, from one order of records, with no "
-         f"per-record outcomes kept, so untested. PMET + BLUE edits worse than PMET: efficacy "
+         untested_1000(long) + "PMET + BLUE edits worse than PMET: efficacy "
          f"{ms('pmet', 'boundary', 'efficacy')} vs {ms('pmet', 'distribute', 'efficacy')} at 100 edits "
          f"({page.link('methods_smollm2/table.json')})" + published_pmet_drop(page) + ". "
          f"zsRE specificity {vs(zs, 'memit', 1000, 'specificity')}. "
