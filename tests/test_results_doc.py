@@ -96,18 +96,22 @@ def test_a_long_pair_with_per_record_values_is_picked_up(tmp_path, monkeypatch):
 
     real = results_doc.RESULTS
     for entry in real.iterdir():
-        if entry.name != "counterfact_memit_2000":  # replaced by the records below
+        if entry.name not in ("counterfact_memit_2000", "zsre_memit_1000"):  # replaced below
             (tmp_path / entry.name).symlink_to(entry)
-    runs = tmp_path / "counterfact_memit_2000" / "runs"
-    runs.mkdir(parents=True)
-    for strategy, failed in (("distribute", 30), ("boundary", 10)):
-        history = [{"edits": e, "round": e // 100 - 1, "kind": "counterfact", "metrics": {},
-                    "records": [{"case_id": i, "efficacy": 0.0 if i < failed * e // 1000 else 100.0,
-                                 "generalization": 50.0, "specificity": 100.0} for i in range(e)]}
-                   for e in (500, 1000)]
-        (runs / f"memit_{strategy}.json").write_text(json.dumps(
-            {"command": f"python benchmarks/sequence.py --name counterfact_memit_2000 --runs memit:{strategy}",
-             "sequence": history, "versions": {"torch": "t"}}))
+    (tmp_path / "zsre_memit_1000").mkdir()  # the aggregate files, and a rerun's per-record values beside them
+    for entry in (real / "zsre_memit_1000").iterdir():
+        (tmp_path / "zsre_memit_1000" / entry.name).symlink_to(entry)
+    for name in ("counterfact_memit_2000", "zsre_memit_1000"):
+        runs = tmp_path / name / "runs"
+        runs.mkdir(parents=True)
+        for strategy, failed in (("distribute", 30), ("boundary", 10)):
+            history = [{"edits": e, "round": e // 100 - 1, "kind": "counterfact", "metrics": {},
+                        "records": [{"case_id": i, "efficacy": 0.0 if i < failed * e // 1000 else 100.0,
+                                     "generalization": 50.0, "specificity": 100.0} for i in range(e)]}
+                       for e in (500, 1000)]
+            (runs / f"memit_{strategy}.json").write_text(json.dumps(
+                {"command": f"python benchmarks/sequence.py --name {name} --runs memit:{strategy}",
+                 "sequence": history, "versions": {"torch": "t"}}))
     monkeypatch.setattr(results_doc, "RESULTS", tmp_path)
     with results_doc.contextlib.chdir(REPO):
         page = results_doc.build_page(set(results_doc.paired_outputs()))
@@ -117,6 +121,11 @@ def test_a_long_pair_with_per_record_values_is_picked_up(tmp_path, monkeypatch):
     assert "a tie: generalization +0.00 [+0.00, +0.00]" in page
     assert "--runs memit:boundary" in page
     assert "at 1,000 edits record by record for MEMIT" in page and "so untested" not in page
+    # a rerun with per-record values is paired too, and leaves the table of aggregates
+    assert "### MEMIT + BLUE against MEMIT, zsRE, 1,000 edits, paired" in page
+    assert "Paired, MEMIT at 1,000 zsRE edits" in page
+    aggregates = page.split("(aggregates only)", 1)[1].split("### 500 sequential edits", 1)[0]
+    assert "zsRE, memit" not in aggregates and "CounterFact, memit" in aggregates
 
 
 def test_recorded_commands_drop_machine_paths_whole():

@@ -59,6 +59,10 @@ RECORD_PAIRS: list[list[str]] = [
 LIFELONG_T = (10, 100, 200)
 #: Long CounterFact pairs with per-record values, used when their run records exist: (name, method).
 LONG_PAIRS: list[tuple[str, str]] = [("counterfact_memit_2000", "memit"), ("counterfact_alphaedit_2000", "alphaedit")]
+#: Sequence pairs first run without per-record outcomes; once rerun with them they are paired like the long pairs.
+RERUN_PAIRS: list[tuple[str, str]] = [("zsre_memit_1000", "memit"), ("counterfact_gemma3_500", "memit")]
+#: The records of a paired sequence run, where not CounterFact on SmolLM2.
+PAIR_LABELS: dict[str, str] = {"zsre_memit_1000": "zsRE", "counterfact_gemma3_500": "Gemma 3 270M CounterFact"}
 #: The 1,000-edit pairs (aggregates only): (name, method, dataset label, command).
 SEQUENCE_1000: list[tuple[str, str, str, str]] = [
     ("counterfact_memit_1000", "memit", "CounterFact",
@@ -279,7 +283,7 @@ def long_pair_payloads() -> dict[str, tuple[list[str], dict[str, Any]]]:
     """``name -> (paired.py argv, payload)`` for every long pair whose two run records exist and hold
     per-record values."""
     out = {}
-    for name, method in LONG_PAIRS:
+    for name, method in LONG_PAIRS + RERUN_PAIRS:
         runs = RESULTS / name / "runs"
         a, b = f"{method}_distribute", f"{method}_boundary"
         if not ((runs / f"{a}.json").is_file() and (runs / f"{b}.json").is_file()):
@@ -450,7 +454,8 @@ def readme_results(readme: str) -> str:
 def untested_1000(long: dict[str, tuple[list[str], dict[str, Any]]]) -> str:
     """The caveat on the aggregate-only 1,000-edit CounterFact pairs, naming the long pairs whose
     per-record comparison at 1,000 edits exists (their clauses give it)."""
-    tested = [payload["names"][0] for _, payload in long.values() if any(r["edits"] == 1000 for r in payload["rows"])]
+    tested = [payload["names"][0] for name, (_, payload) in long.items()
+              if name in dict(LONG_PAIRS) and any(r["edits"] == 1000 for r in payload["rows"])]
     if not tested:
         return ("The CounterFact leads of the 1,000-edit runs are about one point, from one order of records, with no "
                 "per-record outcomes kept, so untested. ")
@@ -487,7 +492,7 @@ def verdicts(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> N
         for verdict, lead in (("B", "BLUE leads"), ("A", "BLUE trails"), ("tie", "a tie")):
             parts = [f"{r['metric']} {r['difference']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]"
                      for r in payload["rows"] if r["edits"] == last and r["verdict"] == verdict]
-            text = (f" Paired, {payload['names'][0]} at {last:,} CounterFact edits ({link}), {lead}: "
+            text = (f" Paired, {payload['names'][0]} at {last:,} {PAIR_LABELS.get(name, 'CounterFact')} edits ({link}), {lead}: "
                     + "; ".join(parts) + ".") if parts else ""
             if verdict == "B":
                 long_for += text
@@ -547,7 +552,8 @@ def claim_a(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> No
         runs = [read_json(f"{name}/runs/{r}.json") for r in argv[argv.index("--runs") + 1:][:2]]
         planned = max(r.get("planned_edits") or r.get("num_edits") or 0 for r in runs)
         partial = any(r.get("partial") for r in runs)
-        page.add(f"### {payload['names'][1]} against {payload['names'][0]}, CounterFact, {edits:,} edits, paired"
+        page.add(f"### {payload['names'][1]} against {payload['names'][0]}, {PAIR_LABELS.get(name, 'CounterFact')}, "
+                 f"{edits:,} edits, paired"
                  + (f" (of {planned:,}: the runs continue)" if partial else ""), "",
                  f"Per-record values at every evaluation point: {page.link(f'{name}/runs')}; paired table: "
                  f"{page.link(f'{name}/paired.md')} ({page.link(f'{name}/paired.json')}).", "")
@@ -561,6 +567,8 @@ def claim_a(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> No
              "and a one-point lead is not separated from noise here.", "")
     rows = []
     for name, method, label, _ in SEQUENCE_1000:
+        if name in long:
+            continue  # paired above
         v = sequence_values(name)
         src = page.link(f"{name}/sequence.csv", name)
         for edits in sorted({k[2] for k in v if k[3] == "efficacy"}):
@@ -569,14 +577,15 @@ def claim_a(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> No
                            for m in METRICS])
     page.table(["run", "edits", "efficacy (BLUE vs not)", "generalization", "specificity"], rows)
     page.add("Edits 0 is the unedited model on all 1,000 records. Commands:", "")
-    page.code(*[c for name, *_, fallback in SEQUENCE_1000 for c in recorded_commands(name, fallback)])
+    page.code(*[c for name, *_, fallback in SEQUENCE_1000 if name not in long for c in recorded_commands(name, fallback)])
 
     gm = sequence_values("counterfact_gemma3_500")
     page.add("### 500 sequential edits, Gemma 3 270M", "",
              f"MEMIT against MEMIT + BLUE with `editing.target.site: mlp` (targets at the output of `W_out`, "
              f"not the published block output; `docs/algorithms.md` §6), rounds of 100 "
              f"({page.link('counterfact_gemma3_500/sequence.csv')}, {page.link('counterfact_gemma3_500/table.md')}). "
-             f"Per-record values were not stored for this pair.", "")
+             + (f"Paired over records above ({page.link('counterfact_gemma3_500/paired.md')})."
+                if "counterfact_gemma3_500" in long else "Per-record values were not stored for this pair."), "")
     page.table(["edits", "efficacy (BLUE vs not)", "generalization", "specificity"],
                [[f"{e:,}"] + [f"{f2(gm[('memit', 'boundary', e, m)])} vs {f2(gm[('memit', 'distribute', e, m)])}"
                               for m in METRICS] for e in sorted({k[2] for k in gm if k[3] == "efficacy"})])
