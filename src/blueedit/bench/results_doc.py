@@ -545,8 +545,8 @@ def verdicts(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> N
              "of a few hundredths are within its noise.", "")
 
 
-def claim_a(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> None:
-    page.add("## Claim (a): editing quality, BLUE against the distributed residual", "")
+def paired_sequences(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> None:
+    """One subsection per sequence pair with per-record values: its commands and paired table."""
     for name, (argv, payload) in long.items():
         edits = max(r["edits"] for r in payload["rows"])
         runs = [read_json(f"{name}/runs/{r}.json") for r in argv[argv.index("--runs") + 1:][:2]]
@@ -560,6 +560,11 @@ def claim_a(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> No
         page.code(*dict.fromkeys(sanitize(r["command"]) for r in runs if r.get("command")),
                   sanitize(payload["command"]))
         page.add(*[line for line in paired.markdown(payload).splitlines() if line.startswith("|")], "")
+
+
+def claim_a(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> None:
+    page.add("## Claim (a): editing quality, BLUE against the distributed residual", "")
+    paired_sequences(page, long)
     page.add("### 1,000 sequential edits, SmolLM2-135M (aggregates only)", "",
              "The first 1,000 records, 100 per round, bfloat16 forward/backward passes, loss layer 29; the metrics "
              "of all records edited so far. These runs stored no per-record outcomes and their checkpoints are "
