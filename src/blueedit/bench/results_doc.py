@@ -332,6 +332,11 @@ def lifelong_payloads(page: Page) -> list[tuple[dict[str, Any], str]]:
     return out
 
 
+def interval_text(row: dict[str, Any]) -> str:
+    """A paired row's difference with its interval: ``+d.dd [+l.ll, +h.hh]``."""
+    return f"{row['difference']:+.2f} [{row['low']:+.2f}, {row['high']:+.2f}]"
+
+
 def lifelong_paired_clause(pairs: list[tuple[dict[str, Any], str]]) -> str:
     """``; paired over records, specificity at T = ...: d [low, high] (verdict)`` for the lifelong pairs
     that kept per-record outcomes; empty when none did."""
@@ -339,7 +344,7 @@ def lifelong_paired_clause(pairs: list[tuple[dict[str, Any], str]]) -> str:
     parts = []
     for payload, link in pairs:
         row = next(r for r in payload["rows"] if r["metric"] == "specificity")
-        parts.append(f"T = {row['edits']} {row['difference']:+.2f} [{row['low']:+.2f}, {row['high']:+.2f}], "
+        parts.append(f"T = {row['edits']} {interval_text(row)}, "
                      f"{words[row['verdict']]} ({link})")
     return "; paired over records, specificity at " + "; ".join(parts) if parts else ""
 
@@ -349,7 +354,7 @@ def lifelong_lead_clause(pairs: list[tuple[dict[str, Any], str]]) -> str:
     with a metric where MEMIT + BLUE leads; empty when none does."""
     parts = []
     for payload, link in pairs:
-        leads = [f"{r['metric']} {r['difference']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]"
+        leads = [f"{r['metric']} {interval_text(r)}"
                  for r in payload["rows"] if r["verdict"] == "B"]
         if leads:
             parts.append(f" Paired, lifelong zsRE, T = {payload['rows'][0]['edits']} ({link}), BLUE leads: "
@@ -490,7 +495,7 @@ def verdicts(page: Page, long: dict[str, tuple[list[str], dict[str, Any]]]) -> N
         last = max(r["edits"] for r in payload["rows"])
         link = page.link(f"{name}/paired.json")
         for verdict, lead in (("B", "BLUE leads"), ("A", "BLUE trails"), ("tie", "a tie")):
-            parts = [f"{r['metric']} {r['difference']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]"
+            parts = [f"{r['metric']} {interval_text(r)}"
                      for r in payload["rows"] if r["edits"] == last and r["verdict"] == verdict]
             text = (f" Paired, {payload['names'][0]} at {last:,} {PAIR_LABELS.get(name, 'CounterFact')} edits ({link}), {lead}: "
                     + "; ".join(parts) + ".") if parts else ""
